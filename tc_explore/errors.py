@@ -1,0 +1,33 @@
+"""Errors that tell the user what was wrong and what to do about it.
+
+Every check in the library raises one of these instead of letting a shape
+mismatch or an index error surface from deep inside torch.
+"""
+from __future__ import annotations
+
+
+class TcExploreError(Exception):
+    """Base class of every error tc_explore raises on purpose."""
+
+
+class InvalidInputError(TcExploreError, ValueError):
+    """A layer, feature index, prompt or argument that cannot be used as given."""
+
+
+class IncompatibleTranscoderError(TcExploreError, ValueError):
+    """A transcoder whose shapes or hooks do not fit the model it is used with."""
+
+
+class UnsafeFileError(TcExploreError):
+    """A file whose loading would execute code; it was refused, nothing ran."""
+
+
+class OfflineFileMissingError(TcExploreError, FileNotFoundError):
+    """A file that is neither in the local Hugging Face cache nor downloadable now."""
+
+
+class UnknownTranscoderSetError(TcExploreError, KeyError):
+    """A name that is neither in the registry, a local directory nor a Hub repo we can read."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

@@ -1,0 +1,42 @@
+"""Gemma Scope transcoders: ``layer_{L}/width_16k/average_l0_{N}/params.npz``.
+
+Keys ``W_enc`` [d_model, d_sae], ``W_dec`` [d_sae, d_model], ``b_enc`` [d_sae],
+``b_dec`` [d_model] (an *output* bias here: no input centring), ``threshold``
+[d_sae]. ``pre = x @ W_enc + b_enc``, JumpReLU, ``out = acts @ W_dec + b_dec``.
+Loaded with ``allow_pickle=False``: no code can run.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import IncompatibleTranscoderError
+from ..transcoder import Transcoder
+
+KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
+
+
+def read_gemma_scope_npz(path: str | Path, layer: int | None = None,
+                         input_hook: str | None = None, output_hook: str | None = None) -> Transcoder:
+    with np.load(str(path), allow_pickle=False) as data:
+        missing = [k for k in KEYS if k not in data.files]
+        if missing:
+            raise IncompatibleTranscoderError(f"{path}: Gemma Scope params.npz lacks {missing}.")
+        p = {k: torch.from_numpy(np.array(data[k], dtype=np.float32)) for k in KEYS}
+    return Transcoder(p["W_enc"], p["b_enc"], p["W_dec"], b_dec=None, b_dec_out=p["b_dec"],
+                      threshold=p["threshold"], layer=layer, input_hook=input_hook,
+                      output_hook=output_hook)
+
+
+def write_gemma_scope_npz(tc: Transcoder, path: str | Path) -> Path:
+    if tc.threshold is None or bool(tc.b_dec.detach().abs().max() > 0) or tc.W_skip is not None:
+        raise IncompatibleTranscoderError(
+            "The Gemma Scope format stores JumpReLU transcoders without input centring or skip.")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = dict(W_enc=tc.W_enc, W_dec=tc.W_dec, b_enc=tc.b_enc, b_dec=tc.b_dec_out,
+                  threshold=tc.threshold)
+    np.savez(str(path), **{k: v.detach().cpu().float().numpy() for k, v in arrays.items()})
+    return path

@@ -1,0 +1,329 @@
+"""The registry of published transcoder sets, and loading them from the Hub.
+
+Registry entries are JSON files in ``pretrained/`` (installed as
+``tc_explore.pretrained``), one per set. Files come from the Hub through
+``huggingface_hub.hf_hub_download`` into the standard cache, so ``HF_HOME``,
+``HF_HUB_OFFLINE`` and tokens behave as everywhere else; a local directory
+works too.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import (IncompatibleTranscoderError, InvalidInputError, OfflineFileMissingError,
+                     UnknownTranscoderSetError)
+from .formats import (parse_hf_uri, read_circuit_tracer_config, read_circuit_tracer_safetensors,
+                      read_gemma_scope_2_safetensors, read_gemma_scope_npz, read_gpt2_transcoder,
+                      read_log_feature_sparsity)
+from .model import _as_dtype, layer_hook
+from .transcoder import LayerInfo, Transcoder, TranscoderSet
+
+FORMATS = ("gpt2-pickle", "circuit-tracer", "gemma-scope-npz")
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    name: str
+    model: str
+    format: str
+    layers: tuple[int, ...]
+    input_hook: str
+    output_hook: str
+    repo_id: str | None = None
+    revision: str | None = None
+    file_pattern: str | None = None
+    frequency_pattern: str | None = None
+    d_in: int | None = None
+    d_sae: int | None = None
+    description: str = ""
+    local_dir: str | None = None      # transcoders shipped inside the package
+    model_dir: str | None = None      # a model shipped inside the package
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_dict(cls, d: dict, base: Path | None = None) -> "RegistryEntry":
+        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        if kwargs.get("format") not in FORMATS:
+            raise IncompatibleTranscoderError(
+                f"Registry entry {d.get('name')!r}: format {d.get('format')!r} is not one of {FORMATS}.")
+        kwargs["layers"] = tuple(int(x) for x in d["layers"])
+        for key in ("local_dir", "model_dir"):
+            if kwargs.get(key) and base is not None:
+                kwargs[key] = str((base / kwargs[key]).resolve())
+        return cls(**kwargs, extra={k: v for k, v in d.items() if k not in known})
+
+
+def _pretrained_dir() -> Path:
+    return Path(str(resources.files("tc_explore.pretrained")))
+
+
+@lru_cache(maxsize=1)
+def registry() -> dict[str, RegistryEntry]:
+    """All registered transcoder sets, by name."""
+    out = {}
+    base = _pretrained_dir()
+    for path in sorted(base.glob("*.json")):
+        entry = RegistryEntry.from_dict(json.loads(path.read_text(encoding="utf-8")), base)
+        out[entry.name] = entry
+    return out
+
+
+def list_transcoder_sets():
+    """The registry as a pandas DataFrame."""
+    import pandas as pd
+    rows = [dict(name=e.name, model=e.model, repo_id=e.repo_id or e.local_dir, revision=e.revision,
+                 format=e.format, n_layers=len(e.layers), d_sae=e.d_sae, description=e.description)
+            for e in registry().values()]
+    return pd.DataFrame(rows)
+
+
+def resolve(name_or_repo: str) -> RegistryEntry | None:
+    """A registry entry by its name or by its Hub repo id."""
+    reg = registry()
+    if name_or_repo in reg:
+        return reg[name_or_repo]
+    for entry in reg.values():
+        if entry.repo_id == name_or_repo:
+            return entry
+    return None
+
+
+def local_model_path(name: str) -> str | None:
+    """The directory of a model that ships with tc_explore (e.g. the demo
+    model), looked up by the name of its registry entry or its model name."""
+    for entry in registry().values():
+        if entry.model_dir and name in (entry.name, entry.model):
+            return entry.model_dir
+    return None
+
+
+# -- downloading ---------------------------------------------------------------------
+def download(repo_id: str, filename: str, revision: str | None = None) -> Path:
+    """One file from the Hub into the standard cache (with a progress bar);
+    a clear error naming the repo and the command to fetch it where offline."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub import errors as hf_errors
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision))
+    except hf_errors.LocalEntryNotFoundError as err:
+        rev = f" --revision {revision}" if revision else ""
+        raise OfflineFileMissingError(
+            f"{filename} of {repo_id}{'@' + revision if revision else ''} is not in the local "
+            f"Hugging Face cache ({_cache_dir()}) and cannot be downloaded now "
+            f"(offline: HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}). While online, "
+            f"run `hf download {repo_id} {filename}{rev}` (or call load_transcoders without "
+            "HF_HUB_OFFLINE=1) to put it in the cache.") from err
+    except hf_errors.RevisionNotFoundError as err:
+        raise OfflineFileMissingError(
+            f"Revision {revision!r} of {repo_id} does not exist on the Hub. Pass "
+            "revision='main' (or another commit) to load_transcoders.") from err
+    except (hf_errors.RepositoryNotFoundError, hf_errors.EntryNotFoundError) as err:
+        raise OfflineFileMissingError(
+            f"{filename} was not found in Hub repo {repo_id}"
+            f"{'@' + revision if revision else ''}: {type(err).__name__}. Check the repo id, "
+            "revision and file name (gated repos need `hf auth login`).") from err
+
+
+def _cache_dir() -> str:
+    from huggingface_hub import constants
+    return constants.HF_HUB_CACHE
+
+
+class _Files:
+    """Where a set's files come from: a Hub repo at a revision, or a directory."""
+
+    def __init__(self, repo_id: str | None = None, revision: str | None = None,
+                 directory: str | Path | None = None):
+        self.repo_id, self.revision = repo_id, revision
+        self.directory = Path(directory) if directory is not None else None
+
+    def get(self, filename: str) -> Path:
+        if self.directory is not None:
+            path = self.directory / filename
+            if not path.is_file():
+                raise OfflineFileMissingError(f"{path} does not exist.")
+            return path
+        return download(self.repo_id, filename, self.revision)
+
+    def get_uri(self, uri: str) -> Path:
+        if uri.startswith("hf://"):
+            parsed = parse_hf_uri(uri)
+            return download(parsed.repo_id, parsed.filename, parsed.revision or self.revision
+                            if parsed.repo_id == self.repo_id else parsed.revision)
+        return self.get(uri)
+
+    def exists(self, filename: str) -> bool:
+        if self.directory is not None:
+            return (self.directory / filename).is_file()
+        try:
+            self.get(filename)
+            return True
+        except OfflineFileMissingError:
+            return False
+
+
+# -- loading -------------------------------------------------------------------------
+def load_transcoders(name_or_repo: str | os.PathLike, layers: Sequence[int] | None = None,
+                     revision: str | None = None, device=None, dtype=None) -> TranscoderSet:
+    """Load a transcoder set: a registry name (``"gpt2-small"``), a Hub repo id,
+    or a local directory. Files of the chosen ``layers`` (default: all) are put
+    in the cache now; each layer's weights are read on first use."""
+    dtype = _as_dtype(dtype) or torch.float32
+    device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    source = str(name_or_repo)
+    entry = resolve(source)
+    if entry is not None:
+        if entry.local_dir:
+            files = _Files(directory=entry.local_dir)
+        else:
+            files = _Files(entry.repo_id, revision or entry.revision)
+        return _load_entry(entry, files, layers, device, dtype)
+    if os.path.isdir(source):
+        return _load_directory(Path(source), layers, device, dtype)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        files = _Files(source, revision)
+        try:
+            config_path = files.get("config.yaml")
+        except OfflineFileMissingError as err:
+            raise UnknownTranscoderSetError(
+                f"{source!r} is not in tc_explore's registry ({sorted(registry())}) and its "
+                f"config.yaml could not be read ({err}). Pass a registry name, a local "
+                "directory, or a circuit-tracer style Hub repo.") from err
+        return _load_circuit_tracer(source, config_path, files, layers, device, dtype)
+    raise UnknownTranscoderSetError(
+        f"{source!r} is neither a registered transcoder set ({sorted(registry())}), a local "
+        "directory, nor a Hub repo id of the form owner/name.")
+
+
+def _select_layers(available: Sequence[int], layers: Sequence[int] | None, name: str) -> list[int]:
+    if layers is None:
+        return list(available)
+    if isinstance(layers, int):
+        layers = [layers]
+    bad = [l for l in layers if l not in available]
+    if bad:
+        raise InvalidInputError(
+            f"Layer(s) {bad} are not in transcoder set {name!r}; it has layers {list(available)}.")
+    return list(layers)
+
+
+def _load_entry(entry: RegistryEntry, files: _Files, layers, device, dtype) -> TranscoderSet:
+    if entry.format == "circuit-tracer":
+        return _load_circuit_tracer(entry.name, files.get("config.yaml"), files, layers, device,
+                                    dtype, model_name=entry.model, d_sae=entry.d_sae)
+    chosen = _select_layers(entry.layers, layers, entry.name)
+    reader = _READERS[entry.format]
+    info, loaders, freq = {}, {}, {}
+    for layer in chosen:
+        ih, oh = layer_hook(entry.input_hook, layer), layer_hook(entry.output_hook, layer)
+        info[layer] = LayerInfo(layer, ih, oh, entry.d_in, entry.d_sae)
+        path = files.get(entry.file_pattern.replace("{L}", str(layer)))
+        loaders[layer] = _loader(reader, path, layer, ih, oh)
+        if entry.frequency_pattern:
+            fpath = files.get(entry.frequency_pattern.replace("{L}", str(layer)))
+            freq[layer] = (lambda p=fpath: read_log_feature_sparsity(p))
+    return TranscoderSet(entry.name, info, loaders, freq, model_name=entry.model,
+                         repo_id=entry.repo_id or entry.local_dir, revision=files.revision,
+                         device=device, dtype=dtype)
+
+
+def _loader(reader, path, layer, input_hook, output_hook) -> Callable[[], Transcoder]:
+    def load() -> Transcoder:
+        tc = reader(path, layer=layer)
+        tc.layer, tc.input_hook, tc.output_hook = layer, input_hook, output_hook
+        return tc
+    return load
+
+
+def _read_by_extension(path, layer=None):
+    path = Path(path)
+    if path.suffix == ".npz":
+        return read_gemma_scope_npz(path, layer=layer)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+        if "w_enc" in keys:
+            return read_gemma_scope_2_safetensors(path, layer=layer)
+        return read_circuit_tracer_safetensors(path, layer=layer)
+    if path.suffix == ".pt":
+        return read_gpt2_transcoder(path, layer=layer)
+    raise IncompatibleTranscoderError(f"{path}: unknown transcoder file type {path.suffix!r}.")
+
+
+_READERS = {"gpt2-pickle": read_gpt2_transcoder, "gemma-scope-npz": read_gemma_scope_npz,
+            "circuit-tracer": _read_by_extension}
+
+
+def _load_circuit_tracer(name, config_path, files: _Files, layers, device, dtype,
+                         model_name=None, d_sae=None) -> TranscoderSet:
+    cfg = read_circuit_tracer_config(config_path)
+    uris = cfg.get("transcoders")
+    if uris:
+        available = list(range(len(uris)))
+    else:
+        available = _layers_in_directory(files) if files.directory is not None else None
+    if available is None and layers is None:
+        raise IncompatibleTranscoderError(
+            f"{config_path} lists no 'transcoders', so the layers of Hub repo {files.repo_id} "
+            "cannot be known offline: pass layers=[...] explicitly.")
+    chosen = _select_layers(available, layers, name) if available is not None else list(layers)
+    info, loaders = {}, {}
+    for layer in chosen:
+        ih = layer_hook(cfg["feature_input_hook"], layer)
+        oh = layer_hook(cfg["feature_output_hook"], layer)
+        info[layer] = LayerInfo(layer, ih, oh, None, d_sae)
+        path = files.get_uri(uris[layer]) if uris else files.get(f"layer_{layer}.safetensors")
+        loaders[layer] = _loader(_read_by_extension, path, layer, ih, oh)
+    return TranscoderSet(name, info, loaders, model_name=model_name or cfg.get("model_name"),
+                         repo_id=files.repo_id or str(files.directory), revision=files.revision,
+                         device=device, dtype=dtype)
+
+
+def _layers_in_directory(files: _Files) -> list[int]:
+    found = [int(m[1]) for p in files.directory.glob("layer_*.safetensors")
+             if (m := re.fullmatch(r"layer_(\d+)\.safetensors", p.name))]
+    return sorted(found)
+
+
+_GPT2_FILE = re.compile(r".*blocks\.(\d+)\.ln2\.hook_normalized_(\d+)\.pt$")
+
+
+def _load_directory(directory: Path, layers, device, dtype) -> TranscoderSet:
+    """A local directory in one of the published layouts (or with our own
+    ``transcoders.json``, a registry entry whose files lie beside it)."""
+    if (directory / "transcoders.json").is_file():
+        entry = RegistryEntry.from_dict(
+            json.loads((directory / "transcoders.json").read_text(encoding="utf-8")), directory)
+        return _load_entry(entry, _Files(directory=directory), layers, device, dtype)
+    if (directory / "config.yaml").is_file():
+        return _load_circuit_tracer(directory.name, directory / "config.yaml",
+                                    _Files(directory=directory), layers, device, dtype)
+    matches = {int(m[1]): p for p in directory.glob("*.pt") if (m := _GPT2_FILE.match(p.name))}
+    if matches:
+        example = next(iter(matches.values())).name
+        layer0 = _GPT2_FILE.match(example)[1]
+        pattern = example.replace(f"blocks.{layer0}.", "blocks.{L}.")
+        freq = pattern.replace(".pt", "_log_feature_sparsity.pt")
+        entry = RegistryEntry(
+            name=directory.name, model="unknown", format="gpt2-pickle",
+            layers=tuple(sorted(matches)), input_hook="blocks.{L}.ln2.hook_normalized",
+            output_hook="blocks.{L}.hook_mlp_out", file_pattern=pattern,
+            frequency_pattern=freq if all((directory / freq.replace("{L}", str(l))).is_file()
+                                          for l in matches) else None)
+        return _load_entry(entry, _Files(directory=directory), layers, device, dtype)
+    raise UnknownTranscoderSetError(
+        f"{directory} holds no transcoder set tc_explore can read: expected config.yaml "
+        "(circuit-tracer), transcoders.json (tc_explore), or gpt2-small style "
+        "*blocks.L.ln2.hook_normalized_N.pt files.")

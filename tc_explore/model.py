@@ -1,0 +1,244 @@
+"""Loading a model and the few facts about it that the rest of tc_explore uses.
+
+All code in tc_explore talks to a model only through TransformerLens' shared
+surface: hook names, ``run_with_cache`` / ``run_with_hooks`` / ``hooks``,
+``cfg`` and the weight properties (``W_E``, ``W_pos``, ``W_U``, ``b_U``,
+``W_V``, ``b_V``, ``W_O``, ``b_O``). A transformer_lens 4 ``TransformerBridge``
+in compatibility mode and a transformer_lens 3 ``HookedTransformer`` both
+provide it, with the same processed weights.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence, Union
+
+import torch
+
+from .errors import InvalidInputError, OfflineFileMissingError
+
+Prompt = Union[str, Sequence[int], torch.Tensor]
+
+
+# -- hook names: the public contract -------------------------------------------------
+def hook_resid_pre(layer: int) -> str:
+    return f"blocks.{layer}.hook_resid_pre"
+
+
+def hook_resid_mid(layer: int) -> str:
+    return f"blocks.{layer}.hook_resid_mid"
+
+
+def hook_resid_post(layer: int) -> str:
+    return f"blocks.{layer}.hook_resid_post"
+
+
+def hook_ln2_normalized(layer: int) -> str:
+    return f"blocks.{layer}.ln2.hook_normalized"
+
+
+def hook_ln2_scale(layer: int) -> str:
+    return f"blocks.{layer}.ln2.hook_scale"
+
+
+def hook_ln1_scale(layer: int) -> str:
+    return f"blocks.{layer}.ln1.hook_scale"
+
+
+def hook_mlp_out(layer: int) -> str:
+    return f"blocks.{layer}.hook_mlp_out"
+
+
+def hook_attn_pattern(layer: int) -> str:
+    return f"blocks.{layer}.attn.hook_pattern"
+
+
+def hook_attn_v(layer: int) -> str:
+    return f"blocks.{layer}.attn.hook_v"
+
+
+HOOK_LN_FINAL_SCALE = "ln_final.hook_scale"
+
+
+def layer_hook(template: str, layer: int) -> str:
+    """Expand a hook template such as ``blocks.{L}.hook_mlp_out`` (or a suffix
+    such as ``hook_mlp_out``, as circuit-tracer configs write it) for one layer."""
+    if "{L}" in template:
+        return template.replace("{L}", str(layer))
+    if template.startswith("blocks."):
+        return template
+    return f"blocks.{layer}.{template}"
+
+
+# -- loading -------------------------------------------------------------------------
+def load_model(name_or_path: Any, device: str | torch.device | None = None,
+               dtype: torch.dtype | str | None = None):
+    """Load a model with TransformerLens' processed weights (LayerNorm folded,
+    writes to the residual stream centred, unembedding centred).
+
+    ``name_or_path`` is a Hub model id (``"gpt2"``), a local directory saved with
+    ``save_pretrained``, a registry name of a transcoder set whose model ships
+    with tc_explore (``"tiny-years"``), or a model you already have (a
+    ``TransformerBridge`` or a transformer_lens 3 ``HookedTransformer``), which is
+    returned as it is after a check that it exposes the hooks we use.
+    """
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        check_model_surface(name_or_path)
+        if device is not None or dtype is not None:
+            name_or_path = name_or_path.to(device=device, dtype=_as_dtype(dtype))
+        return name_or_path
+
+    from .hub import local_model_path  # registry lookup for models we ship
+
+    source = local_model_path(str(name_or_path)) or str(name_or_path)
+    device = _default_device(device)
+    dtype = _as_dtype(dtype) or torch.float32
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:  # transformer_lens 3.x
+        from transformer_lens import HookedTransformer
+        return _with_offline_hint(source, lambda: HookedTransformer.from_pretrained(
+            source, device=device, dtype=dtype))
+
+    def boot():
+        bridge = TransformerBridge.boot_transformers(source, device=device, dtype=dtype)
+        # Same weight processing as HookedTransformer.from_pretrained: fold LN,
+        # centre writing weights and unembedding, fold value biases.
+        bridge.enable_compatibility_mode(disable_warnings=True)
+        bridge.eval()
+        return bridge
+
+    return _with_offline_hint(source, boot)
+
+
+def _with_offline_hint(source: str, load):
+    try:
+        return load()
+    except OSError as err:
+        if os.path.isdir(source):
+            raise
+        text = str(err)
+        if "offline" in text.lower() or "couldn't connect" in text.lower() or \
+                "cannot find the requested files" in text.lower() or "local_files_only" in text:
+            raise OfflineFileMissingError(
+                f"Model {source!r} is not in the local Hugging Face cache "
+                f"({_hf_cache_dir()}) and cannot be downloaded now (HF_HUB_OFFLINE="
+                f"{os.environ.get('HF_HUB_OFFLINE', '0')}). Download it once while online "
+                f"with `hf download {source}` (or unset HF_HUB_OFFLINE), or pass a local "
+                f"directory saved with save_pretrained.") from err
+        raise
+
+
+def _hf_cache_dir() -> str:
+    from huggingface_hub import constants
+    return constants.HF_HUB_CACHE
+
+
+def _default_device(device) -> str:
+    if device is not None:
+        return str(device)
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _as_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).replace("torch.", "")
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise InvalidInputError(f"Unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16'.")
+    return value
+
+
+_REQUIRED_ATTRS = ("cfg", "run_with_cache", "run_with_hooks", "W_E", "W_U", "to_tokens")
+
+
+def check_model_surface(model) -> None:
+    """Refuse an object that lacks the TransformerLens surface we rely on."""
+    missing = [a for a in _REQUIRED_ATTRS if not hasattr(model, a)]
+    if missing:
+        raise InvalidInputError(
+            f"{type(model).__name__} is not a TransformerLens model (missing {missing}). "
+            "Pass a model from tc_explore.load_model, a TransformerBridge with "
+            "enable_compatibility_mode(), or a transformer_lens HookedTransformer.")
+
+
+# -- model facts ---------------------------------------------------------------------
+def n_layers(model) -> int:
+    return int(model.cfg.n_layers)
+
+
+def d_model(model) -> int:
+    return int(model.cfg.d_model)
+
+
+def n_ctx(model) -> int:
+    return int(model.cfg.n_ctx)
+
+
+def model_device(model) -> torch.device:
+    return model.W_E.device
+
+
+def model_dtype(model) -> torch.dtype:
+    return model.W_E.dtype
+
+
+def check_layer(model_or_n_layers, layer: int, what: str = "layer") -> int:
+    """Validate a layer index (negative indices count from the end)."""
+    n = model_or_n_layers if isinstance(model_or_n_layers, int) else n_layers(model_or_n_layers)
+    if not isinstance(layer, (int,)) or isinstance(layer, bool):
+        try:
+            layer = int(layer)
+        except (TypeError, ValueError):
+            raise InvalidInputError(f"{what} must be an integer, got {layer!r}.") from None
+    if not -n <= layer < n:
+        raise InvalidInputError(
+            f"{what} {layer} is out of range: the model has {n} layers (0..{n - 1}).")
+    return layer % n
+
+
+def to_tokens(model, prompt: Prompt, prepend_bos: bool = True) -> torch.Tensor:
+    """Tokenize one prompt (or check a token sequence) into shape [1, pos],
+    refusing a prompt longer than the model's context."""
+    if isinstance(prompt, str):
+        tokens = model.to_tokens(prompt, prepend_bos=prepend_bos)
+    else:
+        tokens = torch.as_tensor(prompt, dtype=torch.long, device=model_device(model))
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        if tokens.ndim != 2:
+            raise InvalidInputError(
+                f"Token input must have shape [pos] or [batch, pos], got {tuple(tokens.shape)}.")
+        d_vocab = int(model.cfg.d_vocab)
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= d_vocab):
+            raise InvalidInputError(
+                f"Token ids must lie in 0..{d_vocab - 1} (the model's vocabulary), "
+                f"got values from {int(tokens.min())} to {int(tokens.max())}.")
+    check_context(model, tokens.shape[-1])
+    return tokens.to(model_device(model))
+
+
+def check_context(model, length: int) -> None:
+    ctx = n_ctx(model)
+    if length > ctx:
+        raise InvalidInputError(
+            f"The prompt is {length} tokens long but the model's context is {ctx} tokens. "
+            f"Shorten the prompt (or split it into windows of at most {ctx} tokens).")
+    if length == 0:
+        raise InvalidInputError("The prompt is empty: give at least one token.")
+
+
+def token_strings(model, tokens: torch.Tensor) -> list[str]:
+    """One string per token of a 1-D (or [1, pos]) token tensor."""
+    ids = tokens.reshape(-1).tolist()
+    return [model.tokenizer.decode([i]) for i in ids]
+
+
+def single_token_id(model, text: str) -> int:
+    """The id of ``text`` if the tokenizer maps it to exactly one token."""
+    ids = model.to_tokens(text, prepend_bos=False)[0].tolist()
+    if len(ids) != 1:
+        raise InvalidInputError(
+            f"{text!r} is {len(ids)} tokens for this tokenizer ({ids}), not one; "
+            "pick a string that is a single token (mind a leading space).")
+    return ids[0]

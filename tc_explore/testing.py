@@ -1,0 +1,126 @@
+"""Test support: tiny models and transcoders in the exact published layouts,
+served from a Hugging Face cache directory so that ``load_model("gpt2")`` and
+``load_transcoders("gpt2-small")`` run through huggingface_hub offline exactly
+as they do for users.
+
+    hub = build_offline_hub("/tmp/hf")        # then set HF_HOME=/tmp/hf, HF_HUB_OFFLINE=1
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .formats import write_gpt2_transcoder, write_log_feature_sparsity
+from .tokenization import word_tokenizer
+from .transcoder import Transcoder
+
+FIXTURE_WORDS = ("The war lasted from to and the year was in a it had been cat sat on mat dog "
+                 "ran fast slow big small red blue house tree when where what who is are").split()
+
+
+def build_tiny_gpt2(directory: str | Path, n_layers: int = 2, d_model: int = 32,
+                    n_heads: int = 4, n_ctx: int = 32, seed: int = 0,
+                    words=FIXTURE_WORDS) -> Path:
+    """A randomly initialised GPT-2-architecture model with our word tokenizer,
+    saved with ``save_pretrained`` into ``directory``."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = word_tokenizer(words)
+    bos = tokenizer.bos_token_id
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_ctx, n_embd=d_model,
+                        n_layer=n_layers, n_head=n_heads, bos_token_id=bos, eos_token_id=bos,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(config)
+    # Larger-than-default LayerNorm gains and biases, so weight folding matters in tests.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def random_transcoder(d_model: int, d_sae: int, layer: int, seed: int = 0,
+                      jumprelu: bool = False, skip: bool = False, centred: bool = True) -> Transcoder:
+    """Random weights scaled so that a fraction of features fire on unit-RMS inputs."""
+    g = torch.Generator().manual_seed(seed * 1000 + layer)
+    W_enc = torch.randn(d_model, d_sae, generator=g) / d_model ** 0.5
+    W_dec = torch.randn(d_sae, d_model, generator=g) / d_sae ** 0.5
+    b_enc = 0.3 * torch.randn(d_sae, generator=g) - 0.2
+    b_dec = 0.1 * torch.randn(d_model, generator=g) if centred else None
+    b_dec_out = 0.1 * torch.randn(d_model, generator=g)
+    threshold = 0.2 * torch.rand(d_sae, generator=g) if jumprelu else None
+    W_skip = 0.05 * torch.randn(d_model, d_model, generator=g) if skip else None
+    return Transcoder(W_enc, b_enc, W_dec, b_dec, b_dec_out, threshold=threshold, W_skip=W_skip,
+                      layer=layer)
+
+
+def install_in_hf_cache(hf_home: str | Path, repo_id: str, files: dict[str, Path],
+                        revision: str | None = None) -> Path:
+    """Place ``files`` (name in repo -> local path) into the standard cache
+    layout ``hub/models--OWNER--NAME/{blobs,snapshots/REV,refs/main}``, as
+    huggingface_hub itself lays out a download. Returns the snapshot dir."""
+    repo_dir = Path(hf_home) / "hub" / ("models--" + repo_id.replace("/", "--"))
+    commit = revision or hashlib.sha1(repo_id.encode()).hexdigest()
+    snapshot = repo_dir / "snapshots" / commit
+    (repo_dir / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    for name, src in files.items():
+        data = Path(src).read_bytes()
+        blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.exists() or link.is_symlink():
+            link.unlink()
+        os.symlink(os.path.relpath(blob, link.parent), link)
+    return snapshot
+
+
+@dataclass
+class OfflineHub:
+    hf_home: Path
+    model_repo: str
+    transcoder_repo: str
+    revision: str
+    n_layers: int
+    d_model: int
+    d_sae: int
+
+
+def build_offline_hub(hf_home: str | Path, n_layers: int = 12, d_model: int = 32,
+                      d_sae: int = 64, n_ctx: int = 32, seed: int = 0) -> OfflineHub:
+    """A tiny ``gpt2`` and ``pchlenski/gpt2-transcoders`` (at the registry's
+    pinned revision, with the published file names, pickled config objects and
+    log-sparsity files) in a Hugging Face cache under ``hf_home``."""
+    from .hub import registry
+
+    entry = registry()["gpt2-small"]
+    work = Path(tempfile.mkdtemp(prefix="tc_explore_fixture_"))
+    try:
+        model_dir = build_tiny_gpt2(work / "model", n_layers, d_model, n_ctx=n_ctx, seed=seed)
+        install_in_hf_cache(hf_home, "gpt2", {p.name: p for p in model_dir.iterdir()})
+        files = {}
+        g = torch.Generator().manual_seed(seed)
+        for layer in range(n_layers):
+            tc = random_transcoder(d_model, d_sae, layer, seed)
+            name = entry.file_pattern.replace("{L}", str(layer))
+            files[name] = write_gpt2_transcoder(tc, work / name, layer, model_name="gpt2-small")
+            fname = entry.frequency_pattern.replace("{L}", str(layer))
+            log_freq = -1 - 3 * torch.rand(d_sae, generator=g)
+            files[fname] = write_log_feature_sparsity(log_freq, work / fname)
+        install_in_hf_cache(hf_home, entry.repo_id, files, revision=entry.revision)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return OfflineHub(Path(hf_home), "gpt2", entry.repo_id, entry.revision, n_layers, d_model, d_sae)

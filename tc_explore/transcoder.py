@@ -1,0 +1,293 @@
+"""Transcoders: wide, sparsely-activating stand-ins for MLP sublayers.
+
+A transcoder reads the MLP's input hook (``blocks.L.ln2.hook_normalized`` for
+GPT-2) and predicts its output hook (``blocks.L.hook_mlp_out``):
+
+    pre  = (x - b_dec) @ W_enc + b_enc          # [.., d_sae]
+    acts = relu(pre)            (ReLU)          # or pre * (pre > threshold) (JumpReLU)
+    out  = acts @ W_dec + b_dec_out  (+ x @ W_skip for skip transcoders)
+
+``b_dec`` is the input centring of the gpt2-small set; formats without it
+(Gemma Scope, circuit-tracer) load with ``b_dec = 0``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .errors import IncompatibleTranscoderError, InvalidInputError
+
+
+class Transcoder(nn.Module):
+    def __init__(self, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,
+                 b_dec: torch.Tensor | None = None, b_dec_out: torch.Tensor | None = None,
+                 threshold: torch.Tensor | None = None, W_skip: torch.Tensor | None = None,
+                 layer: int | None = None, input_hook: str | None = None,
+                 output_hook: str | None = None):
+        super().__init__()
+        d_in, d_sae = W_enc.shape
+        if W_dec.shape[0] != d_sae:
+            raise IncompatibleTranscoderError(
+                f"W_dec has {W_dec.shape[0]} rows but W_enc has {d_sae} features; "
+                "expected W_enc [d_in, d_sae] and W_dec [d_sae, d_out].")
+        d_out = W_dec.shape[1]
+        zeros = W_enc.new_zeros
+        self.W_enc = nn.Parameter(W_enc.detach().clone())
+        self.b_enc = nn.Parameter(_checked(b_enc, (d_sae,), "b_enc"))
+        self.W_dec = nn.Parameter(W_dec.detach().clone())
+        self.b_dec = nn.Parameter(_checked(b_dec if b_dec is not None else zeros(d_in), (d_in,), "b_dec"))
+        self.b_dec_out = nn.Parameter(
+            _checked(b_dec_out if b_dec_out is not None else zeros(d_out), (d_out,), "b_dec_out"))
+        self.threshold = None if threshold is None else nn.Parameter(
+            _checked(threshold, (d_sae,), "threshold"), requires_grad=False)
+        self.W_skip = None if W_skip is None else nn.Parameter(
+            _checked(W_skip, (d_in, d_out), "W_skip"))
+        self.layer = layer
+        self.input_hook = input_hook if input_hook is not None else (
+            None if layer is None else f"blocks.{layer}.ln2.hook_normalized")
+        self.output_hook = output_hook if output_hook is not None else (
+            None if layer is None else f"blocks.{layer}.hook_mlp_out")
+
+    # -- facts -------------------------------------------------------------------------
+    @property
+    def d_in(self) -> int:
+        return self.W_enc.shape[0]
+
+    @property
+    def d_sae(self) -> int:
+        return self.W_enc.shape[1]
+
+    @property
+    def d_out(self) -> int:
+        return self.W_dec.shape[1]
+
+    @property
+    def activation(self) -> str:
+        return "jumprelu" if self.threshold is not None else "relu"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_enc.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_enc.device
+
+    # -- computation -------------------------------------------------------------------
+    def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., d_in] -> [..., d_sae], before the nonlinearity."""
+        self._check_input(x)
+        return (x.to(self.dtype) - self.b_dec) @ self.W_enc + self.b_enc
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        if self.threshold is None:
+            return torch.relu(pre)
+        return pre * (pre > self.threshold)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature activations, [..., d_in] -> [..., d_sae]."""
+        return self.activate(self.pre_activation(x))
+
+    def decode(self, acts: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """[..., d_sae] -> [..., d_out]; the skip term needs the input ``x``."""
+        out = acts @ self.W_dec + self.b_dec_out
+        if self.W_skip is not None:
+            if x is None:
+                raise InvalidInputError("This is a skip transcoder: decode needs the input x too.")
+            out = out + x.to(self.dtype) @ self.W_skip
+        return out
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(output [..., d_out], feature activations [..., d_sae])``."""
+        acts = self.encode(x)
+        return self.decode(acts, x), acts
+
+    # -- checks ------------------------------------------------------------------------
+    def check_feature(self, feature: int) -> int:
+        if isinstance(feature, bool) or not isinstance(feature, int):
+            try:
+                feature = int(feature)
+            except (TypeError, ValueError):
+                raise InvalidInputError(f"feature must be an integer, got {feature!r}.") from None
+        if not 0 <= feature < self.d_sae:
+            where = "" if self.layer is None else f" of layer {self.layer}"
+            raise InvalidInputError(
+                f"feature {feature} is out of range: the transcoder{where} has "
+                f"{self.d_sae} features (0..{self.d_sae - 1}).")
+        return feature
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.d_in:
+            raise IncompatibleTranscoderError(
+                f"The transcoder{'' if self.layer is None else f' of layer {self.layer}'} "
+                f"reads vectors of size d_in={self.d_in}, got size {x.shape[-1]}. "
+                "Is it the transcoder set of this model?")
+
+    def extra_repr(self) -> str:
+        return (f"layer={self.layer}, d_in={self.d_in}, d_sae={self.d_sae}, d_out={self.d_out}, "
+                f"activation={self.activation}, skip={self.W_skip is not None}, "
+                f"in={self.input_hook!r}, out={self.output_hook!r}")
+
+
+def _checked(t: torch.Tensor, shape: tuple[int, ...], name: str) -> torch.Tensor:
+    if tuple(t.shape) != shape:
+        raise IncompatibleTranscoderError(
+            f"{name} has shape {tuple(t.shape)}, expected {shape}.")
+    return t.detach().clone()
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What is known of one layer's transcoder before its weights are loaded."""
+    layer: int
+    input_hook: str
+    output_hook: str
+    d_in: int | None = None
+    d_sae: int | None = None
+
+
+class TranscoderSet(Mapping[int, Transcoder]):
+    """Transcoders keyed by layer, loaded lazily on first access.
+
+    ``loaders[layer]()`` returns that layer's Transcoder; ``frequency_loaders``
+    (optional) return its log10 firing frequency per feature.
+    """
+
+    def __init__(self, name: str, layers: Mapping[int, LayerInfo],
+                 loaders: Mapping[int, Callable[[], Transcoder]],
+                 frequency_loaders: Mapping[int, Callable[[], torch.Tensor]] | None = None,
+                 model_name: str | None = None, repo_id: str | None = None,
+                 revision: str | None = None, device=None, dtype: torch.dtype | None = None):
+        self.name = name
+        self.info = dict(sorted(layers.items()))
+        self._loaders = dict(loaders)
+        self._frequency_loaders = dict(frequency_loaders or {})
+        self._loaded: dict[int, Transcoder] = {}
+        self._frequencies: dict[int, torch.Tensor] = {}
+        self.model_name = model_name
+        self.repo_id = repo_id
+        self.revision = revision
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = dtype or torch.float32
+
+    @classmethod
+    def from_transcoders(cls, transcoders: Mapping[int, Transcoder] | Iterable[Transcoder],
+                         name: str = "custom", **kwargs) -> "TranscoderSet":
+        """A set from transcoders already in memory (e.g. just trained)."""
+        items = transcoders.items() if isinstance(transcoders, Mapping) else \
+            [(tc.layer, tc) for tc in transcoders]
+        info, loaders = {}, {}
+        first = None
+        for layer, tc in items:
+            if layer is None:
+                raise InvalidInputError("Each transcoder needs its layer set to form a TranscoderSet.")
+            info[layer] = LayerInfo(layer, tc.input_hook, tc.output_hook, tc.d_in, tc.d_sae)
+            loaders[layer] = (lambda tc=tc: tc)
+            first = first or tc
+        kwargs.setdefault("device", first.device if first is not None else None)
+        kwargs.setdefault("dtype", first.dtype if first is not None else None)
+        return cls(name, info, loaders, **kwargs)
+
+    # -- Mapping -----------------------------------------------------------------------
+    def __getitem__(self, layer: int) -> Transcoder:
+        layer = self._check(layer)
+        if layer not in self._loaded:
+            tc = self._loaders[layer]()
+            tc.requires_grad_(False)
+            self._loaded[layer] = tc.to(device=self.device, dtype=self.dtype)
+        return self._loaded[layer]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.info)
+
+    def __len__(self) -> int:
+        return len(self.info)
+
+    def __contains__(self, layer) -> bool:
+        return layer in self.info
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.info)
+
+    def loaded_layers(self) -> list[int]:
+        return sorted(self._loaded)
+
+    def input_hook(self, layer: int) -> str:
+        return self.info[self._check(layer)].input_hook
+
+    def output_hook(self, layer: int) -> str:
+        return self.info[self._check(layer)].output_hook
+
+    def d_sae(self, layer: int) -> int:
+        info = self.info[self._check(layer)]
+        return info.d_sae if info.d_sae is not None else self[layer].d_sae
+
+    def d_in(self, layer: int) -> int:
+        info = self.info[self._check(layer)]
+        return info.d_in if info.d_in is not None else self[layer].d_in
+
+    def log_feature_frequency(self, layer: int) -> torch.Tensor | None:
+        """log10 of each feature's firing frequency, as published with the set
+        (the ``_log_feature_sparsity`` files); None where the set has none."""
+        layer = self._check(layer)
+        if layer not in self._frequencies:
+            loader = self._frequency_loaders.get(layer)
+            if loader is None:
+                return None
+            self._frequencies[layer] = loader().float().cpu()
+        return self._frequencies[layer]
+
+    def to(self, device=None, dtype=None) -> "TranscoderSet":
+        if device is not None:
+            self.device = torch.device(device)
+        if dtype is not None:
+            self.dtype = dtype
+        for layer, tc in self._loaded.items():
+            self._loaded[layer] = tc.to(device=self.device, dtype=self.dtype)
+        return self
+
+    def _check(self, layer) -> int:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            try:
+                layer = int(layer)
+            except (TypeError, ValueError):
+                raise InvalidInputError(f"layer must be an integer, got {layer!r}.") from None
+        if layer not in self.info:
+            raise InvalidInputError(
+                f"Layer {layer} has no transcoder in set {self.name!r}; "
+                f"its layers are {self.layers}.")
+        return layer
+
+    def check_feature(self, layer: int, feature: int) -> int:
+        layer = self._check(layer)
+        d = self.d_sae(layer)
+        if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < d:
+            raise InvalidInputError(
+                f"feature {feature!r} is out of range for layer {layer} of {self.name!r}: "
+                f"it has {d} features (0..{d - 1}).")
+        return feature
+
+    def check_fits(self, model) -> "TranscoderSet":
+        """Raise a clear error if this set cannot be used with ``model``."""
+        n_layers, d_model = int(model.cfg.n_layers), int(model.cfg.d_model)
+        for layer, info in self.info.items():
+            if layer >= n_layers:
+                raise IncompatibleTranscoderError(
+                    f"Transcoder set {self.name!r} has a transcoder for layer {layer}, but the "
+                    f"model has only {n_layers} layers. Load the set made for this model"
+                    + (f" ({self.model_name!r})." if self.model_name else "."))
+            d_in = info.d_in if info.d_in is not None else self[layer].d_in
+            if d_in != d_model:
+                raise IncompatibleTranscoderError(
+                    f"Transcoder set {self.name!r} layer {layer} reads vectors of size "
+                    f"d_in={d_in}, but the model's d_model is {d_model}: this set belongs to "
+                    f"another model{f' ({self.model_name!r})' if self.model_name else ''}.")
+        return self
+
+    def __repr__(self) -> str:
+        return (f"TranscoderSet({self.name!r}, layers={self.layers}, "
+                f"loaded={self.loaded_layers()}, device={self.device}, dtype={self.dtype})")
