@@ -1,0 +1,151 @@
+"""Running a model with MLP sublayers replaced by transcoders, or ablated.
+
+Everything goes through forward hooks on the transcoders' own input and output
+hooks, so it works on any TransformerLens model. Each helper comes as a list
+of ``(hook_name, fn)`` pairs (compose them yourself with ``run_with_hooks``),
+as a context manager, and as a plain function.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterable, Literal, Mapping, Sequence
+
+import torch
+
+from .errors import InvalidInputError
+from .model import check_layer, hook_mlp_out
+from .transcoder import Transcoder, TranscoderSet
+
+FeatureSelection = Mapping[int, Iterable[int]]
+Hook = tuple[str, object]
+
+
+def _layers(transcoders: TranscoderSet, layers: Sequence[int] | int | None) -> list[int]:
+    if layers is None:
+        return transcoders.layers
+    if isinstance(layers, int):
+        layers = [layers]
+    for layer in layers:
+        transcoders._check(layer)
+    return list(layers)
+
+
+def _feature_mask(tc: Transcoder, features: Iterable[int] | None, keep: bool) -> torch.Tensor | None:
+    if features is None:
+        return None
+    idx = torch.as_tensor([tc.check_feature(int(f)) for f in features], dtype=torch.long)
+    mask = torch.zeros(tc.d_sae, dtype=tc.dtype, device=tc.device) if keep else \
+        torch.ones(tc.d_sae, dtype=tc.dtype, device=tc.device)
+    mask[idx.to(tc.device)] = 1.0 if keep else 0.0
+    return mask
+
+
+def transcoder_hooks(model, transcoders: TranscoderSet, layers: Sequence[int] | int | None = None,
+                     keep_features: FeatureSelection | None = None,
+                     ablate_features: FeatureSelection | None = None,
+                     keep_error: bool = False,
+                     store: dict | None = None) -> list[Hook]:
+    """Hooks that replace each chosen layer's MLP output by its transcoder's.
+
+    ``keep_features[layer]``: only these features write (the rest are zeroed);
+    ``ablate_features[layer]``: these features are zeroed. ``keep_error`` adds
+    back the transcoder's error (true MLP output minus transcoder output), so
+    that with no features removed the model is unchanged. ``store`` (a dict)
+    receives ``store[layer] = feature activations [batch, pos, d_sae]``.
+    """
+    transcoders.check_fits(model)
+    hooks: list[Hook] = []
+    for layer in _layers(transcoders, layers):
+        tc = transcoders[layer]
+        keep = _feature_mask(tc, (keep_features or {}).get(layer), keep=True)
+        drop = _feature_mask(tc, (ablate_features or {}).get(layer), keep=False)
+        captured: dict[str, torch.Tensor] = {}
+
+        def read_input(x, hook, captured=captured):
+            captured["x"] = x
+            return x
+
+        def write_output(mlp_out, hook, tc=tc, keep=keep, drop=drop, captured=captured, layer=layer):
+            x = captured.pop("x")
+            acts = tc.encode(x)
+            if keep is not None:
+                acts = acts * keep
+            if drop is not None:
+                acts = acts * drop
+            if store is not None:
+                store[layer] = acts
+            out = tc.decode(acts, x)
+            if keep_error:
+                out = out + (mlp_out.to(out.dtype) - tc(x)[0])
+            return out.to(mlp_out.dtype)
+
+        hooks.append((tc.input_hook, read_input))
+        hooks.append((tc.output_hook, write_output))
+    return hooks
+
+
+def mlp_ablation_hooks(model, layers: Sequence[int] | int,
+                       mode: Literal["zero", "mean"] = "zero",
+                       means: Mapping[int, torch.Tensor] | None = None) -> list[Hook]:
+    """Hooks that zero each chosen MLP's output, or set it to its mean
+    (``means[layer]``, shape [d_model], e.g. from ``mean_mlp_outputs``)."""
+    if isinstance(layers, int):
+        layers = [layers]
+    if mode not in ("zero", "mean"):
+        raise InvalidInputError(f"mode must be 'zero' or 'mean', got {mode!r}.")
+    hooks = []
+    for layer in layers:
+        layer = check_layer(model, layer)
+        if mode == "mean":
+            if means is None or layer not in means:
+                raise InvalidInputError(
+                    f"Mean ablation of layer {layer} needs means[{layer}]; compute them with "
+                    "mean_mlp_outputs(model, tokens, layers).")
+            value = means[layer]
+
+            def fn(out, hook, value=value):
+                return value.to(out.device, out.dtype).expand_as(out).clone()
+        else:
+            def fn(out, hook):
+                return torch.zeros_like(out)
+        hooks.append((hook_mlp_out(layer), fn))
+    return hooks
+
+
+@torch.no_grad()
+def mean_mlp_outputs(model, tokens: torch.Tensor, layers: Sequence[int] | None = None,
+                     batch_size: int = 16) -> dict[int, torch.Tensor]:
+    """Mean MLP output per layer over all token positions of ``tokens`` [batch, pos]."""
+    layers = list(range(model.cfg.n_layers)) if layers is None else [check_layer(model, l) for l in layers]
+    names = {hook_mlp_out(l): l for l in layers}
+    sums = {l: torch.zeros(model.cfg.d_model, dtype=torch.float64) for l in layers}
+    count = 0
+    for start in range(0, tokens.shape[0], batch_size):
+        batch = tokens[start:start + batch_size]
+        _, cache = model.run_with_cache(batch, names_filter=lambda n: n in names)
+        for name, l in names.items():
+            sums[l] += cache[name].double().sum(dim=(0, 1)).cpu()
+        count += batch.numel()
+    return {l: (s / count).float() for l, s in sums.items()}
+
+
+@contextmanager
+def replace_mlps(model, transcoders: TranscoderSet, layers=None, **kwargs):
+    """``with replace_mlps(model, transcoders, layers=[8]): model(tokens)``"""
+    with model.hooks(fwd_hooks=transcoder_hooks(model, transcoders, layers, **kwargs)):
+        yield model
+
+
+@contextmanager
+def ablate_mlps(model, layers, mode: Literal["zero", "mean"] = "zero", means=None):
+    with model.hooks(fwd_hooks=mlp_ablation_hooks(model, layers, mode, means)):
+        yield model
+
+
+def run_with_transcoders(model, tokens, transcoders: TranscoderSet, layers=None, **kwargs):
+    """Logits of the model with the chosen MLPs replaced by transcoders."""
+    return model.run_with_hooks(tokens, fwd_hooks=transcoder_hooks(model, transcoders, layers, **kwargs))
+
+
+def run_with_ablated_mlps(model, tokens, layers, mode="zero", means=None):
+    return model.run_with_hooks(tokens, fwd_hooks=mlp_ablation_hooks(model, layers, mode, means))
