@@ -1,0 +1,47 @@
+"""Shared fixtures. Every test runs offline against a Hugging Face cache that
+the session builds (tiny GPT-2-architecture ``gpt2`` and transcoders in the exact
+``pchlenski/gpt2-transcoders`` layout), through the real loading code."""
+import os
+import tempfile
+
+# Must happen before huggingface_hub / transformers are imported anywhere.
+_HF_HOME = tempfile.mkdtemp(prefix="tc_explore_hf_")
+os.environ["HF_HOME"] = _HF_HOME
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def offline_hub():
+    from tc_explore.testing import build_offline_hub
+    return build_offline_hub(_HF_HOME)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(offline_hub):
+    from tc_explore import load_model
+    return load_model("gpt2", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_transcoders(offline_hub):
+    from tc_explore import load_transcoders
+    return load_transcoders("gpt2-small", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def demo_model():
+    from tc_explore import load_model
+    return load_model("tiny-years", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def demo_transcoders():
+    from tc_explore import load_transcoders
+    return load_transcoders("tiny-years", device="cpu")
