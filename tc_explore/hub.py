@@ -221,13 +221,15 @@ def _select_layers(available: Sequence[int], layers: Sequence[int] | None, name:
 def _load_entry(entry: RegistryEntry, files: _Files, layers, device, dtype) -> TranscoderSet:
     if entry.format == "circuit-tracer":
         return _load_circuit_tracer(entry.name, files.get("config.yaml"), files, layers, device,
-                                    dtype, model_name=entry.model, d_sae=entry.d_sae)
+                                    dtype, model_name=entry.model)
     chosen = _select_layers(entry.layers, layers, entry.name)
     reader = _READERS[entry.format]
     info, loaders, freq = {}, {}, {}
     for layer in chosen:
         ih, oh = layer_hook(entry.input_hook, layer), layer_hook(entry.output_hook, layer)
-        info[layer] = LayerInfo(layer, ih, oh, entry.d_in, entry.d_sae)
+        # Shapes come from the files themselves (read on first use): the registry's
+        # d_in / d_sae document the published set, a local copy may differ.
+        info[layer] = LayerInfo(layer, ih, oh)
         path = files.get(entry.file_pattern.replace("{L}", str(layer)))
         loaders[layer] = _loader(reader, path, layer, ih, oh)
         if entry.frequency_pattern:
@@ -267,7 +269,7 @@ _READERS = {"gpt2-pickle": read_gpt2_transcoder, "gemma-scope-npz": read_gemma_s
 
 
 def _load_circuit_tracer(name, config_path, files: _Files, layers, device, dtype,
-                         model_name=None, d_sae=None) -> TranscoderSet:
+                         model_name=None) -> TranscoderSet:
     cfg = read_circuit_tracer_config(config_path)
     uris = cfg.get("transcoders")
     if uris:
@@ -283,7 +285,7 @@ def _load_circuit_tracer(name, config_path, files: _Files, layers, device, dtype
     for layer in chosen:
         ih = layer_hook(cfg["feature_input_hook"], layer)
         oh = layer_hook(cfg["feature_output_hook"], layer)
-        info[layer] = LayerInfo(layer, ih, oh, None, d_sae)
+        info[layer] = LayerInfo(layer, ih, oh)
         path = files.get_uri(uris[layer]) if uris else files.get(f"layer_{layer}.safetensors")
         loaders[layer] = _loader(_read_by_extension, path, layer, ih, oh)
     return TranscoderSet(name, info, loaders, model_name=model_name or cfg.get("model_name"),

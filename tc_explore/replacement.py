@@ -53,9 +53,10 @@ def transcoder_hooks(model, transcoders: TranscoderSet, layers: Sequence[int] | 
     that with no features removed the model is unchanged. ``store`` (a dict)
     receives ``store[layer] = feature activations [batch, pos, d_sae]``.
     """
-    transcoders.check_fits(model)
+    layers = _layers(transcoders, layers)
+    transcoders.check_fits(model, layers)
     hooks: list[Hook] = []
-    for layer in _layers(transcoders, layers):
+    for layer in layers:
         tc = transcoders[layer]
         keep = _feature_mask(tc, (keep_features or {}).get(layer), keep=True)
         drop = _feature_mask(tc, (ablate_features or {}).get(layer), keep=False)

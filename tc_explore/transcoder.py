@@ -271,21 +271,26 @@ class TranscoderSet(Mapping[int, Transcoder]):
                 f"it has {d} features (0..{d - 1}).")
         return feature
 
-    def check_fits(self, model) -> "TranscoderSet":
-        """Raise a clear error if this set cannot be used with ``model``."""
+    def check_fits(self, model, layers: Iterable[int] | None = None) -> "TranscoderSet":
+        """Raise a clear error if this set (or the chosen layers of it) cannot be
+        used with ``model``. Loads the layers it checks whose shapes are unknown."""
         n_layers, d_model = int(model.cfg.n_layers), int(model.cfg.d_model)
-        for layer, info in self.info.items():
+        chosen = self.layers if layers is None else [self._check(l) for l in layers]
+        for layer in chosen:
+            info = self.info[layer]
             if layer >= n_layers:
                 raise IncompatibleTranscoderError(
                     f"Transcoder set {self.name!r} has a transcoder for layer {layer}, but the "
                     f"model has only {n_layers} layers. Load the set made for this model"
                     + (f" ({self.model_name!r})." if self.model_name else "."))
             d_in = info.d_in if info.d_in is not None else self[layer].d_in
-            if d_in != d_model:
-                raise IncompatibleTranscoderError(
-                    f"Transcoder set {self.name!r} layer {layer} reads vectors of size "
-                    f"d_in={d_in}, but the model's d_model is {d_model}: this set belongs to "
-                    f"another model{f' ({self.model_name!r})' if self.model_name else ''}.")
+            d_out = self[layer].d_out if layer in self._loaded else None
+            for what, size in (("reads", d_in), ("writes", d_out)):
+                if size is not None and size != d_model:
+                    raise IncompatibleTranscoderError(
+                        f"Transcoder set {self.name!r} layer {layer} {what} vectors of size "
+                        f"{size}, but the model's d_model is {d_model}: this set belongs to "
+                        f"another model{f' ({self.model_name!r})' if self.model_name else ''}.")
         return self
 
     def __repr__(self) -> str:

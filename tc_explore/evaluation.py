@@ -1,0 +1,161 @@
+"""How well transcoders stand in for the MLPs: metrics as a pandas DataFrame.
+
+For every chosen layer (that layer's MLP replaced alone) and for all of them
+replaced at once (row ``layer == "all"``):
+
+- ``ce_clean`` / ``ce_replaced`` / ``ce_zero_ablated``: mean next-token
+  cross-entropy (nats) of the original model, with the transcoder(s), and with
+  the same MLP(s) zero-ablated;
+- ``ce_recovered`` = (ce_zero_ablated − ce_replaced) / (ce_zero_ablated − ce_clean);
+- ``kl``: mean over positions of KL(original ‖ replaced) of the next-token distribution;
+- ``l0``: mean number of active features per token;
+- ``fvu``: Σ‖y − ŷ‖² / Σ‖y − ȳ‖² with y the true MLP output at that layer, ŷ the
+  transcoder's output and ȳ the mean of y over all tokens. In the ``all`` row,
+  ``l0`` and ``fvu`` are averaged over layers and measured inside the
+  all-replaced run (so errors compound, as they do when the model runs on them);
+- ``dead_features``: features that never fired on these tokens (clean inputs).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .model import to_tokens
+from .replacement import mlp_ablation_hooks, transcoder_hooks
+from .transcoder import TranscoderSet
+
+
+@dataclass
+class _Sums:
+    """Running sums for one configuration (one row of the table)."""
+    ce_clean: float = 0.0
+    ce: float = 0.0
+    ce_zero: float = 0.0
+    kl: float = 0.0
+    n_pred: int = 0
+    l0: dict = field(default_factory=dict)         # layer -> sum of active counts
+    n_tok: dict = field(default_factory=dict)      # layer -> tokens seen
+    sq_err: dict = field(default_factory=dict)     # layer -> Σ‖y − ŷ‖²
+    y_sum: dict = field(default_factory=dict)      # layer -> Σ y   [d_model] (float64)
+    y_sq: dict = field(default_factory=dict)       # layer -> Σ ‖y‖²
+
+    def add_reconstruction(self, layer: int, y: torch.Tensor, y_hat: torch.Tensor,
+                           acts: torch.Tensor) -> None:
+        y, y_hat = y.double().reshape(-1, y.shape[-1]), y_hat.double().reshape(-1, y.shape[-1])
+        self.sq_err[layer] = self.sq_err.get(layer, 0.0) + float(((y - y_hat) ** 2).sum())
+        self.y_sum[layer] = self.y_sum.get(layer, 0) + y.sum(0)
+        self.y_sq[layer] = self.y_sq.get(layer, 0.0) + float((y ** 2).sum())
+        self.l0[layer] = self.l0.get(layer, 0.0) + float((acts > 0).sum())
+        self.n_tok[layer] = self.n_tok.get(layer, 0) + y.shape[0]
+
+    def fvu(self, layer: int) -> float:
+        n = self.n_tok[layer]
+        total_var = self.y_sq[layer] - float((self.y_sum[layer] ** 2).sum()) / n
+        return self.sq_err[layer] / total_var if total_var > 0 else float("nan")
+
+
+def _ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over positions 0..n-2."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(),
+                           reduction="sum")
+
+
+def _kl(clean_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Σ over positions of KL(clean ‖ other)."""
+    p_log = clean_logits[:, :-1].float().log_softmax(-1)
+    q_log = logits[:, :-1].float().log_softmax(-1)
+    return (p_log.exp() * (p_log - q_log)).sum()
+
+
+def _batches(model, tokens, batch_size: int) -> Iterable[torch.Tensor]:
+    if isinstance(tokens, torch.Tensor):
+        tokens = tokens if tokens.ndim == 2 else tokens[None]
+        for start in range(0, tokens.shape[0], batch_size):
+            yield to_tokens(model, tokens[start:start + batch_size])
+    else:  # strings or token lists: one sequence at a time, no padding to distort the loss
+        for item in tokens:
+            yield to_tokens(model, item)
+
+
+@torch.no_grad()
+def evaluate_transcoders(model, transcoders: TranscoderSet, tokens,
+                         layers: Sequence[int] | None = None, batch_size: int = 8,
+                         include_all: bool = True):
+    """Metrics of each chosen layer's transcoder (and of all replaced at once)
+    over ``tokens``: a [batch, pos] tensor, or an iterable of strings / token lists."""
+    import pandas as pd
+
+    layers = transcoders.layers if layers is None else [transcoders._check(l) for l in layers]
+    transcoders.check_fits(model, layers)
+    per_layer = {l: _Sums() for l in layers}
+    together = _Sums()
+    fired = {l: torch.zeros(transcoders.d_sae(l), dtype=torch.bool) for l in layers}
+    io_names = {n for l in layers for n in (transcoders.input_hook(l), transcoders.output_hook(l))}
+
+    for batch in _batches(model, tokens, batch_size):
+        clean_logits, cache = model.run_with_cache(batch, names_filter=lambda n: n in io_names)
+        n_pred = batch.shape[0] * (batch.shape[1] - 1)
+        ce_clean = float(_ce(clean_logits, batch))
+        for layer in layers:
+            tc = transcoders[layer]
+            x, y = cache[transcoders.input_hook(layer)], cache[transcoders.output_hook(layer)]
+            y_hat, acts = tc(x)
+            s = per_layer[layer]
+            s.add_reconstruction(layer, y, y_hat, acts)
+            fired[layer] |= (acts > 0).reshape(-1, acts.shape[-1]).any(0).cpu()
+            logits = model.run_with_hooks(batch, fwd_hooks=transcoder_hooks(model, transcoders, [layer]))
+            zero = model.run_with_hooks(batch, fwd_hooks=mlp_ablation_hooks(model, [layer]))
+            s.ce += float(_ce(logits, batch))
+            s.ce_zero += float(_ce(zero, batch))
+            s.kl += float(_kl(clean_logits, logits))
+            s.ce_clean += ce_clean
+            s.n_pred += n_pred
+        if include_all:
+            hooks = transcoder_hooks(model, transcoders, layers)
+            # Also record each layer's true MLP output (on the inputs of the replaced run)
+            # and the transcoder output that replaces it.
+            inputs: dict[int, torch.Tensor] = {}
+            recon = []
+            for layer in layers:
+                tc = transcoders[layer]
+
+                def watch(x, hook, layer=layer):
+                    inputs[layer] = x
+                    return x
+
+                def compare(y, hook, layer=layer, tc=tc):
+                    recon.append((layer, y.clone(), tc(inputs[layer])))
+                    return y
+                # watch before the replacement's own hooks so `compare` sees the true output
+                hooks = [(tc.input_hook, watch), (tc.output_hook, compare)] + hooks
+            logits = model.run_with_hooks(batch, fwd_hooks=hooks)
+            zero = model.run_with_hooks(batch, fwd_hooks=mlp_ablation_hooks(model, layers))
+            for layer, y, (y_hat, acts) in recon:
+                together.add_reconstruction(layer, y, y_hat, acts)
+            together.ce += float(_ce(logits, batch))
+            together.ce_zero += float(_ce(zero, batch))
+            together.kl += float(_kl(clean_logits, logits))
+            together.ce_clean += ce_clean
+            together.n_pred += n_pred
+
+    def row(name, s: _Sums, row_layers):
+        n = s.n_pred
+        ce_clean, ce, ce_zero = s.ce_clean / n, s.ce / n, s.ce_zero / n
+        denom = ce_zero - ce_clean
+        return dict(
+            layer=name, ce_clean=ce_clean, ce_replaced=ce, ce_zero_ablated=ce_zero,
+            ce_recovered=(ce_zero - ce) / denom if denom != 0 else float("nan"),
+            kl=s.kl / n,
+            l0=sum(s.l0[l] / s.n_tok[l] for l in row_layers) / len(row_layers),
+            fvu=sum(s.fvu(l) for l in row_layers) / len(row_layers),
+            dead_features=int(sum(int((~fired[l]).sum()) for l in row_layers)),
+            d_sae=int(sum(transcoders.d_sae(l) for l in row_layers)),
+            n_tokens=n)
+
+    rows = [row(l, per_layer[l], [l]) for l in layers]
+    if include_all:
+        rows.append(row("all", together, layers))
+    return pd.DataFrame(rows).set_index("layer")

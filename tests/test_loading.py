@@ -1,0 +1,103 @@
+"""Loading through the Hugging Face cache, exactly as users do, and the
+transcoder formula."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tc_explore import load_model, load_transcoders, registry
+from tc_explore.errors import InvalidInputError, OfflineFileMissingError
+from tc_explore.formats import LanguageModelSAERunnerConfig, safe_torch_load
+from tc_explore.testing import random_transcoder
+
+
+def reference_forward(sd, x):
+    acts = torch.relu((x - sd["b_dec"]) @ sd["W_enc"] + sd["b_enc"])
+    return acts @ sd["W_dec"] + sd["b_dec_out"], acts
+
+
+def test_registry_gpt2_small_entry():
+    e = registry()["gpt2-small"]
+    assert e.repo_id == "pchlenski/gpt2-transcoders" and e.model == "gpt2"
+    assert e.layers == tuple(range(12)) and e.d_sae == 24576
+    assert e.file_pattern.replace("{L}", "3") == \
+        "final_sparse_autoencoder_gpt2-small_blocks.3.ln2.hook_normalized_24576.pt"
+    assert e.frequency_pattern.replace("{L}", "3") == \
+        "final_sparse_autoencoder_gpt2-small_blocks.3.ln2.hook_normalized_24576_log_feature_sparsity.pt"
+    assert e.input_hook == "blocks.{L}.ln2.hook_normalized"
+    assert e.output_hook == "blocks.{L}.hook_mlp_out"
+    assert len(e.revision) == 40
+
+
+def test_round_trip_through_hub_cache(offline_hub, tiny_model, tiny_transcoders):
+    from huggingface_hub import hf_hub_download
+    entry = registry()["gpt2-small"]
+    assert tiny_transcoders.revision == entry.revision
+    assert tiny_transcoders.repo_id == "pchlenski/gpt2-transcoders"
+    # The file sits in the standard cache as huggingface_hub laid it out.
+    path = Path(hf_hub_download(entry.repo_id, entry.file_pattern.replace("{L}", "1"),
+                                revision=entry.revision))
+    assert str(offline_hub.hf_home) in str(path) and path.is_symlink()
+    raw = safe_torch_load(path)
+    assert isinstance(raw["cfg"], LanguageModelSAERunnerConfig)
+    assert raw["cfg"].hook_point == "blocks.1.ln2.hook_normalized"
+    assert raw["cfg"].out_hook_point == "blocks.1.hook_mlp_out"
+    assert raw["cfg"].is_transcoder is True and raw["cfg"].dtype == torch.float32
+    assert "sae_training" not in sys.modules and "sae_training.config" not in sys.modules
+    sd = raw["state_dict"]
+    assert sd["W_enc"].shape == (offline_hub.d_model, offline_hub.d_sae)
+    assert sd["W_dec"].shape == (offline_hub.d_sae, offline_hub.d_model)
+
+    tc = tiny_transcoders[1]
+    assert (tc.input_hook, tc.output_hook) == ("blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out")
+    _, cache = tiny_model.run_with_cache("The war lasted from 1735 to 17")
+    x = cache["blocks.1.ln2.hook_normalized"]
+    out, acts = tc(x)
+    ref_out, ref_acts = reference_forward(sd, x)
+    assert torch.allclose(out, ref_out, atol=1e-6) and torch.allclose(acts, ref_acts, atol=1e-6)
+    assert (acts > 0).any() and (acts == 0).any()  # a meaningful test: some features fire
+    # Weights equal the ones the fixture generated.
+    fresh = random_transcoder(offline_hub.d_model, offline_hub.d_sae, 1, seed=0)
+    assert torch.equal(tc.W_enc, fresh.W_enc) and torch.equal(tc.b_dec_out, fresh.b_dec_out)
+
+
+def test_log_feature_frequency(tiny_transcoders, offline_hub):
+    f = tiny_transcoders.log_feature_frequency(0)
+    assert f.shape == (offline_hub.d_sae,) and bool((f < 0).all())
+
+
+def test_lazy_loading(offline_hub):
+    ts = load_transcoders("gpt2-small", layers=[2, 5], device="cpu")
+    assert ts.layers == [2, 5] and ts.loaded_layers() == []
+    ts[5]
+    assert ts.loaded_layers() == [5]
+
+
+def test_dtype_and_repo_id_alias(offline_hub):
+    ts = load_transcoders("pchlenski/gpt2-transcoders", layers=[0], dtype="float64", device="cpu")
+    assert ts[0].W_enc.dtype == torch.float64 and ts.name == "gpt2-small"
+
+
+def test_layer_not_in_set(offline_hub):
+    with pytest.raises(InvalidInputError, match="not in transcoder set 'gpt2-small'"):
+        load_transcoders("gpt2-small", layers=[12])
+
+
+def test_missing_offline_file_names_repo_and_command(offline_hub):
+    with pytest.raises(OfflineFileMissingError) as err:
+        load_transcoders("gpt2-small", layers=[0], revision="0" * 40)
+    text = str(err.value)
+    assert "pchlenski/gpt2-transcoders" in text and "hf download" in text
+    assert "HF_HUB_OFFLINE=1" in text
+
+
+def test_missing_offline_model(offline_hub):
+    with pytest.raises(OfflineFileMissingError, match="hf download nobody/no-such-model"):
+        load_model("nobody/no-such-model", device="cpu")
+
+
+def test_load_model_accepts_existing_model(tiny_model):
+    assert load_model(tiny_model) is tiny_model
+    with pytest.raises(InvalidInputError, match="not a TransformerLens model"):
+        load_model(object())
