@@ -6,6 +6,7 @@ from .model import load_model
 from .replacement import (ablate_mlps, mean_mlp_outputs, replace_mlps, run_with_ablated_mlps,
                           run_with_transcoders, transcoder_hooks, mlp_ablation_hooks)
 from .transcoder import Transcoder, TranscoderSet
+from .evaluation import evaluate_transcoders
 
 __version__ = "0.1.0"
 
@@ -13,7 +14,7 @@ __all__ = [
     "load_model", "load_transcoders", "list_transcoder_sets", "registry",
     "Transcoder", "TranscoderSet",
     "replace_mlps", "ablate_mlps", "run_with_transcoders", "run_with_ablated_mlps",
-    "transcoder_hooks", "mlp_ablation_hooks", "mean_mlp_outputs",
+    "transcoder_hooks", "mlp_ablation_hooks", "mean_mlp_outputs", "evaluate_transcoders",
     "TcExploreError", "InvalidInputError", "IncompatibleTranscoderError", "UnsafeFileError",
     "OfflineFileMissingError", "UnknownTranscoderSetError",
 ]

@@ -201,7 +201,8 @@ def to_tokens(model, prompt: Prompt, prepend_bos: bool = True) -> torch.Tensor:
     """Tokenize one prompt (or check a token sequence) into shape [1, pos],
     refusing a prompt longer than the model's context."""
     if isinstance(prompt, str):
-        tokens = model.to_tokens(prompt, prepend_bos=prepend_bos)
+        # truncate=False: an over-long prompt must be refused, not silently cut
+        tokens = model.to_tokens(prompt, prepend_bos=prepend_bos, truncate=False)
     else:
         tokens = torch.as_tensor(prompt, dtype=torch.long, device=model_device(model))
         if tokens.ndim == 1:
