@@ -1,0 +1,292 @@
+"""Corpora: text from anywhere turned into fixed-length token sequences.
+
+Every sequence starts with BOS; documents are concatenated across sequence
+boundaries with a separator token (EOS, which is BOS for GPT-2) between them,
+so no token is wasted on padding. The order of documents is shuffled with a
+seed, so the same ``Corpus`` always yields the same sequences: a feature
+index can be resumed, or built in shards on several machines, and still point
+at the same tokens.
+
+    corpus = Corpus.from_hub("Skylion007/openwebtext", model, seq_len=128)  # streaming
+    corpus = Corpus.from_texts(["some text", ...], model, seq_len=64, seed=0)
+    corpus = Corpus.from_files(["a.txt", "b.txt"], model, seq_len=64)
+    tokens = corpus.take(100)            # [100, seq_len] int64
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .errors import InvalidInputError
+
+# Documents are tokenized this many at a time (fast tokenizers batch well).
+_TOKENIZE_CHUNK = 256
+
+
+def _tokenizer_of(model_or_tokenizer):
+    tok = getattr(model_or_tokenizer, "tokenizer", None)
+    if tok is not None:
+        return tok
+    if callable(model_or_tokenizer) and hasattr(model_or_tokenizer, "convert_ids_to_tokens"):
+        return model_or_tokenizer
+    raise InvalidInputError(
+        f"Expected a model with a tokenizer or a Hugging Face tokenizer, got "
+        f"{type(model_or_tokenizer).__name__}.")
+
+
+def _special_ids(tokenizer, bos_token_id: int | None, separator_token_id: int | None) -> tuple[int, int]:
+    bos = bos_token_id if bos_token_id is not None else tokenizer.bos_token_id
+    if bos is None:
+        raise InvalidInputError(
+            "The tokenizer has no BOS token; pass bos_token_id= (the token every sequence starts with).")
+    sep = separator_token_id
+    if sep is None:
+        sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
+    return int(bos), int(sep)
+
+
+@dataclass
+class Corpus:
+    """A reproducible stream of ``[seq_len]`` token sequences.
+
+    ``documents`` is a zero-argument function returning a fresh iterator of
+    documents, each a string or a list of token ids (already tokenized; no
+    BOS). It is called again for every pass, so it must yield the same
+    documents in the same order each time (shuffling is seeded).
+    ``description`` identifies the corpus in an index manifest; two corpora
+    with equal descriptions must yield equal sequences.
+    """
+    documents: Callable[[], Iterable[str | Sequence[int]]]
+    tokenizer: Any
+    seq_len: int
+    bos_token_id: int
+    separator_token_id: int
+    description: dict = field(default_factory=dict)
+    # Pre-tokenized sequences served as given instead of packing documents.
+    fixed: np.ndarray | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if int(self.seq_len) < 2:
+            raise InvalidInputError(f"seq_len must be at least 2 (BOS and one token), got {self.seq_len}.")
+        self.seq_len = int(self.seq_len)
+        self.description = {**self.description, "seq_len": self.seq_len,
+                            "bos_token_id": self.bos_token_id,
+                            "separator_token_id": self.separator_token_id}
+
+    # -- constructors -----------------------------------------------------------------
+    @classmethod
+    def from_texts(cls, texts: Sequence[str], model_or_tokenizer, seq_len: int, seed: int | None = 0,
+                   name: str = "texts", bos_token_id: int | None = None,
+                   separator_token_id: int | None = None) -> "Corpus":
+        """A list of strings; ``seed=None`` keeps their order."""
+        texts = list(texts)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise InvalidInputError("from_texts needs a non-empty list of strings.")
+        order = _permutation(len(texts), seed)
+        tok = _tokenizer_of(model_or_tokenizer)
+        bos, sep = _special_ids(tok, bos_token_id, separator_token_id)
+        return cls(lambda: (texts[i] for i in order), tok, seq_len, bos, sep,
+                   {"kind": "texts", "name": name, "n_documents": len(texts), "seed": seed,
+                    "tokenizer": _tokenizer_name(tok)})
+
+    @classmethod
+    def from_files(cls, paths: Sequence[str | os.PathLike], model_or_tokenizer, seq_len: int,
+                   seed: int | None = 0, split: str = "file", encoding: str = "utf-8",
+                   bos_token_id: int | None = None, separator_token_id: int | None = None) -> "Corpus":
+        """Local text files. ``split``: each ``"file"`` is one document, or each
+        ``"line"``, or each ``"paragraph"`` (blank-line separated)."""
+        if split not in ("file", "line", "paragraph"):
+            raise InvalidInputError(f"split must be 'file', 'line' or 'paragraph', got {split!r}.")
+        paths = [Path(p) for p in paths]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise InvalidInputError(f"These corpus files do not exist: {missing}.")
+        order = _permutation(len(paths), seed)
+        tok = _tokenizer_of(model_or_tokenizer)
+        bos, sep = _special_ids(tok, bos_token_id, separator_token_id)
+
+        def documents():
+            for i in order:
+                text = paths[i].read_text(encoding=encoding)
+                if split == "file":
+                    yield text
+                elif split == "line":
+                    yield from (line for line in text.splitlines() if line.strip())
+                else:
+                    yield from (p.strip() for p in text.split("\n\n") if p.strip())
+
+        return cls(documents, tok, seq_len, bos, sep,
+                   {"kind": "files", "paths": [str(p) for p in paths], "split": split, "seed": seed,
+                    "tokenizer": _tokenizer_name(tok)})
+
+    @classmethod
+    def from_dataset(cls, dataset, model_or_tokenizer, seq_len: int, seed: int | None = 0,
+                     text_column: str = "text", shuffle_buffer: int = 10_000, name: str | None = None,
+                     bos_token_id: int | None = None, separator_token_id: int | None = None) -> "Corpus":
+        """A ``datasets.Dataset`` (shuffled by a seeded permutation) or an
+        ``IterableDataset`` (streaming; shuffled with a seeded buffer of
+        ``shuffle_buffer`` documents, as ``datasets`` does it)."""
+        import datasets
+
+        features = getattr(dataset, "column_names", None) or list(getattr(dataset, "features", None) or [])
+        if features and text_column not in features:
+            raise InvalidInputError(
+                f"The dataset has no column {text_column!r}; its columns are {list(features)}. "
+                "Pass text_column=.")
+        streaming = isinstance(dataset, datasets.IterableDataset)
+        if seed is not None:
+            dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer) if streaming \
+                else dataset.shuffle(seed=seed)
+        tok = _tokenizer_of(model_or_tokenizer)
+        bos, sep = _special_ids(tok, bos_token_id, separator_token_id)
+        info = getattr(dataset, "info", None)
+        desc = {"kind": "dataset", "name": name or getattr(info, "dataset_name", None) or "dataset",
+                "config": getattr(info, "config_name", None), "split": str(getattr(dataset, "split", None)),
+                "text_column": text_column, "streaming": streaming, "seed": seed,
+                "shuffle_buffer": shuffle_buffer if streaming else None,
+                "tokenizer": _tokenizer_name(tok)}
+        if not streaming:
+            desc["n_documents"] = len(dataset)
+            desc["fingerprint"] = getattr(dataset, "_fingerprint", None)
+        return cls(lambda: (row[text_column] for row in dataset), tok, seq_len, bos, sep, desc)
+
+    @classmethod
+    def from_hub(cls, path: str, model_or_tokenizer, seq_len: int, split: str = "train",
+                 name: str | None = None, seed: int | None = 0, text_column: str = "text",
+                 streaming: bool = True, shuffle_buffer: int = 10_000, **load_kwargs) -> "Corpus":
+        """A dataset on the Hub, streamed by default (e.g. ``"Skylion007/openwebtext"``
+        for GPT-2), so nothing larger than the shuffle buffer is held."""
+        import datasets
+
+        ds = datasets.load_dataset(path, name, split=split, streaming=streaming, **load_kwargs)
+        corpus = cls.from_dataset(ds, model_or_tokenizer, seq_len, seed=seed, text_column=text_column,
+                                  shuffle_buffer=shuffle_buffer, name=path)
+        corpus.description.update({"name": path, "config": name, "split": split})
+        return corpus
+
+    @classmethod
+    def from_token_ids(cls, sequences: torch.Tensor | np.ndarray | Sequence[Sequence[int]],
+                       model_or_tokenizer=None, name: str = "tokens", bos_token_id: int | None = None) -> "Corpus":
+        """Sequences already tokenized, ``[n_seq, seq_len]``; they are used as
+        they are (the first column should be BOS)."""
+        arr = np.asarray(sequences.cpu() if isinstance(sequences, torch.Tensor) else sequences)
+        if arr.ndim != 2 or arr.shape[0] == 0:
+            raise InvalidInputError(
+                f"from_token_ids needs a non-empty [n_seq, seq_len] array, got shape {arr.shape}.")
+        arr = arr.astype(np.int64)
+        tok = None if model_or_tokenizer is None else _tokenizer_of(model_or_tokenizer)
+        bos = int(bos_token_id if bos_token_id is not None else arr[0, 0])
+        digest = _digest(arr)
+        return cls(lambda: iter(()), tok, arr.shape[1], bos, bos,
+                   {"kind": "token_ids", "name": name, "n_sequences": int(arr.shape[0]),
+                    "sha1": digest}, fixed=arr)
+
+    # -- sequences --------------------------------------------------------------------
+    def sequences(self) -> Iterator[np.ndarray]:
+        """Every ``[seq_len]`` sequence in order: BOS, then the next
+        ``seq_len - 1`` tokens of the document stream."""
+        if self.fixed is not None:
+            yield from self.fixed
+            return
+        body = self.seq_len - 1
+        buffer: list[int] = []
+        first = True
+        for chunk in _chunks(self.documents(), _TOKENIZE_CHUNK):
+            for ids in self._tokenize(chunk):
+                if not ids:
+                    continue
+                if not first:
+                    buffer.append(self.separator_token_id)
+                buffer.extend(ids)
+                first = False
+                while len(buffer) >= body:
+                    yield np.array([self.bos_token_id] + buffer[:body], dtype=np.int64)
+                    del buffer[:body]
+
+    def _tokenize(self, docs: list) -> list[list[int]]:
+        texts = [d for d in docs if isinstance(d, str)]
+        if len(texts) == len(docs):
+            return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [self.tokenizer(d, add_special_tokens=False)["input_ids"] if isinstance(d, str)
+                else [int(t) for t in d] for d in docs]
+
+    def batches(self, batch_size: int, n_sequences: int | None = None,
+                start: int = 0) -> Iterator[np.ndarray]:
+        """``[<=batch_size, seq_len]`` int64 arrays of sequences ``start ..
+        start + n_sequences`` (all remaining when None)."""
+        batch: list[np.ndarray] = []
+        stop = None if n_sequences is None else start + n_sequences
+        for i, seq in enumerate(self.sequences()):
+            if stop is not None and i >= stop:
+                break
+            if i < start:
+                continue
+            batch.append(seq)
+            if len(batch) == batch_size:
+                yield np.stack(batch)
+                batch = []
+        if batch:
+            yield np.stack(batch)
+
+    def take(self, n_sequences: int, start: int = 0) -> torch.Tensor:
+        """Sequences ``start .. start + n_sequences`` as a ``[n, seq_len]`` tensor;
+        raises if the corpus is shorter."""
+        parts = list(self.batches(max(1, n_sequences), n_sequences, start))
+        got = sum(len(p) for p in parts)
+        if got < n_sequences:
+            raise InvalidInputError(
+                f"The corpus yields only {start + got} sequences of {self.seq_len} tokens; "
+                f"{start + n_sequences} were asked for. Use fewer tokens or a larger corpus.")
+        return torch.from_numpy(np.concatenate(parts))
+
+
+def as_corpus(source, model, seq_len: int | None = None, seed: int | None = 0) -> Corpus:
+    """Accept a Corpus, a list of strings, a ``datasets`` dataset or a token
+    tensor wherever a corpus is expected."""
+    if isinstance(source, Corpus):
+        return source
+    if isinstance(source, (torch.Tensor, np.ndarray)):
+        return Corpus.from_token_ids(source, model)
+    seq_len = seq_len or min(int(model.cfg.n_ctx), 128)
+    if isinstance(source, (list, tuple)) and source and all(isinstance(s, str) for s in source):
+        return Corpus.from_texts(source, model, seq_len, seed=seed)
+    try:
+        import datasets
+        if isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
+            return Corpus.from_dataset(source, model, seq_len, seed=seed)
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        pass
+    raise InvalidInputError(
+        f"Cannot make a corpus from {type(source).__name__}: pass a tc_explore.corpus.Corpus, a "
+        "list of strings, a datasets.Dataset / IterableDataset or a [n_seq, seq_len] token tensor.")
+
+
+def _permutation(n: int, seed: int | None) -> list[int]:
+    if seed is None:
+        return list(range(n))
+    return np.random.default_rng(seed).permutation(n).tolist()
+
+
+def _chunks(it: Iterable, size: int) -> Iterator[list]:
+    chunk = []
+    for x in it:
+        chunk.append(x)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _tokenizer_name(tok) -> str | None:
+    return getattr(tok, "name_or_path", None) or type(tok).__name__
+
+
+def _digest(arr: np.ndarray) -> str:
+    import hashlib
+    return hashlib.sha1(np.ascontiguousarray(arr).tobytes()).hexdigest()
