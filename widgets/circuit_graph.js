@@ -1,0 +1,349 @@
+// Circuit graph view for tc_explore (anywidget ES module, plain SVG, no dependencies).
+//
+// The Python side (tc_explore/ui/graph_widget.py) sends a laid-out-ready
+// description of the graph in the `graph_data` trait:
+//   {tokens: [str], rows: [{row, label}], title: str,
+//    nodes: [{id, kind, row, ctx, label, contribution, layer, feature,
+//             is_root, expandable, tooltip: [[name, value], ...]}],
+//    links: [{source, target, weight}]}
+// and the dashboard of the selected node in `dashboard` ({node_id, layer,
+// feature, html}).  Everything numeric is computed in Python by library
+// functions; this module only draws, and reports clicks back:
+//   - clicking a node sets `selected_node` (synced to Python),
+//   - the prune slider sets `threshold` (fraction of the largest |value|),
+//   - the expand button sends {type: "expand", node_id} to Python.
+// The same module runs in a standalone exported HTML file, where `model` is a
+// small in-page object with the same get/set/on/save_changes/send methods.
+
+const SVG_NS = "http://www.w3.org/2000/svg";
+
+const KIND_LABELS = {
+  feature: "transcoder feature",
+  head: "attention head",
+  embed: "embedding",
+  error: "MLP error",
+  bias: "bias / remainder",
+  logit: "logit / target",
+  other: "other",
+};
+
+function svg(tag, attrs) {
+  const e = document.createElementNS(SVG_NS, tag);
+  for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, String(v));
+  return e;
+}
+
+function html(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+
+function fmt(v) {
+  if (typeof v !== "number") return String(v);
+  if (!isFinite(v)) return String(v);
+  const a = Math.abs(v);
+  if (a !== 0 && (a < 1e-3 || a >= 1e5)) return v.toExponential(3);
+  return String(Number(v.toPrecision(5)));
+}
+
+// Which nodes and links stay visible at a prune threshold (a fraction of the
+// largest |contribution| / |weight|). Mirrors CircuitGraphWidget.visible().
+export function visibility(data, threshold) {
+  const nodes = data.nodes || [];
+  const links = data.links || [];
+  const maxC = Math.max(0, ...nodes.filter((n) => !n.is_root).map((n) => Math.abs(n.contribution || 0)));
+  const maxW = Math.max(0, ...links.map((l) => Math.abs(l.weight || 0)));
+  const t = Math.max(0, Math.min(1, Number(threshold) || 0));
+  const shown = new Set();
+  for (const n of nodes) {
+    if (n.is_root || Math.abs(n.contribution || 0) >= t * maxC) shown.add(n.id);
+  }
+  const shownLinks = new Set();
+  links.forEach((l, i) => {
+    if (shown.has(l.source) && shown.has(l.target) && Math.abs(l.weight || 0) >= t * maxW) shownLinks.add(i);
+  });
+  return { nodes: shown, links: shownLinks };
+}
+
+function layout(data) {
+  const tokens = data.tokens || [];
+  const rows = data.rows || [];
+  const nodes = data.nodes || [];
+  const nCols = Math.max(1, tokens.length, ...nodes.map((n) => (n.ctx ?? 0) + 1));
+  const rowIndex = new Map(rows.map((r, i) => [r.row, i]));
+  for (const n of nodes) {
+    if (!rowIndex.has(n.row)) rowIndex.set(n.row, rowIndex.size);
+  }
+  const nRows = Math.max(1, rowIndex.size);
+  const cells = new Map();
+  for (const n of nodes) {
+    const key = `${n.row}|${n.ctx ?? 0}`;
+    if (!cells.has(key)) cells.set(key, []);
+    cells.get(key).push(n);
+  }
+  const maxInCell = Math.max(1, ...[...cells.values()].map((c) => c.length));
+  const spacing = 22;
+  const colW = Math.max(84, Math.min(maxInCell, 8) * spacing + 16);
+  const rowH = 58;
+  const left = 64;
+  const top = 24;
+  const bottom = 56;
+  const width = left + nCols * colW + 12;
+  const height = top + nRows * rowH + bottom;
+  const pos = new Map();
+  for (const cell of cells.values()) {
+    cell.sort((a, b) => Math.abs(b.contribution || 0) - Math.abs(a.contribution || 0) || (a.id < b.id ? -1 : 1));
+    const k = cell.length;
+    const step = Math.min(spacing, (colW - 16) / Math.max(1, k));
+    cell.forEach((n, i) => {
+      const col = n.ctx ?? 0;
+      const r = rowIndex.get(n.row);
+      const cx = left + col * colW + colW / 2 + (i - (k - 1) / 2) * step;
+      // embeddings at the bottom, targets at the top
+      const cy = top + (nRows - 1 - r) * rowH + rowH / 2;
+      pos.set(n.id, { x: cx, y: cy });
+    });
+  }
+  return { pos, width, height, colW, rowH, left, top, nRows, nCols, rowIndex };
+}
+
+function render({ model, el }) {
+  el.classList.add("tcx-circuit-graph");
+  el.innerHTML = "";
+  const toolbar = html("div", "tcx-graph-toolbar");
+  const pruneLabel = html("label", "tcx-prune-label", "prune below ");
+  const prune = html("input", "tcx-prune");
+  prune.type = "range";
+  prune.min = "0";
+  prune.max = "1";
+  prune.step = "0.01";
+  prune.title = "Hide nodes and edges whose |contribution| or |weight| is below this fraction of the largest";
+  const pruneValue = html("span", "tcx-prune-value");
+  pruneLabel.appendChild(prune);
+  pruneLabel.appendChild(pruneValue);
+  const expand = html("button", "tcx-expand", "expand selected");
+  expand.type = "button";
+  const status = html("span", "tcx-status");
+  toolbar.append(pruneLabel, expand, status);
+
+  const legend = html("div", "tcx-legend");
+  for (const [kind, name] of Object.entries(KIND_LABELS)) {
+    if (kind === "other") continue;
+    const item = html("span", "tcx-legend-item");
+    item.append(html("span", `tcx-swatch tcx-kind-${kind}`), document.createTextNode(name));
+    legend.appendChild(item);
+  }
+  const edgeItem = html("span", "tcx-legend-item");
+  edgeItem.append(html("span", "tcx-swatch-edge tcx-edge-pos"), document.createTextNode("+ edge"),
+    html("span", "tcx-swatch-edge tcx-edge-neg"), document.createTextNode("− edge"));
+  legend.appendChild(edgeItem);
+
+  const body = html("div", "tcx-graph-body");
+  const canvas = html("div", "tcx-graph-canvas");
+  const panel = html("div", "tcx-dashboard-panel");
+  const panelTitle = html("div", "tcx-dashboard-title", "Click a node to see its dashboard");
+  const panelContent = html("div", "tcx-dashboard-content");
+  panel.append(panelTitle, panelContent);
+  body.append(canvas, panel);
+  const tooltip = html("div", "tcx-tooltip");
+  tooltip.style.display = "none";
+  const title = html("div", "tcx-graph-title");
+  el.append(title, toolbar, legend, body, tooltip);
+
+  let nodeEls = new Map();
+  let linkEls = [];
+  let byId = new Map();
+
+  function showTooltip(n, evt) {
+    tooltip.innerHTML = "";
+    tooltip.appendChild(html("div", "tcx-tooltip-title", n.label));
+    const table = html("table", "tcx-tooltip-table");
+    for (const [k, v] of n.tooltip || []) {
+      const tr = html("tr");
+      tr.append(html("th", "", k), html("td", "", fmt(v)));
+      table.appendChild(tr);
+    }
+    tooltip.appendChild(table);
+    tooltip.style.display = "block";
+    tooltip.dataset.nodeId = n.id;
+    const box = el.getBoundingClientRect();
+    tooltip.style.left = `${evt.clientX - box.left + 14}px`;
+    tooltip.style.top = `${evt.clientY - box.top + 10}px`;
+  }
+
+  function hideTooltip() {
+    tooltip.style.display = "none";
+  }
+
+  function applySelection() {
+    const sel = model.get("selected_node") || "";
+    for (const [id, g] of nodeEls) g.classList.toggle("tcx-selected", id === sel);
+    for (const p of linkEls) {
+      const on = sel && (p.dataset.source === sel || p.dataset.target === sel);
+      p.classList.toggle("tcx-edge-highlight", Boolean(on));
+    }
+    const n = byId.get(sel);
+    expand.disabled = !(n && n.expandable && model.get("can_expand"));
+    expand.title = model.get("can_expand")
+      ? (n ? (n.expandable ? `Trace ${n.label} one step further` : `${n.label} cannot be traced further`) : "Select a node first")
+      : "Expanding needs the Python kernel (not available in an exported file)";
+  }
+
+  function applyPrune() {
+    const t = Number(model.get("threshold")) || 0;
+    prune.value = String(t);
+    pruneValue.textContent = ` ${t.toFixed(2)}`;
+    const vis = visibility(model.get("graph_data") || {}, t);
+    for (const [id, g] of nodeEls) g.classList.toggle("tcx-hidden", !vis.nodes.has(id));
+    linkEls.forEach((p, i) => p.classList.toggle("tcx-hidden", !vis.links.has(i)));
+    canvas.dataset.visibleNodes = String(vis.nodes.size);
+    canvas.dataset.visibleLinks = String(vis.links.size);
+  }
+
+  function applyDashboard() {
+    const d = model.get("dashboard") || {};
+    panel.dataset.nodeId = d.node_id || "";
+    if (d.layer !== undefined && d.layer !== null) panel.dataset.layer = String(d.layer);
+    else delete panel.dataset.layer;
+    if (d.feature !== undefined && d.feature !== null) panel.dataset.feature = String(d.feature);
+    else delete panel.dataset.feature;
+    const n = byId.get(d.node_id);
+    panelTitle.textContent = d.node_id ? (n ? n.label : d.node_id) : "Click a node to see its dashboard";
+    panelContent.innerHTML = d.html || "";
+  }
+
+  function draw() {
+    const data = model.get("graph_data") || {};
+    title.textContent = data.title || "";
+    canvas.innerHTML = "";
+    nodeEls = new Map();
+    linkEls = [];
+    byId = new Map((data.nodes || []).map((n) => [n.id, n]));
+    const L = layout(data);
+    const root = svg("svg", { class: "tcx-graph-svg", width: L.width, height: L.height,
+      viewBox: `0 0 ${L.width} ${L.height}` });
+    // row bands and labels
+    const rows = data.rows || [];
+    for (const r of rows) {
+      const i = L.rowIndex.get(r.row);
+      const y = L.top + (L.nRows - 1 - i) * L.rowH;
+      root.appendChild(svg("rect", { class: `tcx-row-band tcx-row-${i % 2}`, x: L.left, y,
+        width: L.nCols * L.colW, height: L.rowH }));
+      const t = svg("text", { class: "tcx-row-label", x: L.left - 6, y: y + L.rowH / 2 + 4, "text-anchor": "end" });
+      t.textContent = r.label;
+      root.appendChild(t);
+    }
+    // token labels
+    (data.tokens || []).forEach((tok, c) => {
+      const x = L.left + c * L.colW + L.colW / 2;
+      const t = svg("text", { class: "tcx-token-label", x, y: L.top + L.nRows * L.rowH + 16,
+        "text-anchor": "middle", "data-ctx": c });
+      t.textContent = JSON.stringify(tok).slice(1, -1);
+      root.appendChild(t);
+      const i = svg("text", { class: "tcx-token-index", x, y: L.top + L.nRows * L.rowH + 32, "text-anchor": "middle" });
+      i.textContent = String(c);
+      root.appendChild(i);
+    });
+    // edges
+    const links = data.links || [];
+    const maxW = Math.max(1e-12, ...links.map((l) => Math.abs(l.weight || 0)));
+    const edgeLayer = svg("g", { class: "tcx-edges" });
+    links.forEach((l) => {
+      const a = L.pos.get(l.source);
+      const b = L.pos.get(l.target);
+      if (!a || !b) return;
+      const midY = (a.y + b.y) / 2;
+      const p = svg("path", {
+        class: `tcx-edge ${l.weight >= 0 ? "tcx-edge-pos" : "tcx-edge-neg"}`,
+        d: `M${a.x},${a.y} C${a.x},${midY} ${b.x},${midY} ${b.x},${b.y}`,
+        "stroke-width": (0.6 + 5 * Math.abs(l.weight || 0) / maxW).toFixed(2),
+        "data-source": l.source, "data-target": l.target, "data-weight": l.weight,
+      });
+      const tt = svg("title");
+      tt.textContent = `${(byId.get(l.source) || {}).label || l.source} → ${(byId.get(l.target) || {}).label || l.target}: ${fmt(l.weight)}`;
+      p.appendChild(tt);
+      edgeLayer.appendChild(p);
+      linkEls.push(p);
+    });
+    root.appendChild(edgeLayer);
+    // nodes
+    const nodes = data.nodes || [];
+    const maxC = Math.max(1e-12, ...nodes.map((n) => Math.abs(n.contribution || 0)));
+    const nodeLayer = svg("g", { class: "tcx-nodes" });
+    for (const n of nodes) {
+      const p = L.pos.get(n.id);
+      const r = 4 + 9 * Math.sqrt(Math.abs(n.contribution || 0) / maxC);
+      const g = svg("g", { class: `tcx-node tcx-kind-${n.kind}${n.is_root ? " tcx-root" : ""}`,
+        transform: `translate(${p.x.toFixed(2)},${p.y.toFixed(2)})`, "data-node-id": n.id,
+        "data-kind": n.kind, "data-contribution": n.contribution });
+      if (n.layer !== null && n.layer !== undefined) g.setAttribute("data-layer", n.layer);
+      if (n.feature !== null && n.feature !== undefined) g.setAttribute("data-feature", n.feature);
+      let shape;
+      if (n.kind === "head") {
+        shape = svg("rect", { x: -r, y: -r, width: 2 * r, height: 2 * r, rx: 2 });
+      } else if (n.kind === "logit") {
+        shape = svg("polygon", { points: `0,${-r - 2} ${r + 2},0 0,${r + 2} ${-r - 2},0` });
+      } else {
+        shape = svg("circle", { r });
+      }
+      shape.setAttribute("class", `tcx-node-shape${(n.contribution || 0) < 0 ? " tcx-negative" : ""}`);
+      g.appendChild(shape);
+      g.addEventListener("mouseenter", (evt) => showTooltip(n, evt));
+      g.addEventListener("mousemove", (evt) => showTooltip(n, evt));
+      g.addEventListener("mouseleave", hideTooltip);
+      g.addEventListener("click", (evt) => {
+        evt.stopPropagation();
+        model.set("selected_node", n.id);
+        model.save_changes();
+        applySelection();
+      });
+      nodeLayer.appendChild(g);
+      nodeEls.set(n.id, g);
+    }
+    root.appendChild(nodeLayer);
+    canvas.appendChild(root);
+    canvas.dataset.nodeCount = String(nodes.length);
+    applyPrune();
+    applySelection();
+    applyDashboard();
+  }
+
+  prune.addEventListener("input", () => {
+    model.set("threshold", Number(prune.value));
+    model.save_changes();
+    applyPrune();
+  });
+  expand.addEventListener("click", () => {
+    const sel = model.get("selected_node");
+    if (!sel) return;
+    status.textContent = "expanding…";
+    model.send({ type: "expand", node_id: sel });
+  });
+
+  const onGraph = () => draw();
+  const onSel = () => applySelection();
+  const onThr = () => applyPrune();
+  const onDash = () => applyDashboard();
+  const onStatus = () => { status.textContent = model.get("status") || ""; };
+  const onCan = () => applySelection();
+  model.on("change:graph_data", onGraph);
+  model.on("change:selected_node", onSel);
+  model.on("change:threshold", onThr);
+  model.on("change:dashboard", onDash);
+  model.on("change:status", onStatus);
+  model.on("change:can_expand", onCan);
+  draw();
+  onStatus();
+  return () => {
+    model.off("change:graph_data", onGraph);
+    model.off("change:selected_node", onSel);
+    model.off("change:threshold", onThr);
+    model.off("change:dashboard", onDash);
+    model.off("change:status", onStatus);
+    model.off("change:can_expand", onCan);
+  };
+}
+
+export default { render };
