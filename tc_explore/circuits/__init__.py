@@ -1,0 +1,19 @@
+"""Circuit analysis through transcoders: the exact decomposition of a target
+into contributions (``contributions``), input-invariant views of features
+(``invariant``), greedy path search (``paths``), circuit graphs (``graph``),
+and frozen forward passes for brute-force checks (``frozen``)."""
+from .context import PromptContext, prompt_context
+from .contributions import (Contribution, Decomposition, Node, Target, decompose, feature_target,
+                            logit_diff_target, logit_direction_target, next_target, residual_target)
+from .graph import CircuitGraph, GraphEdge, GraphNode
+from .invariant import (de_embeddings, feature_connection_matrix, feature_connections, logit_effects,
+                        ov_de_embeddings, ov_norms)
+from .paths import Path, PathSearchResult, find_paths
+
+__all__ = [
+    "PromptContext", "prompt_context", "Node", "Target", "Contribution", "Decomposition",
+    "decompose", "next_target", "feature_target", "logit_diff_target", "logit_direction_target",
+    "residual_target", "Path", "PathSearchResult", "find_paths", "CircuitGraph", "GraphNode",
+    "GraphEdge", "feature_connections", "feature_connection_matrix", "logit_effects",
+    "de_embeddings", "ov_de_embeddings", "ov_norms",
+]

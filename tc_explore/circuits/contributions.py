@@ -1,0 +1,457 @@
+"""The exact decomposition of a target into contributions (DESIGN.md, "The
+exact decomposition").
+
+With every LayerNorm scale and attention pattern frozen at its value on the
+prompt, the residual stream at (stage, token) is an exact sum of parts:
+token embedding + position embedding + Σ heads Σ source tokens (pattern ×
+value vector's OV image) + attention output biases + Σ earlier MLP outputs, and
+each MLP output = Σ features (activation × W_dec row) + b_dec_out (+ skip term)
++ error. A target reads the residual stream along a direction ``v`` (through a
+frozen LayerNorm scale where there is one), plus a constant offset, so its value
+on the prompt splits exactly into contributions — the sum is checked in tests.
+
+Each traceable contribution carries the ``Target`` one step further upstream
+whose value equals the contribution itself (the path-attribution view of
+Dunefsky, Chlenski & Nanda 2024):
+
+* feature g of layer l at token t: ``a_g × c`` with ``c = W_dec[g] · v``
+  (input-dependent × input-invariant). Since an active feature's activation is
+  its pre-activation, ``c × a_g = c × (W_enc[:, g] · ln2(x) + offset_g)``: the
+  next target reads stage ``2l+1`` at token t along ``c × centre(W_enc[:, g]) /
+  ln2_scale[l, t]`` with offset ``c × (b_enc[g] − b_dec · W_enc[:, g])``.
+* head h of layer l, destination t, source s: ``pattern[l,h,t,s] × (v_s W_O[h]) · v``;
+  the next target reads stage ``2l`` at token s along ``pattern × centre(W_V[h]
+  W_O[h] v) / ln1_scale[l, s]`` with offset ``pattern × b_V[h] · (W_O[h] v)``.
+* the skip term of a skip transcoder: ``ln2(x) W_skip · v``, traced like a feature's input.
+
+Embeddings, biases, offsets, transcoder errors and whole MLPs of layers without
+a transcoder are leaves.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import pandas as pd
+import torch
+
+from ..errors import InvalidInputError
+from ..model import single_token_id
+from .context import PromptContext, centre, prompt_context, stage_name, stage_of, transcoder_reads_ln2
+
+__all__ = ["Node", "Target", "Contribution", "Decomposition", "decompose", "feature_target",
+           "logit_diff_target", "logit_direction_target", "residual_target", "PromptContext",
+           "prompt_context", "KIND_ORDER"]
+
+# Fixed order of node kinds, used to break ties deterministically.
+KIND_ORDER = ("feature", "head", "skip", "error", "mlp", "embed", "pos_embed", "attn_bias",
+              "dec_bias", "offset", "remainder", "logit", "direction")
+
+
+@dataclass(frozen=True, order=True)
+class Node:
+    """One unit of the computation. ``token`` is the position it writes at
+    (a head's destination); ``source`` a head's source position.
+
+    kinds: ``feature`` (index = feature id), ``head`` (index = head), ``skip``,
+    ``error`` (transcoder error of ``layer``), ``mlp`` (a whole MLP with no
+    transcoder), ``embed`` (index = token id), ``pos_embed``, ``attn_bias`` (b_O of ``layer``),
+    ``dec_bias`` (b_dec_out of ``layer``), ``offset`` (the constant of the node
+    traced: a feature's encoder offset or the logits' bias), ``remainder``
+    (what a graph's pruning left out), and the root kinds ``logit`` and
+    ``direction`` (a feature target is a ``feature`` node).
+    """
+    kind: str
+    layer: int | None = None
+    index: int | None = None
+    token: int | None = None
+    source: int | None = None
+
+    def sort_key(self) -> tuple:
+        rank = KIND_ORDER.index(self.kind) if self.kind in KIND_ORDER else len(KIND_ORDER)
+        n = lambda x: -1 if x is None else x  # noqa: E731
+        return (rank, n(self.layer), n(self.index), n(self.token), n(self.source))
+
+    def label(self) -> str:
+        if self.kind == "feature":
+            return f"L{self.layer}F{self.index}@{self.token}"
+        if self.kind == "head":
+            return f"L{self.layer}H{self.index}@{self.token}<-{self.source}"
+        if self.kind in ("error", "mlp", "skip", "attn_bias", "dec_bias"):
+            return f"{self.kind}{self.layer}@{self.token}"
+        if self.kind == "offset" and self.layer is not None:
+            return f"offset L{self.layer}F{self.index}"
+        return f"{self.kind}@{self.token}" if self.token is not None else self.kind
+
+
+@dataclass
+class Target:
+    """A scalar read off the residual stream: ``direction · resid[stage, token] + offset``.
+
+    ``direction`` lives in the raw residual basis: any frozen LayerNorm scale
+    and centring are already folded in. ``value`` is the scalar on the prompt.
+    """
+    node: Node
+    stage: int
+    token: int
+    direction: torch.Tensor   # [d_model]
+    offset: float
+    value: float
+    label: str = ""
+
+    def value_from_resid(self, ctx: PromptContext) -> float:
+        return float(self.direction @ ctx.resid[self.stage, self.token]) + self.offset
+
+
+@dataclass
+class Contribution:
+    """One contributor's share of a target.
+
+    ``value`` is its contribution; for features ``value == activation ×
+    connection`` (activation: input-dependent; connection ``W_dec[g] · v``:
+    input-invariant); for heads ``activation`` is the attention weight and
+    ``connection`` the value vector's OV image dotted with ``v``.
+    ``next_target`` is the direction to trace further (None for leaves).
+    """
+    node: Node
+    value: float
+    activation: float | None = None
+    connection: float | None = None
+    next_target: Target | None = None
+
+    def sort_key(self) -> tuple:
+        return (-abs(self.value),) + self.node.sort_key()
+
+
+@dataclass
+class Decomposition:
+    """All contributions to one target, as tensors (materialise with
+    :meth:`contributions`). ``features[l]`` is [d_sae] (zero where inactive);
+    ``heads`` [n_attn_layers, H, pos_src]; per-layer leaves are [n_layers]
+    tensors, zero-padded past the layers upstream of the target."""
+    ctx: PromptContext = field(repr=False)
+    target: Target
+    embed: float
+    pos_embed: float
+    heads: torch.Tensor                 # [n_attn, H, pos]
+    attn_bias: torch.Tensor             # [n_attn]
+    features: dict[int, torch.Tensor]   # layer -> [d_sae]
+    connections: dict[int, torch.Tensor] = field(repr=False)  # layer -> [d_sae] W_dec @ v
+    dec_bias: dict[int, float] = field(default_factory=dict)
+    error: dict[int, float] = field(default_factory=dict)
+    skip: dict[int, float] = field(default_factory=dict)
+    mlp: dict[int, float] = field(default_factory=dict)       # layers without transcoder
+    offset: float = 0.0
+
+    @property
+    def total(self) -> float:
+        """Sum of every contribution; equals ``target.value`` (conservation)."""
+        s = self.embed + self.pos_embed + float(self.heads.double().sum()) \
+            + float(self.attn_bias.double().sum()) + self.offset
+        s += sum(float(f.double().sum()) for f in self.features.values())
+        s += sum(self.dec_bias.values()) + sum(self.error.values()) + sum(self.skip.values()) \
+            + sum(self.mlp.values())
+        return s
+
+    # -- materialising -----------------------------------------------------------------
+    def _flat(self) -> list[tuple[str, int, torch.Tensor]]:
+        groups = [("head", -1, self.heads.reshape(-1))]
+        groups += [("feature", l, f) for l, f in sorted(self.features.items())]
+        return groups
+
+    def _scalars(self) -> list[tuple[Node, float]]:
+        t = self.target.token
+        items = [(Node("embed", index=int(self.ctx.tokens[t]), token=t), self.embed),
+                 (Node("pos_embed", token=t), self.pos_embed)]
+        items += [(Node("attn_bias", layer=l, token=t), float(b)) for l, b in enumerate(self.attn_bias)]
+        items += [(Node("dec_bias", layer=l, token=t), b) for l, b in self.dec_bias.items()]
+        items += [(Node("error", layer=l, token=t), e) for l, e in self.error.items()]
+        items += [(Node("skip", layer=l, token=t), e) for l, e in self.skip.items()]
+        items += [(Node("mlp", layer=l, token=t), e) for l, e in self.mlp.items()]
+        owner = self.target.node
+        items.append((Node("offset", layer=owner.layer if owner.kind == "feature" else None,
+                           index=owner.index if owner.kind == "feature" else None, token=t),
+                      self.offset))
+        return items
+
+    def contributions(self, k: int | None = None, targets: bool = True,
+                      include_zero: bool = False) -> list[Contribution]:
+        """Contributions sorted by |value| (ties broken by node kind, layer,
+        index, token, source — deterministic). ``k`` keeps the top k (all
+        entries tied with the k-th are considered before the tie-break cut);
+        ``targets`` builds each traceable contributor's ``next_target``."""
+        scalars = [(n, v) for n, v in self._scalars() if include_zero or v != 0.0]
+        threshold = None
+        if k is not None:
+            if k <= 0:
+                return []
+            mags = [g.abs() for _, _, g in self._flat()]
+            mags.append(torch.tensor([abs(v) for _, v in scalars], dtype=self.heads.dtype))
+            flat = torch.cat([m.to(torch.float64) for m in mags])
+            kk = min(k, flat.numel())
+            if kk == 0:
+                return []
+            threshold = float(torch.topk(flat, kk).values[-1])
+        out: list[Contribution] = []
+        for n, v in scalars:
+            if threshold is None or abs(v) >= threshold:
+                out.append(Contribution(n, v))
+        H, P = self.heads.shape[1], self.heads.shape[2]
+        for kind, layer, vals in self._flat():
+            mask = vals.abs() >= threshold if threshold is not None else \
+                (torch.ones_like(vals, dtype=torch.bool) if include_zero else vals != 0)
+            if threshold is not None and not include_zero:
+                mask &= vals != 0
+            for i in torch.nonzero(mask).flatten().tolist():
+                if kind == "head":
+                    l, h, s = i // (H * P), (i // P) % H, i % P
+                    out.append(self._head_contribution(l, h, s, targets=False))
+                else:
+                    out.append(self._feature_contribution(layer, i, targets=False))
+        out.sort(key=Contribution.sort_key)
+        if k is not None:
+            out = out[:k]
+        if targets:
+            for c in out:
+                c.next_target = next_target(self.ctx, self.target, c.node)
+        return out
+
+    def _head_contribution(self, l: int, h: int, s: int, targets: bool = True) -> Contribution:
+        t = self.target.token
+        node = Node("head", layer=l, index=h, token=t, source=s)
+        a = float(self.ctx.pattern[l, h, t, s])
+        val = float(self.heads[l, h, s])
+        conn = val / a if a != 0 else 0.0
+        c = Contribution(node, val, activation=a, connection=conn)
+        if targets:
+            c.next_target = next_target(self.ctx, self.target, node)
+        return c
+
+    def _feature_contribution(self, l: int, g: int, targets: bool = True) -> Contribution:
+        t = self.target.token
+        node = Node("feature", layer=l, index=g, token=t)
+        c = Contribution(node, float(self.features[l][g]),
+                         activation=float(self.ctx.feature_acts(l)[t, g]),
+                         connection=float(self.connections[l][g]))
+        if targets:
+            c.next_target = next_target(self.ctx, self.target, node)
+        return c
+
+    def contribution_of(self, node: Node, targets: bool = True) -> Contribution:
+        """The contribution of one node (e.g. a feature you care about)."""
+        if node.kind == "feature":
+            if node.layer not in self.features:
+                raise InvalidInputError(
+                    f"Layer {node.layer}'s transcoder features are not upstream of this target "
+                    f"(or the layer has no transcoder); upstream layers: {sorted(self.features)}.")
+            self.ctx.transcoders.check_feature(node.layer, node.index)
+            return self._feature_contribution(node.layer, node.index, targets)
+        if node.kind == "head":
+            if not 0 <= (node.layer or 0) < self.heads.shape[0]:
+                raise InvalidInputError(f"Attention layer {node.layer} is not upstream of this target.")
+            if not 0 <= (node.index or 0) < self.heads.shape[1]:
+                raise InvalidInputError(f"head {node.index} is out of range (0..{self.heads.shape[1] - 1}).")
+            return self._head_contribution(node.layer, node.index,
+                                           self.ctx.check_token(node.source), targets)
+        for n, v in self._scalars():
+            if n == node:
+                return Contribution(n, v)
+        raise InvalidInputError(f"{node} is not a contributor of this target.")
+
+    def to_pandas(self, k: int | None = None) -> pd.DataFrame:
+        """One row per (non-zero) contribution: kind, layer, index, token,
+        source, value, activation, connection, label."""
+        rows = [dict(kind=c.node.kind, layer=c.node.layer, index=c.node.index, token=c.node.token,
+                     source=c.node.source, value=c.value, activation=c.activation,
+                     connection=c.connection, label=c.node.label())
+                for c in self.contributions(k=k, targets=False)]
+        return pd.DataFrame(rows, columns=["kind", "layer", "index", "token", "source", "value",
+                                           "activation", "connection", "label"])
+
+    def by_kind(self) -> dict[str, float]:
+        """Total contribution per node kind (features, heads, errors, ...)."""
+        out: dict[str, float] = {}
+        for n, v in self._scalars():
+            out[n.kind] = out.get(n.kind, 0.0) + v
+        out["head"] = float(self.heads.double().sum())
+        out["feature"] = sum(float(f.double().sum()) for f in self.features.values())
+        return out
+
+
+# -- the decomposition --------------------------------------------------------------------
+@torch.no_grad()
+def decompose(ctx: PromptContext, target: Target) -> Decomposition:
+    """Split ``target`` into the contributions of everything upstream of it."""
+    S, t = target.stage, target.token
+    v = target.direction.double()                        # [d_model]; small sums in float64
+    w = ctx.weights
+    n_attn = (S + 1) // 2     # attention l writes before stage 2l+1
+    n_mlp = S // 2            # MLP l writes before stage 2l+2
+
+    # Heads: pattern[l,h,t,s] × (v_cache[l,s,h] · (W_O[l,h] v)); W_O v first keeps it [L,H,d_head].
+    Wo_v = torch.einsum("lhed,d->lhe", w.W_O[:n_attn].double(), v)             # [n_attn, H, d_head]
+    ov_img = torch.einsum("lshe,lhe->lhs", ctx.v[:n_attn], Wo_v)               # [n_attn, H, pos]
+    heads = ctx.pattern[:n_attn, :, t, :] * ov_img                             # [n_attn, H, pos]
+    attn_bias = w.b_O[:n_attn].double() @ v                                    # [n_attn]
+
+    features, connections, dec_bias, error, skip, mlp = {}, {}, {}, {}, {}, {}
+    for l in range(n_mlp):
+        true_out = float(ctx.mlp_out[l, t] @ v)
+        if not ctx.has_transcoder(l):
+            mlp[l] = true_out
+            continue
+        tc = ctx.transcoders[l]
+        vt = v.to(tc.dtype)
+        conn = tc.W_dec @ vt                                                   # [d_sae] input-invariant
+        acts = ctx.feature_acts(l)[t]                                          # [d_sae] input-dependent
+        connections[l] = conn
+        features[l] = acts.double() * conn.double()
+        dec_bias[l] = float(tc.b_dec_out.double() @ v)
+        if tc.W_skip is not None:
+            skip[l] = float(ctx.mlp_in[l, t].double() @ (tc.W_skip.double() @ v))
+        # error · v = (true MLP output − transcoder output) · v, with the transcoder
+        # output's projection summed from the same terms as above, so that rounding
+        # in the (often large) error does not break conservation.
+        error[l] = true_out - (float(features[l].sum()) + dec_bias[l] + skip.get(l, 0.0))
+    return Decomposition(ctx=ctx, target=target, embed=float(ctx.embed[t] @ v),
+                         pos_embed=float(ctx.pos_embed[t] @ v), heads=heads, attn_bias=attn_bias,
+                         features=features, connections=connections, dec_bias=dec_bias, error=error,
+                         skip=skip, mlp=mlp, offset=float(target.offset))
+
+
+@torch.no_grad()
+def next_target(ctx: PromptContext, target: Target, node: Node) -> Target | None:
+    """The target one step upstream through ``node``, whose value on the prompt
+    equals ``node``'s contribution to ``target``; None for leaves."""
+    v = target.direction.double()
+    w = ctx.weights
+    if node.kind == "feature":
+        l, g, t = node.layer, node.index, node.token
+        tc = ctx.transcoders[l]
+        conn = float(tc.W_dec[g] @ v.to(tc.dtype))
+        direction, offset = _encoder_reading(ctx, l, g, t)
+        value = conn * float(ctx.feature_acts(l)[t, g])
+        return Target(node, 2 * l + 1, t, conn * direction, conn * offset, value,
+                      label=f"{node.label()} -> {target.label}")
+    if node.kind == "head":
+        l, h, t, s = node.layer, node.index, node.token, node.source
+        a = float(ctx.pattern[l, h, t, s])
+        Wo_v = w.W_O[l, h].double() @ v                                        # [d_head]
+        direction = a * centre(w.W_V[l, h].double() @ Wo_v) / ctx.ln1_scale[l, s]  # [d_model]
+        offset = a * float(w.b_V[l, h].double() @ Wo_v)
+        value = a * float(ctx.v[l, s, h] @ Wo_v)
+        return Target(node, 2 * l, s, direction, offset, value, label=f"{node.label()} -> {target.label}")
+    if node.kind == "skip":
+        l, t = node.layer, node.token
+        tc = ctx.transcoders[l]
+        raw = tc.W_skip.double() @ v                                           # [d_model]
+        d = centre(raw) / ctx.ln2_scale[l, t] if transcoder_reads_ln2(tc, l) else raw
+        value = float(ctx.mlp_in[l, t].double() @ raw)
+        return Target(node, 2 * l + 1, t, d, 0.0, value, label=f"{node.label()} -> {target.label}")
+    return None
+
+
+def _encoder_reading(ctx: PromptContext, layer: int, feature: int, token: int
+                     ) -> tuple[torch.Tensor, float]:
+    """Direction in the raw residual stream at stage 2*layer+1 and constant
+    such that ``direction · resid + offset`` is the feature's pre-activation."""
+    tc = ctx.transcoders[layer]
+    w_enc = tc.W_enc[:, feature].double()                                      # [d_model]
+    offset = float(tc.b_enc[feature].double() - tc.b_dec.double() @ w_enc)
+    if transcoder_reads_ln2(tc, layer):
+        return centre(w_enc) / ctx.ln2_scale[layer, token], offset
+    return w_enc, offset
+
+
+# -- target constructors ----------------------------------------------------------------------
+def feature_target(ctx: PromptContext, layer: int, feature: int, token: int = -1) -> Target:
+    """A transcoder feature's pre-activation at (layer, token)."""
+    layer = ctx.check_layer(layer)
+    if not ctx.has_transcoder(layer):
+        raise InvalidInputError(f"Layer {layer} has no transcoder in set "
+                                f"{ctx.transcoders.name!r}; its layers are {ctx.transcoders.layers}.")
+    feature = ctx.transcoders.check_feature(layer, feature)
+    token = ctx.check_token(token)
+    direction, offset = _encoder_reading(ctx, layer, feature, token)
+    value = float(ctx.feature_pre(layer, token)[feature])
+    node = Node("feature", layer=layer, index=feature, token=token)
+    return Target(node, 2 * layer + 1, token, direction, offset, value,
+                  label=f"pre-activation L{layer}F{feature}@{token}")
+
+
+def _token_ids(ctx: PromptContext, tokens: int | str | Sequence[int | str]) -> list[int]:
+    if isinstance(tokens, (int, str)):
+        tokens = [tokens]
+    ids = []
+    d_vocab = ctx.weights.W_U.shape[1]
+    for tok in tokens:
+        if isinstance(tok, str):
+            tok = single_token_id(ctx.model, tok)
+        tok = int(tok)
+        if not 0 <= tok < d_vocab:
+            raise InvalidInputError(f"token id {tok} is out of range (0..{d_vocab - 1}).")
+        ids.append(tok)
+    if not ids:
+        raise InvalidInputError("Give at least one token for each side of a logit difference.")
+    return ids
+
+
+def logit_direction_target(ctx: PromptContext, positive: int | str | Sequence[int | str],
+                           negative: int | str | Sequence[int | str] | None = None,
+                           token: int = -1, label: str | None = None) -> Target:
+    """mean logit of ``positive`` tokens − mean logit of ``negative`` tokens at
+    ``token`` (through the frozen ln_final scale and W_U). ``'40' − '20'`` is
+    ``logit_direction_target(ctx, "40", "20")``; greater-than's YY+ vs YY−
+    direction takes the year tokens above and at-or-below YY."""
+    token = ctx.check_token(token)
+    pos_ids = _token_ids(ctx, positive)
+    neg_ids = _token_ids(ctx, negative) if negative is not None else []
+    W_U, b_U = ctx.weights.W_U, ctx.weights.b_U
+    u = W_U[:, pos_ids].double().mean(1) - (W_U[:, neg_ids].double().mean(1) if neg_ids else 0)
+    offset = float(b_U[pos_ids].double().mean() - (b_U[neg_ids].double().mean() if neg_ids else 0))
+    direction = centre(u) / ctx.final_scale[token]
+    node = Node("logit", index=pos_ids[0], token=token)
+    resid = ctx.resid[ctx.final_stage, token]
+    value = float(direction @ resid) + offset
+    if label is None:
+        show = lambda ids: "+".join(repr(ctx.model.tokenizer.decode([i])) for i in ids[:3]) + \
+            ("…" if len(ids) > 3 else "")  # noqa: E731
+        label = f"logit {show(pos_ids)}" + (f" − {show(neg_ids)}" if neg_ids else "") + f"@{token}"
+    return Target(node, ctx.final_stage, token, direction, offset, value, label=label)
+
+
+def logit_diff_target(ctx: PromptContext, positive: int | str, negative: int | str,
+                      token: int = -1) -> Target:
+    """logit[positive] − logit[negative] at ``token`` (default the last)."""
+    return logit_direction_target(ctx, [positive], [negative], token)
+
+
+RESIDUAL_SITES = ("resid_pre", "resid_mid", "resid_post", "ln1", "ln2", "ln_final")
+
+
+def residual_target(ctx: PromptContext, vector: torch.Tensor, layer: int, site: str = "resid_pre",
+                    token: int = -1, label: str | None = None) -> Target:
+    """``vector · activation`` at (layer, site, token). Sites: raw residual
+    ``resid_pre`` / ``resid_mid`` / ``resid_post`` of ``layer``, or the
+    normalised inputs ``ln1`` (attention ``layer``), ``ln2`` (MLP ``layer``),
+    ``ln_final`` (unembedding; ``layer`` ignored) through their frozen scales."""
+    layer = ctx.check_layer(layer)
+    token = ctx.check_token(token)
+    vector = torch.as_tensor(vector, dtype=ctx.resid.dtype, device=ctx.resid.device).reshape(-1)
+    if vector.shape[0] != ctx.resid.shape[-1]:
+        raise InvalidInputError(f"vector has size {vector.shape[0]}, the model's d_model is "
+                                f"{ctx.resid.shape[-1]}.")
+    if site in ("resid_pre", "resid_mid", "resid_post"):
+        stage, direction = stage_of(layer, site), vector
+    elif site == "ln1":
+        stage, direction = 2 * layer, centre(vector) / ctx.ln1_scale[layer, token]
+    elif site == "ln2":
+        stage, direction = 2 * layer + 1, centre(vector) / ctx.ln2_scale[layer, token]
+    elif site == "ln_final":
+        stage, direction = ctx.final_stage, centre(vector) / ctx.final_scale[token]
+    else:
+        raise InvalidInputError(f"site must be one of {RESIDUAL_SITES}, got {site!r}.")
+    value = float(direction @ ctx.resid[stage, token])
+    node = Node("direction", layer=layer, token=token)
+    return Target(node, stage, token, direction, 0.0, value,
+                  label=label or f"direction @ {site} L{layer} ({stage_name(stage, ctx.n_layers)})@{token}")

@@ -1,0 +1,79 @@
+"""Forward passes with LayerNorm scales and attention patterns frozen at their
+values on a prompt — the linear world in which the decomposition is exact.
+
+Used to check contributions against brute force (remove one write, rerun,
+compare), and by users who want to intervene under the same semantics.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..model import HOOK_LN_FINAL_SCALE, hook_attn_pattern, hook_attn_v, hook_ln1_scale, hook_ln2_scale, hook_mlp_out
+from .context import PromptContext
+
+Hook = tuple[str, Callable]
+
+
+def frozen_hooks(ctx: PromptContext, values: bool = False, mlps: bool = False) -> list[Hook]:
+    """Hooks that overwrite every ``ln1``/``ln2``/``ln_final`` ``hook_scale`` and
+    every ``attn.hook_pattern`` with the values cached on ``ctx``'s prompt.
+
+    ``values`` also freezes every ``attn.hook_v`` and ``mlps`` every
+    ``hook_mlp_out``: with both, every write to the residual stream is fixed,
+    so a change made by an extra hook reaches a target only directly — the
+    setting in which a contribution is exactly the change its removal causes.
+    """
+    def put(value: torch.Tensor):
+        def fn(act, hook):
+            return value.to(act.dtype).reshape(act.shape[1:]).expand_as(act).clone()
+        return fn
+
+    hooks: list[Hook] = []
+    for l in range(ctx.n_layers):
+        hooks.append((hook_ln1_scale(l), put(ctx.ln1_scale[l][:, None])))
+        hooks.append((hook_ln2_scale(l), put(ctx.ln2_scale[l][:, None])))
+        hooks.append((hook_attn_pattern(l), put(ctx.pattern[l])))
+        if values:
+            hooks.append((hook_attn_v(l), put(ctx.v[l])))
+        if mlps:
+            hooks.append((hook_mlp_out(l), put(ctx.mlp_out[l])))
+    hooks.append((HOOK_LN_FINAL_SCALE, put(ctx.final_scale[:, None])))
+    return hooks
+
+
+def remove_feature_write_hook(ctx: PromptContext, layer: int, feature: int, token: int) -> Hook:
+    """A hook on ``blocks.{layer}.hook_mlp_out`` that subtracts feature
+    ``feature``'s decoder write (activation × W_dec row) at ``token``."""
+    tc = ctx.transcoders[layer]
+    write = ctx.feature_acts(layer)[token, feature] * tc.W_dec[feature]      # [d_model]
+
+    def fn(out, hook):
+        out = out.clone()
+        out[:, token] -= write.to(out.dtype)
+        return out
+    return hook_mlp_out(layer), fn
+
+
+@torch.no_grad()
+def run_frozen(ctx: PromptContext, extra_hooks: list[Hook] = (), names: set[str] | None = None,
+               values: bool = False, mlps: bool = False):
+    """Run the model on ``ctx``'s prompt with frozen scales and patterns (and
+    values / MLP outputs, see :func:`frozen_hooks`) plus ``extra_hooks``, which
+    run after the freezing hooks; returns (logits, cache of ``names``)."""
+    names = set(names or ())
+    # model.hooks(...) rather than run_with_cache(fwd_hooks=...): TransformerBridge's
+    # run_with_cache does not apply fwd_hooks passed to it.
+    with ctx.model.hooks(fwd_hooks=frozen_hooks(ctx, values, mlps) + list(extra_hooks)):
+        return ctx.model.run_with_cache(ctx.tokens[None], names_filter=lambda n: n in names)
+
+
+def remove_head_value_hook(ctx: PromptContext, layer: int, head: int, source: int) -> Hook:
+    """A hook on ``blocks.{layer}.attn.hook_v`` that zeroes one head's value
+    vector at one source position (removing what that head moves from there)."""
+    def fn(v, hook):
+        v = v.clone()
+        v[:, source, head] = 0.0
+        return v
+    return hook_attn_v(layer), fn
