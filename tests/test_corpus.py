@@ -1,0 +1,111 @@
+import numpy as np
+import pytest
+import torch
+
+from tc_explore.corpus import Corpus, as_corpus
+from tc_explore.errors import InvalidInputError
+from tc_explore.testing import FIXTURE_WORDS
+
+SEQ_LEN = 12
+
+
+def _texts(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(FIXTURE_WORDS, rng.integers(2, 15))) for _ in range(n)]
+
+
+def _stream(model, texts, sep):
+    """The documents' tokens joined by the separator, as the corpus should pack them."""
+    out = []
+    for i, t in enumerate(texts):
+        if i:
+            out.append(sep)
+        out.extend(model.tokenizer(t, add_special_tokens=False)["input_ids"])
+    return out
+
+
+def test_sequences_start_with_bos_and_pack_documents_in_seeded_order(tiny_model):
+    texts = _texts()
+    corpus = Corpus.from_texts(texts, tiny_model, SEQ_LEN, seed=3)
+    seqs = corpus.take(10).numpy()
+    bos = tiny_model.tokenizer.bos_token_id
+    assert seqs.shape == (10, SEQ_LEN)
+    assert (seqs[:, 0] == bos).all()
+    order = np.random.default_rng(3).permutation(len(texts))
+    expected = _stream(tiny_model, [texts[i] for i in order], corpus.separator_token_id)
+    # Bodies of consecutive sequences continue the document stream without gaps.
+    assert seqs[:, 1:].reshape(-1).tolist() == expected[:10 * (SEQ_LEN - 1)]
+
+
+def test_same_seed_same_sequences_other_seed_other_order(tiny_model):
+    texts = _texts()
+    a = Corpus.from_texts(texts, tiny_model, SEQ_LEN, seed=1).take(8)
+    b = Corpus.from_texts(texts, tiny_model, SEQ_LEN, seed=1).take(8)
+    c = Corpus.from_texts(texts, tiny_model, SEQ_LEN, seed=2).take(8)
+    unshuffled = Corpus.from_texts(texts, tiny_model, SEQ_LEN, seed=None).take(8).numpy()
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert unshuffled[:, 1:].reshape(-1).tolist() == \
+        _stream(tiny_model, texts, tiny_model.tokenizer.eos_token_id)[:8 * (SEQ_LEN - 1)]
+
+
+def test_take_with_start_matches_the_full_stream(tiny_model):
+    corpus = Corpus.from_texts(_texts(), tiny_model, SEQ_LEN, seed=0)
+    full = corpus.take(9)
+    assert torch.equal(corpus.take(4, start=5), full[5:9])
+    batches = list(corpus.batches(4, n_sequences=9))
+    assert [len(b) for b in batches] == [4, 4, 1]
+    assert np.array_equal(np.concatenate(batches), full.numpy())
+
+
+def test_dataset_in_memory_and_streaming_are_reproducible(tiny_model):
+    import datasets
+
+    texts = _texts(60)
+    ds = datasets.Dataset.from_dict({"text": texts, "id": list(range(60))})
+    a = Corpus.from_dataset(ds, tiny_model, SEQ_LEN, seed=5).take(6)
+    b = Corpus.from_dataset(ds, tiny_model, SEQ_LEN, seed=5).take(6)
+    assert torch.equal(a, b)
+    # Unshuffled, the dataset packs exactly like the list of strings.
+    plain = Corpus.from_dataset(ds, tiny_model, SEQ_LEN, seed=None).take(6)
+    assert torch.equal(plain, Corpus.from_texts(texts, tiny_model, SEQ_LEN, seed=None).take(6))
+
+    stream = ds.to_iterable_dataset()
+    s1 = Corpus.from_dataset(stream, tiny_model, SEQ_LEN, seed=5, shuffle_buffer=16)
+    s2 = Corpus.from_dataset(stream, tiny_model, SEQ_LEN, seed=5, shuffle_buffer=16)
+    assert s1.description["streaming"] is True
+    assert torch.equal(s1.take(6), s2.take(6))
+    with pytest.raises(InvalidInputError, match="no column 'body'"):
+        Corpus.from_dataset(ds, tiny_model, SEQ_LEN, text_column="body")
+
+
+def test_files_split_by_line(tiny_model, tmp_path):
+    texts = _texts(12)
+    (tmp_path / "a.txt").write_text("\n".join(texts[:6]) + "\n")
+    (tmp_path / "b.txt").write_text("\n\n".join(texts[6:]))
+    corpus = Corpus.from_files([tmp_path / "a.txt", tmp_path / "b.txt"], tiny_model, SEQ_LEN,
+                               seed=None, split="line")
+    n = (len(_stream(tiny_model, texts, 0)) // (SEQ_LEN - 1))
+    seqs = corpus.take(n).numpy()
+    assert seqs[:, 1:].reshape(-1).tolist() == \
+        _stream(tiny_model, texts, corpus.separator_token_id)[:n * (SEQ_LEN - 1)]
+    with pytest.raises(InvalidInputError, match="do not exist"):
+        Corpus.from_files([tmp_path / "missing.txt"], tiny_model, SEQ_LEN)
+
+
+def test_clear_errors(tiny_model):
+    corpus = Corpus.from_texts(_texts(3), tiny_model, SEQ_LEN)
+    with pytest.raises(InvalidInputError, match="yields only"):
+        corpus.take(1000)
+    with pytest.raises(InvalidInputError, match="seq_len"):
+        Corpus.from_texts(_texts(3), tiny_model, 1)
+    with pytest.raises(InvalidInputError, match="Cannot make a corpus"):
+        as_corpus(42, tiny_model)
+
+
+def test_token_ids_are_served_as_given(tiny_model):
+    ids = torch.randint(1, 100, (5, 8))
+    ids[:, 0] = 0
+    corpus = as_corpus(ids, tiny_model)
+    assert torch.equal(corpus.take(5), ids)
+    assert corpus.description["kind"] == "token_ids"

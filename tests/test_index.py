@@ -1,0 +1,254 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tc_explore.corpus import Corpus
+from tc_explore.errors import InvalidInputError
+from tc_explore.index import FeatureIndex, IndexIncompleteError, _feature_hash, _token_hash
+from tc_explore.testing import FIXTURE_WORDS
+
+LAYERS = [0, 5, 11]
+SETTINGS = dict(layers=LAYERS, k=4, n_samples=5, batch_size=4, checkpoint_every=2,
+                window=(3, 2), features_per_group=16)
+SEQ_LEN = 16
+N_SEQ = 22           # 6 batches, the last one short
+
+
+def _corpus(model):
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(FIXTURE_WORDS, rng.integers(2, 20))) for _ in range(120)]
+    return Corpus.from_texts(texts, model, SEQ_LEN, seed=7)
+
+
+def _build(model, transcoders, out_dir, **kw):
+    return FeatureIndex.build(model, transcoders, _corpus(model), N_SEQ * SEQ_LEN, out_dir,
+                              **{**SETTINGS, **kw})
+
+
+@pytest.fixture(scope="module")
+def full_index(tiny_model, tiny_transcoders, tmp_path_factory):
+    return _build(tiny_model, tiny_transcoders, tmp_path_factory.mktemp("idx") / "full")
+
+
+@pytest.fixture(scope="module")
+def brute(tiny_model, tiny_transcoders, full_index):
+    """Activations [n_seq, seq_len, d_sae] per layer, computed batch by batch
+    exactly as a user would, over the tokens the index stored."""
+    tokens = torch.from_numpy(full_index.tokens().astype(np.int64))
+    out = {layer: [] for layer in LAYERS}
+    hooks = [tiny_transcoders.input_hook(layer) for layer in LAYERS]
+    with torch.inference_mode():
+        for start in range(0, len(tokens), SETTINGS["batch_size"]):
+            _, cache = tiny_model.run_with_cache(tokens[start:start + SETTINGS["batch_size"]],
+                                                 names_filter=hooks)
+            for layer, hook in zip(LAYERS, hooks):
+                out[layer].append(tiny_transcoders[layer].encode(cache[hook]))
+    return tokens, {layer: torch.cat(v).numpy() for layer, v in out.items()}
+
+
+def _entries(acts, feature):
+    """(activation, global token) of every firing token at positions >= 1."""
+    a = acts[:, 1:, feature]
+    seq, pos = np.nonzero(a > 0)
+    return a[seq, pos], seq * SEQ_LEN + pos + 1
+
+
+def test_tokens_are_the_corpus_sequences(full_index, tiny_model):
+    assert np.array_equal(full_index.tokens(), _corpus(tiny_model).take(N_SEQ).numpy())
+    assert np.array_equal(full_index.sequence_tokens(13), full_index.tokens()[13])
+    m = full_index.manifest
+    assert m["n_tokens"] == N_SEQ * SEQ_LEN and m["n_tokens_counted"] == N_SEQ * (SEQ_LEN - 1)
+    assert m["model"] and m["transcoder_set"] == "gpt2-small" and m["revision"]
+    assert m["corpus"]["kind"] == "texts" and m["corpus"]["seq_len"] == SEQ_LEN
+
+
+def test_top_k_equals_brute_force(full_index, brute):
+    _, acts = brute
+    k = SETTINGS["k"]
+    for layer in LAYERS:
+        for f in range(acts[layer].shape[-1]):
+            vals, toks = _entries(acts[layer], f)
+            order = np.lexsort((toks, -vals))[:k]
+            got = full_index.top_examples(layer, f)
+            assert [(e.sequence, e.position) for e in got] == \
+                [(t // SEQ_LEN, t % SEQ_LEN) for t in toks[order]], (layer, f)
+            np.testing.assert_array_equal([e.activation for e in got], vals[order])
+
+
+def test_statistics_equal_brute_force(full_index, brute):
+    _, acts = brute
+    edges = full_index.edges
+    for layer in LAYERS:
+        for f in range(0, acts[layer].shape[-1], 3):
+            vals, _ = _entries(acts[layer], f)
+            s = full_index.feature_stats(layer, f)
+            assert s["n_firing"] == len(vals)
+            assert s["frequency"] == pytest.approx(len(vals) / (N_SEQ * (SEQ_LEN - 1)))
+            assert s["max"] == (vals.max() if len(vals) else 0.0)
+            assert s["mean"] == pytest.approx(vals.mean() if len(vals) else 0.0, rel=1e-6)
+            hist = np.bincount(np.searchsorted(edges.astype(np.float32), vals, side="right"),
+                               minlength=len(edges) + 1)
+            np.testing.assert_array_equal(s["histogram"], hist)
+
+
+def test_samples_are_the_hash_selected_uniform_sample(full_index, brute):
+    _, acts = brute
+    n = SETTINGS["n_samples"]
+    for layer in LAYERS:
+        b = _feature_hash(layer, acts[layer].shape[-1], seed=0)
+        for f in range(acts[layer].shape[-1]):
+            vals, toks = _entries(acts[layer], f)
+            priority = (1.0 - np.remainder(_token_hash(toks, seed=0) + b[f], 1.0)).astype(np.float32)
+            chosen = set(toks[np.lexsort((toks, -priority))[:n]].tolist())
+            got = full_index.samples(layer, f)
+            assert {e.sequence * SEQ_LEN + e.position for e in got} == chosen
+            lookup = dict(zip(toks.tolist(), vals.tolist()))
+            assert all(lookup[e.sequence * SEQ_LEN + e.position] == e.activation for e in got)
+
+
+def test_windows_hold_the_context_activations(full_index, brute):
+    _, acts = brute
+    for layer in LAYERS:
+        for f in (0, 17, 40):
+            for e in full_index.top_examples(layer, f) + full_index.samples(layer, f):
+                for j, a in enumerate(e.window_acts):
+                    p = e.window_start + j
+                    want = acts[layer][e.sequence, p, f] if 0 <= p < SEQ_LEN else 0.0
+                    assert float(a) == pytest.approx(want, rel=2e-3, abs=2e-3)
+
+
+def test_interval_bands_split_samples_by_quantile(full_index):
+    bands = full_index.interval_samples(5, 3, n_bands=2)
+    assert [(lo, hi) for lo, hi, _ in bands] == [(0.5, 1.0), (0.0, 0.5)]
+    high, low = bands[0][2], bands[1][2]
+    if high and low:
+        assert min(e.activation for e in high) >= max(e.activation for e in low)
+
+
+def _tables(index):
+    out = {"tokens": pd.read_parquet(index.directory / "tokens.parquet")}
+    for layer in index.layers:
+        for name in ("stats", "top", "samples"):
+            out[(layer, name)] = index.table(layer, name)
+    return out
+
+
+def _assert_same(a, b, exact_sums=True):
+    ta, tb = _tables(a), _tables(b)
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        x, y = ta[key], tb[key]
+        if not exact_sums and key != "tokens" and key[1] == "stats":
+            np.testing.assert_allclose(x.pop("act_sum"), y.pop("act_sum"), rtol=1e-10)
+        x = x.map(lambda v: v.tolist() if isinstance(v, np.ndarray) else v)
+        y = y.map(lambda v: v.tolist() if isinstance(v, np.ndarray) else v)
+        pd.testing.assert_frame_equal(x, y, check_exact=True)
+
+
+def test_resume_after_max_batches_equals_uninterrupted(tiny_model, tiny_transcoders, tmp_path, full_index):
+    out = tmp_path / "resumed"
+    assert _build(tiny_model, tiny_transcoders, out, max_batches=3) is None
+    assert json.loads((out / "manifest.json").read_text())["complete"] is False
+    assert (out / "checkpoint.pt").is_file()
+    with pytest.raises(IndexIncompleteError, match="resume"):
+        FeatureIndex.load(out)
+    index = _build(tiny_model, tiny_transcoders, out)
+    assert not (out / "checkpoint.pt").exists()
+    _assert_same(index, full_index)
+
+
+def test_resume_after_crash_skips_finished_batches(tiny_model, tiny_transcoders, tmp_path,
+                                                   full_index, monkeypatch):
+    out = tmp_path / "crashed"
+    tc = tiny_transcoders[5]
+    real_encode = tc.encode
+    calls = {"n": 0}
+
+    def crashing(x, crash_at=None):
+        calls["n"] += 1
+        if crash_at is not None and calls["n"] == crash_at:
+            raise KeyboardInterrupt
+        return real_encode(x)
+
+    monkeypatch.setattr(tc, "encode", lambda x: crashing(x, crash_at=5))  # inside batch 5
+    with pytest.raises(KeyboardInterrupt):
+        _build(tiny_model, tiny_transcoders, out)
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert saved["batches_done"] == 4          # the last checkpoint before the crash
+    calls["n"] = 0
+    monkeypatch.setattr(tc, "encode", lambda x: crashing(x))
+    index = _build(tiny_model, tiny_transcoders, out)
+    assert calls["n"] == 2                     # only batches 5 and 6 were recomputed
+    _assert_same(index, full_index)
+
+
+def test_merged_shards_equal_a_single_build(tiny_model, tiny_transcoders, tmp_path, full_index):
+    shards = [_build(tiny_model, tiny_transcoders, tmp_path / f"shard{i}", shard=(i, 3))
+              for i in (2, 0, 1)]
+    assert shards[1].manifest["sequence_start"] == 0
+    with pytest.raises(InvalidInputError, match="contiguous"):
+        FeatureIndex.merge([shards[0].directory, shards[1].directory], tmp_path / "gap")
+    merged = FeatureIndex.merge([s.directory for s in shards], tmp_path / "merged")
+    assert merged.manifest["shard"] is None and merged.n_tokens == full_index.n_tokens
+    _assert_same(merged, full_index, exact_sums=False)
+
+
+def test_clear_errors(tiny_model, tiny_transcoders, full_index, tmp_path):
+    with pytest.raises(InvalidInputError, match="not in this index"):
+        full_index.top_examples(3, 0)
+    with pytest.raises(InvalidInputError, match="out of range"):
+        full_index.top_examples(0, 64)
+    with pytest.raises(InvalidInputError, match="out of range"):
+        full_index.feature_stats(0, -1)
+    with pytest.raises(InvalidInputError, match="different settings"):
+        _build(tiny_model, tiny_transcoders, full_index.directory, k=7)
+    with pytest.raises(InvalidInputError, match="no transcoder"):
+        _build(tiny_model, tiny_transcoders, tmp_path / "x", layers=[12])
+    with pytest.raises(InvalidInputError, match="less than one sequence"):
+        FeatureIndex.build(tiny_model, tiny_transcoders, _corpus(tiny_model), 3, tmp_path / "y")
+    with pytest.raises(InvalidInputError, match="not a feature index"):
+        FeatureIndex.load(tmp_path)
+
+
+def test_a_finished_index_is_reopened_not_rebuilt(tiny_model, tiny_transcoders, full_index):
+    before = (full_index.directory / "layer_00" / "top.parquet").stat().st_mtime_ns
+    again = _build(tiny_model, tiny_transcoders, full_index.directory)
+    assert again.manifest == full_index.manifest
+    assert (full_index.directory / "layer_00" / "top.parquet").stat().st_mtime_ns == before
+
+
+def test_features_by_token(full_index, brute):
+    tokens, _ = brute
+    top = full_index.table(0, "top")
+    tok = int(tokens[top["sequence"][0], top["position"][0]])
+    found = full_index.features_by_token(0, tok)
+    assert int(top["feature"][0]) in found["feature"].tolist()
+    assert (found["count"].diff().dropna() <= 0).all()
+
+
+def test_ties_are_broken_by_token_order_across_shards(tiny_model, tiny_transcoders, tmp_path):
+    # Repeated sequences give exactly tied activations; the index keeps the earliest.
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randint(1, 300, (3, SEQ_LEN), generator=g)
+    rows[:, 0] = 0
+    tokens = rows[torch.tensor([0, 1, 0, 2, 1, 0, 2, 0])]
+    kw = dict(layers=[0], k=3, n_samples=3, batch_size=2, features_per_group=64)
+    single = FeatureIndex.build(tiny_model, tiny_transcoders, tokens, tokens.numel(), tmp_path / "s", **kw)
+    parts = [FeatureIndex.build(tiny_model, tiny_transcoders, tokens, tokens.numel(), tmp_path / f"p{i}",
+                                shard=(i, 2), **kw) for i in range(2)]
+    merged = FeatureIndex.merge([p.directory for p in parts], tmp_path / "m")
+    with torch.inference_mode():
+        _, cache = tiny_model.run_with_cache(tokens, names_filter=[tiny_transcoders.input_hook(0)])
+        acts = tiny_transcoders[0].encode(cache[tiny_transcoders.input_hook(0)]).numpy()
+    n_tied = 0
+    for f in range(acts.shape[-1]):
+        vals, toks = _entries(acts, f)
+        order = np.lexsort((toks, -vals))[:3]
+        n_tied += len(set(vals[order].tolist())) < len(order)
+        want = [(t // SEQ_LEN, t % SEQ_LEN) for t in toks[order]]
+        assert [(e.sequence, e.position) for e in single.top_examples(0, f)] == want
+        assert [(e.sequence, e.position) for e in merged.top_examples(0, f)] == want
+    assert n_tied > 10
