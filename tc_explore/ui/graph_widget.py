@@ -35,7 +35,8 @@ import traitlets
 
 from ..errors import InvalidInputError
 
-__all__ = ["CircuitGraphWidget", "graph_view_data", "visible_elements", "export_html",
+__all__ = ["CircuitGraphWidget", "PathGraphExpander", "circuit_graph_widget",
+           "feature_dashboard_html", "graph_view_data", "visible_elements", "export_html",
            "widget_asset", "node_kind", "parse_feature_node"]
 
 
@@ -61,8 +62,17 @@ _BOILERPLATE = {"node_id", "jsNodeId", "feature", "layer", "ctx_idx", "feature_t
                 "reverse_ctx_idx", "clerp", "token_prob", "is_target_logit"}
 
 
+# tc_explore's own node kinds (the ``tc_kind`` field CircuitGraph writes) -> drawing kind
+_TC_KINDS = {"feature": "feature", "head": "head", "embed": "embed", "pos_embed": "embed",
+             "error": "error", "mlp": "other", "skip": "bias", "attn_bias": "bias",
+             "dec_bias": "bias", "offset": "bias", "remainder": "bias", "logit": "logit",
+             "direction": "logit"}
+
+
 def node_kind(node: Mapping) -> str:
     """The drawing kind of a §4 node: feature, head, embed, error, bias, logit or other."""
+    if node.get("tc_kind") in _TC_KINDS:
+        return _TC_KINDS[node["tc_kind"]]
     ftype = str(node.get("feature_type", "")).strip().lower()
     if ftype in _FEATURE_TYPES:
         return "feature"
@@ -86,6 +96,8 @@ def parse_feature_node(node: Mapping) -> tuple[int, int] | None:
     ``"{layer}_{feature}_{pos}"``."""
     if node_kind(node) != "feature":
         return None
+    if isinstance(node.get("tc_layer"), int) and isinstance(node.get("tc_index"), int):
+        return node["tc_layer"], node["tc_index"]
     try:
         layer = int(node["layer"])
     except (KeyError, TypeError, ValueError):
@@ -100,7 +112,7 @@ def parse_feature_node(node: Mapping) -> tuple[int, int] | None:
 
 
 def _head_layer(node: Mapping) -> int | None:
-    for key in ("attn_layer", "layer"):
+    for key in ("tc_layer", "attn_layer", "layer"):
         try:
             return int(node[key])
         except (KeyError, TypeError, ValueError):
@@ -193,13 +205,25 @@ def graph_view_data(graph: Any, expanded: set[str] | frozenset = frozenset(),
         n_layers = (max(logit_layers) - 1) if logit_layers else (max(layers) + 1 if layers else 0)
 
     sources = {str(l["source"]) for l in links}
-    has_target_flag = any(n.get("is_target_logit") or n.get("is_target") for n in nodes)
+    def flagged(n):
+        return bool(n.get("tc_is_target") or n.get("is_target_logit") or n.get("is_target"))
+    has_target_flag = any(flagged(n) for n in nodes)
+    parent_of = {}
+    for l in links:
+        parent_of.setdefault(str(l["source"]), str(l["target"]))
+    by_id = {str(n["node_id"]): n for n in nodes}
 
-    def row_of(n: Mapping, kind: str) -> int:
+    def row_of(n: Mapping, kind: str, depth: int = 0) -> int:
+        tc = n.get("tc_kind")
+        if tc == "remainder" and depth < 3 and str(n["node_id"]) in parent_of:
+            return row_of(by_id[parent_of[str(n["node_id"])]], node_kind(
+                by_id[parent_of[str(n["node_id"])]]), depth + 1)   # beside what it belongs to
         if kind == "embed" or str(n.get("layer")) == "E":
             return 0
         if kind == "logit":
             return 2 * n_layers + 1
+        if tc == "attn_bias" and isinstance(n.get("tc_layer"), int):
+            return 2 * n["tc_layer"] + 1
         if kind == "head":
             l = _head_layer(n)
             return 2 * l + 1 if l is not None else 2 * n_layers + 1
@@ -224,8 +248,7 @@ def graph_view_data(graph: Any, expanded: set[str] | frozenset = frozenset(),
         nid = str(n["node_id"])
         ctx = n.get("ctx_idx")
         ctx = int(ctx) if isinstance(ctx, (int, float)) and not isinstance(ctx, bool) else 0
-        is_root = bool(n.get("is_target_logit") or n.get("is_target")) if has_target_flag else \
-            (nid not in sources)
+        is_root = flagged(n) if has_target_flag else (nid not in sources)
         parsed = parse_feature_node(n)
         layer = parsed[0] if parsed else (_head_layer(n) if kind in ("head", "error") else None)
         feature = parsed[1] if parsed else None
@@ -235,8 +258,15 @@ def graph_view_data(graph: Any, expanded: set[str] | frozenset = frozenset(),
         if 0 <= ctx < len(tokens):
             tip.append(["token", f"{ctx} {tokens[ctx]!r}"])
         tip.append(["contribution" if not is_root else "value", contribution])
+        act = _number(n.get("activation"))
+        if act is not None and not is_root and kind in ("feature", "head") and act != 0:
+            # contribution = activation × gain: the input-dependent and the input-invariant factor
+            tip.append(["attention weight" if kind == "head" else "activation", act])
+            tip.append(["gain (contribution / " + ("weight)" if kind == "head" else "activation)"),
+                        contribution / act])
         for key, v in n.items():
-            if key in _BOILERPLATE or key in ("contribution",) or v is None:
+            if key in _BOILERPLATE or key in ("contribution", "activation") or v is None \
+                    or key.startswith("tc_") or (key == "influence" and "contribution" not in n):
                 continue
             if isinstance(v, (int, float, str)) and not isinstance(v, bool):
                 tip.append([key, v])
@@ -340,17 +370,19 @@ class CircuitGraphWidget(anywidget.AnyWidget):
     status = traitlets.Unicode("").tag(sync=True)
 
     def __init__(self, graph: Any, dashboard: DashboardFn | None = None,
-                 expand: ExpandFn | None = None, threshold: float = 0.0, **kwargs):
+                 expand: ExpandFn | None = None, threshold: float = 0.0,
+                 expandable: Callable[[Mapping], bool] | None = None, **kwargs):
         if dashboard is not None and not callable(dashboard):
             raise InvalidInputError("dashboard must be a function (layer, feature) -> HTML string.")
         if expand is not None and not callable(expand):
             raise InvalidInputError("expand must be a function (node_id) -> graph.")
         self._dashboard_fn = dashboard
         self._expand_fn = expand
+        self._expandable_fn = expandable
         self._expanded: set[str] = set()
         self._dashboard_cache: dict[tuple[int, int], str] = {}
         self._graph = _as_graph_dict(graph)
-        super().__init__(graph_data=graph_view_data(self._graph), threshold=_check_threshold(threshold),
+        super().__init__(graph_data=self._view(), threshold=_check_threshold(threshold),
                          can_expand=expand is not None, **kwargs)
         self.on_msg(self._handle_message)
 
@@ -363,9 +395,12 @@ class CircuitGraphWidget(anywidget.AnyWidget):
     def set_graph(self, graph: Any) -> None:
         """Show another graph (keeps the selection if the node is still there)."""
         self._graph = _as_graph_dict(graph)
-        self.graph_data = graph_view_data(self._graph, expanded=self._expanded)
+        self.graph_data = self._view()
         if self.selected_node and self.node(self.selected_node) is None:
             self.selected_node = ""
+
+    def _view(self) -> dict:
+        return graph_view_data(self._graph, expanded=self._expanded, expandable=self._expandable_fn)
 
     def node(self, node_id: str) -> dict | None:
         """The view of one node (kind, row, ctx, label, contribution, ...), or None."""
@@ -544,3 +579,118 @@ def export_html(view: Mapping, dashboards: Mapping[str, Mapping] | None = None,
     return _PAGE.format(title=_html.escape(title), css=widget_asset("circuit_graph.css"),
                         state=_script_json(state), dashboards=_script_json(dashboards),
                         module=module)
+
+
+# -- wiring to the library: path search, expansion, dashboards ------------------------------
+class PathGraphExpander:
+    """Thin adapter over ``tc_explore.circuits``: keeps a path search's paths
+    and grows them when a node is expanded.
+
+    ``expand(node_id)`` takes every kept path that ends at that node and runs
+    the library's path search (:func:`tc_explore.circuits.find_paths`, one
+    iteration, ``branches`` contributors) from the node's next target — the
+    target one step upstream whose value is the node's contribution — then
+    appends the found contributors to the path. The graph is rebuilt with
+    :meth:`CircuitGraph.from_paths`, on a copy of the search result whose
+    iteration numbers mark exactly the expanded paths (so that "pruned
+    remainder" nodes appear for expanded nodes only, as in a plain search).
+    """
+
+    def __init__(self, result, branches: int | None = None, sum_over_tokens: bool = False,
+                 slug: str = "tc-explore-graph"):
+        from ..circuits import PathSearchResult
+        if not isinstance(result, PathSearchResult):
+            raise InvalidInputError(f"Expected a PathSearchResult from tc_explore.circuits.find_paths, "
+                                    f"got {type(result).__name__}.")
+        if result.ctx is None:
+            raise InvalidInputError("This PathSearchResult has no PromptContext (ctx); run "
+                                    "find_paths with a context from prompt_context.")
+        if sum_over_tokens:
+            raise InvalidInputError("Expanding nodes needs per-token nodes; use sum_over_tokens=False.")
+        self.result = result
+        self.branches = int(branches or result.branches)
+        if self.branches < 1:
+            raise InvalidInputError(f"branches must be a positive integer, got {branches!r}.")
+        self.slug = slug
+        self.paths = list(result.paths)
+        # paths whose head node was decomposed: by the search (every iteration but the last) ...
+        self._expanded_keys = {p.key() for p in self.paths
+                               if p.iteration < result.iterations and p.head.next_target is not None}
+        self._graph = None
+
+    def _result_for_graph(self):
+        from ..circuits import Path, PathSearchResult
+        big = 1 << 30
+        paths = [Path(p.target, p.contributions, 0 if p.key() in self._expanded_keys else big)
+                 for p in self.paths]
+        r = self.result
+        return PathSearchResult(r.target, paths, big, r.branches, r.mode,
+                                n_decompositions=r.n_decompositions, ctx=r.ctx)
+
+    def graph(self):
+        """The current :class:`CircuitGraph`."""
+        if self._graph is None:
+            from ..circuits import CircuitGraph
+            self._graph = CircuitGraph.from_paths(self._result_for_graph(), slug=self.slug)
+        return self._graph
+
+    def _paths_ending_at(self, node_id: str) -> list:
+        graph = self.graph()
+        if node_id not in graph.nodes:
+            raise InvalidInputError(f"No node {node_id!r} in this graph.")
+        node = graph.nodes[node_id].node
+        return [p for p in self.paths if p.head.node == node]
+
+    def expandable(self, record: Mapping) -> bool:
+        """True if the node has a kept path that ends at it, can be traced
+        (a feature, head or skip term) and was not decomposed yet."""
+        nid = str(record.get("node_id"))
+        if nid not in self.graph().nodes:
+            return False
+        return any(p.head.next_target is not None and p.key() not in self._expanded_keys
+                   for p in self._paths_ending_at(nid))
+
+    def expand(self, node_id: str):
+        """Trace ``node_id`` one step further; returns the new CircuitGraph."""
+        from ..circuits import Path, find_paths
+        todo = [p for p in self._paths_ending_at(node_id)
+                if p.head.next_target is not None and p.key() not in self._expanded_keys]
+        if not todo:
+            raise InvalidInputError(f"Node {node_id!r} cannot be traced further (a leaf such as an "
+                                    "embedding, error or bias, or already expanded).")
+        ctx = self.result.ctx
+        for p in todo:
+            sub = find_paths(ctx, p.head.next_target, iterations=1, branches=self.branches,
+                             mode=self.result.mode)
+            for q in sub.top():
+                self.paths.append(Path(p.target, p.contributions + q.contributions, p.iteration + 1))
+            self._expanded_keys.add(p.key())
+        self._graph = None
+        return self.graph()
+
+
+def feature_dashboard_html(model, transcoders, index=None, **options) -> DashboardFn:
+    """``(layer, feature) -> HTML`` from :mod:`tc_explore.dashboard` (its data
+    builder and HTML renderer), for the widget's dashboard panel."""
+    from .. import dashboard as dash
+    builder = getattr(dash, "feature_dashboard", None) or getattr(dash, "dashboard_data", None)
+    render = getattr(dash, "render_html", None) or getattr(dash, "to_html", None)
+    if builder is None or render is None:
+        raise InvalidInputError("tc_explore.dashboard has no feature_dashboard / render_html pair.")
+
+    def fn(layer: int, feature: int) -> str:
+        data = builder(model, transcoders, index, layer, feature, **options) if index is not None \
+            else builder(model, transcoders, layer, feature, **options)
+        return render(data)
+    return fn
+
+
+def circuit_graph_widget(result, dashboard: DashboardFn | None = None, branches: int | None = None,
+                         threshold: float = 0.0, slug: str = "tc-explore-graph") -> CircuitGraphWidget:
+    """A :class:`CircuitGraphWidget` over a path search (``find_paths``) whose
+    expand button traces further with :class:`PathGraphExpander`."""
+    expander = PathGraphExpander(result, branches=branches, slug=slug)
+    w = CircuitGraphWidget(expander.graph(), dashboard=dashboard, expand=expander.expand,
+                           expandable=expander.expandable, threshold=threshold)
+    w.expander = expander
+    return w

@@ -1,0 +1,172 @@
+"""The circuit graph widget's Python side: traits, selection → dashboard,
+prune, expand through the library's path search, standalone HTML export.
+(Rendering in a real browser is tests/test_browser.py.)"""
+import html
+import json
+import re
+
+import pytest
+
+from tc_explore.errors import InvalidInputError
+from tc_explore.ui.graph_widget import (CircuitGraphWidget, PathGraphExpander, circuit_graph_widget,
+                                        graph_view_data, visible_elements, widget_asset)
+
+PROMPT = "The war lasted from 17 35 to 17"
+
+
+@pytest.fixture(scope="module")
+def search(tiny_model, tiny_transcoders):
+    from tc_explore.circuits import find_paths, logit_diff_target, prompt_context
+    ctx = prompt_context(tiny_model, tiny_transcoders, PROMPT)
+    target = logit_diff_target(ctx, "40", "20")
+    return find_paths(ctx, target, iterations=2, branches=5)
+
+
+def _dashboard(layer, feature):
+    return f'<div class="dash"><h3>Layer {layer} feature {feature}</h3></div>'
+
+
+def test_assets_ship_as_package_data():
+    js, css = widget_asset("circuit_graph.js"), widget_asset("circuit_graph.css")
+    assert "export default" in js and "tcx-dashboard-panel" in js
+    assert ".tcx-node" in css
+    with pytest.raises(FileNotFoundError):
+        widget_asset("no_such_file.js")
+
+
+def test_view_of_a_search_graph(search):
+    w = circuit_graph_widget(search, dashboard=_dashboard)
+    graph = w.expander.graph()
+    view = w.graph_data
+    assert {n["id"] for n in view["nodes"]} == set(graph.nodes)
+    assert len(view["links"]) == len(graph.edges)
+    roots = [n for n in view["nodes"] if n["is_root"]]
+    assert [r["id"] for r in roots] == [graph.target_id]
+    assert roots[0]["kind"] == "logit"
+    assert view["tokens"] == list(search.ctx.token_strs)
+    # rows: embeddings lowest, the output highest; a feature of layer l sits in "mlp l"
+    labels = {r["row"]: r["label"] for r in view["rows"]}
+    for n in view["nodes"]:
+        g = graph.nodes[n["id"]]
+        assert n["contribution"] == pytest.approx(g.influence)
+        if n["kind"] == "feature":
+            assert labels[n["row"]] == f"mlp {g.node.layer}"
+            assert (n["layer"], n["feature"]) == (g.node.layer, g.node.index)
+            assert n["ctx"] == g.node.token
+            names = [k for k, _ in n["tooltip"]]
+            assert "activation" in names and "contribution" in names
+        if n["kind"] == "head":
+            assert labels[n["row"]] == f"attn {g.node.layer}"
+    assert labels[min(labels)] in ("emb", "attn 0", "mlp 0")
+    assert labels[max(labels)] == "out"
+
+
+def test_selection_shows_that_features_dashboard(search):
+    calls = []
+
+    def dash(layer, feature):
+        calls.append((layer, feature))
+        return _dashboard(layer, feature)
+
+    w = circuit_graph_widget(search, dashboard=dash)
+    feats = [n for n in w.graph_data["nodes"] if n["kind"] == "feature"]
+    assert feats, "the search found no feature nodes"
+    f = feats[0]
+    w.selected_node = f["id"]
+    assert w.dashboard["node_id"] == f["id"]
+    assert (w.dashboard["layer"], w.dashboard["feature"]) == (f["layer"], f["feature"])
+    assert f"Layer {f['layer']} feature {f['feature']}" in w.dashboard["html"]
+    w.selected_node = ""
+    assert w.dashboard == {}
+    w.selected_node = f["id"]                       # cached: the renderer runs once per feature
+    assert calls == [(f["layer"], f["feature"])]
+    other = next(n for n in w.graph_data["nodes"] if n["kind"] != "feature")
+    w.select(other["id"])
+    assert w.dashboard["feature"] is None and html.escape(other["label"]) in w.dashboard["html"]
+    with pytest.raises(Exception, match="No node"):
+        w.selected_node = "no-such-node"
+
+
+def test_prune_hides_small_nodes_and_edges(search):
+    w = circuit_graph_widget(search)
+    all_nodes, all_links = w.visible()
+    assert all_nodes == set(w.node_ids) and len(all_links) == len(w.graph_data["links"])
+    kept = w.prune(0.5)
+    non_root = [n for n in w.graph_data["nodes"] if not n["is_root"]]
+    biggest = max(abs(n["contribution"]) for n in non_root)
+    for n in w.graph_data["nodes"]:
+        assert (n["id"] in kept) == (n["is_root"] or abs(n["contribution"]) >= 0.5 * biggest)
+    assert len(kept) < len(all_nodes)
+    assert w.prune(1.0) >= {n["id"] for n in w.graph_data["nodes"] if n["is_root"]}
+    _, links = w.visible()
+    assert all(l["source"] in kept and l["target"] in kept for l in links)
+    for bad in (-0.1, 1.5, "lots"):
+        with pytest.raises(Exception, match="threshold"):
+            w.threshold = bad
+
+
+def test_expand_traces_one_more_step(search):
+    w = circuit_graph_widget(search, dashboard=_dashboard)
+    graph = w.expander.graph()
+    # a node of the last iteration that can be traced: it has no incoming edges yet
+    cand = [n for n in w.graph_data["nodes"] if n["expandable"]]
+    assert cand, "no expandable node"
+    nid = cand[0]["id"]
+    assert not graph.incoming(nid)
+    n_before = len(w.node_ids)
+    w.selected_node = nid
+    w._handle_message(w, {"type": "expand", "node_id": nid}, [])   # what the button sends
+    assert w.status.startswith("expanded"), w.status
+    g2 = w.expander.graph()
+    incoming = g2.incoming(nid)
+    assert incoming, "expanding added no contributors"
+    # the new children of the expanded node, plus its remainder, add up to its attribution
+    assert sum(e.weight for e in incoming) == pytest.approx(g2.nodes[nid].influence, rel=1e-6, abs=1e-9)
+    assert len(w.node_ids) > n_before and w.selected_node == nid
+    assert not w.node(nid)["expandable"]
+    w._handle_message(w, {"type": "expand", "node_id": nid}, [])
+    assert w.status.startswith("expand failed")
+    leaf = next(n for n in w.graph_data["nodes"] if n["kind"] in ("embed", "error", "bias"))
+    with pytest.raises(InvalidInputError, match="cannot be traced"):
+        w.expand_node(leaf["id"])
+
+
+def test_export_html_is_standalone(search, tmp_path):
+    w = circuit_graph_widget(search, dashboard=_dashboard)
+    page = w.to_html(tmp_path / "graph.html")
+    assert (tmp_path / "graph.html").read_text() == page
+    assert "<script src" not in page and "http://" not in page.replace("http://www.w3.org", "")
+    assert "https://" not in page
+    state = json.loads(re.search(r'id="tcx-state">(.*?)</script>', page, re.S).group(1))
+    dashes = json.loads(re.search(r'id="tcx-dashboards">(.*?)</script>', page, re.S).group(1))
+    assert {n["id"] for n in state["graph_data"]["nodes"]} == set(w.node_ids)
+    assert state["can_expand"] is False
+    for n in w.graph_data["nodes"]:
+        if n["kind"] == "feature":
+            assert f"Layer {n['layer']} feature {n['feature']}" in dashes[n["id"]]["html"]
+    assert widget_asset("circuit_graph.js") in page
+
+
+def test_plain_json_graph_and_bad_input(tmp_path, search):
+    w0 = circuit_graph_widget(search)
+    text = w0.expander.graph().to_json()
+    path = tmp_path / "g.json"
+    path.write_text(text)
+    for source in (text, path, json.loads(text)):
+        w = CircuitGraphWidget(source)
+        assert w.node_ids == w0.node_ids
+        assert not w.can_expand
+        with pytest.raises(InvalidInputError, match="without an expand function"):
+            w.expand_node(w.node_ids[0])
+    with pytest.raises(InvalidInputError, match="nodes"):
+        CircuitGraphWidget({"links": []})
+    with pytest.raises(InvalidInputError, match="unknown node"):
+        CircuitGraphWidget({"nodes": [{"node_id": "a"}], "links": [{"source": "a", "target": "b"}]})
+    with pytest.raises(InvalidInputError, match="not valid JSON"):
+        CircuitGraphWidget("{not json")
+    with pytest.raises(InvalidInputError):
+        CircuitGraphWidget(42)
+    with pytest.raises(InvalidInputError, match="PathSearchResult"):
+        PathGraphExpander({"nodes": []})
+    view = graph_view_data(json.loads(text))
+    assert visible_elements(view, 0.0)[0] == {n["id"] for n in view["nodes"]}
