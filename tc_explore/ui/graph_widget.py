@@ -51,6 +51,17 @@ def widget_asset(name: str) -> str:
             "reinstall tc_explore (pip install -e .) so its package data is present.") from err
 
 
+def _widget_css() -> str:
+    """The graph's stylesheet, plus the dashboards' (``explorer.css``, shared with
+    the explorer) when it ships, so dashboard HTML in the panel is styled."""
+    css = widget_asset("circuit_graph.css")
+    try:
+        css += "\n" + widget_asset("explorer.css")
+    except FileNotFoundError:
+        pass
+    return css
+
+
 # -- from FORMATS.md §4 to what the browser draws ------------------------------------------
 _FEATURE_TYPES = {"cross layer transcoder", "transcoder", "transcoder feature", "feature",
                   "per layer transcoder"}
@@ -360,7 +371,7 @@ class CircuitGraphWidget(anywidget.AnyWidget):
     threshold : initial prune threshold, a fraction in [0, 1].
     """
     _esm = widget_asset("circuit_graph.js")
-    _css = widget_asset("circuit_graph.css")
+    _css = _widget_css()
 
     graph_data = traitlets.Dict().tag(sync=True)
     selected_node = traitlets.Unicode("").tag(sync=True)
@@ -576,7 +587,7 @@ def export_html(view: Mapping, dashboards: Mapping[str, Mapping] | None = None,
     module = widget_asset("circuit_graph.js")
     if "</script" in module.lower():
         raise InvalidInputError("The widget module contains '</script' and cannot be inlined.")
-    return _PAGE.format(title=_html.escape(title), css=widget_asset("circuit_graph.css"),
+    return _PAGE.format(title=_html.escape(title), css=_widget_css(),
                         state=_script_json(state), dashboards=_script_json(dashboards),
                         module=module)
 
@@ -669,19 +680,18 @@ class PathGraphExpander:
         return self.graph()
 
 
-def feature_dashboard_html(model, transcoders, index=None, **options) -> DashboardFn:
-    """``(layer, feature) -> HTML`` from :mod:`tc_explore.dashboard` (its data
-    builder and HTML renderer), for the widget's dashboard panel."""
-    from .. import dashboard as dash
-    builder = getattr(dash, "feature_dashboard", None) or getattr(dash, "dashboard_data", None)
-    render = getattr(dash, "render_html", None) or getattr(dash, "to_html", None)
-    if builder is None or render is None:
-        raise InvalidInputError("tc_explore.dashboard has no feature_dashboard / render_html pair.")
+def feature_dashboard_html(index, model=None, transcoders=None, **options) -> DashboardFn:
+    """``(layer, feature) -> HTML`` for the widget's dashboard panel: the
+    library's :func:`tc_explore.dashboard.feature_dashboard` over a built
+    :class:`~tc_explore.index.FeatureIndex`, rendered by
+    :func:`tc_explore.dashboard.dashboard_html` (static HTML, no JavaScript)."""
+    from ..dashboard import dashboard_html, feature_dashboard
+    if index is None:
+        raise InvalidInputError("Feature dashboards need a FeatureIndex (FeatureIndex.build / .load).")
 
     def fn(layer: int, feature: int) -> str:
-        data = builder(model, transcoders, index, layer, feature, **options) if index is not None \
-            else builder(model, transcoders, layer, feature, **options)
-        return render(data)
+        return dashboard_html(feature_dashboard(index, layer, feature, model=model,
+                                                transcoders=transcoders, **options))
     return fn
 
 

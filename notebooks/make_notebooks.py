@@ -1,0 +1,302 @@
+"""Writes the three notebooks of this directory (outputs empty).
+
+    python notebooks/make_notebooks.py
+
+Edit the cells here, not in the .ipynb files, and re-run. Every notebook
+runs on GPT-2 small with the ``gpt2-small`` transcoders by default, and on the
+demo model ``tiny-years`` (offline, CPU, about a minute) with
+``TC_EXPLORE_DEMO=1``. ``scripts/run_notebooks.py`` executes them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).resolve().parent
+
+DEMO_NOTE = """
+**Which model.** By default this notebook loads GPT-2 small (`gpt2`) and the paper's
+transcoders (`gpt2-small`, from the Hugging Face Hub — the first run downloads them).
+Set the environment variable `TC_EXPLORE_DEMO=1` before starting Jupyter to run it instead
+on the demo model `tiny-years` that ships with tc_explore: a 3-layer GPT-2-architecture
+model trained on synthetic sentences, with its own transcoders. The demo runs offline on a
+CPU in about a minute. Every number and figure below is computed by the run you are looking
+at; none is written into the text.
+"""
+
+SETUP = """import os
+import torch
+import tc_explore as tcx
+
+DEMO = os.environ.get("TC_EXPLORE_DEMO", "0") == "1"
+MODEL_NAME = "tiny-years" if DEMO else "gpt2"
+TRANSCODER_SET = "tiny-years" if DEMO else "gpt2-small"
+DEVICE = "cpu" if DEMO else ("cuda" if torch.cuda.is_available() else "cpu")
+torch.manual_seed(0)
+
+model = tcx.load_model(MODEL_NAME, device=DEVICE)
+transcoders = tcx.load_transcoders(TRANSCODER_SET, device=DEVICE)
+N_LAYERS = int(model.cfg.n_layers)
+print(f"model {MODEL_NAME!r}: {N_LAYERS} layers, d_model {model.cfg.d_model}")
+print(transcoders)"""
+
+CORPUS = """# Text to evaluate on and to index: the demo's own held-out corpus, or OpenWebText for GPT-2.
+if DEMO:
+    from tc_explore.demo import Corpus as DemoCorpus
+    corpus_tokens = DemoCorpus(seed=1000).windows(model.tokenizer, 48, int(model.cfg.n_ctx))
+else:
+    from tc_explore.corpus import Corpus
+    corpus_tokens = Corpus.from_hub("Skylion007/openwebtext", model, seq_len=128).take(256)
+print("corpus:", tuple(corpus_tokens.shape), "(sequences, tokens)")"""
+
+
+def walkthrough():
+    cells = [
+        new_markdown_cell("# tc_explore walkthrough\n\nLoad a model and its transcoders, look at "
+                          "which transcoder features fire on a prompt, open one feature's dashboard, "
+                          "replace the MLPs by their transcoders and measure what that costs, and "
+                          "trace a first circuit.\n" + DEMO_NOTE),
+        new_code_cell(SETUP),
+        new_markdown_cell("## Feature activations, token by token\n\n`run_prompt` runs the model "
+                          "once, encodes every layer's MLP input with its transcoder, and keeps the "
+                          "activations. The table lists, for each token of the prompt, the features "
+                          "with the largest activations (layer, feature index, activation)."),
+        new_code_cell('PROMPT = "The war lasted from 1735 to 17"\n'
+                      "from tc_explore.prompt_features import run_prompt\n\n"
+                      "acts = run_prompt(model, transcoders, PROMPT)\n"
+                      "top = acts.top_features(k=3)\n"
+                      "top"),
+        new_markdown_cell("Pick the most active feature at the last token (where the model predicts "
+                          "the end year) and show its activation on every token of the prompt."),
+        new_code_cell("last = top[top.position == top.position.max()].iloc[0]\n"
+                      "LAYER, FEATURE = int(last.layer), int(last.feature)\n"
+                      "print(f'layer {LAYER}, feature {FEATURE}')\n"
+                      "acts.feature(LAYER, FEATURE)"),
+        new_markdown_cell("## A feature dashboard\n\nA dashboard needs a `FeatureIndex`: one pass "
+                          "over a corpus that records each feature's top activating examples, a "
+                          "sample of its activations at every quantile and its activation "
+                          "histogram. The weight-based sections (boosted and suppressed logits, "
+                          "de-embeddings, connections to other features) come from the weights "
+                          "alone. Below, a small index is built on the corpus and the dashboard of "
+                          "the feature chosen above is shown."),
+        new_code_cell(CORPUS),
+        new_code_cell("import tempfile\n"
+                      "from IPython.display import HTML\n"
+                      "from tc_explore.index import FeatureIndex\n"
+                      "from tc_explore.dashboard import dashboard_html, feature_dashboard, widget_css\n\n"
+                      "index_dir = os.path.join(tempfile.mkdtemp(prefix='tcx_index_'), 'index')\n"
+                      "index = FeatureIndex.build(model, transcoders, corpus_tokens, "
+                      "n_tokens=corpus_tokens.numel(), out_dir=index_dir, k=10)\n"
+                      "dash = feature_dashboard(index, LAYER, FEATURE, model=model, transcoders=transcoders)\n"
+                      "HTML(f'<style>{widget_css()}</style>' + dashboard_html(dash))"),
+        new_markdown_cell("## Replacing the MLPs by transcoders\n\n`evaluate_transcoders` "
+                          "replaces each layer's MLP by its transcoder (one at a time, and all at "
+                          "once in the row `all`) and reports the next-token cross-entropy of the "
+                          "original model (`ce_clean`), with the transcoder (`ce_replaced`) and with "
+                          "the MLP zero-ablated (`ce_zero_ablated`), the fraction of the loss "
+                          "recovered, the KL divergence from the original model's predictions, the "
+                          "mean number of active features per token (`l0`) and the fraction of "
+                          "the MLP output's variance left unexplained (`fvu`)."),
+        new_code_cell("metrics = tcx.evaluate_transcoders(model, transcoders, corpus_tokens[:16])\n"
+                      "metrics[['ce_clean', 'ce_replaced', 'ce_zero_ablated', 'ce_recovered', 'kl', 'l0', 'fvu']]"),
+        new_markdown_cell("## A first circuit trace\n\nThe target is the logit difference between "
+                          "the year tokens after the start year and those up to it, at the last "
+                          "token. With LayerNorm scales and attention patterns frozen at their "
+                          "values on this prompt, the target is an exact sum of contributions "
+                          "(features, attention heads, embeddings, transcoder errors, biases). The "
+                          "first table sums them by kind; their total equals the target's value."),
+        new_code_cell("from tc_explore.circuits import decompose, find_paths, logit_direction_target, prompt_context\n"
+                      "from tc_explore.tasks import greater_than as gt\n\n"
+                      "ctx = prompt_context(model, transcoders, PROMPT)\n"
+                      "years = gt.year_token_ids(model).tolist()\n"
+                      "target = logit_direction_target(ctx, years[36:], years[:36])\n"
+                      "dec = decompose(ctx, target)\n"
+                      "print(f'target {target.label}: {target.value:.4f}')\n"
+                      "print(f'sum of contributions: {sum(dec.by_kind().values()):.4f}')\n"
+                      "dec.by_kind()"),
+        new_markdown_cell("The greedy path search follows the largest contributions upstream for "
+                          "two steps. In the graph, rows are layers (embeddings at the bottom, the "
+                          "target at the top) and columns are token positions; node size is the "
+                          "size of a node's contribution to the target, edge colour its sign. Hover "
+                          "a node for its contribution and factors; click a feature to see its "
+                          "dashboard beside the graph; *expand selected* traces the selected node "
+                          "one more step and the slider prunes small nodes and edges."),
+        new_code_cell("from tc_explore.ui.graph_widget import circuit_graph_widget, feature_dashboard_html\n\n"
+                      "paths = find_paths(ctx, target, iterations=2, branches=8)\n"
+                      "display(paths.to_pandas().head(10))\n"
+                      "graph_view = circuit_graph_widget(paths, dashboard=feature_dashboard_html(index, model, transcoders))\n"
+                      "graph_view"),
+    ]
+    return cells
+
+
+def feature_dashboards():
+    cells = [
+        new_markdown_cell("# Feature dashboards and the explorer\n\nBuild a feature index over a "
+                          "corpus (or load one you built before), open dashboards for a few "
+                          "features, and browse them with the interactive explorer.\n" + DEMO_NOTE),
+        new_code_cell(SETUP),
+        new_markdown_cell("## Build or load the index\n\n`FeatureIndex.build` runs the model once "
+                          "per batch and folds every layer's feature activations into per-feature "
+                          "statistics, written as Parquet. Set `INDEX_DIR` to a directory you built "
+                          "earlier to load it instead."),
+        new_code_cell(CORPUS),
+        new_code_cell("import tempfile\n"
+                      "from tc_explore.index import FeatureIndex\n\n"
+                      "INDEX_DIR = os.environ.get('TC_EXPLORE_INDEX')\n"
+                      "if INDEX_DIR and os.path.isdir(INDEX_DIR):\n"
+                      "    index = FeatureIndex.load(INDEX_DIR)\n"
+                      "else:\n"
+                      "    INDEX_DIR = os.path.join(tempfile.mkdtemp(prefix='tcx_index_'), 'index')\n"
+                      "    index = FeatureIndex.build(model, transcoders, corpus_tokens,\n"
+                      "                               n_tokens=corpus_tokens.numel(), out_dir=INDEX_DIR, k=10)\n"
+                      "index"),
+        new_markdown_cell("## Which features to look at\n\nThe features that fire most often in the "
+                          "last layer, from the index's statistics."),
+        new_code_cell("LAST = transcoders.layers[-1]\n"
+                      "stats = index.table(LAST, 'stats').to_pandas()\n"
+                      "busiest = stats.sort_values(['n_firing', 'feature'], ascending=[False, True]).head(5)\n"
+                      "busiest[['feature', 'n_firing', 'max']]"),
+        new_markdown_cell("## One dashboard\n\nThe dashboard of the busiest feature: firing "
+                          "frequency, activation histogram, top examples with the context "
+                          "highlighted by activation, samples from every activation quantile, "
+                          "and the weight-based views."),
+        new_code_cell("from IPython.display import HTML\n"
+                      "from tc_explore.dashboard import dashboard_html, feature_dashboard, widget_css\n\n"
+                      "FEATURE = int(busiest.feature.iloc[0])\n"
+                      "dash = feature_dashboard(index, LAST, FEATURE, model=model, transcoders=transcoders)\n"
+                      "HTML(f'<style>{widget_css()}</style>' + dashboard_html(dash))"),
+        new_markdown_cell("## The explorer\n\nType a prompt: the explorer highlights each token by "
+                          "the activation of the selected feature and lists the most active "
+                          "features per token; click a token or a feature to open its dashboard."),
+        new_code_cell(EXPLORER_CELL),
+    ]
+    return cells
+
+
+EXPLORER_CELL = """from tc_explore.ui.explorer import FeatureExplorer
+
+explorer = FeatureExplorer(index, model, transcoders, layer=LAST, feature=FEATURE,
+                           prompt="The war lasted from 1735 to 17")
+explorer"""
+
+
+def greater_than():
+    cells = [
+        new_markdown_cell("# Greater-than, redone with transcoders\n\nHanna et al. (2023) found how "
+                          "GPT-2 small completes prompts such as *The war lasted from 1735 to 17*: "
+                          "it puts its probability on end years greater than the start year. "
+                          "Dunefsky, Chlenski & Nanda (2024) redid the study with transcoders. "
+                          "Here: the logit difference traced into contributions, the features of "
+                          "the last MLP layers, the attention head that moves the start year to the "
+                          "last token, how the probability difference grows with the number of "
+                          "features kept, and each feature's logit lens.\n" + DEMO_NOTE),
+        new_code_cell(SETUP),
+        new_markdown_cell("## The task and the metric\n\nFor a prompt with start year YY the "
+                          "probability difference is P(end year > YY) − P(end year ≤ YY), over the "
+                          "100 two-digit year tokens. Below: the mean over a set of prompts for "
+                          "the original model and with every MLP replaced by its transcoder."),
+        new_code_cell("from tc_explore.tasks import greater_than as gt\n\n"
+                      "prompts = gt.tokenize_prompts(model, gt.make_prompts(n=48, seed=0))\n"
+                      "pd_original = gt.probability_difference(model, prompts)\n"
+                      "pd_replaced = gt.probability_difference(model, prompts, fwd_hooks=tcx.transcoder_hooks(model, transcoders))\n"
+                      "print(f'probability difference, original model:      {pd_original:.3f}')\n"
+                      "print(f'probability difference, all MLPs replaced:  {pd_replaced:.3f}')"),
+        new_markdown_cell("## Tracing the logit difference\n\nThe target is the mean logit of the "
+                          "years after 35 minus the mean logit of the years up to 35, at the last "
+                          "token of *The war lasted from 1735 to 17*. The table lists the largest "
+                          "contributions; they and all the others sum exactly to the target."),
+        new_code_cell("from tc_explore.circuits import decompose, logit_direction_target, prompt_context\n\n"
+                      "PROMPT = 'The war lasted from 1735 to 17'\n"
+                      "ctx = prompt_context(model, transcoders, PROMPT)\n"
+                      "years = gt.year_token_ids(model).tolist()\n"
+                      "target = logit_direction_target(ctx, years[36:], years[:36])\n"
+                      "dec = decompose(ctx, target)\n"
+                      "print(f'{target.label} = {target.value:.4f}; tokens: {ctx.token_strs}')\n"
+                      "contrib = dec.to_pandas()\n"
+                      "contrib.head(15)"),
+        new_markdown_cell("## Features of the last MLP layers\n\nThe transcoder features of the "
+                          "last two layers with the largest contributions, with each contribution "
+                          "split into its input-dependent factor (the activation) and its "
+                          "input-invariant factor (the connection: the feature's decoder row read "
+                          "along the target direction)."),
+        new_code_cell("last_layers = sorted(transcoders.layers)[-2:]\n"
+                      "feats = contrib[(contrib.kind == 'feature') & contrib.layer.isin(last_layers)]\n"
+                      "feats = feats.head(10)\n"
+                      "feats[['layer', 'index', 'token', 'value', 'activation', 'connection']]"),
+        new_markdown_cell("## The attention head that moves the start year\n\nHeads contribute "
+                          "through a (destination, source) pair of tokens. The largest head "
+                          "contribution whose source is the start year's token `35`: the head "
+                          "reads the year there and writes it to the last token. Decomposing that "
+                          "head's contribution one step further shows what it reads at the source."),
+        new_code_cell("from tc_explore.circuits import Node\n\n"
+                      "year_pos = max(i for i, t in enumerate(ctx.token_strs) if t.strip() == '35')\n"
+                      "heads = contrib[(contrib.kind == 'head') & (contrib.source == year_pos)]\n"
+                      "display(heads.head(5)[['layer', 'index', 'token', 'source', 'value']])\n"
+                      "h = heads.iloc[0]\n"
+                      "head = dec.contribution_of(Node('head', layer=int(h.layer), index=int(h['index']), "
+                      "token=int(h.token), source=int(h.source)))\n"
+                      "print(f'head L{int(h.layer)}H{int(h[\"index\"])}: contribution {head.value:.4f}')\n"
+                      "decompose(ctx, head.next_target).to_pandas().head(8)"),
+        new_markdown_cell("## Probability difference versus the number of features\n\nReplace the "
+                          "last layer's MLP by its transcoder keeping only its *k* features whose "
+                          "activations vary most across the prompts (all others zeroed), and "
+                          "measure the probability difference for growing *k*. The dashed lines "
+                          "are the original model and the full transcoder."),
+        new_code_cell("import plotly.graph_objects as go\n\n"
+                      "LAST = sorted(transcoders.layers)[-1]\n"
+                      "ranked = gt.rank_features_by_variance(model, transcoders, prompts, layers=[LAST], top_k=None)\n"
+                      "order = ranked.feature.tolist()\n"
+                      "ks = [k for k in (0, 1, 2, 4, 8, 16, 32, 64, 128, 256) if k <= len(order)]\n"
+                      "curve = [gt.probability_difference(model, prompts, fwd_hooks=tcx.transcoder_hooks(\n"
+                      "    model, transcoders, [LAST], keep_features={LAST: order[:k]})) for k in ks]\n"
+                      "pd_full = gt.probability_difference(model, prompts, fwd_hooks=tcx.transcoder_hooks(model, transcoders, [LAST]))\n"
+                      "fig = go.Figure(go.Scatter(x=ks, y=curve, mode='lines+markers', name=f'MLP{LAST}: top-k features'))\n"
+                      "fig.add_hline(y=pd_original, line_dash='dash', annotation_text='original model')\n"
+                      "fig.add_hline(y=pd_full, line_dash='dot', annotation_text=f'MLP{LAST} transcoder, all features')\n"
+                      "fig.update_layout(xaxis_title='features kept (k)', yaxis_title='probability difference', height=380)\n"
+                      "fig"),
+        new_markdown_cell("## Per-feature logit lens\n\nEach feature's decoder row times the "
+                          "unembedding: the tokens whose logits it raises most. For the "
+                          "greater-than features these should be year tokens after the start "
+                          "year; check below which they are for this model."),
+        new_code_cell("from tc_explore.circuits import logit_effects\n\n"
+                      "for _, row in feats.head(3).iterrows():\n"
+                      "    boosted, suppressed = logit_effects(model, transcoders, int(row.layer), int(row['index']), k=8)\n"
+                      "    print(f'layer {int(row.layer)} feature {int(row[\"index\"])}: boosts', boosted.token.tolist(),\n"
+                      "          '| suppresses', suppressed.token.tolist())"),
+        new_markdown_cell("## The circuit as a graph\n\nThe greedy path search from the same target, "
+                          "drawn as an interactive graph: click a node for its factors, *expand "
+                          "selected* to trace it further, the slider to prune. The graph is also "
+                          "saved as a standalone HTML file."),
+        new_code_cell("from tc_explore.circuits import find_paths\n"
+                      "from tc_explore.ui.graph_widget import circuit_graph_widget\n\n"
+                      "paths = find_paths(ctx, target, iterations=3, branches=10)\n"
+                      "graph_view = circuit_graph_widget(paths, slug='greater-than')\n"
+                      "out_dir = os.environ.get('TC_EXPLORE_OUT', '.')\n"
+                      "graph_view.to_html(os.path.join(out_dir, 'greater_than_graph.html'))\n"
+                      "graph_view"),
+    ]
+    return cells
+
+
+def write(name: str, cells) -> Path:
+    nb = new_notebook(cells=cells)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    path = HERE / name
+    nbformat.validate(nb)
+    nbformat.write(nb, path)
+    return path
+
+
+def main() -> None:
+    for name, make in (("walkthrough.ipynb", walkthrough), ("feature_dashboards.ipynb", feature_dashboards),
+                       ("greater_than.ipynb", greater_than)):
+        print("wrote", write(name, make()))
+
+
+if __name__ == "__main__":
+    main()
