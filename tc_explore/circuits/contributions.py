@@ -30,7 +30,7 @@ a transcoder are leaves.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Collection, Sequence
 
 import pandas as pd
 import torch
@@ -175,17 +175,20 @@ class Decomposition:
         return items
 
     def contributions(self, k: int | None = None, targets: bool = True,
-                      include_zero: bool = False) -> list[Contribution]:
+                      include_zero: bool = False, exclude: Collection[str] = ()) -> list[Contribution]:
         """Contributions sorted by |value| (ties broken by node kind, layer,
         index, token, source — deterministic). ``k`` keeps the top k (all
         entries tied with the k-th are considered before the tie-break cut);
-        ``targets`` builds each traceable contributor's ``next_target``."""
-        scalars = [(n, v) for n, v in self._scalars() if include_zero or v != 0.0]
+        ``targets`` builds each traceable contributor's ``next_target``;
+        ``exclude`` leaves out node kinds (e.g. ``("error",)``)."""
+        scalars = [(n, v) for n, v in self._scalars()
+                   if (include_zero or v != 0.0) and n.kind not in exclude]
+        groups = [(kind, layer, vals) for kind, layer, vals in self._flat() if kind not in exclude]
         threshold = None
         if k is not None:
             if k <= 0:
                 return []
-            mags = [g.abs() for _, _, g in self._flat()]
+            mags = [g.abs() for _, _, g in groups]
             mags.append(torch.tensor([abs(v) for _, v in scalars], dtype=self.heads.dtype))
             flat = torch.cat([m.to(torch.float64) for m in mags])
             kk = min(k, flat.numel())
@@ -197,7 +200,7 @@ class Decomposition:
             if threshold is None or abs(v) >= threshold:
                 out.append(Contribution(n, v))
         H, P = self.heads.shape[1], self.heads.shape[2]
-        for kind, layer, vals in self._flat():
+        for kind, layer, vals in groups:
             mask = vals.abs() >= threshold if threshold is not None else \
                 (torch.ones_like(vals, dtype=torch.bool) if include_zero else vals != 0)
             if threshold is not None and not include_zero:
@@ -255,7 +258,8 @@ class Decomposition:
                                            self.ctx.check_token(node.source), targets)
         for n, v in self._scalars():
             if n == node:
-                return Contribution(n, v)
+                return Contribution(n, v, next_target=next_target(self.ctx, self.target, n)
+                                    if targets else None)
         raise InvalidInputError(f"{node} is not a contributor of this target.")
 
     def to_pandas(self, k: int | None = None) -> pd.DataFrame:

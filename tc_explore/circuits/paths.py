@@ -24,7 +24,7 @@ tokens, so a search is deterministic. All decompositions reuse the prompt's
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Collection, Literal
 
 import pandas as pd
 
@@ -102,13 +102,16 @@ def _rank_key(path: Path, mode: Mode) -> tuple:
 
 
 def find_paths(ctx: PromptContext, target: Target, iterations: int = 3, branches: int = 15,
-               mode: Mode = "raw") -> PathSearchResult:
+               mode: Mode = "raw", exclude_kinds: Collection[str] = ()) -> PathSearchResult:
     """Greedy path search (paper settings: 3 iterations × 15 branches).
 
     Iteration 1 keeps the target's top ``branches`` contributors; each later
     iteration decomposes the last node of every path kept in the previous
     iteration (leaves — embeddings, biases, errors — are not expanded), and
     keeps the best ``branches`` of all extensions by |score| under ``mode``.
+    ``exclude_kinds`` never keeps contributors of those node kinds (e.g.
+    ``("error", "attn_bias", "dec_bias", "offset")`` to look only at
+    interpretable nodes; a graph counts what they add in its remainders).
     """
     if mode not in ("raw", "capped"):
         raise InvalidInputError(f"mode must be 'raw' or 'capped', got {mode!r}.")
@@ -116,7 +119,7 @@ def find_paths(ctx: PromptContext, target: Target, iterations: int = 3, branches
         if isinstance(val, bool) or not isinstance(val, int) or val < 1:
             raise InvalidInputError(f"{name} must be a positive integer, got {val!r}.")
     n_dec = 1
-    first = decompose(ctx, target).contributions(k=branches)
+    first = decompose(ctx, target).contributions(k=branches, exclude=exclude_kinds)
     frontier = [Path(target, (c,), 1) for c in first if c.value != 0.0]
     frontier.sort(key=lambda p: _rank_key(p, mode))
     kept = list(frontier)
@@ -128,7 +131,7 @@ def find_paths(ctx: PromptContext, target: Target, iterations: int = 3, branches
                 continue
             n_dec += 1
             # Each parent needs at most `branches` children: no other extension of it can make the cut.
-            for c in decompose(ctx, nxt).contributions(k=branches):
+            for c in decompose(ctx, nxt).contributions(k=branches, exclude=exclude_kinds):
                 if c.value != 0.0:
                     candidates.append(Path(target, path.contributions + (c,), it))
         candidates.sort(key=lambda p: _rank_key(p, mode))
