@@ -1,0 +1,673 @@
+"""Training transcoders for a model's MLP sublayers.
+
+A transcoder for layer L reads the MLP's input hook (default
+``blocks.L.ln2.hook_normalized``) and learns to predict its output hook
+(default ``blocks.L.hook_mlp_out``) through a wide, sparsely active ReLU layer::
+
+    acts = relu((x - b_dec) @ W_enc + b_enc)      out = acts @ W_dec + b_dec_out
+
+One forward pass of the model over a batch of token sequences feeds the
+activation buffer of *every* selected layer, so all layers train in a single
+pass over the data.
+
+Loss (per layer, then summed over layers)::
+
+    loss = E ||out - y||^2 / sigma^2  +  l1 * E[ sum_f acts_f * ||W_dec[f]|| ] / sigma
+
+where ``y`` is the true MLP output, ``mu`` its mean and ``sigma^2 = E ||y - mu||^2``
+(both measured on the first buffer fill and fixed afterwards).
+
+Which normalisation, and why:
+
+* The reconstruction term is the squared error divided by the target's
+  variance, i.e. a running estimate of the fraction of variance unexplained
+  (FVU). Layers whose MLP writes large vectors and layers that write small ones
+  get the same weight, and one ``l1_coefficient`` means the same trade-off in
+  every layer and every model.
+* The sparsity term weights each activation by the L2 norm of that feature's
+  decoder row and divides by ``sigma`` (the scale of the target), which makes
+  it dimensionless like the first term. Weighting by the decoder norm makes the
+  penalty invariant to the rescaling ``W_enc[:, f] *= c, b_enc[f] *= c,
+  W_dec[f] /= c``, which leaves the transcoder's function unchanged: without it
+  the optimiser could shrink activations and grow decoder rows to dodge the
+  penalty. So the decoder rows need no projection onto the unit sphere during
+  training (we leave them free).
+
+Decoder-norm handling: at the end (and in every file written) the decoder
+rows are rescaled to unit L2 norm with the inverse scale folded into the
+encoder column and encoder bias, so the function is exactly preserved and a
+feature's activation equals the norm of what it writes into the residual
+stream, the convention of the published gpt2-small transcoders.
+
+Dead features: each layer counts, per feature, the steps since it last fired;
+a feature that has not fired for ``dead_window`` steps is dead. With
+``resample_every`` set, dead features are re-initialised every so many steps
+(during the first ``resample_until`` fraction of training): the encoder column
+points at the centred input, and the decoder row at the reconstruction error,
+of a training vector drawn with probability proportional to its squared error;
+their Adam moments are reset.
+
+Learning rate: linear warm-up over ``warmup_steps``, constant, then linear decay
+to zero over the last ``decay_frac`` of the steps. The L1 coefficient can be
+warmed up too (``l1_warmup_steps``), which keeps features alive early on.
+
+Checkpoints (``checkpoint_dir``, every ``checkpoint_every`` steps and at the
+end) hold the transcoders, the optimiser, counters and the number of token
+sequences consumed; they are written to a temporary file and renamed, so a
+crash never leaves half a checkpoint. ``train_transcoders(..., resume=True)``
+continues from one: it skips the token sequences already read and refills the
+buffer from there (activations that sat in the buffer unused at checkpoint time
+are not revisited).
+
+Output (:func:`save_transcoder_set`): one ``torch.save`` file per layer in the
+gpt2-small layout (``write_gpt2_transcoder``), one file of log10 firing
+frequencies per layer (``write_log_feature_sparsity``, the meaning of the
+published ``_log_feature_sparsity`` files, measured over the final buffer with
+the final weights), and a ``transcoders.json`` registry entry, so that
+``load_transcoders(directory)`` reads the set.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping, Sequence
+
+import torch
+
+from .errors import InvalidInputError
+from .formats import write_gpt2_transcoder, write_log_feature_sparsity
+from .model import check_layer, check_model_surface, layer_hook, model_device
+from .transcoder import Transcoder, TranscoderSet
+
+CHECKPOINT_NAME = "checkpoint.pt"
+FREQUENCY_FLOOR = -10.0  # log10 frequency written for a feature that never fired
+
+
+@dataclass
+class TrainingConfig:
+    """Hyper-parameters of :func:`train_transcoders`. Steps count optimiser
+    updates; each update uses ``batch_size`` activation vectors per layer."""
+    layers: Sequence[int] | None = None          # None: every layer of the model
+    d_sae: int | None = None                     # default expansion_factor * d_in
+    expansion_factor: int = 8
+    input_hook: str = "blocks.{L}.ln2.hook_normalized"
+    output_hook: str = "blocks.{L}.hook_mlp_out"
+    n_steps: int = 2000
+    batch_size: int = 1024
+    lr: float = 1e-3
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 100
+    decay_frac: float = 0.2
+    l1_coefficient: float = 1.0
+    l1_warmup_steps: int = 0
+    buffer_batches: int = 16                     # buffer = buffer_batches * batch_size vectors
+    model_batch_size: int = 32                   # token sequences per model forward
+    dead_window: int = 500                       # steps without firing => dead
+    resample_every: int | None = None            # steps between resamplings; None: never
+    resample_until: float = 0.5                  # fraction of n_steps after which no resampling
+    resample_scale: float = 0.2
+    checkpoint_every: int | None = None
+    log_every: int = 10
+    seed: int = 0
+    show_progress: bool = True
+
+    def validate(self) -> None:
+        for name in ("n_steps", "batch_size", "buffer_batches", "model_batch_size",
+                     "expansion_factor", "dead_window", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidInputError(f"TrainingConfig.{name} must be a positive integer, "
+                                        f"got {value!r}.")
+        if self.buffer_batches < 2:
+            raise InvalidInputError("TrainingConfig.buffer_batches must be at least 2 (half "
+                                    "the buffer is refilled at a time).")
+        if self.d_sae is not None and (not isinstance(self.d_sae, int) or self.d_sae < 1):
+            raise InvalidInputError(f"TrainingConfig.d_sae must be a positive integer, got "
+                                    f"{self.d_sae!r}.")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise InvalidInputError(f"TrainingConfig.lr must be positive, got {self.lr!r}.")
+        if not (self.l1_coefficient >= 0 and math.isfinite(self.l1_coefficient)):
+            raise InvalidInputError(
+                f"TrainingConfig.l1_coefficient must be >= 0, got {self.l1_coefficient!r}.")
+        if not 0 <= self.decay_frac <= 1:
+            raise InvalidInputError(f"TrainingConfig.decay_frac must lie in [0, 1], got "
+                                    f"{self.decay_frac!r}.")
+        if self.warmup_steps < 0 or self.l1_warmup_steps < 0:
+            raise InvalidInputError("Warm-up steps must be >= 0.")
+        for name in ("resample_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise InvalidInputError(f"TrainingConfig.{name} must be None or a positive "
+                                        f"integer, got {value!r}.")
+        for template in (self.input_hook, self.output_hook):
+            if "{L}" not in template and not template.startswith("hook_") and \
+                    "." not in template:
+                raise InvalidInputError(f"Hook template {template!r} should contain '{{L}}', "
+                                        "e.g. 'blocks.{L}.hook_mlp_out'.")
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["layers"] = None if self.layers is None else [int(l) for l in self.layers]
+        d["adam_betas"] = list(self.adam_betas)
+        return d
+
+
+@dataclass
+class TrainingResult:
+    """What :func:`train_transcoders` returns. ``transcoders`` have unit-norm
+    decoder rows; ``metrics[layer]`` holds the final ``fvu``, ``l0``,
+    ``dead_fraction`` and ``mse`` measured on the last buffer."""
+    transcoders: dict[int, Transcoder]
+    log10_frequencies: dict[int, torch.Tensor]
+    metrics: dict[int, dict[str, float]]
+    history: list[dict] = field(default_factory=list)
+    steps: int = 0
+    sequences_consumed: int = 0
+    config: TrainingConfig | None = None
+
+    def transcoder_set(self, name: str = "trained", model_name: str | None = None) -> TranscoderSet:
+        freqs = self.log10_frequencies
+        ts = TranscoderSet.from_transcoders(self.transcoders, name=name, model_name=model_name)
+        ts._frequency_loaders = {l: (lambda t=freqs[l]: t) for l in freqs}
+        return ts
+
+
+# -- the token stream and the activation buffer -------------------------------------------
+def _sequence_batches(tokens, batch_size: int, skip: int) -> Iterator[torch.Tensor]:
+    """Batches of token sequences from a [n, ctx] tensor or an iterable of
+    [b, ctx] tensors, after skipping ``skip`` sequences."""
+    if isinstance(tokens, torch.Tensor):
+        if tokens.ndim != 2 or tokens.dtype not in (torch.long, torch.int32, torch.int64):
+            raise InvalidInputError(f"tokens must be an integer tensor [n_sequences, ctx], got "
+                                    f"{tuple(tokens.shape)} {tokens.dtype}.")
+        for start in range(skip, tokens.shape[0], batch_size):
+            yield tokens[start:start + batch_size]
+        return
+    pending = skip
+    for batch in tokens:
+        batch = torch.as_tensor(batch)
+        if batch.ndim == 1:
+            batch = batch[None]
+        if batch.ndim != 2:
+            raise InvalidInputError(f"Each token batch must be [batch, ctx], got "
+                                    f"{tuple(batch.shape)}.")
+        if pending >= batch.shape[0]:
+            pending -= batch.shape[0]
+            continue
+        batch, pending = batch[pending:], 0
+        for start in range(0, batch.shape[0], batch_size):
+            yield batch[start:start + batch_size]
+
+
+class ActivationBuffer:
+    """Shuffled (input, output) activation pairs of every layer, filled by one
+    model forward per token batch. Half the buffer is served, refilled with
+    fresh activations, and the whole buffer reshuffled."""
+
+    def __init__(self, model, tokens, layers: list[int], in_hooks: list[str],
+                 out_hooks: list[str], capacity: int, model_batch_size: int,
+                 seed: int, skip_sequences: int = 0):
+        self.model, self.layers = model, layers
+        self.in_hooks, self.out_hooks = in_hooks, out_hooks
+        self.names = set(in_hooks) | set(out_hooks)
+        self.capacity = capacity
+        self.stream = _sequence_batches(tokens, model_batch_size, skip_sequences)
+        self.sequences_consumed = skip_sequences
+        self.generator = torch.Generator().manual_seed(seed)
+        self.stop_layer = self._stop_layer()
+        self.x: torch.Tensor | None = None
+        self.y: torch.Tensor | None = None
+        self.size = 0          # valid rows
+        self.served = 0
+        self.exhausted = False
+        self._pending_x: list[torch.Tensor] = []
+        self._pending_y: list[torch.Tensor] = []
+        self._pending_n = 0
+
+    def _stop_layer(self) -> int | None:
+        n = int(self.model.cfg.n_layers)
+        deepest = -1
+        for name in self.names:
+            parts = name.split(".")
+            if parts[0] != "blocks":
+                return None
+            deepest = max(deepest, int(parts[1]))
+        return deepest + 1 if deepest + 1 < n else None
+
+    @torch.no_grad()
+    def _activations(self, n_needed: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``n_needed`` fresh rows (fewer if the stream ends): x [n, L, d_in], y [n, L, d_out]."""
+        while self._pending_n < n_needed and not self.exhausted:
+            try:
+                batch = next(self.stream)
+            except StopIteration:
+                self.exhausted = True
+                break
+            kwargs = {"names_filter": lambda n: n in self.names}
+            if self.stop_layer is not None:
+                kwargs["stop_at_layer"] = self.stop_layer
+            _, cache = self.model.run_with_cache(batch.to(model_device(self.model)), **kwargs)
+            xs = torch.stack([cache[h].reshape(-1, cache[h].shape[-1]) for h in self.in_hooks], 1)
+            ys = torch.stack([cache[h].reshape(-1, cache[h].shape[-1]) for h in self.out_hooks], 1)
+            self._pending_x.append(xs.float())
+            self._pending_y.append(ys.float())
+            self._pending_n += xs.shape[0]
+            self.sequences_consumed += batch.shape[0]
+        if self._pending_n == 0:
+            return None
+        x, y = torch.cat(self._pending_x), torch.cat(self._pending_y)
+        take = min(n_needed, x.shape[0])
+        self._pending_x, self._pending_y = [x[take:]], [y[take:]]
+        self._pending_n = x.shape[0] - take
+        return x[:take], y[:take]
+
+    def _shuffle(self) -> None:
+        perm = torch.randperm(self.size, generator=self.generator)
+        self.x[:self.size] = self.x[:self.size][perm]
+        self.y[:self.size] = self.y[:self.size][perm]
+
+    def fill(self) -> None:
+        got = self._activations(self.capacity)
+        if got is None:
+            raise InvalidInputError("The token stream is empty: no activations to train on.")
+        self.x, self.y = got[0].clone(), got[1].clone()
+        self.size = self.x.shape[0]
+        self.served = 0
+        self._shuffle()
+
+    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.x is None:
+            self.fill()
+        if self.served + batch_size > self.size // 2 or self.served + batch_size > self.size:
+            self._refill_half()
+            if self.served + batch_size > self.size:
+                return None
+        start = self.served
+        self.served += batch_size
+        return self.x[start:start + batch_size], self.y[start:start + batch_size]
+
+    def _refill_half(self) -> None:
+        used = self.served
+        got = self._activations(used) if used else None
+        if got is not None:
+            n = got[0].shape[0]
+            self.x[:n], self.y[:n] = got
+            if n < used:  # the stream ended: drop the served rows we could not replace
+                keep = torch.cat([torch.arange(n), torch.arange(used, self.size)])
+                self.x, self.y = self.x[keep], self.y[keep]
+                self.size = self.x.shape[0]
+        elif used:
+            self.x, self.y = self.x[used:self.size], self.y[used:self.size]
+            self.size = self.x.shape[0]
+        self.served = 0
+        if self.size:
+            self._shuffle()
+
+
+# -- the trainable transcoders --------------------------------------------------------
+class _Layers(torch.nn.Module):
+    """All layers' parameters stacked, so every layer trains in one batched step."""
+
+    def __init__(self, n: int, d_in: int, d_sae: int, d_out: int, generator: torch.Generator):
+        super().__init__()
+        W_enc = torch.randn(n, d_in, d_sae, generator=generator)
+        W_enc = W_enc / W_enc.norm(dim=1, keepdim=True)       # pre-activations ~ O(1)
+        W_dec = torch.randn(n, d_sae, d_out, generator=generator)
+        W_dec = 0.1 * W_dec / W_dec.norm(dim=2, keepdim=True)
+        self.W_enc = torch.nn.Parameter(W_enc)
+        self.b_enc = torch.nn.Parameter(torch.zeros(n, d_sae))
+        self.W_dec = torch.nn.Parameter(W_dec)
+        self.b_dec = torch.nn.Parameter(torch.zeros(n, d_in))
+        self.b_dec_out = torch.nn.Parameter(torch.zeros(n, d_out))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [batch, n, d_in] -> (out [batch, n, d_out], acts [batch, n, d_sae])."""
+        pre = torch.einsum("bnd,ndf->bnf", x - self.b_dec, self.W_enc) + self.b_enc
+        acts = torch.relu(pre)
+        out = torch.einsum("bnf,nfo->bno", acts, self.W_dec) + self.b_dec_out
+        return out, acts
+
+    @torch.no_grad()
+    def normalise_decoder(self) -> None:
+        """Unit-norm decoder rows, the scale folded into the encoder (same function)."""
+        norms = self.W_dec.norm(dim=2).clamp_min(1e-8)        # [n, d_sae]
+        self.W_dec.div_(norms[:, :, None])
+        self.W_enc.mul_(norms[:, None, :])
+        self.b_enc.mul_(norms)
+
+    def transcoder(self, i: int, layer: int, input_hook: str, output_hook: str) -> Transcoder:
+        return Transcoder(self.W_enc[i].detach(), self.b_enc[i].detach(), self.W_dec[i].detach(),
+                          self.b_dec[i].detach(), self.b_dec_out[i].detach(), layer=layer,
+                          input_hook=input_hook, output_hook=output_hook)
+
+
+def _lr_factor(step: int, cfg: TrainingConfig) -> float:
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    decay_steps = int(cfg.decay_frac * cfg.n_steps)
+    start = cfg.n_steps - decay_steps
+    if decay_steps and step >= start:
+        return max(0.0, (cfg.n_steps - step) / decay_steps)
+    return 1.0
+
+
+def _l1_factor(step: int, cfg: TrainingConfig) -> float:
+    if cfg.l1_warmup_steps and step < cfg.l1_warmup_steps:
+        return (step + 1) / cfg.l1_warmup_steps
+    return 1.0
+
+
+# -- checkpoints -----------------------------------------------------------------------
+def _atomic_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    torch.save(obj, str(tmp))
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # a foreign or damaged file
+        raise InvalidInputError(f"Cannot read checkpoint {path}: {err}. Delete it, or pass "
+                                "resume=False to start afresh.") from err
+
+
+# -- training --------------------------------------------------------------------------
+def _resolve_layers(model, cfg: TrainingConfig) -> list[int]:
+    n = int(model.cfg.n_layers)
+    if cfg.layers is None:
+        return list(range(n))
+    layers = [cfg.layers] if isinstance(cfg.layers, int) else list(cfg.layers)
+    if not layers:
+        raise InvalidInputError("TrainingConfig.layers is empty: name at least one layer.")
+    out = sorted({check_layer(model, l) for l in layers})
+    return out
+
+
+def train_transcoders(model, tokens: torch.Tensor | Iterable[torch.Tensor],
+                      config: TrainingConfig | None = None,
+                      checkpoint_dir: str | os.PathLike | None = None,
+                      resume: bool = True) -> TrainingResult:
+    """Train one transcoder per selected layer of ``model`` (a TransformerLens
+    model, e.g. from :func:`tc_explore.load_model`) on ``tokens`` (an integer
+    tensor [n_sequences, ctx], or an iterable of [batch, ctx] tensors).
+
+    Every layer is trained from the same model forward passes. Stops after
+    ``config.n_steps`` steps, or earlier when the token stream runs out (the
+    result's ``steps`` says how many were done). See the module docstring for
+    the loss, the schedules, resampling and checkpoints.
+    """
+    check_model_surface(model)
+    cfg = config or TrainingConfig()
+    cfg.validate()
+    layers = _resolve_layers(model, cfg)
+    in_hooks = [layer_hook(cfg.input_hook, l) for l in layers]
+    out_hooks = [layer_hook(cfg.output_hook, l) for l in layers]
+    device = model_device(model)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    ckpt = _load_checkpoint(ckpt_path) if (ckpt_path is not None and resume
+                                           and ckpt_path.is_file()) else None
+    if ckpt is not None:
+        _check_resume(ckpt, cfg, layers)
+
+    buffer = ActivationBuffer(model, tokens, layers, in_hooks, out_hooks,
+                              capacity=cfg.buffer_batches * cfg.batch_size,
+                              model_batch_size=cfg.model_batch_size,
+                              seed=cfg.seed + (ckpt["step"] if ckpt else 0),
+                              skip_sequences=ckpt["sequences_consumed"] if ckpt else 0)
+    buffer.fill()
+    d_in, d_out = buffer.x.shape[-1], buffer.y.shape[-1]
+    d_sae = cfg.d_sae or cfg.expansion_factor * d_in
+    n = len(layers)
+
+    net = _Layers(n, d_in, d_sae, d_out, gen).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas))
+    if ckpt is not None:
+        net.load_state_dict(ckpt["net"])
+        opt.load_state_dict(ckpt["optimizer"])
+        mu, sigma = ckpt["mu"].to(device), ckpt["sigma"].to(device)
+        since_fired = ckpt["since_fired"].to(device)
+        step, history = int(ckpt["step"]), list(ckpt["history"])
+    else:
+        with torch.no_grad():
+            x0, y0 = buffer.x[:buffer.size].to(device), buffer.y[:buffer.size].to(device)
+            mu = y0.mean(0)                                           # [n, d_out]
+            sigma = ((y0 - mu) ** 2).sum(-1).mean(0).sqrt().clamp_min(1e-8)  # [n]
+            net.b_dec.copy_(x0.mean(0))
+            net.b_dec_out.copy_(mu)
+        since_fired = torch.zeros(n, d_sae, dtype=torch.long, device=device)
+        step, history = 0, []
+
+    progress = None
+    if cfg.show_progress:
+        from tqdm.auto import tqdm
+        progress = tqdm(total=cfg.n_steps, initial=step, desc=f"transcoders L{layers}",
+                        dynamic_ncols=True)
+
+    def save_checkpoint() -> None:
+        if ckpt_path is None:
+            return
+        _atomic_save({"step": step, "sequences_consumed": buffer.sequences_consumed,
+                      "net": net.state_dict(), "optimizer": opt.state_dict(), "mu": mu.cpu(),
+                      "sigma": sigma.cpu(), "since_fired": since_fired.cpu(),
+                      "history": history, "layers": layers, "d_sae": d_sae,
+                      "config": cfg.as_dict()}, ckpt_path)
+
+    stats = torch.zeros(4, n)  # sums of: loss terms, fvu, l0 over the logging window
+    window = 0
+    while step < cfg.n_steps:
+        batch = buffer.next_batch(cfg.batch_size)
+        if batch is None:
+            break
+        x, y = batch[0].to(device), batch[1].to(device)
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * _lr_factor(step, cfg)
+        out, acts = net(x)
+        sq_err = ((out - y) ** 2).sum(-1)                                  # [b, n]
+        mse = sq_err.mean(0) / sigma ** 2                                  # [n]
+        dec_norms = net.W_dec.norm(dim=2)                                  # [n, d_sae]
+        sparsity = (acts * dec_norms).sum(-1).mean(0) / sigma              # [n]
+        l1 = cfg.l1_coefficient * _l1_factor(step, cfg)
+        loss = (mse + l1 * sparsity).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+        with torch.no_grad():
+            fired = (acts > 0)
+            since_fired += 1
+            since_fired[fired.any(0)] = 0
+            total_var = ((y - mu) ** 2).sum(-1).sum(0)
+            stats[0] += (mse + l1 * sparsity).detach().cpu()
+            stats[1] += (sq_err.sum(0) / total_var.clamp_min(1e-12)).cpu()
+            stats[2] += fired.float().sum(-1).mean(0).cpu()
+            window += 1
+        step += 1
+
+        if cfg.resample_every and step % cfg.resample_every == 0 and \
+                step < cfg.resample_until * cfg.n_steps:
+            _resample(net, opt, since_fired, x, y, out.detach(), cfg, gen)
+
+        if step % cfg.log_every == 0 or step == cfg.n_steps:
+            s = stats / max(window, 1)
+            dead = (since_fired >= cfg.dead_window).float().mean(1)
+            record = {"step": step, "lr": cfg.lr * _lr_factor(step - 1, cfg),
+                      "loss": s[0].tolist(), "fvu": s[1].tolist(), "l0": s[2].tolist(),
+                      "dead_fraction": dead.tolist()}
+            history.append(record)
+            if progress is not None:
+                progress.set_postfix(loss=f"{s[0].mean():.4f}", L0=f"{s[2].mean():.1f}",
+                                     FVU=f"{s[1].mean():.4f}", dead=f"{dead.mean():.1%}")
+            stats.zero_()
+            window = 0
+        if progress is not None:
+            progress.update(1)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            save_checkpoint()
+    if progress is not None:
+        progress.close()
+    save_checkpoint()
+
+    # Final measurements with the final weights, on the last buffer.
+    net.normalise_decoder()
+    metrics, freqs = _measure(net, buffer, mu, cfg, layers, device)
+    transcoders = {l: net.transcoder(i, l, in_hooks[i], out_hooks[i])
+                   for i, l in enumerate(layers)}
+    return TrainingResult(transcoders, freqs, metrics, history, step,
+                          buffer.sequences_consumed, cfg)
+
+
+def _check_resume(ckpt: dict, cfg: TrainingConfig, layers: list[int]) -> None:
+    if list(ckpt.get("layers", [])) != layers:
+        raise InvalidInputError(f"The checkpoint trains layers {ckpt.get('layers')}, this run "
+                                f"asks for {layers}: use another checkpoint_dir or resume=False.")
+    saved = ckpt.get("config", {})
+    for key in ("input_hook", "output_hook", "expansion_factor", "d_sae", "batch_size"):
+        if saved.get(key) != getattr(cfg, key):
+            raise InvalidInputError(
+                f"The checkpoint was trained with {key}={saved.get(key)!r}, this run has "
+                f"{getattr(cfg, key)!r}: use another checkpoint_dir or resume=False.")
+
+
+@torch.no_grad()
+def _resample(net: _Layers, opt: torch.optim.Optimizer, since_fired: torch.Tensor,
+              x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, cfg: TrainingConfig,
+              gen: torch.Generator) -> None:
+    dead_mask = since_fired >= cfg.dead_window
+    for i in range(dead_mask.shape[0]):
+        dead = dead_mask[i].nonzero().flatten()
+        if dead.numel() == 0:
+            continue
+        err = (y[:, i] - out[:, i])
+        weights = (err ** 2).sum(-1).cpu() + 1e-12
+        picks = torch.multinomial(weights, dead.numel(), replacement=True, generator=gen)
+        xin = x[picks.to(x.device), i] - net.b_dec[i]
+        enc_dir = xin / xin.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        dec_dir = err[picks.to(err.device)]
+        dec_dir = dec_dir / dec_dir.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        alive = ~dead_mask[i]
+        enc_scale = net.W_enc[i][:, alive].norm(dim=0).mean() if alive.any() else 1.0
+        dec_scale = net.W_dec[i][alive].norm(dim=1).mean() if alive.any() else 0.1
+        net.W_enc[i][:, dead] = (cfg.resample_scale * enc_scale * enc_dir).T
+        net.b_enc[i][dead] = 0.0
+        net.W_dec[i][dead] = cfg.resample_scale * dec_scale * dec_dir
+        for p, index in ((net.W_enc, (i, slice(None), dead)), (net.b_enc, (i, dead)),
+                         (net.W_dec, (i, dead))):
+            state = opt.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key][index] = 0.0
+        since_fired[i, dead] = 0
+
+
+@torch.no_grad()
+def _measure(net: _Layers, buffer: ActivationBuffer, mu: torch.Tensor, cfg: TrainingConfig,
+             layers: list[int], device) -> tuple[dict, dict]:
+    n, d_sae = net.W_enc.shape[0], net.W_enc.shape[2]
+    sq = torch.zeros(n, dtype=torch.float64)
+    var = torch.zeros(n, dtype=torch.float64)
+    l0 = torch.zeros(n, dtype=torch.float64)
+    counts = torch.zeros(n, d_sae, dtype=torch.float64)
+    total = 0
+    xs, ys = buffer.x[:buffer.size], buffer.y[:buffer.size]
+    mean_y = ys.mean(0).to(device)
+    for start in range(0, xs.shape[0], cfg.batch_size):
+        x, y = xs[start:start + cfg.batch_size].to(device), ys[start:start + cfg.batch_size].to(device)
+        out, acts = net(x)
+        sq += ((out - y) ** 2).sum(-1).sum(0).double().cpu()
+        var += ((y - mean_y) ** 2).sum(-1).sum(0).double().cpu()
+        fired = (acts > 0)
+        l0 += fired.sum(-1).sum(0).double().cpu()
+        counts += fired.sum(0).double().cpu()
+        total += x.shape[0]
+    freq = counts / max(total, 1)
+    metrics, freqs = {}, {}
+    for i, l in enumerate(layers):
+        metrics[l] = {"fvu": float(sq[i] / var[i].clamp_min(1e-12)), "l0": float(l0[i] / total),
+                      "mse": float(sq[i] / total),
+                      "dead_fraction": float((freq[i] == 0).double().mean()),
+                      "n_vectors": total}
+        freqs[l] = torch.log10(freq[i].clamp_min(10 ** FREQUENCY_FLOOR)).float()
+    return metrics, freqs
+
+
+# -- writing a set -----------------------------------------------------------------------
+def save_transcoder_set(result: TrainingResult | Mapping[int, Transcoder], directory,
+                        name: str, model_name: str,
+                        log10_frequencies: Mapping[int, torch.Tensor] | None = None,
+                        description: str = "", file_tag: str | None = None,
+                        extra: Mapping | None = None) -> Path:
+    """Write a trained set into ``directory``: the gpt2-small per-layer files,
+    their ``_log_feature_sparsity`` files, and ``transcoders.json`` (a registry
+    entry), so that ``load_transcoders(directory)`` loads it. Returns the
+    path of ``transcoders.json``."""
+    if isinstance(result, TrainingResult):
+        transcoders, freqs, cfg = result.transcoders, result.log10_frequencies, result.config
+    else:
+        transcoders, freqs, cfg = dict(result), dict(log10_frequencies or {}), None
+    if not transcoders:
+        raise InvalidInputError("No transcoders to save.")
+    if not name or "/" in name:
+        raise InvalidInputError(f"name must be a plain set name, got {name!r}.")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    layers = sorted(transcoders)
+    first = transcoders[layers[0]]
+    d_sae, d_in = first.d_sae, first.d_in
+    for l in layers:
+        tc = transcoders[l]
+        if tc.d_sae != d_sae or tc.d_in != d_in:
+            raise InvalidInputError("All transcoders of a set must share d_in and d_sae.")
+        if tc.input_hook is None or tc.output_hook is None:
+            raise InvalidInputError(f"The transcoder of layer {l} has no input/output hook.")
+    in_template = _template(first.input_hook, layers[0])
+    out_template = _template(first.output_hook, layers[0])
+    tag = file_tag or model_name.replace("/", "-")
+    pattern = f"final_sparse_autoencoder_{tag}_{in_template}_{d_sae}.pt"
+    freq_pattern = pattern.replace(".pt", "_log_feature_sparsity.pt")
+    overrides = {}
+    if cfg is not None:
+        overrides = dict(l1_coefficient=cfg.l1_coefficient, lr=cfg.lr,
+                         lr_warm_up_steps=cfg.warmup_steps, train_batch_size=cfg.batch_size,
+                         n_batches_in_buffer=cfg.buffer_batches,
+                         total_training_tokens=result.steps * cfg.batch_size,
+                         store_batch_size=cfg.model_batch_size, seed=cfg.seed,
+                         dead_feature_window=cfg.dead_window,
+                         feature_sampling_method="anthropic" if cfg.resample_every else "None",
+                         lr_scheduler_name="constantwithwarmup_lineardecay")
+    for l in layers:
+        tc = transcoders[l]
+        write_gpt2_transcoder(tc, directory / pattern.replace("{L}", str(l)), l,
+                              model_name=model_name, run_name=name, **overrides)
+        if l in freqs:
+            path = directory / freq_pattern.replace("{L}", str(l))
+            tmp = path.with_name(path.name + ".tmp")
+            write_log_feature_sparsity(freqs[l], tmp)
+            os.replace(tmp, path)
+    entry = {"name": name, "description": description, "model": model_name,
+             "format": "gpt2-pickle", "layers": layers, "file_pattern": pattern,
+             "input_hook": in_template, "output_hook": out_template, "d_in": d_in, "d_sae": d_sae}
+    if all(l in freqs for l in layers):
+        entry["frequency_pattern"] = freq_pattern
+    if extra:
+        entry.update(extra)
+    path = directory / "transcoders.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(entry, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _template(hook: str, layer: int) -> str:
+    prefix = f"blocks.{layer}."
+    if not hook.startswith(prefix):
+        raise InvalidInputError(f"Hook {hook!r} is not a per-layer hook of layer {layer}.")
+    return "blocks.{L}." + hook[len(prefix):]
