@@ -1,0 +1,214 @@
+"""Benchmark of FeatureIndex.build and dashboard opening (a script, not a test).
+
+    python benchmarks/bench_index.py [--n-tokens 4096] [--seq-len 128] [--batch-size 8]
+
+On a GPT-2-small-shaped model (12 layers, d_model 768, 12 heads, vocab 50257,
+n_ctx 1024; random weights, saved with save_pretrained and loaded through
+tc_explore.load_model) and 12 full-width (d_sae 24576) random transcoders, it
+prints:
+
+* the bare cost of the same forward passes (run_with_cache restricted to the
+  transcoders' input hooks) plus every layer's encoding, over the same tokens;
+* FeatureIndex.build time over those tokens, and its overhead over the bare cost
+  (target: at most 25%);
+* peak resident memory during each (sampled every 20 ms);
+* dashboard open time from the saved index, per feature (target: under 100 ms on
+  CPU), cold (fresh FeatureIndex.load) and warm, index-only and with the
+  weight-based views (logit effects, de-embeddings, OV, connections).
+
+Random transcoders are given a realistic sparsity (about --l0 features firing
+per token, as trained transcoders do) by shifting the encoder bias; the
+measured L0 is printed. Dense firing would make every accumulator (and any
+top-k over real data) slower; it is not what real transcoders do.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from statistics import NormalDist
+
+import numpy as np
+import torch
+
+# Run from a checkout: the repository root first on the path (the editable
+# install's namespace mapping can shadow the package when run from elsewhere).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class PeakMemory:
+    """Peak resident set size of this process while the block runs."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+        self.peak = 0
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _watch(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self.start = self.rss()
+        self.peak = self.start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def gib(n: int) -> str:
+    return f"{n / 2 ** 30:.2f} GiB"
+
+
+def build_model(directory: str):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from tc_explore.tokenization import word_tokenizer, vocabulary
+
+    # 245 fixed entries + 2 per word (with and without a leading space) = 50257.
+    n_words = (50257 - len(vocabulary([]))) // 2
+    tokenizer = word_tokenizer([f"w{i}" for i in range(n_words)])
+    config = GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.bos_token_id)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return len(tokenizer)
+
+
+def build_transcoders(d_model: int, d_sae: int, n_layers: int, l0: float):
+    from tc_explore.testing import random_transcoder
+    from tc_explore.transcoder import TranscoderSet
+
+    # Pre-activations are about N(b_enc, 1) on unit-RMS inputs: shift the bias so
+    # that a fraction l0 / d_sae of features fire.
+    shift = NormalDist().inv_cdf(1 - l0 / d_sae)
+    tcs = {}
+    for layer in range(n_layers):
+        tc = random_transcoder(d_model, d_sae, layer, seed=1)
+        with torch.no_grad():
+            tc.b_enc.sub_(tc.b_enc.mean() + shift)
+        tcs[layer] = tc
+    return TranscoderSet.from_transcoders(tcs, name="bench-random-24576")
+
+
+def bare_pass(model, transcoders, batches) -> tuple[float, float]:
+    """The same forwards and encodings the index does, with nothing kept.
+    Returns (seconds, mean L0 per token over layers)."""
+    hooks = {transcoders.input_hook(layer): layer for layer in transcoders.layers}
+    l0 = []
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for toks in batches:
+            _, cache = model.run_with_cache(toks, names_filter=lambda n: n in hooks)
+            for hook, layer in hooks.items():
+                acts = transcoders[layer].encode(cache[hook])
+                l0.append(float((acts[:, 1:] > 0).sum()) / acts[:, 1:, 0].numel())
+                del acts
+            del cache
+    return time.perf_counter() - t0, float(np.mean(l0))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n-tokens", type=int, default=4096)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--d-sae", type=int, default=24576)
+    p.add_argument("--l0", type=float, default=100.0)
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--n-samples", type=int, default=40)
+    p.add_argument("--n-dashboards", type=int, default=20)
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from tc_explore import load_model
+    from tc_explore.corpus import Corpus
+    from tc_explore.dashboard import feature_dashboard
+    from tc_explore.index import FeatureIndex
+
+    work = tempfile.mkdtemp(prefix="tc_bench_")
+    try:
+        t = time.perf_counter()
+        vocab = build_model(os.path.join(work, "model"))
+        model = load_model(os.path.join(work, "model"), device=args.device)
+        transcoders = build_transcoders(768, args.d_sae, 12, args.l0).to(device=args.device)
+        for layer in transcoders.layers:
+            transcoders[layer]
+        print(f"setup: GPT-2-small-shaped model (vocab {model.cfg.d_vocab}, tokenizer {vocab}), "
+              f"12 x d_sae {args.d_sae} transcoders, {time.perf_counter() - t:.1f} s; "
+              f"{args.threads} threads, device {args.device}")
+
+        n_seq = args.n_tokens // args.seq_len
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(1, vocab, (n_seq, args.seq_len), generator=g)
+        tokens[:, 0] = model.tokenizer.bos_token_id
+        corpus = Corpus.from_token_ids(tokens, model, name="random-ids")
+        batches = [tokens[i:i + args.batch_size].to(args.device) for i in range(0, n_seq, args.batch_size)]
+        print(f"tokens: {n_seq} sequences x {args.seq_len} = {n_seq * args.seq_len}, "
+              f"{len(batches)} batches of {args.batch_size}")
+
+        bare_pass(model, transcoders, batches[:1])                    # warm-up
+        with PeakMemory() as mem_bare:
+            bare, l0 = bare_pass(model, transcoders, batches)
+        print(f"measured L0: {l0:.1f} features per token per layer")
+
+        out = os.path.join(work, "index")
+        with PeakMemory() as mem_build:
+            t = time.perf_counter()
+            index = FeatureIndex.build(model, transcoders, corpus, n_seq * args.seq_len, out,
+                                       k=args.k, n_samples=args.n_samples, batch_size=args.batch_size,
+                                       checkpoint_every=10 ** 9)
+            build = time.perf_counter() - t
+        bare2, _ = bare_pass(model, transcoders, batches)              # drift check
+        base = min(bare, bare2)
+        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
+        print()
+        print(f"bare forwards + encodings: {bare:.1f} s (again after the build: {bare2:.1f} s)")
+        print(f"FeatureIndex.build:        {build:.1f} s (includes writing {size / 2 ** 20:.0f} MiB of Parquet)")
+        print(f"overhead over bare:        {100 * (build / base - 1):.1f} %  (target <= 25 %)")
+        print(f"throughput:                {n_seq * args.seq_len / build:.0f} tokens/s")
+        print(f"peak RSS: bare {gib(mem_bare.peak)} (start {gib(mem_bare.start)}), "
+              f"build {gib(mem_build.peak)} (start {gib(mem_build.start)}); "
+              f"build above its start: {gib(mem_build.peak - mem_build.start)}")
+
+        rng = np.random.default_rng(0)
+        picks = [(int(rng.integers(12)), int(rng.integers(args.d_sae))) for _ in range(args.n_dashboards)]
+        for label, kwargs in (("index only", {"model": model}),
+                              ("with weight views", {"model": model, "transcoders": transcoders})):
+            index = FeatureIndex.load(out)
+            times = []
+            for layer, feature in picks:
+                t = time.perf_counter()
+                feature_dashboard(index, layer, feature, **kwargs)
+                times.append(time.perf_counter() - t)
+            cold = np.array(times) * 1000
+            t = time.perf_counter()
+            for layer, feature in picks:
+                feature_dashboard(index, layer, feature, **kwargs)
+            warm = (time.perf_counter() - t) / len(picks) * 1000
+            print(f"dashboard open ({label}), {len(picks)} random features from a fresh load: "
+                  f"mean {cold.mean():.1f} ms, median {np.median(cold):.1f} ms, max {cold.max():.1f} ms; "
+                  f"reopened: {warm:.1f} ms per feature  (target < 100 ms)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
