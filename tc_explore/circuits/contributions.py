@@ -137,6 +137,7 @@ class Decomposition:
     attn_bias: torch.Tensor             # [n_attn]
     features: dict[int, torch.Tensor]   # layer -> [d_sae]
     connections: dict[int, torch.Tensor] = field(repr=False)  # layer -> [d_sae] W_dec @ v
+    acts: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # layer -> [d_sae] at token
     dec_bias: dict[int, float] = field(default_factory=dict)
     error: dict[int, float] = field(default_factory=dict)
     skip: dict[int, float] = field(default_factory=dict)
@@ -216,7 +217,7 @@ class Decomposition:
             out = out[:k]
         if targets:
             for c in out:
-                c.next_target = next_target(self.ctx, self.target, c.node)
+                c.next_target = next_target(self.ctx, self.target, c.node, value=c.value)
         return out
 
     def _head_contribution(self, l: int, h: int, s: int, targets: bool = True) -> Contribution:
@@ -227,17 +228,16 @@ class Decomposition:
         conn = val / a if a != 0 else 0.0
         c = Contribution(node, val, activation=a, connection=conn)
         if targets:
-            c.next_target = next_target(self.ctx, self.target, node)
+            c.next_target = next_target(self.ctx, self.target, node, value=val)
         return c
 
     def _feature_contribution(self, l: int, g: int, targets: bool = True) -> Contribution:
         t = self.target.token
         node = Node("feature", layer=l, index=g, token=t)
-        c = Contribution(node, float(self.features[l][g]),
-                         activation=float(self.ctx.feature_acts(l)[t, g]),
+        c = Contribution(node, float(self.features[l][g]), activation=float(self.acts[l][g]),
                          connection=float(self.connections[l][g]))
         if targets:
-            c.next_target = next_target(self.ctx, self.target, node)
+            c.next_target = next_target(self.ctx, self.target, node, value=c.value)
         return c
 
     def contribution_of(self, node: Node, targets: bool = True) -> Contribution:
@@ -298,7 +298,7 @@ def decompose(ctx: PromptContext, target: Target) -> Decomposition:
     heads = ctx.pattern[:n_attn, :, t, :] * ov_img                             # [n_attn, H, pos]
     attn_bias = w.b_O[:n_attn].double() @ v                                    # [n_attn]
 
-    features, connections, dec_bias, error, skip, mlp = {}, {}, {}, {}, {}, {}
+    features, connections, acts_at, dec_bias, error, skip, mlp = {}, {}, {}, {}, {}, {}, {}
     for l in range(n_mlp):
         true_out = float(ctx.mlp_out[l, t] @ v)
         if not ctx.has_transcoder(l):
@@ -309,6 +309,7 @@ def decompose(ctx: PromptContext, target: Target) -> Decomposition:
         conn = tc.W_dec @ vt                                                   # [d_sae] input-invariant
         acts = ctx.feature_acts(l)[t]                                          # [d_sae] input-dependent
         connections[l] = conn
+        acts_at[l] = acts
         features[l] = acts.double() * conn.double()
         dec_bias[l] = float(tc.b_dec_out.double() @ v)
         if tc.W_skip is not None:
@@ -319,14 +320,16 @@ def decompose(ctx: PromptContext, target: Target) -> Decomposition:
         error[l] = true_out - (float(features[l].sum()) + dec_bias[l] + skip.get(l, 0.0))
     return Decomposition(ctx=ctx, target=target, embed=float(ctx.embed[t] @ v),
                          pos_embed=float(ctx.pos_embed[t] @ v), heads=heads, attn_bias=attn_bias,
-                         features=features, connections=connections, dec_bias=dec_bias, error=error,
+                         features=features, connections=connections, acts=acts_at, dec_bias=dec_bias, error=error,
                          skip=skip, mlp=mlp, offset=float(target.offset))
 
 
 @torch.no_grad()
-def next_target(ctx: PromptContext, target: Target, node: Node) -> Target | None:
+def next_target(ctx: PromptContext, target: Target, node: Node,
+                value: float | None = None) -> Target | None:
     """The target one step upstream through ``node``, whose value on the prompt
-    equals ``node``'s contribution to ``target``; None for leaves."""
+    equals ``node``'s contribution to ``target``; None for leaves. ``value``
+    (that contribution, when the caller has it) saves recomputing it."""
     v = target.direction.double()
     w = ctx.weights
     if node.kind == "feature":
@@ -334,7 +337,8 @@ def next_target(ctx: PromptContext, target: Target, node: Node) -> Target | None
         tc = ctx.transcoders[l]
         conn = float(tc.W_dec[g] @ v.to(tc.dtype))
         direction, offset = _encoder_reading(ctx, l, g, t)
-        value = conn * float(ctx.feature_acts(l)[t, g])
+        if value is None:
+            value = conn * float(ctx.feature_acts(l)[t, g])
         return Target(node, 2 * l + 1, t, conn * direction, conn * offset, value,
                       label=f"{node.label()} -> {target.label}")
     if node.kind == "head":
@@ -343,14 +347,16 @@ def next_target(ctx: PromptContext, target: Target, node: Node) -> Target | None
         Wo_v = w.W_O[l, h].double() @ v                                        # [d_head]
         direction = a * centre(w.W_V[l, h].double() @ Wo_v) / ctx.ln1_scale[l, s]  # [d_model]
         offset = a * float(w.b_V[l, h].double() @ Wo_v)
-        value = a * float(ctx.v[l, s, h] @ Wo_v)
+        if value is None:
+            value = a * float(ctx.v[l, s, h] @ Wo_v)
         return Target(node, 2 * l, s, direction, offset, value, label=f"{node.label()} -> {target.label}")
     if node.kind == "skip":
         l, t = node.layer, node.token
         tc = ctx.transcoders[l]
         raw = tc.W_skip.double() @ v                                           # [d_model]
         d = centre(raw) / ctx.ln2_scale[l, t] if transcoder_reads_ln2(tc, l) else raw
-        value = float(ctx.mlp_in[l, t].double() @ raw)
+        if value is None:
+            value = float(ctx.mlp_in[l, t].double() @ raw)
         return Target(node, 2 * l + 1, t, d, 0.0, value, label=f"{node.label()} -> {target.label}")
     return None
 
