@@ -65,7 +65,7 @@ import pandas as pd
 import torch
 
 from .contributions import Node
-from .paths import Path, PathSearchResult
+from .paths import PathSearchResult
 
 __all__ = ["GraphNode", "GraphEdge", "CircuitGraph", "cantor"]
 
@@ -119,7 +119,6 @@ class CircuitGraph:
         ``ctx`` defaults to the search's PromptContext."""
         ctx = ctx if ctx is not None else result.ctx
         n_layers = ctx.n_layers
-        tokens = ctx.tokens.tolist()
 
         def key(node: Node) -> Node:
             return replace(node, token=None, source=None) if sum_over_tokens else node
