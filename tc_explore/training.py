@@ -33,6 +33,13 @@ Which normalisation, and why:
   penalty. So the decoder rows need no projection onto the unit sphere during
   training (we leave them free).
 
+Units: internally the transcoder works on ``x / rms(x)`` and predicts ``y /
+sigma`` (both scales measured on the first buffer fill), so that Adam's step
+sizes mean the same for a model whose MLPs write vectors of norm 0.01 and one
+whose MLPs write norm 100; the scales are folded back into the weights on
+export. In these units the loss above is exactly ``E||out' - y'||^2 + l1 *
+E[sum_f acts_f ||W_dec'[f]||]``.
+
 Decoder-norm handling: at the end (and in every file written) the decoder
 rows are rescaled to unit L2 norm with the inverse scale folded into the
 encoder column and encoder bias, so the function is exactly preserved and a
@@ -315,34 +322,48 @@ class _Layers(torch.nn.Module):
     def __init__(self, n: int, d_in: int, d_sae: int, d_out: int, generator: torch.Generator):
         super().__init__()
         W_enc = torch.randn(n, d_in, d_sae, generator=generator)
-        W_enc = W_enc / W_enc.norm(dim=1, keepdim=True)       # pre-activations ~ O(1)
+        W_enc = W_enc / W_enc.norm(dim=1, keepdim=True)       # unit-RMS inputs -> pre ~ N(0, 1)
         W_dec = torch.randn(n, d_sae, d_out, generator=generator)
-        W_dec = 0.1 * W_dec / W_dec.norm(dim=2, keepdim=True)
+        # rows of norm 0.2 / sqrt(d_sae): with about half the features active at
+        # O(1), the initial output is about 0.1 of the target's scale
+        W_dec = (0.2 / math.sqrt(d_sae)) * W_dec / W_dec.norm(dim=2, keepdim=True)
         self.W_enc = torch.nn.Parameter(W_enc)
         self.b_enc = torch.nn.Parameter(torch.zeros(n, d_sae))
         self.W_dec = torch.nn.Parameter(W_dec)
         self.b_dec = torch.nn.Parameter(torch.zeros(n, d_in))
         self.b_dec_out = torch.nn.Parameter(torch.zeros(n, d_out))
+        self.register_buffer("in_scale", torch.ones(n))
+        self.register_buffer("out_scale", torch.ones(n))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [batch, n, d_in] -> (out [batch, n, d_out], acts [batch, n, d_sae])."""
-        pre = torch.einsum("bnd,ndf->bnf", x - self.b_dec, self.W_enc) + self.b_enc
+        """x [batch, n, d_in] -> (out [batch, n, d_out] in the target's units,
+        acts [batch, n, d_sae])."""
+        acts, out = self.internal(x)
+        return out * self.out_scale[:, None], acts
+
+    def internal(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feature activations and the output divided by ``out_scale``."""
+        xs = x / self.in_scale[:, None]
+        pre = torch.einsum("bnd,ndf->bnf", xs - self.b_dec, self.W_enc) + self.b_enc
         acts = torch.relu(pre)
-        out = torch.einsum("bnf,nfo->bno", acts, self.W_dec) + self.b_dec_out
-        return out, acts
+        return acts, torch.einsum("bnf,nfo->bno", acts, self.W_dec) + self.b_dec_out
 
     @torch.no_grad()
-    def normalise_decoder(self) -> None:
-        """Unit-norm decoder rows, the scale folded into the encoder (same function)."""
-        norms = self.W_dec.norm(dim=2).clamp_min(1e-8)        # [n, d_sae]
-        self.W_dec.div_(norms[:, :, None])
-        self.W_enc.mul_(norms[:, None, :])
-        self.b_enc.mul_(norms)
+    def exported(self, i: int) -> dict[str, torch.Tensor]:
+        """Layer ``i``'s weights in the model's units, decoder rows of unit norm
+        (their norm folded into the encoder column and bias): the same function."""
+        s_in, s_out = self.in_scale[i], self.out_scale[i]
+        W_enc, b_enc = self.W_enc[i] / s_in, self.b_enc[i].clone()
+        W_dec, b_dec_out = self.W_dec[i] * s_out, self.b_dec_out[i] * s_out
+        norms = W_dec.norm(dim=1).clamp_min(1e-12)
+        return {"W_enc": W_enc * norms[None, :], "b_enc": b_enc * norms,
+                "W_dec": W_dec / norms[:, None], "b_dec": self.b_dec[i] * s_in,
+                "b_dec_out": b_dec_out}
 
     def transcoder(self, i: int, layer: int, input_hook: str, output_hook: str) -> Transcoder:
-        return Transcoder(self.W_enc[i].detach(), self.b_enc[i].detach(), self.W_dec[i].detach(),
-                          self.b_dec[i].detach(), self.b_dec_out[i].detach(), layer=layer,
-                          input_hook=input_hook, output_hook=output_hook)
+        w = self.exported(i)
+        return Transcoder(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], w["b_dec_out"],
+                          layer=layer, input_hook=input_hook, output_hook=output_hook)
 
 
 def _lr_factor(step: int, cfg: TrainingConfig) -> float:
@@ -433,16 +454,19 @@ def train_transcoders(model, tokens: torch.Tensor | Iterable[torch.Tensor],
     if ckpt is not None:
         net.load_state_dict(ckpt["net"])
         opt.load_state_dict(ckpt["optimizer"])
-        mu, sigma = ckpt["mu"].to(device), ckpt["sigma"].to(device)
+        mu = ckpt["mu"].to(device)
         since_fired = ckpt["since_fired"].to(device)
         step, history = int(ckpt["step"]), list(ckpt["history"])
     else:
         with torch.no_grad():
             x0, y0 = buffer.x[:buffer.size].to(device), buffer.y[:buffer.size].to(device)
             mu = y0.mean(0)                                           # [n, d_out]
-            sigma = ((y0 - mu) ** 2).sum(-1).mean(0).sqrt().clamp_min(1e-8)  # [n]
-            net.b_dec.copy_(x0.mean(0))
-            net.b_dec_out.copy_(mu)
+            sigma = ((y0 - mu) ** 2).sum(-1).mean(0).sqrt().clamp_min(1e-12)  # [n]
+            rms_in = (x0 ** 2).mean((0, 2)).sqrt().clamp_min(1e-12)           # [n]
+            net.in_scale.copy_(rms_in)
+            net.out_scale.copy_(sigma)
+            net.b_dec.copy_(x0.mean(0) / rms_in[:, None])
+            net.b_dec_out.copy_(mu / sigma[:, None])
         since_fired = torch.zeros(n, d_sae, dtype=torch.long, device=device)
         step, history = 0, []
 
@@ -457,7 +481,7 @@ def train_transcoders(model, tokens: torch.Tensor | Iterable[torch.Tensor],
             return
         _atomic_save({"step": step, "sequences_consumed": buffer.sequences_consumed,
                       "net": net.state_dict(), "optimizer": opt.state_dict(), "mu": mu.cpu(),
-                      "sigma": sigma.cpu(), "since_fired": since_fired.cpu(),
+                      "since_fired": since_fired.cpu(),
                       "history": history, "layers": layers, "d_sae": d_sae,
                       "config": cfg.as_dict()}, ckpt_path)
 
@@ -470,11 +494,11 @@ def train_transcoders(model, tokens: torch.Tensor | Iterable[torch.Tensor],
         x, y = batch[0].to(device), batch[1].to(device)
         for g in opt.param_groups:
             g["lr"] = cfg.lr * _lr_factor(step, cfg)
-        out, acts = net(x)
-        sq_err = ((out - y) ** 2).sum(-1)                                  # [b, n]
-        mse = sq_err.mean(0) / sigma ** 2                                  # [n]
+        acts, out_s = net.internal(x)                          # output in units of sigma
+        sq_err = ((out_s - y / net.out_scale[:, None]) ** 2).sum(-1)       # [b, n]
+        mse = sq_err.mean(0)                                               # [n] ~ FVU
         dec_norms = net.W_dec.norm(dim=2)                                  # [n, d_sae]
-        sparsity = (acts * dec_norms).sum(-1).mean(0) / sigma              # [n]
+        sparsity = (acts * dec_norms).sum(-1).mean(0)                      # [n]
         l1 = cfg.l1_coefficient * _l1_factor(step, cfg)
         loss = (mse + l1 * sparsity).sum()
         opt.zero_grad(set_to_none=True)
@@ -485,16 +509,17 @@ def train_transcoders(model, tokens: torch.Tensor | Iterable[torch.Tensor],
             fired = (acts > 0)
             since_fired += 1
             since_fired[fired.any(0)] = 0
-            total_var = ((y - mu) ** 2).sum(-1).sum(0)
+            total_var = ((y - mu) ** 2).sum(-1).sum(0) / net.out_scale ** 2
             stats[0] += (mse + l1 * sparsity).detach().cpu()
-            stats[1] += (sq_err.sum(0) / total_var.clamp_min(1e-12)).cpu()
+            stats[1] += (sq_err.detach().sum(0) / total_var.clamp_min(1e-12)).cpu()
             stats[2] += fired.float().sum(-1).mean(0).cpu()
             window += 1
         step += 1
 
         if cfg.resample_every and step % cfg.resample_every == 0 and \
                 step < cfg.resample_until * cfg.n_steps:
-            _resample(net, opt, since_fired, x, y, out.detach(), cfg, gen)
+            _resample(net, opt, since_fired, x, y, out_s.detach() * net.out_scale[:, None],
+                      cfg, gen)
 
         if step % cfg.log_every == 0 or step == cfg.n_steps:
             s = stats / max(window, 1)
@@ -517,7 +542,6 @@ def train_transcoders(model, tokens: torch.Tensor | Iterable[torch.Tensor],
     save_checkpoint()
 
     # Final measurements with the final weights, on the last buffer.
-    net.normalise_decoder()
     metrics, freqs = _measure(net, buffer, mu, cfg, layers, device)
     transcoders = {l: net.transcoder(i, l, in_hooks[i], out_hooks[i])
                    for i, l in enumerate(layers)}
@@ -549,7 +573,7 @@ def _resample(net: _Layers, opt: torch.optim.Optimizer, since_fired: torch.Tenso
         err = (y[:, i] - out[:, i])
         weights = (err ** 2).sum(-1).cpu() + 1e-12
         picks = torch.multinomial(weights, dead.numel(), replacement=True, generator=gen)
-        xin = x[picks.to(x.device), i] - net.b_dec[i]
+        xin = x[picks.to(x.device), i] / net.in_scale[i] - net.b_dec[i]
         enc_dir = xin / xin.norm(dim=-1, keepdim=True).clamp_min(1e-8)
         dec_dir = err[picks.to(err.device)]
         dec_dir = dec_dir / dec_dir.norm(dim=-1, keepdim=True).clamp_min(1e-8)
