@@ -271,8 +271,8 @@ def search_features(model, transcoders: TranscoderSet, token: str | int, by: str
 def _bin_labels(edges: Sequence[float]) -> tuple[list[float], list[str]]:
     """A representative x (geometric centre) and a label for every bin."""
     e = list(edges)
-    xs = [e[0] / math.sqrt(10 ** (1 / 8))] + [math.sqrt(a * b) for a, b in zip(e, e[1:])] + \
-        [e[-1] * math.sqrt(10 ** (1 / 8))]
+    step = math.sqrt(e[1] / e[0]) if len(e) > 1 else 2.0        # half a bin, geometrically
+    xs = [e[0] / step] + [math.sqrt(a * b) for a, b in zip(e, e[1:])] + [e[-1] * step]
     labels = [f"< {e[0]:.3g}"] + [f"{a:.3g} – {b:.3g}" for a, b in zip(e, e[1:])] + [f"≥ {e[-1]:.3g}"]
     return xs, labels
 

@@ -103,11 +103,21 @@ def _feature_hash(layer: int, d_sae: int, seed: int) -> np.ndarray:
 
 
 # -- accumulators -----------------------------------------------------------------------
-def _lex_order(f: torch.Tensor, score: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
-    """Permutation sorting by feature asc, score desc, token asc (three stable sorts)."""
-    order = torch.sort(token, stable=True).indices
-    order = order[torch.sort(score[order], descending=True, stable=True).indices]
-    return order[torch.sort(f[order], stable=True).indices]
+def _lex_order(f: torch.Tensor, score: torch.Tensor, token: torch.Tensor,
+               tokens_ascending: bool = False) -> torch.Tensor:
+    """Permutation sorting by feature asc, score desc, token asc.
+
+    One stable sort of an int64 key (feature in the high 32 bits, the score's
+    float bits inverted in the low 32: for positive floats the bit pattern is
+    monotone), after a stable sort by token unless the tokens already ascend
+    (candidates from one batch come in token order)."""
+    order = None if tokens_ascending else torch.sort(token, stable=True).indices
+    f_o = f if order is None else f[order]
+    s_o = score if order is None else score[order]
+    bits = s_o.float().view(torch.int32).to(torch.int64)       # scores are > 0
+    key = (f_o.to(torch.int64) << 32) | (0x7FFFFFFF - bits)
+    by_key = torch.sort(key, stable=True).indices
+    return by_key if order is None else order[by_key]
 
 
 def _ranks_in_segments(sorted_keys: torch.Tensor) -> torch.Tensor:
@@ -135,43 +145,46 @@ class _Best:
         return self.score[:, -1]
 
     def offer(self, f: torch.Tensor, score: torch.Tensor, token: torch.Tensor, act: torch.Tensor,
-              window_of) -> None:
+              window_of, tokens_ascending: bool = False) -> None:
         """Merge candidates (all with score above their feature's threshold).
         ``window_of(idx)`` returns ``[len(idx), window]`` context activations of
-        candidates ``idx``; it is called only for candidates that are kept."""
+        candidates ``idx``; it is called only for candidates that are kept.
+
+        A merge of two sorted lists per feature, without sorting the state:
+        a candidate's slot is (state entries that beat it) + (candidates of
+        its feature that beat it); the state's entries keep their order in
+        the slots left free. Cost O(C log C + C k + T k) for C candidates on
+        T features, not a sort of T * k entries."""
         if f.numel() == 0:
             return
-        touched = torch.unique(f)                                   # [T]
         k = self.k
-        old_token = self.token[touched]                             # [T, k]
-        valid = old_token >= 0
-        n_old = int(valid.sum())
-        all_f = torch.cat([touched[:, None].expand(-1, k)[valid], f])
-        all_s = torch.cat([self.score[touched][valid], score])
-        all_t = torch.cat([old_token[valid], token])
-        order = _lex_order(all_f, all_s, all_t)
-        f_sorted = all_f[order]
-        rank = _ranks_in_segments(f_sorted)
-        keep = rank < k
-        src, dst_f, dst_r = order[keep], f_sorted[keep], rank[keep]
-
-        old_act = self.act[touched][valid]
-        old_window = self.window[touched][valid]
-        from_old = src < n_old
-        new_idx = src[~from_old] - n_old
-        window = torch.empty(src.numel(), self.window.shape[-1], dtype=self.window.dtype,
-                             device=self.window.device)
-        window[from_old] = old_window[src[from_old]]
-        if new_idx.numel():
-            window[~from_old] = window_of(new_idx).to(self.window.dtype)
-
-        self.score[touched] = 0
-        self.token[touched] = -1
-        self.act[touched] = 0
-        self.score[dst_f, dst_r] = all_s[src]
-        self.token[dst_f, dst_r] = all_t[src]
-        self.act[dst_f, dst_r] = torch.cat([old_act, act])[src]
-        self.window[dst_f, dst_r] = window
+        order = _lex_order(f, score, token, tokens_ascending)       # candidates by feature, rank
+        f, score, token = f[order], score[order], token[order]
+        rank = _ranks_in_segments(f)                                # [C] among the feature's candidates
+        row_score, row_token = self.score[f], self.token[f]         # [C, k]
+        beaten_by = (row_score > score[:, None]) | \
+            ((row_score == score[:, None]) & (row_token < token[:, None]))
+        slot = rank + beaten_by.sum(1)                              # [C] slot after the merge
+        keep = slot < k
+        f, slot, src = f[keep], slot[keep], order[keep]
+        if f.numel() == 0:
+            return
+        touched, row = torch.unique_consecutive(f, return_inverse=True)   # f is sorted: [T], [C']
+        taken = torch.zeros(len(touched), k, dtype=torch.bool, device=f.device)
+        taken[row, slot] = True
+        # Free slot s of a row holds the row's old entry number (free slots before s).
+        old_of = ((~taken).cumsum(1) - 1).clamp_(min=0)             # [T, k]
+        width = self.window.shape[-1]
+        new = {}
+        for name in ("score", "token", "act"):
+            new[name] = getattr(self, name)[touched].gather(1, old_of)
+        new["window"] = self.window[touched].gather(1, old_of[..., None].expand(-1, -1, width))
+        new["score"][row, slot] = score[keep]
+        new["token"][row, slot] = token[keep]
+        new["act"][row, slot] = act[src]
+        new["window"][row, slot] = window_of(src).to(self.window.dtype)
+        for name, value in new.items():
+            getattr(self, name)[touched] = value
 
     def state(self) -> dict:
         return {"score": self.score, "token": self.token, "act": self.act, "window": self.window}
@@ -203,12 +216,13 @@ class _LayerAccumulator:
         first token has global index ``first_token``; ``token_key [n_seq, seq_len]``
         is the hash of each token's global index."""
         n_seq, seq_len, d_sae = acts.shape
-        body = acts[:, 1:]                                          # position 0 is skipped
-        rows, f = (body > 0).reshape(-1, d_sae).nonzero(as_tuple=True)   # [nnz] each
-        vals = body.reshape(-1, d_sae)[rows, f]                     # [nnz]
-        seq = rows // (seq_len - 1)
-        pos = rows % (seq_len - 1) + 1
-        token = first_token + seq * seq_len + pos                   # global token index
+        flat = acts.reshape(-1)                                     # a view: acts is contiguous
+        rows, f = (acts.reshape(-1, d_sae) > 0).nonzero(as_tuple=True)   # [nnz] each
+        body = rows % seq_len != 0                                  # position 0 is skipped
+        rows, f = rows[body], f[body]
+        vals = flat[rows * d_sae + f]                               # [nnz]
+        seq, pos = rows // seq_len, rows % seq_len
+        token = first_token + rows                                  # global token index
 
         self.n_firing += torch.bincount(f, minlength=d_sae)
         self.act_sum += torch.bincount(f, weights=vals.double(), minlength=d_sae)
@@ -221,22 +235,24 @@ class _LayerAccumulator:
             def gather(idx):                                        # -> [len(idx), window]
                 p = sel_pos[idx, None] + offsets
                 inside = (p >= 0) & (p < seq_len)
-                vals = acts[sel_seq[idx, None], p.clamp(0, seq_len - 1), sel_f[idx, None]]
-                return vals * inside                                # zero outside the sequence
+                at = (sel_seq[idx, None] * seq_len + p.clamp(0, seq_len - 1)) * d_sae + sel_f[idx, None]
+                return flat[at] * inside                            # zero outside the sequence
             return gather
 
         cand = vals > self.top.threshold()[f]
         c_f, c_seq, c_pos = f[cand], seq[cand], pos[cand]
-        self.top.offer(c_f, vals[cand], token[cand], vals[cand], window_of(c_seq, c_pos, c_f))
+        self.top.offer(c_f, vals[cand], token[cand], vals[cand], window_of(c_seq, c_pos, c_f),
+                       tokens_ascending=True)
 
         # Sample priority 1 - frac(a_token + b_feature): for one feature the order
         # over tokens is a uniform random permutation, so the n_samples highest
         # priorities are a uniform sample of its firing tokens, reproducibly.
-        key = (token_key[seq, pos] + self.feature_key[f]).remainder_(1.0)
+        key = (token_key.reshape(-1)[rows] + self.feature_key[f]).remainder_(1.0)
         priority = (1.0 - key).float()
         cand = priority > self.samples.threshold()[f]
         c_f, c_seq, c_pos = f[cand], seq[cand], pos[cand]
-        self.samples.offer(c_f, priority[cand], token[cand], vals[cand], window_of(c_seq, c_pos, c_f))
+        self.samples.offer(c_f, priority[cand], token[cand], vals[cand], window_of(c_seq, c_pos, c_f),
+                           tokens_ascending=True)
 
     def state(self) -> dict:
         return {"top": self.top.state(), "samples": self.samples.state(), "n_firing": self.n_firing,
