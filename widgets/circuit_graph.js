@@ -125,7 +125,7 @@ function render({ model, el }) {
   pruneLabel.appendChild(pruneValue);
   const expand = html("button", "tcx-expand", "expand selected");
   expand.type = "button";
-  const status = html("span", "tcx-status");
+  const status = html("span", "tcx-graph-status");
   toolbar.append(pruneLabel, expand, status);
 
   const legend = html("div", "tcx-legend");
@@ -277,7 +277,8 @@ function render({ model, el }) {
       const r = 4 + 9 * Math.sqrt(Math.abs(n.contribution || 0) / maxC);
       const g = svg("g", { class: `tcx-node tcx-kind-${n.kind}${n.is_root ? " tcx-root" : ""}`,
         transform: `translate(${p.x.toFixed(2)},${p.y.toFixed(2)})`, "data-node-id": n.id,
-        "data-kind": n.kind, "data-contribution": n.contribution });
+        "data-kind": n.kind, "data-contribution": n.contribution,
+        "data-expandable": n.expandable ? "true" : "false" });
       if (n.layer !== null && n.layer !== undefined) g.setAttribute("data-layer", n.layer);
       if (n.feature !== null && n.feature !== undefined) g.setAttribute("data-feature", n.feature);
       let shape;
