@@ -311,13 +311,20 @@ def build(out_root: str | os.PathLike | None = None, cfg: DemoConfig | None = No
     """Train the model and its transcoders, write them under ``out_root``
     (default: tc_explore's ``pretrained`` directory), print and return the
     evaluation. Deterministic for a given config and thread count."""
+    cfg = cfg or DemoConfig()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _build(Path(out_root) if out_root is not None else _pretrained_dir(), cfg, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(out_root: Path, cfg: DemoConfig, log) -> dict:
     from .model import load_model
     from .hub import load_transcoders
     from .training import TrainingConfig, save_transcoder_set, train_transcoders
 
-    cfg = cfg or DemoConfig()
-    out_root = Path(out_root) if out_root is not None else _pretrained_dir()
-    torch.set_num_threads(cfg.threads)
     t0 = time.time()
     staging = out_root / f"{NAME}.building"
     shutil.rmtree(staging, ignore_errors=True)
