@@ -156,7 +156,7 @@ def feature_dashboards():
         new_markdown_cell("## Which features to look at\n\nThe features that fire most often in the "
                           "last layer, from the index's statistics."),
         new_code_cell("LAST = transcoders.layers[-1]\n"
-                      "stats = index.table(LAST, 'stats').to_pandas()\n"
+                      "stats = index.table(LAST, 'stats')\n"
                       "busiest = stats.sort_values(['n_firing', 'feature'], ascending=[False, True]).head(5)\n"
                       "busiest[['feature', 'n_firing', 'max']]"),
         new_markdown_cell("## One dashboard\n\nThe dashboard of the busiest feature: firing "
