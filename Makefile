@@ -17,11 +17,16 @@ $(STAMP): setup.cfg pyproject.toml
 
 setup: $(STAMP)
 
+# The unit/integration tests, the browser tests and the three notebooks
+# (executed with nbval on the offline demo model) in one pytest run.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	mkdir -p artifacts/nbval
+	TC_EXPLORE_DEMO=1 TC_EXPLORE_OUT=$(CURDIR)/artifacts/nbval $(BIN)/python -m pytest -q tests notebooks --nbval-lax
 
+# The main job: the three notebooks end to end on the demo model, offline;
+# executed notebooks and their HTML land in artifacts/notebooks/.
 demo: $(STAMP)
-	$(BIN)/python -m tc_explore.quickstart
+	$(BIN)/python scripts/run_notebooks.py --out artifacts/notebooks
 
 demo-model: $(STAMP)
 	$(BIN)/python -m tc_explore.demo build
