@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import html
 import math
-import weakref
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -33,6 +32,7 @@ import pandas as pd
 
 from .errors import IncompatibleTranscoderError, InvalidInputError
 from .index import FeatureIndex, TopExample
+from .model import model_weights
 from .transcoder import TranscoderSet
 
 
@@ -137,46 +137,6 @@ def check_index_matches(index: FeatureIndex, transcoders: TranscoderSet | None) 
                 f"{transcoders.d_sae(layer)}; they do not belong together.")
 
 
-class _WeightView:
-    """The model as the invariant views see it, with ``W_E``, ``W_U``, ``W_V``,
-    ``W_O`` fetched once: a TransformerBridge re-stacks ``W_V`` / ``W_O`` from
-    its blocks on every access (~0.1 s each for GPT-2 small), which would
-    dominate opening a dashboard. Everything else is the model's own."""
-    _NAMES = ("W_E", "W_U", "W_V", "W_O")
-
-    def __init__(self, model):
-        self._model = model
-        self._key = self._stamp(model)
-        self._cached: dict = {}
-
-    @staticmethod
-    def _stamp(model):
-        w = model.W_E
-        return (w.data_ptr(), w._version, w.device, w.dtype)
-
-    def __getattr__(self, name):
-        if name in _WeightView._NAMES:
-            if name not in self._cached:
-                self._cached[name] = getattr(self._model, name).detach()
-            return self._cached[name]
-        return getattr(self._model, name)
-
-
-_weight_views: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _weights_of(model):
-    """A cached _WeightView of ``model``, renewed if its embedding changed."""
-    try:
-        view = _weight_views.get(model)
-    except TypeError:                  # not weak-referenceable: no caching
-        return _WeightView(model)
-    if view is None or view._key != _WeightView._stamp(model):
-        view = _WeightView(model)
-        _weight_views[model] = view
-    return view
-
-
 def feature_dashboard(index: FeatureIndex, layer: int, feature: int, model=None,
                       transcoders: TranscoderSet | None = None, k: int = 10, n_bands: int = 5,
                       per_band: int = 5, n_heads: int = 3) -> FeatureDashboard:
@@ -206,7 +166,6 @@ def feature_dashboard(index: FeatureIndex, layer: int, feature: int, model=None,
         dash.upstream = invariant.feature_connections(transcoders, layer, feature, "upstream", k=k)
         dash.downstream = invariant.feature_connections(transcoders, layer, feature, "downstream", k=k)
         if model is not None:
-            model = _weights_of(model)
             dash.logits_boosted, dash.logits_suppressed = invariant.logit_effects(
                 model, transcoders, layer, feature, k=k)
             dash.de_embeddings = invariant.de_embeddings(model, transcoders, layer, feature, k=k)
@@ -242,7 +201,7 @@ def search_features(model, transcoders: TranscoderSet, token: str | int, by: str
         raise InvalidInputError(f"token id {token_id} is outside the vocabulary (0..{model.cfg.d_vocab - 1}).")
     if by == "logits":
         layers = transcoders.layers if layers is None else [transcoders._check(x) for x in layers]
-        u = model.W_U[:, token_id].detach().to(transcoders.dtype)           # [d_model]
+        u = model_weights(model).W_U[:, token_id].to(transcoders.dtype)           # [d_model]
         rows = []
         with torch.no_grad():
             for layer in layers:

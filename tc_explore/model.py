@@ -10,6 +10,8 @@ provide it, with the same processed weights.
 from __future__ import annotations
 
 import os
+import weakref
+from dataclasses import dataclass
 from typing import Any, Sequence, Union
 
 import torch
@@ -243,3 +245,48 @@ def single_token_id(model, text: str) -> int:
             f"{text!r} is {len(ids)} tokens for this tokenizer ({ids}), not one; "
             "pick a string that is a single token (mind a leading space).")
     return ids[0]
+
+
+# -- weights -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelWeights:
+    """Detached processed weights, fetched once per model (see ``model_weights``)."""
+    W_E: torch.Tensor     # [d_vocab, d_model]
+    W_pos: torch.Tensor   # [n_ctx, d_model]
+    W_U: torch.Tensor     # [d_model, d_vocab]
+    b_U: torch.Tensor     # [d_vocab]
+    W_V: torch.Tensor     # [n_layers, n_heads, d_model, d_head]
+    b_V: torch.Tensor     # [n_layers, n_heads, d_head]
+    W_O: torch.Tensor     # [n_layers, n_heads, d_head, d_model]
+    b_O: torch.Tensor     # [n_layers, d_model]
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, model) -> "ModelWeights":
+        return cls(*(getattr(model, name).detach() for name in cls.__dataclass_fields__))
+
+
+_WEIGHTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _weights_stamp(model) -> tuple:
+    return tuple((w.data_ptr(), w._version, w.device, w.dtype) for w in (model.W_E, model.W_U))
+
+
+def model_weights(model, refresh: bool = False) -> ModelWeights:
+    """The model's processed weights, cached per model object.
+
+    A TransformerBridge re-stacks ``W_V`` / ``W_O`` from its blocks on every
+    access (about 0.1 s each on GPT-2 small), so reading them per feature or per
+    prompt would dominate dashboards and traces. The cache is renewed when the
+    embedding or unembedding changes (device, dtype, in-place edits); after
+    editing attention weights in place, pass ``refresh=True``."""
+    try:
+        cached = None if refresh else _WEIGHTS.get(model)
+    except TypeError:  # not weak-referenceable: no caching
+        return ModelWeights.of(model)
+    stamp = _weights_stamp(model)
+    if cached is None or cached[0] != stamp:
+        cached = (stamp, ModelWeights.of(model))
+        _WEIGHTS[model] = cached
+    return cached[1]

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from ..errors import IncompatibleTranscoderError, InvalidInputError
-from ..model import (HOOK_LN_FINAL_SCALE, Prompt, hook_attn_pattern, hook_attn_v, hook_ln1_scale,
+from ..model import (HOOK_LN_FINAL_SCALE, ModelWeights, Prompt, hook_attn_pattern, hook_attn_v, hook_ln1_scale,
                      hook_ln2_normalized, hook_ln2_scale, hook_mlp_out, hook_resid_mid,
-                     hook_resid_pre, to_tokens, token_strings)
+                     hook_resid_pre, model_weights, to_tokens, token_strings)
 from ..transcoder import Transcoder, TranscoderSet
 
 
@@ -44,26 +44,6 @@ def centre(v: torch.Tensor) -> torch.Tensor:
     """Subtract the mean over d_model: LayerNorm's centring moved onto the
     reading direction, since (x - mean(x)) . w == x . (w - mean(w))."""
     return v - v.mean(dim=-1, keepdim=True)
-
-
-@dataclass
-class ModelWeights:
-    """Detached copies of the processed weights the decomposition reads."""
-    W_E: torch.Tensor     # [d_vocab, d_model]
-    W_pos: torch.Tensor   # [n_ctx, d_model]
-    W_U: torch.Tensor     # [d_model, d_vocab]
-    b_U: torch.Tensor     # [d_vocab]
-    W_V: torch.Tensor     # [n_layers, n_heads, d_model, d_head]
-    b_V: torch.Tensor     # [n_layers, n_heads, d_head]
-    W_O: torch.Tensor     # [n_layers, n_heads, d_head, d_model]
-    b_O: torch.Tensor     # [n_layers, d_model]
-
-    @classmethod
-    @torch.no_grad()
-    def of(cls, model) -> "ModelWeights":
-        get = lambda name: getattr(model, name).detach()  # noqa: E731
-        return cls(get("W_E"), get("W_pos"), get("W_U"), get("b_U"), get("W_V"), get("b_V"),
-                   get("W_O"), get("b_O"))
 
 
 def transcoder_reads_ln2(tc: Transcoder, layer: int) -> bool:
@@ -214,7 +194,7 @@ def prompt_context(model, transcoders: TranscoderSet, prompt: Prompt, prepend_bo
         reads_ln2 = l not in transcoders or transcoder_reads_ln2(transcoders[l], l)
         mlp_in.append(cache[hook_ln2_normalized(l) if reads_ln2 else hook_resid_mid(l)][0])
     ctx = PromptContext(
-        model=model, transcoders=transcoders, weights=ModelWeights.of(model),
+        model=model, transcoders=transcoders, weights=model_weights(model),
         tokens=tokens[0], token_strs=token_strings(model, tokens[0]),
         resid=torch.stack(resid).detach().double(),
         embed=cache["hook_embed"][0].detach().double(),

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from ..errors import InvalidInputError
-from ..model import model_device
+from ..model import model_device, model_weights
 from ..replacement import transcoder_hooks
 from ..tasks import greater_than as gt
 from .context import PromptContext, prompt_context
@@ -116,8 +116,9 @@ def year_profile(model, transcoders, features: Sequence[tuple[int, int]]) -> pd.
     much each start-year token excites it). Columns layer, feature, year,
     token_id, logit_lens, de_embedding."""
     years = gt.year_token_ids(model)
-    W_U = model.W_U.detach()[:, years]                    # [d_model, 100]
-    W_E = model.W_E.detach()[years]                       # [100, d_model]
+    w = model_weights(model)
+    W_U = w.W_U[:, years]                                 # [d_model, 100]
+    W_E = w.W_E[years]                                    # [100, d_model]
     frames = []
     for layer, f in features:
         transcoders.check_feature(layer, f)

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from ..errors import InvalidInputError
-from ..model import check_layer
+from ..model import check_layer, model_weights
 from ..transcoder import TranscoderSet
 
 __all__ = ["feature_connections", "feature_connection_matrix", "logit_effects", "de_embeddings",
@@ -121,7 +121,7 @@ def logit_effects(model, transcoders: TranscoderSet, layer: int, feature: int,
     and suppresses most: (boosted, suppressed), columns token_id, token, score."""
     _check_k(k)
     transcoders.check_feature(layer, feature)
-    scores = transcoders[layer].W_dec[feature] @ model.W_U.detach().to(transcoders.dtype)  # [d_vocab]
+    scores = transcoders[layer].W_dec[feature] @ model_weights(model).W_U.to(transcoders.dtype)  # [d_vocab]
     frames = []
     for largest in (True, False):
         idx, val = _top(scores, k, largest)
@@ -136,7 +136,7 @@ def de_embeddings(model, transcoders: TranscoderSet, layer: int, feature: int,
     ``W_E @ W_enc[:, f]``, largest first. Columns token_id, token, score."""
     _check_k(k)
     w_enc = _encoder(transcoders, layer, feature)
-    scores = model.W_E.detach().to(w_enc.dtype) @ w_enc               # [d_vocab]
+    scores = model_weights(model).W_E.to(w_enc.dtype) @ w_enc         # [d_vocab]
     idx, val = _top(scores, k)
     return pd.DataFrame({"token_id": idx, "token": _token_str(model, idx), "score": val})
 
@@ -146,8 +146,9 @@ def _ov_pullbacks(model, transcoders: TranscoderSet, layer: int, feature: int) -
     layer = transcoders._check(layer)
     check_layer(model, layer)
     w_enc = _encoder(transcoders, layer, feature)
-    W_V = model.W_V.detach()[: layer + 1].to(w_enc.dtype)             # [l, H, d_model, d_head]
-    W_O = model.W_O.detach()[: layer + 1].to(w_enc.dtype)             # [l, H, d_head, d_model]
+    w = model_weights(model)
+    W_V = w.W_V[: layer + 1].to(w_enc.dtype)                          # [l, H, d_model, d_head]
+    W_O = w.W_O[: layer + 1].to(w_enc.dtype)                          # [l, H, d_head, d_model]
     # OV @ w = W_V @ (W_O @ w): never forms the d_model × d_model matrix.
     return torch.einsum("lhde,lhe->lhd", W_V, torch.einsum("lhem,m->lhe", W_O, w_enc))
 
@@ -177,7 +178,7 @@ def ov_de_embeddings(model, transcoders: TranscoderSet, layer: int, feature: int
     pulled = _ov_pullbacks(model, transcoders, layer, feature)        # [l, H, d_model]
     H = pulled.shape[1]
     head_idx, _ = _top(pulled.norm(dim=-1).reshape(-1), n_heads)
-    W_E = model.W_E.detach().to(pulled.dtype)
+    W_E = model_weights(model).W_E.to(pulled.dtype)
     rows = []
     for i in head_idx:
         l, h = divmod(i, H)
