@@ -35,9 +35,6 @@ from statistics import NormalDist
 import numpy as np
 import torch
 
-# Run from a checkout: the repository root first on the path (the editable
-# install's namespace mapping can shadow the package when run from elsewhere).
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class PeakMemory:

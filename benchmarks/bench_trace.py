@@ -22,9 +22,6 @@ import time
 
 import torch
 
-# Run as a script from anywhere: make the repository's package importable even
-# where the editable install resolves ``tc_explore`` as a namespace package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def build_model_dir(directory: str, seed: int = 0) -> str:
