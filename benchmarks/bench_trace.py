@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import resource
 import statistics
 import sys
@@ -21,7 +20,6 @@ import tempfile
 import time
 
 import torch
-
 
 
 def build_model_dir(directory: str, seed: int = 0) -> str:
