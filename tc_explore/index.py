@@ -129,8 +129,12 @@ def _ranks_in_segments(sorted_keys: torch.Tensor) -> torch.Tensor:
 class _Best:
     """For every feature, the ``k`` best entries by score (desc), ties by token (asc).
 
-    Dense ``[d_sae, k]`` tensors; empty slots have score 0 and token -1 (every
-    real score is > 0, so an empty slot always loses). The k-th score is a
+    Dense ``[d_sae, k]`` tensors, kept *unsorted* within a row while streaming:
+    a merge then writes only the slots it evicts (no row is shifted or
+    rewritten, which in the early batches, when nearly every feature takes new
+    entries, cost more than the encoding itself). ``state()`` returns the rows
+    sorted. Empty slots have score 0 and token -1 (every real score is > 0, so
+    an empty slot always loses); the row minimum is the k-th best score, a
     per-feature threshold that filters a batch's candidates before sorting.
     """
 
@@ -140,9 +144,24 @@ class _Best:
         self.token = torch.full((d_sae, k), -1, dtype=torch.int64, device=device)
         self.act = torch.zeros(d_sae, k, dtype=torch.float32, device=device)
         self.window = torch.zeros(d_sae, k, window, dtype=torch.float16, device=device)
+        self._threshold = torch.zeros(d_sae, dtype=torch.float32, device=device)
 
     def threshold(self) -> torch.Tensor:
-        return self.score[:, -1]
+        return self._threshold
+
+    @staticmethod
+    def _goodness(score: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        """An int64 key per entry that orders by score, then by lower token:
+        the score's float bits (monotone for non-negative floats) above the
+        inverted low 32 bits of the token. Exact for corpora under 2**32 tokens
+        (build() checks); all empty slots share the lowest key."""
+        bits = score.view(torch.int32).to(torch.int64)                    # scores are >= 0
+        return (bits << 32) | (0xFFFFFFFF - (token & 0xFFFFFFFF))
+
+    @staticmethod
+    def _worst_first(score: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        """[rows, k] slot order from worst to best: score asc, then token desc."""
+        return torch.argsort(_Best._goodness(score, token), dim=1)
 
     def offer(self, f: torch.Tensor, score: torch.Tensor, token: torch.Tensor, act: torch.Tensor,
               window_of, tokens_ascending: bool = False) -> None:
@@ -150,11 +169,10 @@ class _Best:
         ``window_of(idx)`` returns ``[len(idx), window]`` context activations of
         candidates ``idx``; it is called only for candidates that are kept.
 
-        A merge of two sorted lists per feature, without sorting the state:
-        a candidate's slot is (state entries that beat it) + (candidates of
-        its feature that beat it); the state's entries keep their order in
-        the slots left free. Cost O(C log C + C k + T k) for C candidates on
-        T features, not a sort of T * k entries."""
+        A candidate is kept if fewer than k entries beat it: (state entries
+        that beat it) + (candidates of its feature that beat it) < k. The m
+        kept candidates of a feature displace exactly its m worst entries, so
+        only those slots are written."""
         if f.numel() == 0:
             return
         k = self.k
@@ -164,34 +182,38 @@ class _Best:
         row_score, row_token = self.score[f], self.token[f]         # [C, k]
         beaten_by = (row_score > score[:, None]) | \
             ((row_score == score[:, None]) & (row_token < token[:, None]))
-        slot = rank + beaten_by.sum(1)                              # [C] slot after the merge
-        keep = slot < k
-        f, slot, src = f[keep], slot[keep], order[keep]
-        if f.numel() == 0:
+        keep = rank + beaten_by.sum(1) < k                          # [C]
+        if not bool(keep.any()):
             return
-        touched, row = torch.unique_consecutive(f, return_inverse=True)   # f is sorted: [T], [C']
-        taken = torch.zeros(len(touched), k, dtype=torch.bool, device=f.device)
-        taken[row, slot] = True
-        # Free slot s of a row holds the row's old entry number (free slots before s).
-        old_of = ((~taken).cumsum(1) - 1).clamp_(min=0)             # [T, k]
-        width = self.window.shape[-1]
-        new = {}
-        for name in ("score", "token", "act"):
-            new[name] = getattr(self, name)[touched].gather(1, old_of)
-        new["window"] = self.window[touched].gather(1, old_of[..., None].expand(-1, -1, width))
-        new["score"][row, slot] = score[keep]
-        new["token"][row, slot] = token[keep]
-        new["act"][row, slot] = act[src]
-        new["window"][row, slot] = window_of(src).to(self.window.dtype)
-        for name, value in new.items():
-            getattr(self, name)[touched] = value
+        f, src = f[keep], order[keep]
+        # Kept candidates of a feature are its best ones, so they stay contiguous
+        # and in rank order after the mask: j-th kept candidate -> j-th worst slot.
+        j = _ranks_in_segments(f)                                   # [C']
+        touched, row = torch.unique_consecutive(f, return_inverse=True)   # [T], [C']
+        # The m worst slots of each touched row (m = its kept candidates); keys
+        # are unique within a row except identical empty slots, so this is exact.
+        m_max = int(j.max()) + 1
+        key = self._goodness(self.score[touched], self.token[touched])     # [T, k]
+        worst = torch.topk(key, m_max, dim=1, largest=False, sorted=True).indices  # [T, m_max]
+        slot = worst[row, j]                                        # [C'] slot each one takes
+        self.score[f, slot] = score[keep]
+        self.token[f, slot] = token[keep]
+        self.act[f, slot] = act[src]
+        self.window[f, slot] = window_of(src).to(self.window.dtype)
+        self._threshold[touched] = self.score[touched].min(dim=1).values
 
     def state(self) -> dict:
-        return {"score": self.score, "token": self.token, "act": self.act, "window": self.window}
+        """Rows sorted best first (score desc, token asc), as written to disk."""
+        order = torch.flip(self._worst_first(self.score, self.token), dims=[1])
+        width = self.window.shape[-1]
+        return {"score": self.score.gather(1, order), "token": self.token.gather(1, order),
+                "act": self.act.gather(1, order),
+                "window": self.window.gather(1, order[..., None].expand(-1, -1, width))}
 
     def load(self, state: dict) -> None:
         for name, t in state.items():
             getattr(self, name).copy_(t)
+        self._threshold = self.score.min(dim=1).values
 
 
 class _LayerAccumulator:
@@ -584,6 +606,10 @@ class FeatureIndex:
         if total_sequences < 1:
             raise InvalidInputError(
                 f"n_tokens={n_tokens} is less than one sequence of {seq_len} tokens.")
+        if total_sequences * seq_len >= 2 ** 32:
+            raise InvalidInputError(
+                f"n_tokens={n_tokens} is too large for one index (at most 2**32 tokens); build "
+                "shards over parts of the corpus and keep them as separate indexes.")
         n_batches_total = -(-total_sequences // batch_size)
         if shard is None:
             first_batch, stop_batch = 0, n_batches_total
