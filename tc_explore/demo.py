@@ -370,11 +370,8 @@ def _build(out_root: Path, cfg: DemoConfig, log) -> dict:
     log(format_report(metrics))
     log(f"build time {metrics['build_seconds']['total']:.0f} s; wrote {final} "
         f"({size / 1e6:.2f} MB) and {out_root / (NAME + '.json')}")
-    try:
-        from .hub import registry
-        registry.cache_clear()
-    except AttributeError:
-        pass
+    from .hub import registry
+    registry.cache_clear()  # the new registry entry is visible to load_transcoders at once
     return metrics
 
 

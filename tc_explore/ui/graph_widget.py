@@ -53,13 +53,8 @@ def widget_asset(name: str) -> str:
 
 def _widget_css() -> str:
     """The graph's stylesheet, plus the dashboards' (``explorer.css``, shared with
-    the explorer) when it ships, so dashboard HTML in the panel is styled."""
-    css = widget_asset("circuit_graph.css")
-    try:
-        css += "\n" + widget_asset("explorer.css")
-    except FileNotFoundError:
-        pass
-    return css
+    the explorer), so dashboard HTML in the panel is styled."""
+    return widget_asset("circuit_graph.css") + "\n" + widget_asset("explorer.css")
 
 
 # -- from FORMATS.md §4 to what the browser draws ------------------------------------------
