@@ -200,7 +200,7 @@ def search_features(model, transcoders: TranscoderSet, token: str | int, by: str
     if not 0 <= token_id < int(model.cfg.d_vocab):
         raise InvalidInputError(f"token id {token_id} is outside the vocabulary (0..{model.cfg.d_vocab - 1}).")
     if by == "logits":
-        layers = transcoders.layers if layers is None else [transcoders._check(x) for x in layers]
+        layers = transcoders.select_layers(layers)
         u = model_weights(model).W_U[:, token_id].to(transcoders.dtype)           # [d_model]
         rows = []
         with torch.no_grad():

@@ -88,7 +88,7 @@ def evaluate_transcoders(model, transcoders: TranscoderSet, tokens,
     over ``tokens``: a [batch, pos] tensor, or an iterable of strings / token lists."""
     import pandas as pd
 
-    layers = transcoders.layers if layers is None else [transcoders._check(l) for l in layers]
+    layers = transcoders.select_layers(layers)
     transcoders.check_fits(model, layers)
     per_layer = {l: _Sums() for l in layers}
     together = _Sums()

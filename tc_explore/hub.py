@@ -159,18 +159,10 @@ class _Files:
     def get_uri(self, uri: str) -> Path:
         if uri.startswith("hf://"):
             parsed = parse_hf_uri(uri)
-            return download(parsed.repo_id, parsed.filename, parsed.revision or self.revision
-                            if parsed.repo_id == self.repo_id else parsed.revision)
+            # A URI into this set's own repo inherits its revision unless it pins one.
+            inherited = self.revision if parsed.repo_id == self.repo_id else None
+            return download(parsed.repo_id, parsed.filename, parsed.revision or inherited)
         return self.get(uri)
-
-    def exists(self, filename: str) -> bool:
-        if self.directory is not None:
-            return (self.directory / filename).is_file()
-        try:
-            self.get(filename)
-            return True
-        except OfflineFileMissingError:
-            return False
 
 
 # -- loading -------------------------------------------------------------------------

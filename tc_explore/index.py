@@ -590,10 +590,9 @@ class FeatureIndex:
         that many new batches and returns None — for builds in time slices.
         """
         corpus = as_corpus(corpus, model)
-        layers = list(transcoders.layers if layers is None else layers)
+        layers = transcoders.select_layers(layers)
         if not layers:
             raise InvalidInputError("layers is empty: index at least one layer.")
-        layers = [transcoders._check(layer) for layer in layers]
         transcoders.check_fits(model)
         check_context(model, corpus.seq_len)
         for name, value in (("k", k), ("n_samples", n_samples), ("batch_size", batch_size),

@@ -231,9 +231,9 @@ def check_context(model, length: int) -> None:
         raise InvalidInputError("The prompt is empty: give at least one token.")
 
 
-def token_strings(model, tokens: torch.Tensor) -> list[str]:
-    """One string per token of a 1-D (or [1, pos]) token tensor."""
-    ids = tokens.reshape(-1).tolist()
+def token_strings(model, tokens: torch.Tensor | Sequence[int]) -> list[str]:
+    """One string per token of a 1-D (or [1, pos]) token tensor or id list."""
+    ids = tokens.reshape(-1).tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
     return [model.tokenizer.decode([i]) for i in ids]
 
 

@@ -75,18 +75,32 @@ class PromptActivations:
 
 
 @torch.no_grad()
+def encode_layers(model, transcoders: TranscoderSet, tokens: torch.Tensor,
+                  layers: Sequence[int] | None = None,
+                  position: int | None = None) -> dict[int, torch.Tensor]:
+    """One forward pass over ``tokens`` [batch, pos], caching only the chosen
+    layers' transcoder input hooks, and each layer encoded once:
+    ``{layer: [batch, pos, d_sae]}`` (``[batch, d_sae]`` at one ``position``),
+    float32 on the CPU."""
+    hooks = {transcoders.input_hook(layer): layer for layer in transcoders.select_layers(layers)}
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in hooks)
+    out = {}
+    for hook, layer in hooks.items():
+        x = cache[hook] if position is None else cache[hook][:, position]
+        out[layer] = transcoders[layer].encode(x.to(transcoders.device)).float().cpu()
+    return out
+
+
+@torch.no_grad()
 def run_prompt(model, transcoders: TranscoderSet, prompt: Prompt,
                layers: Sequence[int] | None = None, prepend_bos: bool = True) -> PromptActivations:
     """One forward pass over ``prompt`` (a string or token ids), caching only
     the transcoders' input hooks, and every selected layer encoded."""
-    layers = transcoders.layers if layers is None else [transcoders._check(layer) for layer in layers]
+    layers = transcoders.select_layers(layers)
     tokens = to_tokens(model, prompt, prepend_bos=prepend_bos)        # [1, pos]
     if tokens.shape[0] != 1:
         raise InvalidInputError(f"run_prompt takes one prompt, got a batch of {tokens.shape[0]}.")
-    hooks = {transcoders.input_hook(layer): layer for layer in layers}
-    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in hooks)
-    acts = {layer: transcoders[layer].encode(cache[hook][0].to(transcoders.device)).float().cpu()
-            for hook, layer in hooks.items()}
+    acts = {layer: a[0] for layer, a in encode_layers(model, transcoders, tokens, layers).items()}
     return PromptActivations(tokens[0].cpu(), token_strings(model, tokens[0]), acts)
 
 

@@ -20,16 +20,6 @@ FeatureSelection = Mapping[int, Iterable[int]]
 Hook = tuple[str, object]
 
 
-def _layers(transcoders: TranscoderSet, layers: Sequence[int] | int | None) -> list[int]:
-    if layers is None:
-        return transcoders.layers
-    if isinstance(layers, int):
-        layers = [layers]
-    for layer in layers:
-        transcoders._check(layer)
-    return list(layers)
-
-
 def _feature_mask(tc: Transcoder, features: Iterable[int] | None, keep: bool) -> torch.Tensor | None:
     if features is None:
         return None
@@ -53,7 +43,7 @@ def transcoder_hooks(model, transcoders: TranscoderSet, layers: Sequence[int] | 
     that with no features removed the model is unchanged. ``store`` (a dict)
     receives ``store[layer] = feature activations [batch, pos, d_sae]``.
     """
-    layers = _layers(transcoders, layers)
+    layers = transcoders.select_layers(layers)
     transcoders.check_fits(model, layers)
     hooks: list[Hook] = []
     for layer in layers:

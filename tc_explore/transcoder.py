@@ -213,6 +213,15 @@ class TranscoderSet(Mapping[int, Transcoder]):
     def layers(self) -> list[int]:
         return list(self.info)
 
+    def select_layers(self, layers: Iterable[int] | int | None = None) -> list[int]:
+        """The layers a caller asked for, validated: all of the set's for None,
+        one for an int, else each checked (a clear error for one not in the set)."""
+        if layers is None:
+            return self.layers
+        if isinstance(layers, int):
+            layers = [layers]
+        return [self._check(layer) for layer in layers]
+
     def loaded_layers(self) -> list[int]:
         return sorted(self._loaded)
 
@@ -275,8 +284,7 @@ class TranscoderSet(Mapping[int, Transcoder]):
         """Raise a clear error if this set (or the chosen layers of it) cannot be
         used with ``model``. Loads the layers it checks whose shapes are unknown."""
         n_layers, d_model = int(model.cfg.n_layers), int(model.cfg.d_model)
-        chosen = self.layers if layers is None else [self._check(l) for l in layers]
-        for layer in chosen:
+        for layer in self.select_layers(layers):
             info = self.info[layer]
             if layer >= n_layers:
                 raise IncompatibleTranscoderError(

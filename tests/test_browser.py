@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 import urllib.request
 from pathlib import Path
@@ -140,8 +139,7 @@ def served(tmp_path_factory):
                TOKENIZERS_PARALLELISM="false", JUPYTER_PLATFORM_DIRS="1")
     if _demo_available():
         model_name, tc_name = "tiny-years", "tiny-years"
-        from tc_explore.demo import Corpus as DemoCorpus, tokenizer
-        tok = tokenizer()
+        from tc_explore.demo import Corpus as DemoCorpus
         texts = [" ".join(DemoCorpus(seed=7).sentence() for _ in range(6)) for _ in range(40)]
     else:
         from tc_explore.testing import FIXTURE_WORDS, build_offline_hub

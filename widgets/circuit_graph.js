@@ -323,27 +323,20 @@ function render({ model, el }) {
     model.send({ type: "expand", node_id: sel });
   });
 
-  const onGraph = () => draw();
-  const onSel = () => applySelection();
-  const onThr = () => applyPrune();
-  const onDash = () => applyDashboard();
-  const onStatus = () => { status.textContent = model.get("status") || ""; };
-  const onCan = () => applySelection();
-  model.on("change:graph_data", onGraph);
-  model.on("change:selected_node", onSel);
-  model.on("change:threshold", onThr);
-  model.on("change:dashboard", onDash);
-  model.on("change:status", onStatus);
-  model.on("change:can_expand", onCan);
+  // Python-side trait -> what to redraw when it changes.
+  const handlers = {
+    "change:graph_data": () => draw(),
+    "change:selected_node": () => applySelection(),
+    "change:threshold": () => applyPrune(),
+    "change:dashboard": () => applyDashboard(),
+    "change:status": () => { status.textContent = model.get("status") || ""; },
+    "change:can_expand": () => applySelection(),
+  };
+  for (const [event, fn] of Object.entries(handlers)) model.on(event, fn);
   draw();
-  onStatus();
+  handlers["change:status"]();
   return () => {
-    model.off("change:graph_data", onGraph);
-    model.off("change:selected_node", onSel);
-    model.off("change:threshold", onThr);
-    model.off("change:dashboard", onDash);
-    model.off("change:status", onStatus);
-    model.off("change:can_expand", onCan);
+    for (const [event, fn] of Object.entries(handlers)) model.off(event, fn);
   };
 }
 

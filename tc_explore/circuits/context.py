@@ -84,8 +84,8 @@ class PromptContext:
     # All tensors above except tokens and mlp_in are float64.
     cache_encodings: bool = True
     n_encodings: int = 0            # how many times a transcoder was run on this prompt
-    _acts: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
-    _tc_out: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    # layer -> (feature activations [pos, d_sae], transcoder output [pos, d_model])
+    _encodings: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     # -- facts -------------------------------------------------------------------------
     @property
@@ -134,21 +134,20 @@ class PromptContext:
         self.n_encodings += 1
         return acts, out
 
+    def _encoded(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.cache_encodings:
+            return self._encode(layer)
+        if layer not in self._encodings:
+            self._encodings[layer] = self._encode(layer)
+        return self._encodings[layer]
+
     def feature_acts(self, layer: int) -> torch.Tensor:
         """[pos, d_sae] feature activations of ``layer``'s transcoder on the prompt."""
-        if not self.cache_encodings:
-            return self._encode(layer)[0]
-        if layer not in self._acts:
-            self._acts[layer], self._tc_out[layer] = self._encode(layer)
-        return self._acts[layer]
+        return self._encoded(layer)[0]
 
     def transcoder_out(self, layer: int) -> torch.Tensor:
         """[pos, d_model] transcoder output (reconstruction of the MLP output)."""
-        if not self.cache_encodings:
-            return self._encode(layer)[1]
-        if layer not in self._tc_out:
-            self._acts[layer], self._tc_out[layer] = self._encode(layer)
-        return self._tc_out[layer]
+        return self._encoded(layer)[1]
 
     def transcoder_error(self, layer: int) -> torch.Tensor:
         """[pos, d_model] true MLP output minus transcoder output."""

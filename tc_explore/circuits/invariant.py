@@ -22,15 +22,11 @@ import pandas as pd
 import torch
 
 from ..errors import InvalidInputError
-from ..model import check_layer, model_weights
+from ..model import check_layer, model_weights, token_strings
 from ..transcoder import TranscoderSet
 
 __all__ = ["feature_connections", "feature_connection_matrix", "logit_effects", "de_embeddings",
            "ov_de_embeddings", "ov_norms"]
-
-
-def _token_str(model, ids: list[int]) -> list[str]:
-    return [model.tokenizer.decode([i]) for i in ids]
 
 
 def _check_k(k: int) -> int:
@@ -138,7 +134,7 @@ def logit_effects(model, transcoders: TranscoderSet, layer: int, feature: int,
     frames = []
     for largest in (True, False):
         idx, val = _top(scores, k, largest)
-        frames.append(pd.DataFrame({"token_id": idx, "token": _token_str(model, idx), "score": val}))
+        frames.append(pd.DataFrame({"token_id": idx, "token": token_strings(model, idx), "score": val}))
     return frames[0], frames[1]
 
 
@@ -151,7 +147,7 @@ def de_embeddings(model, transcoders: TranscoderSet, layer: int, feature: int,
     w_enc = _encoder(transcoders, layer, feature)
     scores = model_weights(model).W_E.to(w_enc.dtype) @ w_enc         # [d_vocab]
     idx, val = _top(scores, k)
-    return pd.DataFrame({"token_id": idx, "token": _token_str(model, idx), "score": val})
+    return pd.DataFrame({"token_id": idx, "token": token_strings(model, idx), "score": val})
 
 
 def _ov_pullbacks(model, transcoders: TranscoderSet, layer: int, feature: int) -> torch.Tensor:
@@ -198,5 +194,5 @@ def ov_de_embeddings(model, transcoders: TranscoderSet, layer: int, feature: int
     rows = []
     for j, (l, h) in enumerate(heads):
         idx, val = _top(scores[:, j], k)
-        rows += [(l, h, t, s, v) for t, s, v in zip(idx, _token_str(model, idx), val)]
+        rows += [(l, h, t, s, v) for t, s, v in zip(idx, token_strings(model, idx), val)]
     return pd.DataFrame(rows, columns=["layer", "head", "token_id", "token", "score"])

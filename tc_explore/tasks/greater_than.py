@@ -23,6 +23,7 @@ import torch
 
 from ..errors import InvalidInputError
 from ..model import check_context, model_device
+from ..prompt_features import encode_layers
 
 TEMPLATE = "The {noun} lasted from the year {century}{yy:02d} to the year {century}"
 
@@ -249,8 +250,7 @@ def feature_activations(model, transcoders, prompts, layers: Sequence[int] | Non
     ``{layer: [n_prompts, d_sae]}``."""
     tp = _as_tokenized(model, prompts)
     transcoders.check_fits(model)
-    layers = transcoders.layers if layers is None else [transcoders._check(l) for l in layers]
-    names = {transcoders.input_hook(l): l for l in layers}
+    layers = transcoders.select_layers(layers)
     rows: dict[int, list] = {l: [None] * len(tp) for l in layers}
     by_length: dict[int, list[int]] = {}
     for i, t in enumerate(tp.tokens):
@@ -258,14 +258,11 @@ def feature_activations(model, transcoders, prompts, layers: Sequence[int] | Non
             raise InvalidInputError(f"position {position} is outside prompt {i} "
                                     f"({t.shape[0]} tokens).")
         by_length.setdefault(t.shape[0], []).append(i)
-    with torch.no_grad():
-        for idx in by_length.values():
-            batch = torch.stack([tp.tokens[i] for i in idx]).to(model_device(model))
-            _, cache = model.run_with_cache(batch, names_filter=lambda n: n in names)
-            for name, l in names.items():
-                acts = transcoders[l].encode(cache[name][:, position])
-                for j, i in enumerate(idx):
-                    rows[l][i] = acts[j].float().cpu()
+    for idx in by_length.values():
+        batch = torch.stack([tp.tokens[i] for i in idx]).to(model_device(model))
+        for l, acts in encode_layers(model, transcoders, batch, layers, position).items():
+            for j, i in enumerate(idx):
+                rows[l][i] = acts[j]
     return {l: torch.stack(r) for l, r in rows.items()}
 
 
