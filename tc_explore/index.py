@@ -103,6 +103,16 @@ def _feature_hash(layer: int, d_sae: int, seed: int) -> np.ndarray:
 
 
 # -- accumulators -----------------------------------------------------------------------
+# Hot path: every batch of every layer. On CPU, 1-D gathers use index_select
+# (several times cheaper than advanced indexing) and 1-D sorts use numpy's
+# (several times cheaper than torch's); see benchmarks/bench_accumulator.py.
+def _argsort(key: torch.Tensor, stable: bool = False) -> torch.Tensor:
+    """Indices that sort a 1-D tensor ascending (ties in input order if ``stable``)."""
+    if key.device.type == "cpu":
+        return torch.from_numpy(np.argsort(key.numpy(), kind="stable" if stable else None))
+    return torch.sort(key, stable=stable).indices
+
+
 def _lex_order(f: torch.Tensor, score: torch.Tensor, token: torch.Tensor,
                tokens_ascending: bool = False) -> torch.Tensor:
     """Permutation sorting by feature asc, score desc, token asc.
@@ -110,20 +120,73 @@ def _lex_order(f: torch.Tensor, score: torch.Tensor, token: torch.Tensor,
     One stable sort of an int64 key (feature in the high 32 bits, the score's
     float bits inverted in the low 32: for positive floats the bit pattern is
     monotone), after a stable sort by token unless the tokens already ascend
-    (candidates from one batch come in token order)."""
-    order = None if tokens_ascending else torch.sort(token, stable=True).indices
-    f_o = f if order is None else f[order]
-    s_o = score if order is None else score[order]
+    among candidates of one feature (as a batch's candidates do)."""
+    order = None if tokens_ascending else _argsort(token, stable=True)
+    f_o = f if order is None else f.index_select(0, order)
+    s_o = score if order is None else score.index_select(0, order)
     bits = s_o.float().view(torch.int32).to(torch.int64)       # scores are > 0
     key = (f_o.to(torch.int64) << 32) | (0x7FFFFFFF - bits)
-    by_key = torch.sort(key, stable=True).indices
-    return by_key if order is None else order[by_key]
+    by_key = _argsort(key, stable=True)
+    return by_key if order is None else order.index_select(0, by_key)
+
+
+def _segment_starts(sorted_keys: torch.Tensor) -> torch.Tensor:
+    """[n] bool: True where a run of equal keys begins (keys sorted)."""
+    start = torch.ones_like(sorted_keys, dtype=torch.bool)
+    start[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    return start
 
 
 def _ranks_in_segments(sorted_keys: torch.Tensor) -> torch.Tensor:
-    """Rank of each element within its run of equal keys (keys sorted)."""
-    first = torch.searchsorted(sorted_keys, sorted_keys, right=False)
-    return torch.arange(sorted_keys.numel(), device=sorted_keys.device) - first
+    """Rank of each element within its run of equal keys (keys sorted): its
+    index minus the running max of run-start indices (linear, no search)."""
+    i = torch.arange(sorted_keys.numel(), device=sorted_keys.device)
+    first = torch.where(_segment_starts(sorted_keys), i, 0).cummax(0).values
+    return i - first
+
+
+def _nonzero_2d(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column indices of the nonzero entries of a 2-D tensor, row-major.
+
+    On CPU numpy's ``!=`` and ``flatnonzero`` are several times faster than
+    torch's comparison and ``nonzero`` (and its division by a scalar, through
+    libdivide); this one dense pass over the batch would otherwise cost more
+    than the rest of the update."""
+    if x.device.type == "cpu" and x.dtype in (torch.float16, torch.float32, torch.float64):
+        idx = np.flatnonzero(x.detach().numpy() != 0)
+        row = idx // x.shape[1]
+        return torch.from_numpy(row), torch.from_numpy(idx - row * x.shape[1])
+    return (x != 0).nonzero(as_tuple=True)
+
+
+def _context_windows(seg: torch.Tensor, pos: torch.Tensor, vals: torch.Tensor, before: int,
+                     after: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[nnz, before + 1 + after]`` windows of nonzero activations: the
+    feature's activations at positions -before..+after around each, zero
+    elsewhere and outside its sequence. Entries are sorted by ``seg`` (feature
+    and sequence), then by ``pos`` (distinct within a segment).
+
+    Built from the nonzeros alone rather than gathered from the dense batch,
+    where each window element is a cache miss (d_sae * 4 bytes from the last):
+    the entries within D positions after entry i in its segment are among
+    entries i+1..i+D."""
+    nnz, width, reach = seg.numel(), before + 1 + after, max(before, after)
+    win = torch.zeros(nnz, width, dtype=dtype, device=seg.device)
+    win[:, before] = vals.to(dtype)
+    if reach == 0 or nnz < 2:
+        return win
+
+    def following(x):                                           # [nnz, D]: x of entries i+1..i+D
+        pad = torch.full((reach,), -1, dtype=x.dtype, device=x.device)
+        return torch.cat([x, pad]).unfold(0, reach + 1, 1)[:, 1:]
+    gap = following(pos) - pos[:, None]                         # [nnz, D] positions apart
+    i, d = ((following(seg) == seg[:, None]) & (gap <= reach)).nonzero(as_tuple=True)  # few pairs
+    j, gap = i + d + 1, gap[i, d]
+    ahead = gap <= after                                        # j is in i's window
+    win[i[ahead], before + gap[ahead]] = vals[j[ahead]].to(dtype)
+    behind = gap <= before                                      # i is in j's window
+    win[j[behind], before - gap[behind]] = vals[i[behind]].to(dtype)
+    return win
 
 
 class _Best:
@@ -136,6 +199,12 @@ class _Best:
     sorted. Empty slots have score 0 and token -1 (every real score is > 0, so
     an empty slot always loses); the row minimum is the k-th best score, a
     per-feature threshold that filters a batch's candidates before sorting.
+
+    Internal caches: ``_key`` is ``_goodness`` of every slot (one int64
+    comparison per slot instead of three), ``_filled`` the number of non-empty
+    slots per row. Empty slots are filled in order and never reappear, so a
+    row's filled slots are always a prefix (also after ``load``: ``state()``
+    puts empty slots last).
     """
 
     def __init__(self, d_sae: int, k: int, window: int, device):
@@ -145,6 +214,8 @@ class _Best:
         self.act = torch.zeros(d_sae, k, dtype=torch.float32, device=device)
         self.window = torch.zeros(d_sae, k, window, dtype=torch.float16, device=device)
         self._threshold = torch.zeros(d_sae, dtype=torch.float32, device=device)
+        self._key = self._goodness(self.score, self.token)
+        self._filled = torch.zeros(d_sae, dtype=torch.int64, device=device)
 
     def threshold(self) -> torch.Tensor:
         return self._threshold
@@ -154,8 +225,9 @@ class _Best:
         """An int64 key per entry that orders by score, then by lower token:
         the score's float bits (monotone for non-negative floats) above the
         inverted low 32 bits of the token. Exact for corpora under 2**32 tokens
-        (build() checks); all empty slots share the lowest key."""
-        bits = score.view(torch.int32).to(torch.int64)                    # scores are >= 0
+        (build() checks); all empty slots share the lowest key, 0; every real
+        entry's key is >= 2**32."""
+        bits = score.float().view(torch.int32).to(torch.int64)            # scores are >= 0
         return (bits << 32) | (0xFFFFFFFF - (token & 0xFFFFFFFF))
 
     @staticmethod
@@ -176,31 +248,53 @@ class _Best:
         if f.numel() == 0:
             return
         k = self.k
-        order = _lex_order(f, score, token, tokens_ascending)       # candidates by feature, rank
-        f, score, token = f[order], score[order], token[order]
+        order = _lex_order(f, score, token, tokens_ascending)       # [C] by feature, best first
+        f = f.index_select(0, order)
+        key = self._goodness(score.index_select(0, order), token.index_select(0, order))  # [C]
         rank = _ranks_in_segments(f)                                # [C] among the feature's candidates
-        row_score, row_token = self.score[f], self.token[f]         # [C, k]
-        beaten_by = (row_score > score[:, None]) | \
-            ((row_score == score[:, None]) & (row_token < token[:, None]))
-        keep = rank + beaten_by.sum(1) < k                          # [C]
-        if not bool(keep.any()):
+        # At most the row's filled slots can beat a candidate: one with
+        # rank + filled < k is kept without looking at the row (in the first
+        # batches, while rows fill, nearly all are), one with rank >= k is not.
+        # Only the rest are compared with all k slots of their row.
+        keep = rank + self._filled.index_select(0, f) < k           # [C]
+        doubt = ((rank < k) & ~keep).nonzero().squeeze(1)          # [D]
+        if doubt.numel():
+            row_key = self._key.index_select(0, f.index_select(0, doubt))        # [D, k]
+            beaten = (row_key > key.index_select(0, doubt)[:, None]).sum(1)      # [D]
+            keep[doubt] = rank.index_select(0, doubt) + beaten < k
+        kept = keep.nonzero().squeeze(1)                            # [C']
+        if kept.numel() == 0:
             return
-        f, src = f[keep], order[keep]
+        f, key, src = f.index_select(0, kept), key.index_select(0, kept), order.index_select(0, kept)
         # Kept candidates of a feature are its best ones, so they stay contiguous
-        # and in rank order after the mask: j-th kept candidate -> j-th worst slot.
+        # and in rank order after the mask: j-th kept candidate -> j-th worst slot,
+        # which is the j-th empty slot while there is one (empties, the worst,
+        # follow the filled prefix).
         j = _ranks_in_segments(f)                                   # [C']
-        touched, row = torch.unique_consecutive(f, return_inverse=True)   # [T], [C']
-        # The m worst slots of each touched row (m = its kept candidates); keys
-        # are unique within a row except identical empty slots, so this is exact.
-        m_max = int(j.max()) + 1
-        key = self._goodness(self.score[touched], self.token[touched])     # [T, k]
-        worst = torch.topk(key, m_max, dim=1, largest=False, sorted=True).indices  # [T, m_max]
-        slot = worst[row, j]                                        # [C'] slot each one takes
-        self.score[f, slot] = score[keep]
-        self.token[f, slot] = token[keep]
-        self.act[f, slot] = act[src]
-        self.window[f, slot] = window_of(src).to(self.window.dtype)
-        self._threshold[touched] = self.score[touched].min(dim=1).values
+        slot = self._filled.index_select(0, f) + j                  # [C']
+        evict = (slot >= k).nonzero().squeeze(1)                    # [E] displace a real entry
+        if evict.numel():
+            ev_f, ev_j = f.index_select(0, evict), j.index_select(0, evict)
+            start = _segment_starts(ev_f)
+            rows, row_of = ev_f[start], start.cumsum(0) - 1        # [R] rows evicting, [E] index in rows
+            # The m worst slots of the row (its empties first); keys are unique
+            # within a row except identical empty slots, so this is exact.
+            worst = torch.topk(self._key.index_select(0, rows), int(ev_j.max()) + 1, dim=1,
+                               largest=False, sorted=True).indices             # [R, m_max]
+            slot[evict] = worst[row_of, ev_j]
+        at = f * k + slot                                           # [C'] flat slot each one takes
+        self._key.view(-1).index_copy_(0, at, key)
+        self.score.view(-1).index_copy_(0, at, score.index_select(0, src).to(self.score.dtype))
+        self.token.view(-1).index_copy_(0, at, token.index_select(0, src))
+        self.act.view(-1).index_copy_(0, at, act.index_select(0, src).to(self.act.dtype))
+        self.window.view(-1, self.window.shape[-1]).index_copy_(
+            0, at, window_of(src).to(self.window.dtype))
+        self._filled.index_add_(0, f, torch.ones_like(f)).clamp_(max=k)
+        # The threshold (row minimum) is 0 while a row has an empty slot: only
+        # rows that are now full need it recomputed.
+        touched = f[_segment_starts(f)]                             # [T]
+        full = touched[self._filled.index_select(0, touched) == k]
+        self._threshold[full] = self.score.index_select(0, full).amin(dim=1)
 
     def state(self) -> dict:
         """Rows sorted best first (score desc, token asc), as written to disk."""
@@ -211,9 +305,12 @@ class _Best:
                 "window": self.window.gather(1, order[..., None].expand(-1, -1, width))}
 
     def load(self, state: dict) -> None:
+        """Load a ``state()`` (rows best first, so empty slots last)."""
         for name, t in state.items():
             getattr(self, name).copy_(t)
         self._threshold = self.score.min(dim=1).values
+        self._key = self._goodness(self.score, self.token)
+        self._filled = (self.token >= 0).sum(dim=1)
 
 
 class _LayerAccumulator:
@@ -238,43 +335,46 @@ class _LayerAccumulator:
         first token has global index ``first_token``; ``token_key [n_seq, seq_len]``
         is the hash of each token's global index."""
         n_seq, seq_len, d_sae = acts.shape
+        n_tok = n_seq * seq_len
         flat = acts.reshape(-1)                                     # a view: acts is contiguous
-        rows, f = (acts.reshape(-1, d_sae) > 0).nonzero(as_tuple=True)   # [nnz] each
-        body = rows % seq_len != 0                                  # position 0 is skipped
-        rows, f = rows[body], f[body]
-        vals = flat[rows * d_sae + f]                               # [nnz]
-        seq, pos = rows // seq_len, rows % seq_len
-        token = first_token + rows                                  # global token index
+        # Every nonzero activation once, feature-major (a feature's entries
+        # contiguous and in token order): the order of a batch's candidates.
+        row, f = _nonzero_2d(acts.reshape(n_tok, d_sae))            # [nnz] row-major
+        vals = flat.index_select(0, row * d_sae + f)                # [nnz]
+        order = _argsort(f * n_tok + row)                           # distinct keys
+        row, f, vals = row.index_select(0, order), f.index_select(0, order), vals.index_select(0, order)
+        seq = row // seq_len
+        pos = row - seq * seq_len
+        # Context windows of all of them, built once for top-k and samples alike
+        # (from every nonzero: position 0 and non-positive values show in windows).
+        windows = _context_windows(f * n_seq + seq, pos, vals, self.before, self.after,
+                                   self.top.window.dtype)           # [nnz, w]
+        # The firing entries that count: activation > 0, position 0 (BOS) left out.
+        e = ((vals > 0) & (pos != 0)).nonzero().squeeze(1)          # [n] entry ids
+        row, f, vals = row.index_select(0, e), f.index_select(0, e), vals.index_select(0, e)
+        token = first_token + row                                   # [n] global token index
 
-        self.n_firing += torch.bincount(f, minlength=d_sae)
-        self.act_sum += torch.bincount(f, weights=vals.double(), minlength=d_sae)
+        ones = torch.ones_like(f)
+        self.n_firing.index_add_(0, f, ones)
+        self.act_sum += torch.bincount(f, weights=vals.double(), minlength=d_sae)   # batch sums first
         bins = torch.bucketize(vals, self.edges, right=True)
-        self.hist += torch.bincount(f * self.n_bins + bins, minlength=d_sae * self.n_bins)
+        self.hist.index_add_(0, f * self.n_bins + bins, ones)      # no [d_sae * n_bins] temporary
 
-        offsets = torch.arange(-self.before, self.after + 1, device=acts.device)
-
-        def window_of(sel_seq, sel_pos, sel_f):
-            def gather(idx):                                        # -> [len(idx), window]
-                p = sel_pos[idx, None] + offsets
-                inside = (p >= 0) & (p < seq_len)
-                at = (sel_seq[idx, None] * seq_len + p.clamp(0, seq_len - 1)) * d_sae + sel_f[idx, None]
-                return flat[at] * inside                            # zero outside the sequence
-            return gather
-
-        cand = vals > self.top.threshold()[f]
-        c_f, c_seq, c_pos = f[cand], seq[cand], pos[cand]
-        self.top.offer(c_f, vals[cand], token[cand], vals[cand], window_of(c_seq, c_pos, c_f),
+        def offer(best: _Best, score: torch.Tensor) -> None:
+            cand = (score > best.threshold().index_select(0, f)).nonzero().squeeze(1)
+            c_e = e.index_select(0, cand)                           # candidates' entry ids
+            best.offer(f.index_select(0, cand), score.index_select(0, cand),
+                       token.index_select(0, cand), vals.index_select(0, cand),
+                       lambda i: windows.index_select(0, c_e.index_select(0, i)),
                        tokens_ascending=True)
 
+        offer(self.top, vals)
         # Sample priority 1 - frac(a_token + b_feature): for one feature the order
         # over tokens is a uniform random permutation, so the n_samples highest
         # priorities are a uniform sample of its firing tokens, reproducibly.
-        key = (token_key.reshape(-1)[rows] + self.feature_key[f]).remainder_(1.0)
-        priority = (1.0 - key).float()
-        cand = priority > self.samples.threshold()[f]
-        c_f, c_seq, c_pos = f[cand], seq[cand], pos[cand]
-        self.samples.offer(c_f, priority[cand], token[cand], vals[cand], window_of(c_seq, c_pos, c_f),
-                           tokens_ascending=True)
+        key = (token_key.reshape(-1).index_select(0, row)
+               + self.feature_key.index_select(0, f)).remainder_(1.0)
+        offer(self.samples, (1.0 - key).float())
 
     def state(self) -> dict:
         return {"top": self.top.state(), "samples": self.samples.state(), "n_firing": self.n_firing,
