@@ -168,20 +168,22 @@ def _context_windows(seg: torch.Tensor, pos: torch.Tensor, vals: torch.Tensor, b
 
     Built from the nonzeros alone rather than gathered from the dense batch,
     where each window element is a cache miss (d_sae * 4 bytes from the last):
-    the entries within D positions after entry i in its segment are among
-    entries i+1..i+D."""
+    the entries within D = max(before, after) positions after entry i in its
+    segment are among entries i+1..i+D."""
     nnz, width, reach = seg.numel(), before + 1 + after, max(before, after)
     win = torch.zeros(nnz, width, dtype=dtype, device=seg.device)
     win[:, before] = vals.to(dtype)
     if reach == 0 or nnz < 2:
         return win
-
-    def following(x):                                           # [nnz, D]: x of entries i+1..i+D
-        pad = torch.full((reach,), -1, dtype=x.dtype, device=x.device)
-        return torch.cat([x, pad]).unfold(0, reach + 1, 1)[:, 1:]
-    gap = following(pos) - pos[:, None]                         # [nnz, D] positions apart
-    i, d = ((following(seg) == seg[:, None]) & (gap <= reach)).nonzero(as_tuple=True)  # few pairs
-    j, gap = i + d + 1, gap[i, d]
+    # Entry i has a neighbour within reach only if entry i+1 is one (positions
+    # ascend within a segment), which few are: test i+1..i+D for those only.
+    near = ((seg[1:] == seg[:-1]) & (pos[1:] - pos[:-1] <= reach)).nonzero().squeeze(1)   # [N]
+    j = near[:, None] + torch.arange(1, reach + 1, device=seg.device)   # [N, D] candidate partners
+    valid = j < nnz
+    j = j.clamp(max=nnz - 1)
+    gap = pos[j] - pos[near, None]                              # [N, D] positions apart
+    pair = valid & (seg[j] == seg[near, None]) & (gap <= reach)
+    i, j, gap = near[:, None].expand_as(j)[pair], j[pair], gap[pair]    # [P] pairs i < j
     ahead = gap <= after                                        # j is in i's window
     win[i[ahead], before + gap[ahead]] = vals[j[ahead]].to(dtype)
     behind = gap <= before                                      # i is in j's window
@@ -237,7 +239,7 @@ class _Best:
 
     def offer(self, f: torch.Tensor, score: torch.Tensor, token: torch.Tensor, act: torch.Tensor,
               window_of, tokens_ascending: bool = False) -> None:
-        """Merge candidates (all with score above their feature's threshold).
+        """Merge candidates (all with score at least their feature's threshold).
         ``window_of(idx)`` returns ``[len(idx), window]`` context activations of
         candidates ``idx``; it is called only for candidates that are kept.
 
@@ -260,7 +262,7 @@ class _Best:
         doubt = ((rank < k) & ~keep).nonzero().squeeze(1)          # [D]
         if doubt.numel():
             row_key = self._key.index_select(0, f.index_select(0, doubt))        # [D, k]
-            beaten = (row_key > key.index_select(0, doubt)[:, None]).sum(1)      # [D]
+            beaten = (row_key > key.index_select(0, doubt)[:, None]).sum(1, dtype=torch.int32)  # [D]
             keep[doubt] = rank.index_select(0, doubt) + beaten < k
         kept = keep.nonzero().squeeze(1)                            # [C']
         if kept.numel() == 0:
@@ -274,14 +276,21 @@ class _Best:
         slot = self._filled.index_select(0, f) + j                  # [C']
         evict = (slot >= k).nonzero().squeeze(1)                    # [E] displace a real entry
         if evict.numel():
+            # The j-th worst slot of the row (its empties first; keys are unique
+            # within a row except identical empty slots, so this is exact). Once
+            # rows are full nearly every evicting candidate has j == 0: the row's
+            # argmin, a fraction of the cost of a topk.
             ev_f, ev_j = f.index_select(0, evict), j.index_select(0, evict)
-            start = _segment_starts(ev_f)
-            rows, row_of = ev_f[start], start.cumsum(0) - 1        # [R] rows evicting, [E] index in rows
-            # The m worst slots of the row (its empties first); keys are unique
-            # within a row except identical empty slots, so this is exact.
-            worst = torch.topk(self._key.index_select(0, rows), int(ev_j.max()) + 1, dim=1,
-                               largest=False, sorted=True).indices             # [R, m_max]
-            slot[evict] = worst[row_of, ev_j]
+            ev_slot = self._key.index_select(0, ev_f).argmin(dim=1)            # [E], right for j == 0
+            more = (ev_j > 0).nonzero().squeeze(1)                  # [M]
+            if more.numel():
+                m_f, m_j = ev_f.index_select(0, more), ev_j.index_select(0, more)
+                start = _segment_starts(m_f)
+                rows, row_of = m_f[start], start.cumsum(0) - 1      # [R] their rows, [M] index in rows
+                worst = torch.topk(self._key.index_select(0, rows), int(m_j.max()) + 1, dim=1,
+                                   largest=False, sorted=True).indices         # [R, m_max]
+                ev_slot[more] = worst[row_of, m_j]
+            slot[evict] = ev_slot
         at = f * k + slot                                           # [C'] flat slot each one takes
         self._key.view(-1).index_copy_(0, at, key)
         self.score.view(-1).index_copy_(0, at, score.index_select(0, src).to(self.score.dtype))
@@ -361,7 +370,9 @@ class _LayerAccumulator:
         self.hist.index_add_(0, f * self.n_bins + bins, ones)      # no [d_sae * n_bins] temporary
 
         def offer(best: _Best, score: torch.Tensor) -> None:
-            cand = (score > best.threshold().index_select(0, f)).nonzero().squeeze(1)
+            # >=: a token tied with the row minimum can still win the tie on
+            # token order if batches come out of order (build feeds them in order).
+            cand = (score >= best.threshold().index_select(0, f)).nonzero().squeeze(1)
             c_e = e.index_select(0, cand)                           # candidates' entry ids
             best.offer(f.index_select(0, cand), score.index_select(0, cand),
                        token.index_select(0, cand), vals.index_select(0, cand),

@@ -252,3 +252,92 @@ def test_ties_are_broken_by_token_order_across_shards(tiny_model, tiny_transcode
         assert [(e.sequence, e.position) for e in single.top_examples(0, f)] == want
         assert [(e.sequence, e.position) for e in merged.top_examples(0, f)] == want
     assert n_tied > 10
+
+
+# -- the accumulator on synthetic batches (exact, order-independent) ----------------------
+def _synthetic_batches(n_batches=5, n_seq=3, seq_len=12, d_sae=10, seed=0):
+    """Activations with ties (few distinct values), a feature firing nearly
+    everywhere (many evictions per batch), one firing only at position 0, one
+    never, and non-firing negative and -0.0 values (which windows show)."""
+    rng = np.random.default_rng(seed)
+    density = np.array([0.9, 0.5, 0.3, 0.3, 0.2, 0.1, 0.1, 0.05, 0.0, 0.0])[:d_sae]
+    out = []
+    for _ in range(n_batches):
+        fire = rng.random((n_seq, seq_len, d_sae)) < density
+        fire[:, 0, 8 % d_sae] = True
+        a = np.where(fire, rng.choice([0.5, 1.0, 1.5, 2.0], fire.shape), 0.0).astype(np.float32)
+        a[~fire & (rng.random(fire.shape) < 0.05)] = -0.75
+        a[~fire & (rng.random(fire.shape) < 0.05)] = -0.0
+        out.append(torch.from_numpy(a))
+    return out
+
+
+def _fold(batches, order, k=3, n_samples=4, window=(2, 3), layer=1, seed=0, resume_after=None):
+    from tc_explore.index import _LayerAccumulator, histogram_edges
+    n_seq, seq_len, d_sae = batches[0].shape
+    new = lambda: _LayerAccumulator(layer, d_sae, k, n_samples, histogram_edges(), window, seed, "cpu")
+    acc = new()
+    for step, b in enumerate(order):
+        first = b * n_seq * seq_len
+        key = torch.from_numpy(_token_hash(first + np.arange(n_seq * seq_len), seed).reshape(n_seq, seq_len))
+        acc.update(batches[b], key, first)
+        if step == resume_after:
+            acc2 = new()
+            acc2.load(acc.state())
+            acc = acc2
+    return acc.state()
+
+
+def test_accumulator_equals_brute_force_on_synthetic_batches():
+    batches = _synthetic_batches()
+    k, n_samples, (before, after), layer = 3, 4, (2, 3), 1
+    state = _fold(batches, range(len(batches)))
+    acts = torch.cat(batches).numpy()                               # [n_seq, seq_len, d_sae]
+    n_seq, seq_len, d_sae = acts.shape
+    fh = _feature_hash(layer, d_sae, seed=0)
+    for f in range(d_sae):
+        s, p = np.nonzero(acts[:, 1:, f] > 0)
+        p = p + 1
+        vals, toks = acts[s, p, f], s * seq_len + p
+        assert int(state["n_firing"][f]) == len(vals)
+        assert float(state["act_sum"][f]) == pytest.approx(float(vals.astype(np.float64).sum()))
+        prio = (1.0 - np.remainder(_token_hash(toks, seed=0) + fh[f], 1.0)).astype(np.float32)
+        for kind, score, n in (("top", vals, k), ("samples", prio, n_samples)):
+            best = np.lexsort((toks, -score))[:n]
+            got = state[kind]
+            assert got["token"][f, :len(best)].tolist() == toks[best].tolist(), (kind, f)
+            assert (got["token"][f, len(best):] == -1).all()
+            np.testing.assert_array_equal(got["score"][f, :len(best)].numpy(), score[best])
+            np.testing.assert_array_equal(got["act"][f, :len(best)].numpy(), vals[best])
+            for slot, e in enumerate(best):
+                want = [acts[s[e], q, f] if 0 <= q < seq_len else 0.0
+                        for q in range(p[e] - before, p[e] + after + 1)]
+                np.testing.assert_array_equal(got["window"][f, slot].numpy(),
+                                              np.array(want, dtype=np.float16), err_msg=f"{kind} {f}")
+    assert int(state["n_firing"][8 % d_sae]) == 0 and (state["top"]["token"][9] == -1).all()
+    # The windows do show non-firing negative activations.
+    assert (state["top"]["window"] < 0).any()
+
+
+def test_accumulator_is_independent_of_batch_order_and_resume():
+    batches = _synthetic_batches(n_batches=6, seed=3)
+    straight = _fold(batches, range(6))
+    for order, resume_after in (([5, 2, 0, 4, 1, 3], None), (range(6), 2), ([3, 4, 5, 0, 1, 2], 3)):
+        other = _fold(batches, order, resume_after=resume_after)
+        for kind in ("top", "samples"):
+            for name, t in straight[kind].items():
+                assert torch.equal(t, other[kind][name]), (kind, name, order)
+        assert torch.equal(straight["n_firing"], other["n_firing"])
+        assert torch.equal(straight["hist"], other["hist"])
+        torch.testing.assert_close(straight["act_sum"], other["act_sum"], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_nonzero_2d_matches_torch(dtype):
+    from tc_explore.index import _nonzero_2d
+    x = torch.randn(37, 29).to(dtype)
+    x[x.abs() < 1.0] = 0.0
+    x[0, :5] = torch.tensor([-0.0, float("nan"), -1.0, 0.0, float("inf")]).to(dtype)
+    row, col = _nonzero_2d(x)
+    want = (x != 0).nonzero(as_tuple=True)
+    assert torch.equal(row, want[0]) and torch.equal(col, want[1])
