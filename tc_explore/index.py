@@ -350,13 +350,15 @@ class _LayerAccumulator:
         # contiguous and in token order): the order of a batch's candidates.
         row, f = _nonzero_2d(acts.reshape(n_tok, d_sae))            # [nnz] row-major
         vals = flat.index_select(0, row * d_sae + f)                # [nnz]
-        order = _argsort(f * n_tok + row)                           # distinct keys
-        row, f, vals = row.index_select(0, order), f.index_select(0, order), vals.index_select(0, order)
-        seq = row // seq_len
-        pos = row - seq * seq_len
+        fr = f * n_tok + row                                        # [nnz] distinct
+        order = _argsort(fr)
+        fr, row, f, vals = (t.index_select(0, order) for t in (fr, row, f, vals))
+        # Position in the sequence by table look-up (integer division is slow on CPU).
+        pos = (torch.arange(n_tok, device=row.device) % seq_len).index_select(0, row)
         # Context windows of all of them, built once for top-k and samples alike
-        # (from every nonzero: position 0 and non-positive values show in windows).
-        windows = _context_windows(f * n_seq + seq, pos, vals, self.before, self.after,
+        # (from every nonzero: position 0 and non-positive values show in windows);
+        # fr - pos = feature * n_tok + first row of the sequence names the segment.
+        windows = _context_windows(fr - pos, pos, vals, self.before, self.after,
                                    self.top.window.dtype)           # [nnz, w]
         # The firing entries that count: activation > 0, position 0 (BOS) left out.
         e = ((vals > 0) & (pos != 0)).nonzero().squeeze(1)          # [n] entry ids

@@ -272,26 +272,34 @@ def _synthetic_batches(n_batches=5, n_seq=3, seq_len=12, d_sae=10, seed=0):
     return out
 
 
-def _fold(batches, order, k=3, n_samples=4, window=(2, 3), layer=1, seed=0, resume_after=None):
+def _fold(batches, order, k=3, n_samples=4, window=(2, 3), layer=1, seed=0, resume_after=None,
+          device="cpu"):
+    """The accumulator's state (on the CPU) after folding in ``batches[b]`` for b in order."""
     from tc_explore.index import _LayerAccumulator, histogram_edges
     n_seq, seq_len, d_sae = batches[0].shape
-    new = lambda: _LayerAccumulator(layer, d_sae, k, n_samples, histogram_edges(), window, seed, "cpu")
+    new = lambda: _LayerAccumulator(layer, d_sae, k, n_samples, histogram_edges(), window, seed, device)
     acc = new()
     for step, b in enumerate(order):
         first = b * n_seq * seq_len
         key = torch.from_numpy(_token_hash(first + np.arange(n_seq * seq_len), seed).reshape(n_seq, seq_len))
-        acc.update(batches[b], key, first)
+        acc.update(batches[b].to(device), key.to(device), first)
         if step == resume_after:
             acc2 = new()
             acc2.load(acc.state())
             acc = acc2
-    return acc.state()
+    cpu = lambda x: {k: cpu(v) for k, v in x.items()} if isinstance(x, dict) else x.cpu()
+    return cpu(acc.state())
 
 
-def test_accumulator_equals_brute_force_on_synthetic_batches():
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                              reason="no CUDA device"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_accumulator_equals_brute_force_on_synthetic_batches(device):
     batches = _synthetic_batches()
     k, n_samples, (before, after), layer = 3, 4, (2, 3), 1
-    state = _fold(batches, range(len(batches)))
+    state = _fold(batches, range(len(batches)), device=device)
     acts = torch.cat(batches).numpy()                               # [n_seq, seq_len, d_sae]
     n_seq, seq_len, d_sae = acts.shape
     fh = _feature_hash(layer, d_sae, seed=0)
@@ -319,11 +327,12 @@ def test_accumulator_equals_brute_force_on_synthetic_batches():
     assert (state["top"]["window"] < 0).any()
 
 
-def test_accumulator_is_independent_of_batch_order_and_resume():
+@pytest.mark.parametrize("device", DEVICES)
+def test_accumulator_is_independent_of_batch_order_and_resume(device):
     batches = _synthetic_batches(n_batches=6, seed=3)
     straight = _fold(batches, range(6))
     for order, resume_after in (([5, 2, 0, 4, 1, 3], None), (range(6), 2), ([3, 4, 5, 0, 1, 2], 3)):
-        other = _fold(batches, order, resume_after=resume_after)
+        other = _fold(batches, order, resume_after=resume_after, device=device)
         for kind in ("top", "samples"):
             for name, t in straight[kind].items():
                 assert torch.equal(t, other[kind][name]), (kind, name, order)
@@ -332,12 +341,13 @@ def test_accumulator_is_independent_of_batch_order_and_resume():
         torch.testing.assert_close(straight["act_sum"], other["act_sum"], rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_nonzero_2d_matches_torch(dtype):
+def test_nonzero_2d_matches_torch(dtype, device):
     from tc_explore.index import _nonzero_2d
-    x = torch.randn(37, 29).to(dtype)
+    x = torch.randn(37, 29).to(dtype).to(device)
     x[x.abs() < 1.0] = 0.0
-    x[0, :5] = torch.tensor([-0.0, float("nan"), -1.0, 0.0, float("inf")]).to(dtype)
+    x[0, :5] = torch.tensor([-0.0, float("nan"), -1.0, 0.0, float("inf")]).to(dtype).to(device)
     row, col = _nonzero_2d(x)
     want = (x != 0).nonzero(as_tuple=True)
     assert torch.equal(row, want[0]) and torch.equal(col, want[1])
