@@ -13,8 +13,10 @@ prints:
   (target: at most 25%);
 * peak resident memory during each (sampled every 20 ms);
 * dashboard open time from the saved index, per feature (target: under 100 ms on
-  CPU), cold (fresh FeatureIndex.load) and warm, index-only and with the
-  weight-based views (logit effects, de-embeddings, OV, connections).
+  CPU), cold (fresh FeatureIndex.load) and warm: index sections only; with the
+  weight-based sections (logit effects, de-embeddings, OV, connections)
+  computed per feature; and with them read from weight views precomputed into
+  the index (``add_weight_views``), whose build time is printed too.
 
 Random transcoders are given a realistic sparsity (about --l0 features firing
 per token, as trained transcoders do) by shifting the encoder bias; the
@@ -132,12 +134,17 @@ def main(argv=None):
     p.add_argument("--n-dashboards", type=int, default=20)
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--device", default="cpu")
+    p.add_argument("--no-views", dest="views", action="store_false",
+                   help="skip precomputing the weight views (minutes on CPU at full width)")
+    p.add_argument("--no-on-the-fly", dest="on_the_fly", action="store_false",
+                   help="skip timing dashboards whose weight sections are computed per feature")
+    p.add_argument("--views-chunk", type=int, default=1024)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from tc_explore import load_model
     from tc_explore.corpus import Corpus
-    from tc_explore.dashboard import feature_dashboard
+    from tc_explore.dashboard import add_weight_views, feature_dashboard
     from tc_explore.index import FeatureIndex
 
     work = tempfile.mkdtemp(prefix="tc_bench_")
@@ -187,8 +194,8 @@ def main(argv=None):
 
         rng = np.random.default_rng(0)
         picks = [(int(rng.integers(12)), int(rng.integers(args.d_sae))) for _ in range(args.n_dashboards)]
-        for label, kwargs in (("index only", {"model": model}),
-                              ("with weight views", {"model": model, "transcoders": transcoders})):
+
+        def open_dashboards(label, **kwargs):
             index = FeatureIndex.load(out)
             times = []
             for layer, feature in picks:
@@ -203,6 +210,26 @@ def main(argv=None):
             print(f"dashboard open ({label}), {len(picks)} random features from a fresh load: "
                   f"mean {cold.mean():.1f} ms, median {np.median(cold):.1f} ms, max {cold.max():.1f} ms; "
                   f"reopened: {warm:.1f} ms per feature  (target < 100 ms)")
+
+        print()
+        open_dashboards("index only", model=model)
+        if args.on_the_fly:
+            open_dashboards("weight sections computed on the fly", model=model, transcoders=transcoders)
+        if args.views:
+            sync = torch.cuda.synchronize if str(args.device).startswith("cuda") else (lambda: None)
+            with PeakMemory() as mem_views:
+                t = time.perf_counter()
+                add_weight_views(FeatureIndex.load(out), model, transcoders, chunk_size=args.views_chunk)
+                sync()
+                views_s = time.perf_counter() - t
+            vdir = os.path.join(out, "weight_views")
+            vsize = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(vdir) for f in fs)
+            print(f"weight views (all {12 * args.d_sae} features; connections, logit effects, "
+                  f"de-embeddings, OV): built in {views_s:.1f} s on {args.device}, "
+                  f"{vsize / 2 ** 20:.0f} MiB of Parquet, peak RSS {gib(mem_views.peak)}")
+            open_dashboards("all sections, weight views stored", model=model, transcoders=transcoders)
+        if str(args.device).startswith("cuda"):
+            print(f"peak GPU memory allocated: {gib(torch.cuda.max_memory_allocated())}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

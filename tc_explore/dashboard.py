@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import html
 import math
+import weakref
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -32,8 +33,9 @@ import pandas as pd
 
 from .errors import IncompatibleTranscoderError, InvalidInputError
 from .index import FeatureIndex, TopExample
-from .model import model_weights
+from .model import model_weights, token_strings
 from .transcoder import TranscoderSet
+from .weight_views import DIRECTORY, WeightViews
 
 
 # -- data --------------------------------------------------------------------------------
@@ -91,23 +93,15 @@ class FeatureDashboard:
 
 # -- building ----------------------------------------------------------------------------
 class _Decoder:
-    """Token id -> display string, cached (dashboards decode the same ids over and over)."""
-    _caches: dict[int, dict[int, str]] = {}
+    """Token id -> display string (``<id>`` without a model to decode with)."""
 
     def __init__(self, model):
-        self.tokenizer = getattr(model, "tokenizer", None) if model is not None else None
-        self.cache = self._caches.setdefault(id(self.tokenizer), {})
+        self.model = model if getattr(model, "tokenizer", None) is not None else None
 
     def __call__(self, ids: Iterable[int]) -> list[str]:
-        out = []
-        for i in ids:
-            i = int(i)
-            s = self.cache.get(i)
-            if s is None:
-                s = self.tokenizer.decode([i]) if self.tokenizer is not None else f"<{i}>"
-                self.cache[i] = s
-            out.append(s)
-        return out
+        if self.model is None:
+            return [f"<{int(i)}>" for i in ids]
+        return token_strings(self.model, ids)
 
 
 def _window(index: FeatureIndex, ex: TopExample, decode: _Decoder) -> ContextWindow:
@@ -119,6 +113,32 @@ def _window(index: FeatureIndex, ex: TopExample, decode: _Decoder) -> ContextWin
     focus = ex.position - lo
     acts[focus] = ex.activation        # exact value at the indexed token (window is float16)
     return ContextWindow(ex.sequence, ex.position, ex.activation, ids, decode(ids), acts, focus)
+
+
+_VIEWS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def weight_views_of(index: FeatureIndex) -> WeightViews | None:
+    """The weight views stored with ``index`` (opened once per index object), or None."""
+    views = _VIEWS.get(index)
+    if views is None:
+        views = WeightViews.of_index(index)
+        if views is not None:
+            _VIEWS[index] = views
+    return views
+
+
+def add_weight_views(index: FeatureIndex, model, transcoders: TranscoderSet, k: int = 10,
+                     n_heads: int = 3, overwrite: bool = False, **kwargs) -> WeightViews:
+    """Precompute every feature's weight-based dashboard sections into
+    ``<index>/weight_views`` (see ``tc_explore.weight_views``), so dashboards
+    open from Parquet alone. Dashboards asking for more than ``k`` entries or
+    ``n_heads`` heads fall back to computing on the fly."""
+    check_index_matches(index, transcoders)
+    views = WeightViews.build(model, transcoders, index.directory / DIRECTORY, k=k, n_heads=n_heads,
+                              overwrite=overwrite, **kwargs)
+    _VIEWS[index] = views
+    return views
 
 
 def check_index_matches(index: FeatureIndex, transcoders: TranscoderSet | None) -> None:
@@ -140,9 +160,11 @@ def check_index_matches(index: FeatureIndex, transcoders: TranscoderSet | None) 
 def feature_dashboard(index: FeatureIndex, layer: int, feature: int, model=None,
                       transcoders: TranscoderSet | None = None, k: int = 10, n_bands: int = 5,
                       per_band: int = 5, n_heads: int = 3) -> FeatureDashboard:
-    """Everything about one feature. ``model`` decodes tokens (and, with
-    ``transcoders``, gives the weight-based sections); without them those
-    sections are None."""
+    """Everything about one feature. ``model`` decodes tokens. The weight-based
+    sections come from the index's stored ``WeightViews`` when it has them
+    (``add_weight_views``; checked against ``model`` / ``transcoders`` if given),
+    else are computed from ``transcoders`` (and ``model``) on the fly; with
+    neither they are None."""
     from .circuits import invariant
 
     layer, feature = index.check_feature(layer, feature)
@@ -163,6 +185,18 @@ def feature_dashboard(index: FeatureIndex, layer: int, feature: int, model=None,
         log_freq = transcoders.log_feature_frequency(layer)
         if log_freq is not None:
             dash.published_log_frequency = float(log_freq[feature])
+    views = weight_views_of(index)
+    if views is not None and views.covers(k, n_heads) and (model is not None or transcoders is not None):
+        # Precomputed with the index: a few small Parquet reads instead of ~1 GB of weights.
+        views.verify(model, transcoders, layer)
+        dash.upstream = views.connections(layer, feature, "upstream", k)
+        dash.downstream = views.connections(layer, feature, "downstream", k)
+        if model is not None:
+            dash.logits_boosted, dash.logits_suppressed = views.logit_effects(model, layer, feature, k)
+            dash.de_embeddings = views.de_embeddings(model, layer, feature, k)
+            dash.ov_de_embeddings = views.ov_de_embeddings(model, layer, feature, k, n_heads)
+            dash.ov_norms = views.ov_norms(layer, feature)
+    elif transcoders is not None:
         dash.upstream = invariant.feature_connections(transcoders, layer, feature, "upstream", k=k)
         dash.downstream = invariant.feature_connections(transcoders, layer, feature, "downstream", k=k)
         if model is not None:

@@ -231,10 +231,27 @@ def check_context(model, length: int) -> None:
         raise InvalidInputError("The prompt is empty: give at least one token.")
 
 
+_DECODED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def token_strings(model, tokens: torch.Tensor | Sequence[int]) -> list[str]:
-    """One string per token of a 1-D (or [1, pos]) token tensor or id list."""
-    ids = tokens.reshape(-1).tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
-    return [model.tokenizer.decode([i]) for i in ids]
+    """One string per token of a 1-D (or [1, pos]) token tensor or id list.
+
+    Decoded strings are cached per tokenizer: dashboards and graphs show the
+    same ids over and over, and a tokenizer's ``decode`` costs ~20 µs a call."""
+    ids = tokens.reshape(-1).tolist() if isinstance(tokens, torch.Tensor) else [int(i) for i in tokens]
+    tokenizer = model.tokenizer
+    try:
+        cache = _DECODED.setdefault(tokenizer, {})
+    except TypeError:                      # a tokenizer that cannot be weakly referenced
+        cache = {}
+    out = []
+    for i in ids:
+        s = cache.get(i)
+        if s is None:
+            s = cache[i] = tokenizer.decode([i])
+        out.append(s)
+    return out
 
 
 def single_token_id(model, text: str) -> int:
