@@ -155,3 +155,19 @@ def test_views_refuse_other_weights_and_bad_input(index, tiny_model, tiny_transc
         views.connections(7, 64)
     with pytest.raises(InvalidInputError, match="no weight views"):
         WeightViews.load(tmp_path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_views_built_on_cuda_equal_views_built_on_cpu(views, tiny_model, tiny_transcoders, tmp_path):
+    on_gpu = WeightViews.build(tiny_model, tiny_transcoders, tmp_path / "cuda", k=K, n_heads=N_HEADS,
+                               chunk_size=24, features_per_group=16, device="cuda")
+    for layer in (0, 5, 11):
+        for feature in range(0, tiny_transcoders.d_sae(layer), 7):
+            for direction in ("upstream", "downstream"):
+                _same_ranking(on_gpu.connections(layer, feature, direction),
+                              views.connections(layer, feature, direction), ["layer", "feature"])
+            for got, ref in zip(on_gpu.logit_effects(tiny_model, layer, feature),
+                                views.logit_effects(tiny_model, layer, feature)):
+                _same_ranking(got, ref, ["token_id"])
+            _same_ranking(on_gpu.ov_de_embeddings(tiny_model, layer, feature),
+                          views.ov_de_embeddings(tiny_model, layer, feature), ["layer", "head", "token_id"])
