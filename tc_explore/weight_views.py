@@ -318,6 +318,13 @@ class WeightViews:
         os.replace(tmp, out)
         return cls(out)
 
+    def __repr__(self) -> str:
+        m = self.manifest
+        n = sum(int(d) for d in m["d_sae"].values())
+        return (f"WeightViews({str(self.directory)!r}, transcoders={m['transcoder_set']!r}, "
+                f"layers={m['layers']}, features={n}, k={m['k']}, n_heads={m['n_heads']}, "
+                f"built in {m['seconds']} s on {m['device']})")
+
     # -- checks --------------------------------------------------------------------------
     @property
     def k(self) -> int:
