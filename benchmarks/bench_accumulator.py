@@ -79,12 +79,12 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device) -> float:
+def timed(fn, device, clock=time.perf_counter) -> float:
     sync(device)
-    t = time.perf_counter()
+    t = clock()
     fn()
     sync(device)
-    return time.perf_counter() - t
+    return clock() - t
 
 
 def compare_states(a: dict, b: dict, path: str = "") -> list[str]:
@@ -123,6 +123,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--device", default="cpu")
     p.add_argument("--baseline", default=None, help="an older index.py to time against, interleaved")
+    p.add_argument("--clock", choices=("wall", "process"), default="wall",
+                   help="process: CPU time of this process (steadier on a shared machine; "
+                        "with --threads 1, since it adds up the time of all threads)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -137,8 +140,9 @@ def main(argv=None):
     n_tok = args.n_seq * args.seq_len
     print(f"{args.batches} batches of {args.n_seq} x {args.seq_len} tokens, d_model {args.d_model}, "
           f"d_sae {args.d_sae}, k {args.k}, n_samples {args.n_samples}, window {tuple(args.window)}; "
-          f"{args.threads} threads, device {args.device}, torch {torch.__version__}")
+          f"{args.threads} threads, device {args.device}, torch {torch.__version__}, {args.clock} clock")
 
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     t_enc, t_upd, l0s = [], {name: [] for name in accs}, []
     names = list(accs)
     with torch.inference_mode():
@@ -150,7 +154,7 @@ def main(argv=None):
             def encode():
                 nonlocal acts
                 acts = enc(x)
-            t_enc.append(timed(encode, args.device))
+            t_enc.append(timed(encode, args.device, clock))
             acts = acts.reshape(args.n_seq, args.seq_len, args.d_sae)
             l0s.append(float((acts[:, 1:] > 0).sum()) / (args.n_seq * (args.seq_len - 1)))
             first_token = b * n_tok
@@ -159,7 +163,7 @@ def main(argv=None):
                                         .reshape(args.n_seq, args.seq_len), device=args.device)
             for name in (names if b % 2 == 0 else names[::-1]):
                 t_upd[name].append(timed(lambda: accs[name].update(acts, token_key, first_token),
-                                         args.device))
+                                         args.device, clock))
             del acts
 
     def phase(ts, lo, hi):

@@ -171,10 +171,10 @@ def _context_windows(seg: torch.Tensor, pos: torch.Tensor, vals: torch.Tensor, b
     the entries within D = max(before, after) positions after entry i in its
     segment are among entries i+1..i+D."""
     nnz, width, reach = seg.numel(), before + 1 + after, max(before, after)
-    win = torch.zeros(nnz, width, dtype=dtype, device=seg.device)
-    win[:, before] = vals.to(dtype)
+    win = torch.zeros(nnz + 1, width, dtype=dtype, device=seg.device)   # + a spare row, see below
+    win[:nnz, before] = vals.to(dtype)
     if reach == 0 or nnz < 2:
-        return win
+        return win[:nnz]
     # Entry i has a neighbour within reach only if entry i+1 is one (positions
     # ascend within a segment), which few are: test i+1..i+D for those only.
     near = ((seg[1:] == seg[:-1]) & (pos[1:] - pos[:-1] <= reach)).nonzero().squeeze(1)   # [N]
@@ -182,13 +182,15 @@ def _context_windows(seg: torch.Tensor, pos: torch.Tensor, vals: torch.Tensor, b
     valid = j < nnz
     j = j.clamp(max=nnz - 1)
     gap = pos[j] - pos[near, None]                              # [N, D] positions apart
-    pair = valid & (seg[j] == seg[near, None]) & (gap <= reach)
-    i, j, gap = near[:, None].expand_as(j)[pair], j[pair], gap[pair]    # [P] pairs i < j
-    ahead = gap <= after                                        # j is in i's window
-    win[i[ahead], before + gap[ahead]] = vals[j[ahead]].to(dtype)
-    behind = gap <= before                                      # i is in j's window
-    win[j[behind], before - gap[behind]] = vals[i[behind]].to(dtype)
-    return win
+    n, d = (valid & (seg[j] == seg[near, None]) & (gap <= reach)).nonzero(as_tuple=True)
+    i, j, gap = near.index_select(0, n), j[n, d], gap[n, d]    # [P] pairs i < j within reach
+    # j goes into i's window if gap <= after, i into j's if gap <= before. Pairs
+    # that do not are written to the spare row instead of being masked out
+    # (boolean masks cost a host sync each on CUDA).
+    flat, spare = win.view(-1), nnz * width
+    flat[torch.where(gap <= after, i * width + before + gap, spare)] = vals.index_select(0, j).to(dtype)
+    flat[torch.where(gap <= before, j * width + before - gap, spare)] = vals.index_select(0, i).to(dtype)
+    return win[:nnz]
 
 
 class _Best:
@@ -280,16 +282,15 @@ class _Best:
             # within a row except identical empty slots, so this is exact). Once
             # rows are full nearly every evicting candidate has j == 0: the row's
             # argmin, a fraction of the cost of a topk.
-            ev_f, ev_j = f.index_select(0, evict), j.index_select(0, evict)
-            ev_slot = self._key.index_select(0, ev_f).argmin(dim=1)            # [E], right for j == 0
+            ev_j = j.index_select(0, evict)
+            ev_keys = self._key.index_select(0, f.index_select(0, evict))          # [E, k]
+            ev_slot = ev_keys.argmin(dim=1)                         # [E], right for j == 0
             more = (ev_j > 0).nonzero().squeeze(1)                  # [M]
             if more.numel():
-                m_f, m_j = ev_f.index_select(0, more), ev_j.index_select(0, more)
-                start = _segment_starts(m_f)
-                rows, row_of = m_f[start], start.cumsum(0) - 1      # [R] their rows, [M] index in rows
-                worst = torch.topk(self._key.index_select(0, rows), int(m_j.max()) + 1, dim=1,
-                                   largest=False, sorted=True).indices         # [R, m_max]
-                ev_slot[more] = worst[row_of, m_j]
+                m_j = ev_j.index_select(0, more)
+                worst = torch.topk(ev_keys.index_select(0, more), int(m_j.max()) + 1, dim=1,
+                                   largest=False, sorted=True).indices         # [M, m_max]
+                ev_slot[more] = worst.gather(1, m_j[:, None]).squeeze(1)
             slot[evict] = ev_slot
         at = f * k + slot                                           # [C'] flat slot each one takes
         self._key.view(-1).index_copy_(0, at, key)
@@ -299,11 +300,9 @@ class _Best:
         self.window.view(-1, self.window.shape[-1]).index_copy_(
             0, at, window_of(src).to(self.window.dtype))
         self._filled.index_add_(0, f, torch.ones_like(f)).clamp_(max=k)
-        # The threshold (row minimum) is 0 while a row has an empty slot: only
-        # rows that are now full need it recomputed.
-        touched = f[_segment_starts(f)]                             # [T]
-        full = touched[self._filled.index_select(0, touched) == k]
-        self._threshold[full] = self.score.index_select(0, full).amin(dim=1)
+        # Row minima of all rows: one pass over [d_sae, k], about as cheap on CPU
+        # as finding the rows that changed, and free of host syncs on CUDA.
+        torch.amin(self.score, dim=1, out=self._threshold)
 
     def state(self) -> dict:
         """Rows sorted best first (score desc, token asc), as written to disk."""
