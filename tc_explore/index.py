@@ -282,15 +282,17 @@ class _Best:
             # within a row except identical empty slots, so this is exact). Once
             # rows are full nearly every evicting candidate has j == 0: the row's
             # argmin, a fraction of the cost of a topk.
-            ev_j = j.index_select(0, evict)
-            ev_keys = self._key.index_select(0, f.index_select(0, evict))          # [E, k]
-            ev_slot = ev_keys.argmin(dim=1)                         # [E], right for j == 0
+            ev_f, ev_j = f.index_select(0, evict), j.index_select(0, evict)
+            ev_slot = self._key.index_select(0, ev_f).argmin(dim=1)            # [E], right for j == 0
             more = (ev_j > 0).nonzero().squeeze(1)                  # [M]
             if more.numel():
-                m_j = ev_j.index_select(0, more)
-                worst = torch.topk(ev_keys.index_select(0, more), int(m_j.max()) + 1, dim=1,
-                                   largest=False, sorted=True).indices         # [M, m_max]
-                ev_slot[more] = worst.gather(1, m_j[:, None]).squeeze(1)
+                # A topk over each such row once (a dense feature can have k evictors).
+                m_f, m_j = ev_f.index_select(0, more), ev_j.index_select(0, more)
+                start = _segment_starts(m_f)
+                rows, row_of = m_f[start], start.cumsum(0) - 1      # [R] their rows, [M] index in rows
+                worst = torch.topk(self._key.index_select(0, rows), int(m_j.max()) + 1, dim=1,
+                                   largest=False, sorted=True).indices         # [R, m_max]
+                ev_slot[more] = worst[row_of, m_j]
             slot[evict] = ev_slot
         at = f * k + slot                                           # [C'] flat slot each one takes
         self._key.view(-1).index_copy_(0, at, key)
