@@ -406,7 +406,9 @@ def _atomic_write_parquet(path: Path, blocks: Iterable, schema) -> None:
     import pyarrow.parquet as pq
 
     tmp = path.with_name(path.name + ".tmp")
-    with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+    # No dictionary encoding: activations and windows hardly repeat, and trying it
+    # doubled both the write and the read of a row group.
+    with pq.ParquetWriter(tmp, schema, compression="zstd", use_dictionary=False) as writer:
         for table in blocks:
             writer.write_table(table)
     os.replace(tmp, path)
@@ -527,6 +529,7 @@ class FeatureIndex:
                 f"{self.manifest['n_batches']} batches checkpointed). Run FeatureIndex.build "
                 "again with the same arguments and out_dir to resume it.")
         self.edges = np.asarray(self.manifest["histogram_edges"])
+        self._files: dict = {}
         self._blocks = lru_cache(maxsize=256)(self._read_block)
         self._token_groups = lru_cache(maxsize=64)(self._read_token_group)
 
@@ -578,9 +581,16 @@ class FeatureIndex:
     def _path(self, layer: int, name: str) -> Path:
         return self.directory / f"layer_{layer:02d}" / f"{name}.parquet"
 
+    def _file(self, path: Path):
+        """An open ParquetFile per table: its footer is parsed once, not per read."""
+        file = self._files.get(path)
+        if file is None:
+            import pyarrow.parquet as pq
+            file = self._files[path] = pq.ParquetFile(path)
+        return file
+
     def _read_block(self, layer: int, name: str, block: int):
-        import pyarrow.parquet as pq
-        return pq.ParquetFile(self._path(layer, name)).read_row_group(block)
+        return self._file(self._path(layer, name)).read_row_group(block, use_threads=False)
 
     def _feature_rows(self, layer: int, feature: int, name: str):
         layer, feature = self.check_feature(layer, feature)
@@ -645,8 +655,7 @@ class FeatureIndex:
 
     # -- tokens --------------------------------------------------------------------------
     def _read_token_group(self, group: int) -> np.ndarray:
-        import pyarrow.parquet as pq
-        table = pq.ParquetFile(self.directory / "tokens.parquet").read_row_group(group)
+        table = self._file(self.directory / "tokens.parquet").read_row_group(group, use_threads=False)
         return _flat_windows(table.column("tokens"), self.seq_len)
 
     def sequence_tokens(self, sequence: int) -> np.ndarray:
@@ -692,7 +701,7 @@ class FeatureIndex:
               n_samples: int = 40, batch_size: int = 8, bins: np.ndarray | None = None,
               window: tuple[int, int] = (12, 4), seed: int = 0, checkpoint_every: int = 25,
               shard: tuple[int, int] | None = None, max_batches: int | None = None,
-              features_per_group: int = 2048, overwrite: bool = False,
+              features_per_group: int = 256, overwrite: bool = False,
               progress: bool = False) -> "FeatureIndex | None":
         """Index ``n_tokens`` tokens of ``corpus`` (a Corpus, list of strings,
         ``datasets`` dataset or ``[n_seq, seq_len]`` token tensor) into ``out_dir``.
@@ -813,9 +822,14 @@ class FeatureIndex:
                 _save_checkpoint(out, reached, accs)
             return None
 
-        for layer in layers:
-            _write_layer(out, layer, {**accs[layer].state()}, len(edges) + 1, seq_len,
-                         features_per_group)
+        # Arrow encodes and compresses without the GIL: the layers' tables are
+        # written side by side (the states are taken here, on the build's device).
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(max_workers=max(1, min(len(layers), os.cpu_count() or 1))) as pool:
+            writes = [pool.submit(_write_layer, out, layer, accs[layer].state(), len(edges) + 1,
+                                  seq_len, features_per_group) for layer in layers]
+            for w in writes:
+                w.result()
         manifest["complete"] = True
         manifest["built_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         _atomic_write_json(out / "manifest.json", manifest)
