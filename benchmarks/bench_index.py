@@ -174,18 +174,31 @@ def main(argv=None):
         print(f"measured L0: {l0:.1f} features per token per layer")
 
         out = os.path.join(work, "index")
+        # Diagnostic only: when the build's final Parquet writes start and end.
+        import tc_explore.index as index_module
+        write_span = []
+        real_write = index_module._write_layer
+
+        def timed_write(*a, **kw):
+            write_span.append(time.perf_counter())
+            real_write(*a, **kw)
+            write_span.append(time.perf_counter())
+        index_module._write_layer = timed_write
         with PeakMemory() as mem_build:
             t = time.perf_counter()
             index = FeatureIndex.build(model, transcoders, corpus, n_seq * args.seq_len, out,
                                        k=args.k, n_samples=args.n_samples, batch_size=args.batch_size,
                                        checkpoint_every=10 ** 9)
             build = time.perf_counter() - t
+        index_module._write_layer = real_write
+        writing = max(write_span) - min(write_span)
         bare2, _ = bare_pass(model, transcoders, batches)              # drift check
         base = min(bare, bare2)
         size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
         print()
         print(f"bare forwards + encodings: {bare:.1f} s (again after the build: {bare2:.1f} s)")
         print(f"FeatureIndex.build:        {build:.1f} s (includes writing {size / 2 ** 20:.0f} MiB of Parquet)")
+        print(f"  of which the streaming pass {build - writing:.1f} s, writing the layer tables {writing:.1f} s")
         print(f"overhead over bare:        {100 * (build / base - 1):.1f} %  (target <= 25 %)")
         print(f"throughput:                {n_seq * args.seq_len / build:.0f} tokens/s")
         print(f"peak RSS: bare {gib(mem_bare.peak)} (start {gib(mem_bare.start)}), "
