@@ -351,3 +351,23 @@ def test_nonzero_2d_matches_torch(dtype, device):
     row, col = _nonzero_2d(x)
     want = (x != 0).nonzero(as_tuple=True)
     assert torch.equal(row, want[0]) and torch.equal(col, want[1])
+
+
+def test_fused_layers_equal_separate_accumulators(tiny_model, tiny_transcoders, tmp_path, full_index):
+    # One accumulator over all layers' features (the CUDA default) gives the
+    # same index, and a checkpoint of either kind resumes the other.
+    fused = _build(tiny_model, tiny_transcoders, tmp_path / "fused", fuse_layers=True)
+    _assert_same(fused, full_index)
+    out = tmp_path / "mixed"
+    assert _build(tiny_model, tiny_transcoders, out, max_batches=3, fuse_layers=False) is None
+    _assert_same(_build(tiny_model, tiny_transcoders, out, fuse_layers=True), full_index)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_build_on_cuda_equals_per_layer_build_on_cuda(tiny_model, offline_hub, tmp_path):
+    from tc_explore import load_transcoders
+    on_gpu = load_transcoders("gpt2-small", device="cuda")
+    fused = _build(tiny_model, on_gpu, tmp_path / "fused")          # fused: the CUDA default
+    assert fused.manifest["complete"]
+    separate = _build(tiny_model, on_gpu, tmp_path / "separate", fuse_layers=False)
+    _assert_same(fused, separate, exact_sums=False)                 # CUDA float64 bincount order
