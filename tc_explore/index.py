@@ -31,6 +31,11 @@ On disk (``out_dir``)::
     layer_{LL}/stats.parquet            feature, n_firing, act_sum, max, histogram
     layer_{LL}/top.parquet              feature, rank, sequence, position, activation, window
     layer_{LL}/samples.parquet          feature, sequence, position, activation, priority, window
+    weight_views/                       optional, see tc_explore.weight_views
+
+``window`` is the feature's activation on the tokens around the indexed one,
+``window[0]`` at position - before: fixed_size_binary of little-endian float16
+values (``np.frombuffer(value, "<f2")``; ``FeatureIndex.table`` decodes it).
     checkpoint.pt                       only while a build is unfinished
 
 Per-layer tables are written in row groups of ``features_per_group``
@@ -56,7 +61,10 @@ from .errors import InvalidInputError, TcExploreError
 from .model import check_context, model_device
 from .transcoder import TranscoderSet
 
-FORMAT_VERSION = 1
+# 2: windows stored as fixed-size binary (little-endian float16 values), not
+#    list<float16>: Parquet's per-element list levels made writing them the
+#    slowest part of finishing a build.
+FORMAT_VERSION = 2
 TABLES = ("stats", "top", "samples")
 
 
@@ -449,9 +457,21 @@ def _atomic_write_json(path: Path, data: dict) -> None:
 
 
 def _windows_array(w: np.ndarray):
+    """``[n, width]`` -> fixed_size_binary(2 * width): each row's float16 values,
+    little-endian, back to back (``np.frombuffer(value, "<f2")`` reads one)."""
     import pyarrow as pa
     n, width = w.shape
-    return pa.FixedSizeListArray.from_arrays(pa.array(w.reshape(-1).astype(np.float16)), width)
+    data = np.ascontiguousarray(w, dtype="<f2")
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(2 * width), n, [None, pa.py_buffer(data)])
+
+
+def _window_values(column, width: int) -> np.ndarray:
+    """Inverse of _windows_array for a (chunked) column: ``[n, width]`` float16."""
+    arr = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    if len(arr) == 0:
+        return np.zeros((0, width), np.float16)
+    return np.frombuffer(arr.buffers()[1], dtype="<f2", count=len(arr) * width,
+                         offset=arr.offset * 2 * width).reshape(-1, width).astype(np.float16)
 
 
 def _best_blocks(best: dict, seq_len: int, group: int, kind: str):
@@ -481,7 +501,7 @@ def _best_schema(kind: str, width: int):
               ("position", pa.int32()), ("activation", pa.float32())]
     if kind == "samples":
         fields.append(("priority", pa.float32()))
-    fields.append(("window", pa.list_(pa.float16(), width)))
+    fields.append(("window", pa.binary(2 * width)))
     return pa.schema(fields)
 
 
@@ -515,7 +535,7 @@ def _best_from_table(table, d_sae: int, k: int, width: int, seq_len: int, kind: 
     token = table.column("sequence").to_numpy() * seq_len + table.column("position").to_numpy()
     act = table.column("activation").to_numpy()
     score = table.column("priority").to_numpy() if kind == "samples" else act
-    window = _flat_windows(table.column("window"), width)
+    window = _window_values(table.column("window"), width)
     best = _Best(d_sae, k, width, "cpu")
     best.score[feat, rank] = torch.from_numpy(score.astype(np.float32))
     best.token[feat, rank] = torch.from_numpy(token.astype(np.int64))
@@ -550,6 +570,11 @@ class FeatureIndex:
         if not path.is_file():
             raise InvalidInputError(f"{self.directory} is not a feature index (no manifest.json).")
         self.manifest = json.loads(path.read_text(encoding="utf-8"))
+        version = self.manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise InvalidInputError(
+                f"The index in {self.directory} has format version {version}; this tc_explore reads "
+                f"version {FORMAT_VERSION}. Rebuild it with FeatureIndex.build(..., overwrite=True).")
         if not self.manifest.get("complete"):
             done = self.manifest.get("batches_done_hint", "?")
             raise IndexIncompleteError(
@@ -629,11 +654,17 @@ class FeatureIndex:
 
     def table(self, layer: int, name: str):
         """A whole per-layer table (``"stats"``, ``"top"`` or ``"samples"``) as a
-        pandas DataFrame, for queries across features."""
+        pandas DataFrame, for queries across features (windows decoded to float16
+        arrays)."""
         import pyarrow.parquet as pq
         if name not in TABLES:
             raise InvalidInputError(f"table must be one of {TABLES}, got {name!r}.")
-        return pq.read_table(self._path(self.check_layer(layer), name)).to_pandas()
+        table = pq.read_table(self._path(self.check_layer(layer), name))
+        if "window" not in table.column_names:
+            return table.to_pandas()
+        frame = table.drop_columns(["window"]).to_pandas()
+        frame["window"] = list(_window_values(table.column("window"), sum(self.manifest["window"]) + 1))
+        return frame
 
     def feature_stats(self, layer: int, feature: int) -> dict:
         """``n_firing``, ``frequency`` (of counted tokens), ``max``, ``mean`` (over
@@ -650,8 +681,7 @@ class FeatureIndex:
         rows = self._feature_rows(layer, feature, name)
         before = int(self.manifest["window"][0])
         width = sum(self.manifest["window"]) + 1
-        windows = _flat_windows(rows.column("window"), width) if rows.num_rows else \
-            np.zeros((0, width), np.float16)
+        windows = _window_values(rows.column("window"), width)
         seqs = rows.column("sequence").to_numpy()
         poss = rows.column("position").to_numpy()
         acts = rows.column("activation").to_numpy()

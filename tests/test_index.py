@@ -371,3 +371,16 @@ def test_fused_build_on_cuda_equals_per_layer_build_on_cuda(tiny_model, offline_
     assert fused.manifest["complete"]
     separate = _build(tiny_model, on_gpu, tmp_path / "separate", fuse_layers=False)
     _assert_same(fused, separate, exact_sums=False)                 # CUDA float64 bincount order
+
+
+def test_an_index_of_another_format_version_is_refused(full_index, tmp_path):
+    import shutil
+    old = tmp_path / "old"
+    shutil.copytree(full_index.directory, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InvalidInputError, match="format version 1.*overwrite=True"):
+        FeatureIndex.load(old)
+    top = full_index.table(full_index.layers[0], "top")
+    assert top["window"].iloc[0].dtype == np.float16
