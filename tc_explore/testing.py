@@ -24,6 +24,13 @@ FIXTURE_WORDS = ("The war lasted from to and the year was in a it had been cat s
                  "ran fast slow big small red blue house tree when where what who is are").split()
 
 
+def fixture_texts(n: int, seed: int = 0, max_words: int = 20) -> list[str]:
+    """``n`` seeded random sentences of 2..max_words-1 fixture words (test corpora)."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(FIXTURE_WORDS, rng.integers(2, max_words))) for _ in range(n)]
+
+
 def build_tiny_gpt2(directory: str | Path, n_layers: int = 2, d_model: int = 32,
                     n_heads: int = 4, n_ctx: int = 32, seed: int = 0,
                     words=FIXTURE_WORDS) -> Path:

@@ -4,14 +4,13 @@ import torch
 
 from tc_explore.corpus import Corpus, as_corpus
 from tc_explore.errors import InvalidInputError
-from tc_explore.testing import FIXTURE_WORDS
+from tc_explore.testing import fixture_texts
 
 SEQ_LEN = 12
 
 
 def _texts(n=40, seed=0):
-    rng = np.random.default_rng(seed)
-    return [" ".join(rng.choice(FIXTURE_WORDS, rng.integers(2, 15))) for _ in range(n)]
+    return fixture_texts(n, seed=seed, max_words=15)
 
 
 def _stream(model, texts, sep):

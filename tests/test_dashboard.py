@@ -12,7 +12,7 @@ from tc_explore.dashboard import (dashboard_html, export_html, feature_dashboard
 from tc_explore.errors import IncompatibleTranscoderError, InvalidInputError
 from tc_explore.index import FeatureIndex
 from tc_explore.prompt_features import feature_activations, run_prompt, top_features_per_token
-from tc_explore.testing import FIXTURE_WORDS
+from tc_explore.testing import fixture_texts
 from tc_explore.transcoder import TranscoderSet
 
 LAYERS = [2, 5, 8]
@@ -21,9 +21,7 @@ PROMPT = "The war lasted from 1735 to 17"
 
 @pytest.fixture(scope="module")
 def index(tiny_model, tiny_transcoders, tmp_path_factory):
-    rng = np.random.default_rng(1)
-    texts = [" ".join(rng.choice(FIXTURE_WORDS, rng.integers(2, 20))) for _ in range(100)]
-    corpus = Corpus.from_texts(texts, tiny_model, 16, seed=0)
+    corpus = Corpus.from_texts(fixture_texts(100, seed=1), tiny_model, 16, seed=0)
     return FeatureIndex.build(tiny_model, tiny_transcoders, corpus, 16 * 16,
                               tmp_path_factory.mktemp("dash") / "idx", layers=LAYERS, k=6,
                               n_samples=10, batch_size=8, window=(4, 2))

@@ -8,7 +8,7 @@ import torch
 from tc_explore.corpus import Corpus
 from tc_explore.errors import InvalidInputError
 from tc_explore.index import FeatureIndex, IndexIncompleteError, _feature_hash, _token_hash
-from tc_explore.testing import FIXTURE_WORDS
+from tc_explore.testing import fixture_texts
 
 LAYERS = [0, 5, 11]
 SETTINGS = dict(layers=LAYERS, k=4, n_samples=5, batch_size=4, checkpoint_every=2,
@@ -18,9 +18,7 @@ N_SEQ = 22           # 6 batches, the last one short
 
 
 def _corpus(model):
-    rng = np.random.default_rng(0)
-    texts = [" ".join(rng.choice(FIXTURE_WORDS, rng.integers(2, 20))) for _ in range(120)]
-    return Corpus.from_texts(texts, model, SEQ_LEN, seed=7)
+    return Corpus.from_texts(fixture_texts(120), model, SEQ_LEN, seed=7)
 
 
 def _build(model, transcoders, out_dir, **kw):

@@ -11,7 +11,7 @@ from tc_explore.corpus import Corpus
 from tc_explore.dashboard import add_weight_views, feature_dashboard
 from tc_explore.errors import IncompatibleTranscoderError, InvalidInputError
 from tc_explore.index import FeatureIndex
-from tc_explore.testing import FIXTURE_WORDS
+from tc_explore.testing import fixture_texts
 from tc_explore.transcoder import TranscoderSet
 from tc_explore.weight_views import WeightViews, top_along_rows
 
@@ -116,9 +116,7 @@ def test_dead_features_tie_exactly_like_the_per_feature_functions(tiny_model, ti
 
 @pytest.fixture(scope="module")
 def index(tiny_model, tiny_transcoders, tmp_path_factory):
-    rng = np.random.default_rng(2)
-    texts = [" ".join(rng.choice(FIXTURE_WORDS, rng.integers(2, 20))) for _ in range(60)]
-    corpus = Corpus.from_texts(texts, tiny_model, 16, seed=0)
+    corpus = Corpus.from_texts(fixture_texts(60, seed=2), tiny_model, 16, seed=0)
     return FeatureIndex.build(tiny_model, tiny_transcoders, corpus, 16 * 8,
                               tmp_path_factory.mktemp("wvi") / "idx", layers=[3, 7], k=4,
                               n_samples=6, batch_size=4, window=(3, 1))
