@@ -443,8 +443,9 @@ def _atomic_write_parquet(path: Path, blocks: Iterable, schema) -> None:
 
     tmp = path.with_name(path.name + ".tmp")
     # No dictionary encoding: activations and windows hardly repeat, and trying it
-    # doubled both the write and the read of a row group.
-    with pq.ParquetWriter(tmp, schema, compression="zstd", use_dictionary=False) as writer:
+    # doubled both the write and the read of a row group. LZ4 rather than zstd:
+    # files about 1.5x larger, written twice and read 1.5x as fast.
+    with pq.ParquetWriter(tmp, schema, compression="lz4", use_dictionary=False) as writer:
         for table in blocks:
             writer.write_table(table)
     os.replace(tmp, path)
@@ -475,24 +476,27 @@ def _window_values(column, width: int) -> np.ndarray:
 
 
 def _best_blocks(best: dict, seq_len: int, group: int, kind: str):
-    """Arrow tables (one per block of ``group`` features) of a _Best state."""
+    """Arrow tables (one per block of ``group`` features, possibly empty) of a
+    _Best state: the columns are built once for the layer and cut by zero-copy
+    slices (per-block numpy work cost more than the Parquet encoding)."""
     import pyarrow as pa
 
     score, token = best["score"].cpu().numpy(), best["token"].cpu().numpy()
     act, window = best["act"].cpu().numpy(), best["window"].cpu().numpy()
     d_sae, k = token.shape
-    for start in range(0, d_sae, group):
-        sl = slice(start, min(start + group, d_sae))
-        valid = token[sl] >= 0
-        feat, rank = np.nonzero(valid)
-        tok = token[sl][valid]
-        cols = {"feature": (feat + start).astype(np.int32), "rank": rank.astype(np.int32),
-                "sequence": tok // seq_len, "position": (tok % seq_len).astype(np.int32),
-                "activation": act[sl][valid].astype(np.float32)}
-        if kind == "samples":
-            cols["priority"] = score[sl][valid].astype(np.float32)
-        cols["window"] = _windows_array(window[sl][valid])
-        yield pa.table(cols)
+    valid = token >= 0
+    feat, rank = np.nonzero(valid)                              # feature-major, rank ascending
+    tok = token[valid]
+    cols = {"feature": feat.astype(np.int32), "rank": rank.astype(np.int32),
+            "sequence": tok // seq_len, "position": (tok % seq_len).astype(np.int32),
+            "activation": act[valid].astype(np.float32)}
+    if kind == "samples":
+        cols["priority"] = score[valid].astype(np.float32)
+    cols["window"] = _windows_array(window[valid])
+    table = pa.table(cols)
+    bounds = np.searchsorted(feat, np.arange(0, d_sae + group, group).clip(max=d_sae))
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        yield table.slice(int(lo), int(hi - lo))
 
 
 def _best_schema(kind: str, width: int):
@@ -515,17 +519,14 @@ def _stats_blocks(state: dict, n_bins: int, group: int):
     import pyarrow as pa
 
     n_firing = state["n_firing"].cpu().numpy()
-    act_sum = state["act_sum"].cpu().numpy()
-    top_act = state["top"]["act"].cpu().numpy()
-    hist = state["hist"].cpu().numpy().reshape(-1, n_bins)
     d_sae = len(n_firing)
+    hist = state["hist"].cpu().numpy().reshape(-1)
+    table = pa.table({"feature": np.arange(d_sae, dtype=np.int32), "n_firing": n_firing,
+                      "act_sum": state["act_sum"].cpu().numpy(),
+                      "max": state["top"]["act"].cpu().numpy()[:, 0].astype(np.float32),
+                      "histogram": pa.FixedSizeListArray.from_arrays(pa.array(hist), n_bins)})
     for start in range(0, d_sae, group):
-        sl = slice(start, min(start + group, d_sae))
-        h = hist[sl]
-        yield pa.table({"feature": np.arange(sl.start, sl.stop, dtype=np.int32),
-                        "n_firing": n_firing[sl], "act_sum": act_sum[sl],
-                        "max": top_act[sl, 0].astype(np.float32),
-                        "histogram": pa.FixedSizeListArray.from_arrays(pa.array(h.reshape(-1)), n_bins)})
+        yield table.slice(start, min(group, d_sae - start))
 
 
 def _best_from_table(table, d_sae: int, k: int, width: int, seq_len: int, kind: str) -> dict:
