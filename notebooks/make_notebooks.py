@@ -132,6 +132,10 @@ def walkthrough():
     return cells
 
 
+VIEWS_COST = ("27 s on an H200 GPU and 41 minutes on 2 CPU cores (measured by "
+              "`benchmarks/bench_index.py` on GPT-2-small-shaped random weights)")
+
+
 def feature_dashboards():
     cells = [
         new_markdown_cell("# Feature dashboards and the explorer\n\nBuild a feature index over a "
@@ -153,6 +157,24 @@ def feature_dashboards():
                       "    index = FeatureIndex.build(model, transcoders, corpus_tokens,\n"
                       "                               n_tokens=corpus_tokens.numel(), out_dir=INDEX_DIR, k=10)\n"
                       "index"),
+        new_markdown_cell("## Precompute the weight views\n\nThe weight-based sections of a dashboard "
+                          "(strongest connections to earlier and later features, logit effects, "
+                          "de-embeddings, OV views) depend on the weights alone. Computed per feature "
+                          "they read every layer's weights; `add_weight_views` computes them once for "
+                          "every feature, as blocked matrix products, and stores them with the index, "
+                          "so each dashboard opens from a few small Parquet reads. For GPT-2 small "
+                          "(12 × 24576 features) this is " + VIEWS_COST + "; pass `device='cuda'` to "
+                          "build on a GPU."),
+        new_code_cell("import time\n"
+                      "import torch\n"
+                      "from tc_explore.dashboard import add_weight_views, weight_views_of\n\n"
+                      "if weight_views_of(index) is None:\n"
+                      "    t = time.perf_counter()\n"
+                      "    add_weight_views(index, model, transcoders, progress=True,\n"
+                      "                     device='cuda' if torch.cuda.is_available() else None)\n"
+                      "    n = sum(transcoders.d_sae(l) for l in transcoders.layers)\n"
+                      "    print(f'weight views of {n} features built in {time.perf_counter() - t:.1f} s')\n"
+                      "weight_views_of(index)"),
         new_markdown_cell("## Which features to look at\n\nThe features that fire most often in the "
                           "last layer, from the index's statistics."),
         new_code_cell("LAST = transcoders.layers[-1]\n"
