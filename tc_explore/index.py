@@ -32,11 +32,11 @@ On disk (``out_dir``)::
     layer_{LL}/top.parquet              feature, rank, sequence, position, activation, window
     layer_{LL}/samples.parquet          feature, sequence, position, activation, priority, window
     weight_views/                       optional, see tc_explore.weight_views
+    checkpoint.pt                       only while a build is unfinished
 
 ``window`` is the feature's activation on the tokens around the indexed one,
 ``window[0]`` at position - before: fixed_size_binary of little-endian float16
 values (``np.frombuffer(value, "<f2")``; ``FeatureIndex.table`` decodes it).
-    checkpoint.pt                       only while a build is unfinished
 
 Per-layer tables are written in row groups of ``features_per_group``
 features, so opening one feature reads one small row group.
@@ -328,9 +328,9 @@ class _Best:
         """Load a ``state()`` into all rows or a slice (rows best first, so empty slots last)."""
         for name, t in state.items():
             getattr(self, name)[rows] = t
-        self._threshold = self.score.min(dim=1).values
-        self._key = self._goodness(self.score, self.token)
-        self._filled = (self.token >= 0).sum(dim=1)
+        self._threshold[rows] = self.score[rows].min(dim=1).values
+        self._key[rows] = self._goodness(self.score[rows], self.token[rows])
+        self._filled[rows] = (self.token[rows] >= 0).sum(dim=1)
 
 
 class _LayerAccumulator:
@@ -350,8 +350,7 @@ class _LayerAccumulator:
         sizes = [d_sae] if isinstance(d_sae, (int, np.integer)) else list(d_sae)
         starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
         self.rows = {l: slice(starts[i], starts[i + 1]) for i, l in enumerate(layers)}
-        self.layer, self.d_sae = layers[0] if len(layers) == 1 else tuple(layers), int(starts[-1])
-        d_sae = self.d_sae
+        d_sae = int(starts[-1])                                     # rows of all layers
         self.before, self.after = window
         w = self.before + self.after + 1
         self.top = _Best(d_sae, k, w, device)

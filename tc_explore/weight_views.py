@@ -259,6 +259,8 @@ class WeightViews:
                 "WeightViews.build(model, transcoders, directory).")
         self.manifest = json.loads(path.read_text(encoding="utf-8"))
         self._rows = lru_cache(maxsize=64)(self._read_group)
+        # A dashboard reads six sections of the same feature: decode its row once.
+        self.row = lru_cache(maxsize=16)(self._decode_row)
         self._verified: dict = {}
         self._files: dict = {}
 
@@ -383,8 +385,8 @@ class WeightViews:
             file = self._files[layer] = pq.ParquetFile(self.directory / f"layer_{layer:02d}.parquet")
         return file.read_row_group(group, use_threads=False)
 
-    def row(self, layer: int, feature: int) -> dict:
-        """Every stored column of one feature, as numpy arrays."""
+    def _decode_row(self, layer: int, feature: int) -> dict:
+        """Every stored column of one feature, as numpy arrays (``row``, cached)."""
         layer, feature = self.check_feature(layer, feature)
         group = int(self.manifest["features_per_group"])
         table = self._rows(layer, feature // group)
