@@ -71,20 +71,22 @@ def random_transcoder(d_model: int, d_sae: int, layer: int, seed: int = 0,
                       layer=layer)
 
 
-def install_in_hf_cache(hf_home: str | Path, repo_id: str, files: dict[str, Path],
-                        revision: str | None = None) -> Path:
-    """Place ``files`` (name in repo -> local path) into the standard cache
-    layout ``hub/models--OWNER--NAME/{blobs,snapshots/REV,refs/main}``, as
-    huggingface_hub itself lays out a download. Returns the snapshot dir."""
-    repo_dir = Path(hf_home) / "hub" / ("models--" + repo_id.replace("/", "--"))
+def install_in_hf_cache(hf_home: str | Path, repo_id: str, files: dict[str, Path | bytes],
+                        revision: str | None = None, repo_type: str = "model",
+                        ref: str = "main") -> Path:
+    """Place ``files`` (name in repo -> local path or contents) into the standard
+    cache layout ``hub/{models,datasets}--OWNER--NAME/{blobs,snapshots/REV,refs/REF}``,
+    as huggingface_hub itself lays out a download of commit ``revision`` of
+    branch ``ref``. Returns the snapshot dir."""
+    repo_dir = Path(hf_home) / "hub" / (f"{repo_type}s--" + repo_id.replace("/", "--"))
     commit = revision or hashlib.sha1(repo_id.encode()).hexdigest()
     snapshot = repo_dir / "snapshots" / commit
     (repo_dir / "blobs").mkdir(parents=True, exist_ok=True)
     snapshot.mkdir(parents=True, exist_ok=True)
     (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
-    (repo_dir / "refs" / "main").write_text(commit)
+    (repo_dir / "refs" / ref).write_text(commit)
     for name, src in files.items():
-        data = Path(src).read_bytes()
+        data = src if isinstance(src, bytes) else Path(src).read_bytes()
         blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
         blob.write_bytes(data)
         link = snapshot / name
