@@ -1,6 +1,6 @@
 """Benchmark of the index accumulator update for one layer (a script, not a test).
 
-    python benchmarks/bench_accumulator.py [--batches 64] [--baseline path/to/old_index.py]
+    python benchmarks/bench_accumulator.py [--batches 64] [--baseline path/to/old_accumulator.py]
 
 Builds GPT-2-small-shaped activations for one layer, batch by batch (8 x 128
 tokens, d_model 768, d_sae 24576): ``relu(x @ W_enc + b_enc)`` with random
@@ -16,8 +16,9 @@ It prints, per phase (the first --warm batches, and batches --steady):
 * the encode-equivalent baseline: one [1024, 768] @ [768, 24576] matmul + relu;
 * ``_LayerAccumulator.update`` (k 20, n_samples 40, window (8, 8)) per batch.
 
-With ``--baseline FILE`` (an older ``tc_explore/index.py``, e.g. from
-``git show HEAD~1:tc_explore/index.py > /tmp/index_old.py``) both
+With ``--baseline FILE`` (an older ``tc_explore/index/accumulator.py``, e.g.
+from ``git show HEAD~1:tc_explore/index/accumulator.py > /tmp/accumulator_old.py``,
+or an ``index.py`` from before the index became a package) both
 implementations fold the same batches, interleaved (alternating which runs
 first, so load from other processes hits both alike), and their final states
 are compared exactly.
@@ -36,18 +37,20 @@ import torch
 
 
 def load_index_module(path: str | None):
-    """tc_explore.index, or the file ``path`` loaded as a sibling module of the
-    package (so its relative imports resolve)."""
+    """tc_explore.index.accumulator, or the file ``path`` loaded as a sibling
+    module of it if its name contains "accumulator" (else, an old single-file
+    ``index.py``, as one of ``tc_explore``), so its relative imports resolve."""
     if path is None:
-        from tc_explore import index
-        return index
-    import tc_explore
-    name = "tc_explore._bench_index_" + str(abs(hash(os.path.abspath(path))))
+        from tc_explore.index import accumulator
+        return accumulator
+    import tc_explore.index
+    package = tc_explore.index if "accumulator" in os.path.basename(path) else tc_explore
+    name = package.__name__ + "._bench_baseline_" + str(abs(hash(os.path.abspath(path))))
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
-    assert module.__package__ == tc_explore.__name__
+    assert module.__package__ == package.__name__
     return module
 
 
@@ -122,7 +125,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--device", default="cpu")
-    p.add_argument("--baseline", default=None, help="an older index.py to time against, interleaved")
+    p.add_argument("--baseline", default=None, help="an older accumulator.py (or index.py) to time against, interleaved")
     p.add_argument("--clock", choices=("wall", "process"), default="wall",
                    help="process: CPU time of this process (steadier on a shared machine; "
                         "with --threads 1, since it adds up the time of all threads)")

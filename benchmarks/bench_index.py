@@ -175,22 +175,22 @@ def main(argv=None):
 
         out = os.path.join(work, "index")
         # Diagnostic only: when the build's final Parquet writes start and end.
-        import tc_explore.index as index_module
+        import tc_explore.index.build as index_module
         write_span = []
-        real_write = index_module._write_layer
+        real_write = index_module.write_layer
 
         def timed_write(*a, **kw):
             write_span.append(time.perf_counter())
             real_write(*a, **kw)
             write_span.append(time.perf_counter())
-        index_module._write_layer = timed_write
+        index_module.write_layer = timed_write
         with PeakMemory() as mem_build:
             t = time.perf_counter()
             index = FeatureIndex.build(model, transcoders, corpus, n_seq * args.seq_len, out,
                                        k=args.k, n_samples=args.n_samples, batch_size=args.batch_size,
                                        checkpoint_every=10 ** 9)
             build = time.perf_counter() - t
-        index_module._write_layer = real_write
+        index_module.write_layer = real_write
         writing = max(write_span) - min(write_span)
         bare2, _ = bare_pass(model, transcoders, batches)              # drift check
         base = min(bare, bare2)

@@ -146,9 +146,9 @@ def check_index_matches(index: FeatureIndex, transcoders: TranscoderSet | None) 
     if transcoders is None:
         return
     m = index.manifest
-    if m["transcoder_set"] != transcoders.name:
+    if m.transcoder_set != transcoders.name:
         raise IncompatibleTranscoderError(
-            f"The index in {index.directory} was built with transcoder set {m['transcoder_set']!r}, "
+            f"The index in {index.directory} was built with transcoder set {m.transcoder_set!r}, "
             f"not {transcoders.name!r}; load that set, or build an index for this one.")
     for layer in index.layers:
         if layer in transcoders and transcoders.d_sae(layer) != index.d_sae(layer):
@@ -178,7 +178,7 @@ def feature_dashboard(index: FeatureIndex, layer: int, feature: int, model=None,
         bands.append(IntervalBand(q_low, q_high, min(acts, default=0.0), max(acts, default=0.0),
                                   [_window(index, e, decode) for e in items[:per_band]]))
     dash = FeatureDashboard(
-        layer, feature, index.manifest["model"], index.manifest["transcoder_set"], index.n_tokens,
+        layer, feature, index.manifest.model, index.manifest.transcoder_set, index.n_tokens,
         stats["n_firing"], stats["frequency"], stats["max"], stats["mean"],
         [float(e) for e in index.edges], stats["histogram"].tolist(), top, bands)
     if transcoders is not None:

@@ -31,3 +31,7 @@ class UnknownTranscoderSetError(TcExploreError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class IndexIncompleteError(TcExploreError):
+    """An index directory whose build has not finished (resume it with build)."""

@@ -26,7 +26,6 @@ redone with a full stable sort, so the lower index wins as in ``invariant._top``
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -38,6 +37,7 @@ import pandas as pd
 import torch
 
 from .errors import IncompatibleTranscoderError, InvalidInputError
+from .index.storage import ParquetFiles, atomic_write_json, atomic_write_parquet, layer_name, read_manifest
 from .model import model_weights, token_strings
 from .transcoder import TranscoderSet
 
@@ -226,22 +226,18 @@ _INT_COLUMNS = {"up_layer", "up_feature", "down_layer", "down_feature", "logit_t
 
 def _write_layer(path: Path, table_cols: dict, group: int) -> None:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     arrays = {name: t.cpu().numpy().astype(np.int32 if name in _INT_COLUMNS else np.float32)
               for name, t in table_cols.items()}
     d_sae = next(iter(arrays.values())).shape[0]
-    tmp = path.with_name(path.name + ".tmp")
-    writer = None
-    for start in range(0, d_sae, group):
-        sl = slice(start, min(start + group, d_sae))
-        table = pa.table({"feature": np.arange(sl.start, sl.stop, dtype=np.int32),
-                          **{name: _list_column(a[sl]) for name, a in sorted(arrays.items())}})
-        if writer is None:
-            writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
-        writer.write_table(table)
-    writer.close()
-    os.replace(tmp, path)
+
+    def blocks():
+        for start in range(0, d_sae, group):
+            sl = slice(start, min(start + group, d_sae))
+            yield pa.table({"feature": np.arange(sl.start, sl.stop, dtype=np.int32),
+                            **{name: _list_column(a[sl]) for name, a in sorted(arrays.items())}})
+    # zstd and dictionary encoding: written once, small, read a row group at a time.
+    atomic_write_parquet(path, blocks(), compression="zstd", use_dictionary=True)
 
 
 # -- the stored views -------------------------------------------------------------------
@@ -252,17 +248,13 @@ class WeightViews:
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
-        path = self.directory / "manifest.json"
-        if not path.is_file():
-            raise InvalidInputError(
-                f"{self.directory} holds no weight views (no manifest.json); build them with "
-                "WeightViews.build(model, transcoders, directory).")
-        self.manifest = json.loads(path.read_text(encoding="utf-8"))
-        self._rows = lru_cache(maxsize=64)(self._read_group)
+        self.manifest = read_manifest(
+            self.directory, f"{self.directory} holds no weight views (no manifest.json); build them "
+            "with WeightViews.build(model, transcoders, directory).")
+        self._files = ParquetFiles(self.directory, cache_size=64)
         # A dashboard reads six sections of the same feature: decode its row once.
         self.row = lru_cache(maxsize=16)(self._decode_row)
         self._verified: dict = {}
-        self._files: dict = {}
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "WeightViews":
@@ -300,7 +292,7 @@ class WeightViews:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for layer, cols in tables.items():
-            _write_layer(tmp / f"layer_{layer:02d}.parquet", cols, features_per_group)
+            _write_layer(tmp / f"{layer_name(layer)}.parquet", cols, features_per_group)
         w = model_weights(model)
         manifest = {
             "format_version": FORMAT_VERSION, "transcoder_set": transcoders.name,
@@ -315,7 +307,7 @@ class WeightViews:
             "seconds": round(time.perf_counter() - t0, 2), "device": str(device),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True), "utf-8")
+        atomic_write_json(tmp / "manifest.json", manifest)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -377,19 +369,11 @@ class WeightViews:
             self._verified[("model", id(model))] = True
 
     # -- reading -------------------------------------------------------------------------
-    def _read_group(self, layer: int, group: int):
-        # one ParquetFile per layer: its footer is parsed once, not per read
-        file = self._files.get(layer)
-        if file is None:
-            import pyarrow.parquet as pq
-            file = self._files[layer] = pq.ParquetFile(self.directory / f"layer_{layer:02d}.parquet")
-        return file.read_row_group(group, use_threads=False)
-
     def _decode_row(self, layer: int, feature: int) -> dict:
         """Every stored column of one feature, as numpy arrays (``row``, cached)."""
         layer, feature = self.check_feature(layer, feature)
         group = int(self.manifest["features_per_group"])
-        table = self._rows(layer, feature // group)
+        table = self._files.row_group(f"{layer_name(layer)}.parquet", feature // group)
         i = feature - (feature // group) * group
         return {name: np.asarray(table.column(name)[i].values) for name in table.column_names
                 if name != "feature"}

@@ -1,0 +1,381 @@
+"""The streaming accumulator behind ``FeatureIndex.build``: per-feature exact
+top-k examples, a uniform sample of firing tokens, and activation histograms,
+updated one batch at a time and vectorised over features.
+
+Every statistic is an exact, order-independent function of the set of tokens
+seen: top-k ties are broken by global token index, and sample keys come from
+a hash of the global token index, not from a random stream. That is what
+makes a resumed build, and merged shards, equal to one uninterrupted build.
+Memory is O(d_sae * (k + n_samples)) per layer plus one batch of activations.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+# -- bins and hashes ---------------------------------------------------------------------
+def histogram_edges(low: float = 1e-3, high: float = 1e3, per_decade: int = 8) -> np.ndarray:
+    """Log-spaced bin edges. Bin 0 holds firing activations below ``low``,
+    bin i holds ``edges[i-1] <= a < edges[i]``, the last bin ``a >= high``;
+    non-firing tokens (activation 0) are not in the histogram (they are
+    ``n_tokens - n_firing``)."""
+    n = int(round(math.log10(high / low) * per_decade)) + 1
+    return np.logspace(math.log10(low), math.log10(high), n)
+
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """A well-mixed 64-bit hash (splitmix64's finaliser), wrapping arithmetic."""
+    x = x.astype(np.uint64)
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return x
+
+
+def _unit_hash(x: np.ndarray, salt: int) -> np.ndarray:
+    """Uniform floats in [0, 1) from integers, a different stream per salt."""
+    h = _splitmix64(np.asarray(x, dtype=np.uint64) ^ _splitmix64(np.array([salt], dtype=np.uint64)))
+    return (h >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
+def _token_hash(global_tokens: np.ndarray, seed: int) -> np.ndarray:
+    return _unit_hash(global_tokens, 2 * seed + 1)
+
+
+def _feature_hash(layer: int, d_sae: int, seed: int) -> np.ndarray:
+    return _unit_hash(np.arange(d_sae, dtype=np.uint64) + (np.uint64(layer) << np.uint64(32)), 2 * seed + 2)
+
+
+# -- accumulators -----------------------------------------------------------------------
+# Hot path: every batch of every layer. On CPU, 1-D gathers use index_select
+# (several times cheaper than advanced indexing) and 1-D sorts use numpy's
+# (several times cheaper than torch's); see benchmarks/bench_accumulator.py.
+def _argsort(key: torch.Tensor, stable: bool = False) -> torch.Tensor:
+    """Indices that sort a 1-D tensor ascending (ties in input order if ``stable``)."""
+    if key.device.type == "cpu":
+        return torch.from_numpy(np.argsort(key.numpy(), kind="stable" if stable else None))
+    return torch.sort(key, stable=stable).indices
+
+
+def _lex_order(f: torch.Tensor, score: torch.Tensor, token: torch.Tensor,
+               tokens_ascending: bool = False) -> torch.Tensor:
+    """Permutation sorting by feature asc, score desc, token asc.
+
+    One stable sort of an int64 key (feature in the high 32 bits, the score's
+    float bits inverted in the low 32: for positive floats the bit pattern is
+    monotone), after a stable sort by token unless the tokens already ascend
+    among candidates of one feature (as a batch's candidates do)."""
+    order = None if tokens_ascending else _argsort(token, stable=True)
+    f_o = f if order is None else f.index_select(0, order)
+    s_o = score if order is None else score.index_select(0, order)
+    bits = s_o.float().view(torch.int32).to(torch.int64)       # scores are > 0
+    key = (f_o.to(torch.int64) << 32) | (0x7FFFFFFF - bits)
+    by_key = _argsort(key, stable=True)
+    return by_key if order is None else order.index_select(0, by_key)
+
+
+def _segment_starts(sorted_keys: torch.Tensor) -> torch.Tensor:
+    """[n] bool: True where a run of equal keys begins (keys sorted)."""
+    start = torch.ones_like(sorted_keys, dtype=torch.bool)
+    start[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    return start
+
+
+def _ranks_in_segments(sorted_keys: torch.Tensor) -> torch.Tensor:
+    """Rank of each element within its run of equal keys (keys sorted): its
+    index minus the running max of run-start indices (linear, no search)."""
+    i = torch.arange(sorted_keys.numel(), device=sorted_keys.device)
+    first = torch.where(_segment_starts(sorted_keys), i, 0).cummax(0).values
+    return i - first
+
+
+def _nonzero_2d(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column indices of the nonzero entries of a 2-D tensor, row-major.
+
+    On CPU numpy's ``!=`` and ``flatnonzero`` are several times faster than
+    torch's comparison and ``nonzero`` (and its division by a scalar, through
+    libdivide); this one dense pass over the batch would otherwise cost more
+    than the rest of the update."""
+    if x.device.type == "cpu" and x.dtype in (torch.float16, torch.float32, torch.float64):
+        idx = np.flatnonzero(x.detach().numpy() != 0)
+        row = idx // x.shape[1]
+        return torch.from_numpy(row), torch.from_numpy(idx - row * x.shape[1])
+    return (x != 0).nonzero(as_tuple=True)
+
+
+def _context_windows(seg: torch.Tensor, pos: torch.Tensor, vals: torch.Tensor, before: int,
+                     after: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[nnz, before + 1 + after]`` windows of nonzero activations: the
+    feature's activations at positions -before..+after around each, zero
+    elsewhere and outside its sequence. Entries are sorted by ``seg`` (feature
+    and sequence), then by ``pos`` (distinct within a segment).
+
+    Built from the nonzeros alone rather than gathered from the dense batch,
+    where each window element is a cache miss (d_sae * 4 bytes from the last):
+    the entries within D = max(before, after) positions after entry i in its
+    segment are among entries i+1..i+D."""
+    nnz, width, reach = seg.numel(), before + 1 + after, max(before, after)
+    win = torch.zeros(nnz + 1, width, dtype=dtype, device=seg.device)   # + a spare row, see below
+    win[:nnz, before] = vals.to(dtype)
+    if reach == 0 or nnz < 2:
+        return win[:nnz]
+    # Entry i has a neighbour within reach only if entry i+1 is one (positions
+    # ascend within a segment), which few are: test i+1..i+D for those only.
+    near = ((seg[1:] == seg[:-1]) & (pos[1:] - pos[:-1] <= reach)).nonzero().squeeze(1)   # [N]
+    j = near[:, None] + torch.arange(1, reach + 1, device=seg.device)   # [N, D] candidate partners
+    valid = j < nnz
+    j = j.clamp(max=nnz - 1)
+    gap = pos[j] - pos[near, None]                              # [N, D] positions apart
+    n, d = (valid & (seg[j] == seg[near, None]) & (gap <= reach)).nonzero(as_tuple=True)
+    i, j, gap = near.index_select(0, n), j[n, d], gap[n, d]    # [P] pairs i < j within reach
+    # j goes into i's window if gap <= after, i into j's if gap <= before. Pairs
+    # that do not are written to the spare row instead of being masked out
+    # (boolean masks cost a host sync each on CUDA).
+    flat, spare = win.view(-1), nnz * width
+    flat[torch.where(gap <= after, i * width + before + gap, spare)] = vals.index_select(0, j).to(dtype)
+    flat[torch.where(gap <= before, j * width + before - gap, spare)] = vals.index_select(0, i).to(dtype)
+    return win[:nnz]
+
+
+class _Best:
+    """For every feature, the ``k`` best entries by score (desc), ties by token (asc).
+
+    Dense ``[d_sae, k]`` tensors, kept *unsorted* within a row while streaming:
+    a merge then writes only the slots it evicts (no row is shifted or
+    rewritten, which in the early batches, when nearly every feature takes new
+    entries, cost more than the encoding itself). ``state()`` returns the rows
+    sorted. Empty slots have score 0 and token -1 (every real score is > 0, so
+    an empty slot always loses); the row minimum is the k-th best score, a
+    per-feature threshold that filters a batch's candidates before sorting.
+
+    Internal caches: ``_key`` is ``_goodness`` of every slot (one int64
+    comparison per slot instead of three), ``_filled`` the number of non-empty
+    slots per row. Empty slots are filled in order and never reappear, so a
+    row's filled slots are always a prefix (also after ``load``: ``state()``
+    puts empty slots last).
+    """
+
+    def __init__(self, d_sae: int, k: int, window: int, device):
+        self.k = k
+        self.score = torch.zeros(d_sae, k, dtype=torch.float32, device=device)
+        self.token = torch.full((d_sae, k), -1, dtype=torch.int64, device=device)
+        self.act = torch.zeros(d_sae, k, dtype=torch.float32, device=device)
+        self.window = torch.zeros(d_sae, k, window, dtype=torch.float16, device=device)
+        self._threshold = torch.zeros(d_sae, dtype=torch.float32, device=device)
+        self._key = self._goodness(self.score, self.token)
+        self._filled = torch.zeros(d_sae, dtype=torch.int64, device=device)
+
+    def threshold(self) -> torch.Tensor:
+        return self._threshold
+
+    @staticmethod
+    def _goodness(score: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        """An int64 key per entry that orders by score, then by lower token:
+        the score's float bits (monotone for non-negative floats) above the
+        inverted low 32 bits of the token. Exact for corpora under 2**32 tokens
+        (build() checks); all empty slots share the lowest key, 0; every real
+        entry's key is >= 2**32."""
+        bits = score.float().view(torch.int32).to(torch.int64)            # scores are >= 0
+        return (bits << 32) | (0xFFFFFFFF - (token & 0xFFFFFFFF))
+
+    @staticmethod
+    def _worst_first(score: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        """[rows, k] slot order from worst to best: score asc, then token desc."""
+        return torch.argsort(_Best._goodness(score, token), dim=1)
+
+    def offer(self, f: torch.Tensor, score: torch.Tensor, token: torch.Tensor, act: torch.Tensor,
+              window_of, tokens_ascending: bool = False) -> None:
+        """Merge candidates (all with score at least their feature's threshold).
+        ``window_of(idx)`` returns ``[len(idx), window]`` context activations of
+        candidates ``idx``; it is called only for candidates that are kept.
+
+        A candidate is kept if fewer than k entries beat it: (state entries
+        that beat it) + (candidates of its feature that beat it) < k. The m
+        kept candidates of a feature displace exactly its m worst entries, so
+        only those slots are written."""
+        if f.numel() == 0:
+            return
+        k = self.k
+        order = _lex_order(f, score, token, tokens_ascending)       # [C] by feature, best first
+        f = f.index_select(0, order)
+        key = self._goodness(score.index_select(0, order), token.index_select(0, order))  # [C]
+        rank = _ranks_in_segments(f)                                # [C] among the feature's candidates
+        # At most the row's filled slots can beat a candidate: one with
+        # rank + filled < k is kept without looking at the row (in the first
+        # batches, while rows fill, nearly all are), one with rank >= k is not.
+        # Only the rest are compared with all k slots of their row.
+        keep = rank + self._filled.index_select(0, f) < k           # [C]
+        doubt = ((rank < k) & ~keep).nonzero().squeeze(1)          # [D]
+        if doubt.numel():
+            row_key = self._key.index_select(0, f.index_select(0, doubt))        # [D, k]
+            beaten = (row_key > key.index_select(0, doubt)[:, None]).sum(1, dtype=torch.int32)  # [D]
+            keep[doubt] = rank.index_select(0, doubt) + beaten < k
+        kept = keep.nonzero().squeeze(1)                            # [C']
+        if kept.numel() == 0:
+            return
+        f, key, src = f.index_select(0, kept), key.index_select(0, kept), order.index_select(0, kept)
+        # Kept candidates of a feature are its best ones, so they stay contiguous
+        # and in rank order after the mask: j-th kept candidate -> j-th worst slot,
+        # which is the j-th empty slot while there is one (empties, the worst,
+        # follow the filled prefix).
+        j = _ranks_in_segments(f)                                   # [C']
+        slot = self._filled.index_select(0, f) + j                  # [C']
+        evict = (slot >= k).nonzero().squeeze(1)                    # [E] displace a real entry
+        if evict.numel():
+            # The j-th worst slot of the row (its empties first; keys are unique
+            # within a row except identical empty slots, so this is exact). Once
+            # rows are full nearly every evicting candidate has j == 0: the row's
+            # argmin, a fraction of the cost of a topk.
+            ev_f, ev_j = f.index_select(0, evict), j.index_select(0, evict)
+            ev_slot = self._key.index_select(0, ev_f).argmin(dim=1)            # [E], right for j == 0
+            more = (ev_j > 0).nonzero().squeeze(1)                  # [M]
+            if more.numel():
+                # A topk over each such row once (a dense feature can have k evictors).
+                m_f, m_j = ev_f.index_select(0, more), ev_j.index_select(0, more)
+                start = _segment_starts(m_f)
+                rows, row_of = m_f[start], start.cumsum(0) - 1      # [R] their rows, [M] index in rows
+                worst = torch.topk(self._key.index_select(0, rows), int(m_j.max()) + 1, dim=1,
+                                   largest=False, sorted=True).indices         # [R, m_max]
+                ev_slot[more] = worst[row_of, m_j]
+            slot[evict] = ev_slot
+        at = f * k + slot                                           # [C'] flat slot each one takes
+        self._key.view(-1).index_copy_(0, at, key)
+        self.score.view(-1).index_copy_(0, at, score.index_select(0, src).to(self.score.dtype))
+        self.token.view(-1).index_copy_(0, at, token.index_select(0, src))
+        self.act.view(-1).index_copy_(0, at, act.index_select(0, src).to(self.act.dtype))
+        self.window.view(-1, self.window.shape[-1]).index_copy_(
+            0, at, window_of(src).to(self.window.dtype))
+        self._filled.index_add_(0, f, torch.ones_like(f)).clamp_(max=k)
+        # Row minima of all rows: one pass over [d_sae, k], about as cheap on CPU
+        # as finding the rows that changed, and free of host syncs on CUDA.
+        torch.amin(self.score, dim=1, out=self._threshold)
+
+    def state(self, rows: slice = slice(None)) -> dict:
+        """Rows (all, or a slice) sorted best first (score desc, token asc), as
+        written to disk."""
+        score, token = self.score[rows], self.token[rows]
+        order = torch.flip(self._worst_first(score, token), dims=[1])
+        width = self.window.shape[-1]
+        return {"score": score.gather(1, order), "token": token.gather(1, order),
+                "act": self.act[rows].gather(1, order),
+                "window": self.window[rows].gather(1, order[..., None].expand(-1, -1, width))}
+
+    def load(self, state: dict, rows: slice = slice(None)) -> None:
+        """Load a ``state()`` into all rows or a slice (rows best first, so empty slots last)."""
+        for name, t in state.items():
+            getattr(self, name)[rows] = t
+        self._threshold[rows] = self.score[rows].min(dim=1).values
+        self._key[rows] = self._goodness(self.score[rows], self.token[rows])
+        self._filled[rows] = (self.token[rows] >= 0).sum(dim=1)
+
+
+class _LayerAccumulator:
+    """Everything the index keeps for one layer, or for several layers fused,
+    while it streams.
+
+    Fused (``layer`` and ``d_sae`` sequences), the layers' features are rows
+    of one set of tensors, and ``update`` takes their activations concatenated
+    along the feature axis. Every statistic is per feature, so the result is the
+    same as separate accumulators'; on CUDA, where an update is bound by its
+    ~400 kernel launches rather than by arithmetic, one update for all layers
+    instead of one per layer removes most of the index's overhead."""
+
+    def __init__(self, layer: int | Sequence[int], d_sae: int | Sequence[int], k: int, n_samples: int,
+                 edges: np.ndarray, window: tuple[int, int], seed: int, device):
+        layers = [layer] if isinstance(layer, (int, np.integer)) else list(layer)
+        sizes = [d_sae] if isinstance(d_sae, (int, np.integer)) else list(d_sae)
+        starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+        self.rows = {l: slice(starts[i], starts[i + 1]) for i, l in enumerate(layers)}
+        d_sae = int(starts[-1])                                     # rows of all layers
+        self.before, self.after = window
+        w = self.before + self.after + 1
+        self.top = _Best(d_sae, k, w, device)
+        self.samples = _Best(d_sae, n_samples, w, device)
+        self.edges = torch.as_tensor(edges, dtype=torch.float32, device=device)
+        self.n_bins = len(edges) + 1
+        self.n_firing = torch.zeros(d_sae, dtype=torch.int64, device=device)
+        self.act_sum = torch.zeros(d_sae, dtype=torch.float64, device=device)
+        self.hist = torch.zeros(d_sae * self.n_bins, dtype=torch.int64, device=device)
+        self.feature_key = torch.as_tensor(np.concatenate(
+            [_feature_hash(l, n, seed) for l, n in zip(layers, sizes)]), device=device)
+
+    def update(self, acts: torch.Tensor, token_key: torch.Tensor, first_token: int) -> None:
+        """Fold in ``acts [n_seq, seq_len, d_sae]`` of consecutive sequences whose
+        first token has global index ``first_token``; ``token_key [n_seq, seq_len]``
+        is the hash of each token's global index."""
+        n_seq, seq_len, d_sae = acts.shape
+        n_tok = n_seq * seq_len
+        flat = acts.reshape(-1)                                     # a view: acts is contiguous
+        # Every nonzero activation once, feature-major (a feature's entries
+        # contiguous and in token order): the order of a batch's candidates.
+        row, f = _nonzero_2d(acts.reshape(n_tok, d_sae))            # [nnz] row-major
+        vals = flat.index_select(0, row * d_sae + f)                # [nnz]
+        fr = f * n_tok + row                                        # [nnz] distinct
+        order = _argsort(fr)
+        fr, row, f, vals = (t.index_select(0, order) for t in (fr, row, f, vals))
+        # Position in the sequence by table look-up (integer division is slow on CPU).
+        pos = (torch.arange(n_tok, device=row.device) % seq_len).index_select(0, row)
+        # Context windows of all of them, built once for top-k and samples alike
+        # (from every nonzero: position 0 and non-positive values show in windows);
+        # fr - pos = feature * n_tok + first row of the sequence names the segment.
+        windows = _context_windows(fr - pos, pos, vals, self.before, self.after,
+                                   self.top.window.dtype)           # [nnz, w]
+        # The firing entries that count: activation > 0, position 0 (BOS) left out.
+        e = ((vals > 0) & (pos != 0)).nonzero().squeeze(1)          # [n] entry ids
+        row, f, vals = row.index_select(0, e), f.index_select(0, e), vals.index_select(0, e)
+        token = first_token + row                                   # [n] global token index
+
+        ones = torch.ones_like(f)
+        self.n_firing.index_add_(0, f, ones)
+        self.act_sum += torch.bincount(f, weights=vals.double(), minlength=d_sae)   # batch sums first
+        bins = torch.bucketize(vals, self.edges, right=True)
+        self.hist.index_add_(0, f * self.n_bins + bins, ones)      # no [d_sae * n_bins] temporary
+
+        def offer(best: _Best, score: torch.Tensor) -> None:
+            # >=: a token tied with the row minimum can still win the tie on
+            # token order if batches come out of order (build feeds them in order).
+            cand = (score >= best.threshold().index_select(0, f)).nonzero().squeeze(1)
+            c_e = e.index_select(0, cand)                           # candidates' entry ids
+            best.offer(f.index_select(0, cand), score.index_select(0, cand),
+                       token.index_select(0, cand), vals.index_select(0, cand),
+                       lambda i: windows.index_select(0, c_e.index_select(0, i)),
+                       tokens_ascending=True)
+
+        offer(self.top, vals)
+        # Sample priority 1 - frac(a_token + b_feature): for one feature the order
+        # over tokens is a uniform random permutation, so the n_samples highest
+        # priorities are a uniform sample of its firing tokens, reproducibly.
+        key = (token_key.reshape(-1).index_select(0, row)
+               + self.feature_key.index_select(0, f)).remainder_(1.0)
+        offer(self.samples, (1.0 - key).float())
+
+    def _layer_rows(self, layer) -> slice:
+        if layer is None:
+            if len(self.rows) != 1:
+                raise ValueError("a fused accumulator needs the layer")
+            return next(iter(self.rows.values()))
+        return self.rows[layer]
+
+    def state(self, layer: int | None = None) -> dict:
+        """One layer's statistics (the only layer's if not fused)."""
+        r = self._layer_rows(layer)
+        bins = slice(r.start * self.n_bins, r.stop * self.n_bins)
+        return {"top": self.top.state(r), "samples": self.samples.state(r),
+                "n_firing": self.n_firing[r], "act_sum": self.act_sum[r], "hist": self.hist[bins]}
+
+    def load(self, state: dict, layer: int | None = None) -> None:
+        r = self._layer_rows(layer)
+        self.top.load(state["top"], r)
+        self.samples.load(state["samples"], r)
+        self.n_firing[r] = state["n_firing"]
+        self.act_sum[r] = state["act_sum"]
+        self.hist[r.start * self.n_bins:r.stop * self.n_bins] = state["hist"]

@@ -1,0 +1,401 @@
+"""Building a feature index: one pass of the model over a corpus, resumable
+from checkpoints, in shards that ``merge_indexes`` joins into the index a
+single build would have made (the accumulator is order-independent).
+
+Position 0 of every sequence (BOS with no context) is left out of all
+statistics: its activations are identical in every sequence and would fill
+every feature's top-k with copies of one example.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from ..corpus import Corpus, as_corpus
+from ..errors import InvalidInputError
+from ..model import check_context, model_device
+from ..transcoder import TranscoderSet
+from .accumulator import _Best, _LayerAccumulator, _token_hash, histogram_edges
+from .storage import (FORMAT_VERSION, IndexManifest, _flat_windows,
+                      atomic_write_json, atomic_write_parquet, read_layer_state, read_manifest,
+                      write_layer)
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """How ``FeatureIndex.build`` indexes a corpus.
+
+    ``layers``: which layers (default all of the set). ``k`` top examples and
+    ``n_samples`` uniformly sampled firing tokens per feature; ``bins``
+    histogram edges (default ``histogram_edges()``); ``window`` = (before,
+    after) tokens of context stored with each example; ``seed`` of the sample.
+    ``batch_size`` sequences per model pass; a checkpoint every
+    ``checkpoint_every`` batches. ``shard=(i, n)`` indexes only the i-th of n
+    contiguous runs of batches (join them with ``FeatureIndex.merge``).
+    ``max_batches`` stops (with a checkpoint) after that many new batches, for
+    builds in time slices. ``features_per_group`` features per Parquet row
+    group. ``overwrite`` replaces what ``out_dir`` holds. ``fuse_layers``
+    folds all layers into one accumulator update per batch (same results; the
+    default on CUDA, where an update costs kernel launches, not arithmetic; on
+    CPU it would only hold all layers' activations at once)."""
+    layers: Sequence[int] | None = None
+    k: int = 20
+    n_samples: int = 40
+    batch_size: int = 8
+    bins: np.ndarray | None = None
+    window: tuple = (12, 4)
+    seed: int = 0
+    checkpoint_every: int = 25
+    shard: tuple | None = None
+    max_batches: int | None = None
+    features_per_group: int = 256
+    overwrite: bool = False
+    progress: bool = False
+    fuse_layers: bool | None = None
+
+    @classmethod
+    def of(cls, settings: "IndexSettings | None", options: dict) -> "IndexSettings":
+        """``settings`` with ``options`` (keyword arguments of build) applied."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise InvalidInputError(
+                f"Unknown index setting(s) {unknown}; the settings are {sorted(names)}.")
+        base = asdict(settings) if settings is not None else {}
+        return cls(**{**base, **options})
+
+
+def build_index(model, transcoders: TranscoderSet, corpus, n_tokens: int, out_dir: str | os.PathLike,
+                settings: IndexSettings) -> Path | None:
+    """Index ``n_tokens`` tokens of ``corpus`` into ``out_dir`` (see
+    ``FeatureIndex.build``). Returns the directory, or None if the build
+    stopped at ``max_batches`` before its end."""
+    corpus = as_corpus(corpus, model)
+    out = Path(out_dir)
+    manifest = _plan(model, transcoders, corpus, n_tokens, settings)
+    existing = _prepare_out_dir(out, manifest, settings.overwrite)
+    if existing == "complete":
+        return out
+    _write_tokens(out, corpus, manifest.sequence_start, manifest.n_sequences, manifest.batch_size)
+    s, layers = settings, manifest.layers
+    fuse = transcoders.device.type == "cuda" if s.fuse_layers is None else s.fuse_layers
+    groups = [layers] if fuse else [[layer] for layer in layers]
+    accs = {}                                                   # layer -> its (shared) accumulator
+    for group in groups:
+        acc = _LayerAccumulator(group, [transcoders.d_sae(l) for l in group], manifest.k,
+                                manifest.n_samples, np.asarray(manifest.histogram_edges),
+                                manifest.window, manifest.seed, transcoders.device)
+        accs.update(dict.fromkeys(group, acc))
+    done = 0
+    ckpt = out / "checkpoint.pt"
+    if ckpt.is_file():
+        saved = torch.load(ckpt, map_location=transcoders.device, weights_only=True)
+        done = int(saved["batches_done"])
+        for layer in layers:
+            accs[layer].load(saved["layers"][layer], layer)
+    reached = _run_batches(model, transcoders, out, manifest, groups, accs, done, s)
+    if reached < manifest.n_batches:
+        return None
+
+    # Arrow encodes and compresses without the GIL: the layers' tables are
+    # written side by side (the states are taken here, on the build's device).
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=max(1, min(len(layers), os.cpu_count() or 1))) as pool:
+        writes = [pool.submit(write_layer, out, layer, accs[layer].state(layer), manifest.n_bins,
+                              manifest.seq_len, manifest.features_per_group) for layer in layers]
+        for w in writes:
+            w.result()
+    manifest.complete = True
+    manifest.built_at = time.strftime("%Y-%m-%dT%H:%M:%S")
+    atomic_write_json(out / "manifest.json", manifest.to_json())
+    if ckpt.exists():
+        ckpt.unlink()
+    return out
+
+
+def _plan(model, transcoders: TranscoderSet, corpus: Corpus, n_tokens: int,
+          s: IndexSettings) -> IndexManifest:
+    """Check the arguments and describe the build: its manifest before it runs."""
+    layers = transcoders.select_layers(s.layers)
+    if not layers:
+        raise InvalidInputError("layers is empty: index at least one layer.")
+    transcoders.check_fits(model)
+    check_context(model, corpus.seq_len)
+    for name in ("k", "n_samples", "batch_size", "checkpoint_every", "features_per_group"):
+        value = getattr(s, name)
+        if int(value) < 1:
+            raise InvalidInputError(f"{name} must be at least 1, got {value}.")
+    seq_len, batch_size = corpus.seq_len, s.batch_size
+    total_sequences = int(n_tokens) // seq_len
+    if total_sequences < 1:
+        raise InvalidInputError(
+            f"n_tokens={n_tokens} is less than one sequence of {seq_len} tokens.")
+    if total_sequences * seq_len >= 2 ** 32:
+        raise InvalidInputError(
+            f"n_tokens={n_tokens} is too large for one index (at most 2**32 tokens); build "
+            "shards over parts of the corpus and keep them as separate indexes.")
+    n_batches_total = -(-total_sequences // batch_size)
+    if s.shard is None:
+        first_batch, stop_batch = 0, n_batches_total
+    else:
+        i, n = s.shard
+        if not (isinstance(n, int) and n >= 1 and isinstance(i, int) and 0 <= i < n):
+            raise InvalidInputError(f"shard must be (i, n) with 0 <= i < n, got {s.shard!r}.")
+        first_batch, stop_batch = i * n_batches_total // n, (i + 1) * n_batches_total // n
+    seq_start = first_batch * batch_size
+    seq_stop = min(stop_batch * batch_size, total_sequences)
+    edges = histogram_edges() if s.bins is None else np.asarray(s.bins, dtype=np.float64)
+    if edges.ndim != 1 or len(edges) < 1 or np.any(np.diff(edges) <= 0) or edges[0] <= 0:
+        raise InvalidInputError("bins must be increasing positive bin edges.")
+    return IndexManifest(
+        format_version=FORMAT_VERSION, model=_model_name(model), transcoder_set=transcoders.name,
+        transcoder_repo=transcoders.repo_id, revision=transcoders.revision,
+        corpus=corpus.description, seq_len=seq_len, layers=layers,
+        d_sae={layer: transcoders.d_sae(layer) for layer in layers},
+        k=int(s.k), n_samples=int(s.n_samples), batch_size=int(batch_size),
+        histogram_edges=[float(e) for e in edges], window=(int(s.window[0]), int(s.window[1])),
+        seed=int(s.seed), total_sequences=total_sequences, sequence_start=seq_start,
+        sequence_stop=seq_stop, n_batches=stop_batch - first_batch,
+        n_sequences=seq_stop - seq_start, n_tokens=(seq_stop - seq_start) * seq_len,
+        n_tokens_counted=(seq_stop - seq_start) * (seq_len - 1),
+        positions_counted="1..seq_len-1 (position 0, BOS, left out)",
+        shard=list(s.shard) if s.shard is not None else None,
+        features_per_group=int(s.features_per_group), tokens_rows_per_group=int(batch_size))
+
+
+def _run_batches(model, transcoders: TranscoderSet, out: Path, manifest: IndexManifest,
+                 groups: list, accs: dict, done: int, s: IndexSettings) -> int:
+    """Fold batches ``done..`` into the accumulators, checkpointing; returns
+    the number of batches done when it stops (all, or after ``max_batches``)."""
+    import pyarrow.parquet as pq
+
+    layers, seq_len, n_batches = manifest.layers, manifest.seq_len, manifest.n_batches
+    device = model_device(model)
+    hooks = {transcoders.input_hook(layer) for layer in layers}
+    stop_at = max(layers) + 1
+    stop_at = None if stop_at >= int(model.cfg.n_layers) else stop_at
+    tokens_file = pq.ParquetFile(out / "tokens.parquet")
+    bar = _progress(n_batches, done, s.progress)
+    new_batches = 0
+    last_saved = done
+    for b in range(done, n_batches):
+        if s.max_batches is not None and new_batches >= s.max_batches:
+            break
+        toks = torch.from_numpy(_flat_windows(tokens_file.read_row_group(b).column("tokens"),
+                                              seq_len).astype(np.int64))
+        first_seq = manifest.sequence_start + b * manifest.batch_size
+        first_token = first_seq * seq_len
+        gtok = first_token + np.arange(toks.numel(), dtype=np.int64)
+        token_key = torch.as_tensor(_token_hash(gtok, manifest.seed).reshape(toks.shape),
+                                    device=transcoders.device)
+        with torch.inference_mode():
+            _, cache = model.run_with_cache(toks.to(device), names_filter=lambda n: n in hooks,
+                                            stop_at_layer=stop_at)
+            for group in groups:
+                acts = [transcoders[l].encode(cache[transcoders.input_hook(l)].to(transcoders.device))
+                        for l in group]
+                acts = acts[0] if len(acts) == 1 else torch.cat(acts, dim=-1)  # [n_seq, seq_len, features]
+                accs[group[0]].update(acts, token_key, first_token)
+                del acts
+            del cache
+        new_batches += 1
+        if bar is not None:
+            bar.update(1)
+        if (b + 1) % s.checkpoint_every == 0 and b + 1 < n_batches:
+            _save_checkpoint(out, b + 1, accs)
+            last_saved = b + 1
+    if bar is not None:
+        bar.close()
+    reached = done + new_batches
+    if reached < n_batches and reached > last_saved:
+        _save_checkpoint(out, reached, accs)
+    return reached
+
+
+# -- merging -----------------------------------------------------------------------------
+_SAME_IN_SHARDS = ("model", "transcoder_set", "revision", "corpus", "seq_len", "layers", "d_sae", "k",
+                   "n_samples", "batch_size", "histogram_edges", "window", "seed", "total_sequences",
+                   "features_per_group")
+
+
+def merge_indexes(shards: Sequence[tuple[Path, IndexManifest]], out_dir: str | os.PathLike,
+                  overwrite: bool = False) -> Path:
+    """Combine finished shards ``(directory, manifest)`` (same model,
+    transcoders, corpus and settings; contiguous sequence ranges) into one
+    index equal to a single build over their union; returns its directory."""
+    shards = sorted(shards, key=lambda s: s[1].sequence_start)
+    if not shards:
+        raise InvalidInputError("merge needs at least one shard directory.")
+    first_dir, first = shards[0]
+    first_json = first.to_json()
+    for directory, m in shards[1:]:
+        m_json = m.to_json()
+        diff = [key for key in _SAME_IN_SHARDS if m_json.get(key) != first_json.get(key)]
+        if diff:
+            raise InvalidInputError(
+                f"Shard {directory} differs from {first_dir} in {diff}; only shards "
+                "of the same build settings can be merged.")
+    for (a_dir, a), (b_dir, b) in zip(shards, shards[1:]):
+        if a.sequence_stop != b.sequence_start:
+            raise InvalidInputError(
+                f"Shards must cover contiguous sequence ranges: {a_dir} ends at sequence "
+                f"{a.sequence_stop} but {b_dir} starts at {b.sequence_start}.")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise InvalidInputError(f"{out} is not empty; pass overwrite=True to replace it.")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    for layer in first.layers:
+        state = None
+        for directory, m in shards:
+            st = read_layer_state(directory, m, layer)
+            state = st if state is None else _merge_states(state, st)
+        write_layer(out, layer, state, first.n_bins, first.seq_len, first.features_per_group)
+
+    import pyarrow.parquet as pq
+    schema = pq.ParquetFile(first_dir / "tokens.parquet").schema_arrow
+
+    def token_groups():
+        for directory, _ in shards:
+            f = pq.ParquetFile(directory / "tokens.parquet")
+            for g in range(f.num_row_groups):
+                yield f.read_row_group(g)
+    atomic_write_parquet(out / "tokens.parquet", _regroup(token_groups(), first.tokens_rows_per_group),
+                         schema)
+
+    merged = IndexManifest.from_json(first_json)
+    merged.sequence_stop = shards[-1][1].sequence_stop
+    n_seq = merged.sequence_stop - merged.sequence_start
+    merged.n_sequences, merged.n_tokens = n_seq, n_seq * merged.seq_len
+    merged.n_tokens_counted = n_seq * (merged.seq_len - 1)
+    merged.n_batches = sum(m.n_batches for _, m in shards)
+    whole = merged.sequence_start == 0 and merged.sequence_stop == first.total_sequences
+    merged.shard = None if whole else [str(directory) for directory, _ in shards]
+    merged.merged_from, merged.complete = len(shards), True
+    merged.built_at = time.strftime("%Y-%m-%dT%H:%M:%S")
+    atomic_write_json(out / "manifest.json", merged.to_json())
+    return out
+
+
+def _merge_states(a: dict, b: dict) -> dict:
+    out = {"n_firing": a["n_firing"] + b["n_firing"], "act_sum": a["act_sum"] + b["act_sum"],
+           "hist": a["hist"] + b["hist"]}
+    for kind in ("top", "samples"):
+        d_sae, k = a[kind]["token"].shape
+        best = _Best(d_sae, k, a[kind]["window"].shape[-1], "cpu")
+        best.load(a[kind])
+        other = b[kind]
+        valid = other["token"] >= 0
+        f = torch.arange(d_sae)[:, None].expand(-1, k)[valid]
+        windows = other["window"][valid]
+        # Shards are merged in sequence order, so every token of `other` comes
+        # after every token of `best` and loses a tie at the threshold.
+        keep = other["score"][valid] > best.threshold()[f]
+        best.offer(f[keep], other["score"][valid][keep], other["token"][valid][keep],
+                   other["act"][valid][keep], lambda idx, w=windows[keep]: w[idx])
+        out[kind] = best.state()
+    return out
+
+
+# -- build helpers -----------------------------------------------------------------------
+def _model_name(model) -> str:
+    cfg = model.cfg
+    return str(getattr(cfg, "model_name", None) or getattr(cfg, "original_architecture", None)
+               or type(model).__name__)
+
+
+_RESUME_KEYS = ("format_version", "model", "transcoder_set", "revision", "corpus", "seq_len", "layers",
+                "d_sae", "k", "n_samples", "batch_size", "histogram_edges", "window", "seed",
+                "total_sequences", "sequence_start", "sequence_stop", "features_per_group")
+
+
+def _prepare_out_dir(out: Path, manifest: IndexManifest, overwrite: bool) -> str:
+    """Create ``out``, or check that what is there is this same build.
+    Returns "new", "resume" or "complete"."""
+    path = out / "manifest.json"
+    new = manifest.to_json()
+    if path.is_file() and not overwrite:
+        old = read_manifest(out, "")
+        diff = [key for key in _RESUME_KEYS if old.get(key) != new.get(key)]
+        if diff:
+            raise InvalidInputError(
+                f"{out} holds an index built with different settings ({', '.join(diff)}). "
+                "Use another out_dir, the same arguments to resume it, or overwrite=True.")
+        return "complete" if old.get("complete") else "resume"
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise InvalidInputError(
+                f"{out} is not empty and holds no feature index; pass overwrite=True or another out_dir.")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {**new, "complete": False})
+    return "new"
+
+
+def _write_tokens(out: Path, corpus: Corpus, start: int, n_sequences: int, rows: int) -> None:
+    """tokens.parquet: one row group per batch, written before the pass (and
+    kept on resume), so a batch is a row group read back by number."""
+    import pyarrow as pa
+
+    path = out / "tokens.parquet"
+    if path.is_file():
+        return
+    schema = pa.schema([("sequence", pa.int64()), ("tokens", pa.list_(pa.int32(), corpus.seq_len))])
+    got = [0]
+
+    def blocks():
+        for batch in corpus.batches(rows, n_sequences, start):
+            seq = np.arange(start + got[0], start + got[0] + len(batch), dtype=np.int64)
+            got[0] += len(batch)
+            yield pa.table({"sequence": seq, "tokens": pa.FixedSizeListArray.from_arrays(
+                pa.array(batch.reshape(-1).astype(np.int32)), corpus.seq_len)}, schema=schema)
+
+    atomic_write_parquet(path, blocks(), schema)
+    if got[0] < n_sequences:
+        path.unlink()
+        raise InvalidInputError(
+            f"The corpus yields only {start + got[0]} sequences of {corpus.seq_len} tokens; "
+            f"{start + n_sequences} are needed. Ask for fewer tokens or give a larger corpus.")
+
+
+def _save_checkpoint(out: Path, batches_done: int, accs: dict) -> None:
+    tmp = out / "checkpoint.pt.tmp"
+    torch.save({"batches_done": batches_done,
+                "layers": {layer: acc.state(layer) for layer, acc in accs.items()}}, tmp)
+    os.replace(tmp, out / "checkpoint.pt")
+    manifest = read_manifest(out, f"{out} lost its manifest.json during the build.")
+    manifest["batches_done_hint"] = batches_done
+    atomic_write_json(out / "manifest.json", manifest)
+
+
+def _regroup(tables: Iterable, rows: int):
+    """Re-cut a stream of arrow tables into tables of ``rows`` rows."""
+    import pyarrow as pa
+    pending = []
+    n = 0
+    for t in tables:
+        pending.append(t)
+        n += t.num_rows
+        while n >= rows:
+            whole = pa.concat_tables(pending)
+            yield whole.slice(0, rows)
+            rest = whole.slice(rows)
+            pending, n = [rest], rest.num_rows
+    if n:
+        yield pa.concat_tables(pending)
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, desc="indexing", unit="batch")
