@@ -234,7 +234,9 @@ def cmd_index_build(args) -> int:
                     window=args.window, seed=args.seed, checkpoint_every=args.checkpoint_every,
                     overwrite=args.overwrite, progress=args.progress)
     model, transcoders = _load_weights(args, args.device)
-    corpus = _corpus(args, model)
+    # Tokenized once into the datasets cache: a resumed build and every shard
+    # read these same sequences without streaming the corpus again.
+    corpus = _corpus(args, model).cached(args.tokens // args.seq_len, progress=args.progress)
     index = FeatureIndex.build(model, transcoders, corpus, args.tokens, args.out, shard=args.shard,
                                **settings)
     print(f"index ready: {index!r}")

@@ -14,7 +14,10 @@ at the same tokens.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -139,9 +142,7 @@ class Corpus:
                 f"The dataset has no column {text_column!r}; its columns are {list(features)}. "
                 "Pass text_column=.")
         streaming = isinstance(dataset, datasets.IterableDataset)
-        if seed is not None:
-            dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer) if streaming \
-                else dataset.shuffle(seed=seed)
+        dataset = _shuffled(dataset, seed, shuffle_buffer)
         tok = _tokenizer_of(model_or_tokenizer)
         bos, sep = _special_ids(tok, bos_token_id, separator_token_id)
         info = getattr(dataset, "info", None)
@@ -160,14 +161,31 @@ class Corpus:
                  name: str | None = None, seed: int | None = 0, text_column: str = "text",
                  streaming: bool = True, shuffle_buffer: int = 10_000, **load_kwargs) -> "Corpus":
         """A dataset on the Hub, streamed by default (e.g. ``"Skylion007/openwebtext"``
-        for GPT-2), so nothing larger than the shuffle buffer is held."""
+        for GPT-2), so nothing larger than the shuffle buffer is held.
+
+        Streamed, the dataset is opened only when documents are first read, so
+        a corpus whose sequences are in the token cache (``cached``) needs no
+        network."""
         import datasets
 
-        ds = datasets.load_dataset(path, name, split=split, streaming=streaming, **load_kwargs)
-        corpus = cls.from_dataset(ds, model_or_tokenizer, seq_len, seed=seed, text_column=text_column,
-                                  shuffle_buffer=shuffle_buffer, name=path)
-        corpus.description.update({"name": path, "config": name, "split": split})
-        return corpus
+        if not streaming:
+            ds = datasets.load_dataset(path, name, split=split, streaming=False, **load_kwargs)
+            corpus = cls.from_dataset(ds, model_or_tokenizer, seq_len, seed=seed,
+                                      text_column=text_column, shuffle_buffer=shuffle_buffer, name=path)
+            corpus.description.update({"name": path, "config": name, "split": split})
+            return corpus
+        tok = _tokenizer_of(model_or_tokenizer)
+        bos, sep = _special_ids(tok, None, None)
+
+        def documents():
+            ds = _shuffled(datasets.load_dataset(path, name, split=split, streaming=True, **load_kwargs),
+                           seed, shuffle_buffer)
+            return (row[text_column] for row in ds)
+
+        return cls(documents, tok, seq_len, bos, sep,
+                   {"kind": "dataset", "name": path, "config": name, "split": split,
+                    "text_column": text_column, "streaming": True, "seed": seed,
+                    "shuffle_buffer": shuffle_buffer, "tokenizer": _tokenizer_name(tok)})
 
     @classmethod
     def from_token_ids(cls, sequences: torch.Tensor | np.ndarray | Sequence[Sequence[int]],
@@ -191,7 +209,7 @@ class Corpus:
         """Every ``[seq_len]`` sequence in order: BOS, then the next
         ``seq_len - 1`` tokens of the document stream."""
         if self.fixed is not None:
-            yield from self.fixed
+            yield from (np.asarray(seq, dtype=np.int64) for seq in self.fixed)
             return
         body = self.seq_len - 1
         buffer: list[int] = []
@@ -219,8 +237,13 @@ class Corpus:
                 start: int = 0) -> Iterator[np.ndarray]:
         """``[<=batch_size, seq_len]`` int64 arrays of sequences ``start ..
         start + n_sequences`` (all remaining when None)."""
-        batch: list[np.ndarray] = []
         stop = None if n_sequences is None else start + n_sequences
+        if self.fixed is not None:                                  # slices, no Python loop
+            stop = len(self.fixed) if stop is None else min(stop, len(self.fixed))
+            for lo in range(start, stop, batch_size):
+                yield np.asarray(self.fixed[lo:min(lo + batch_size, stop)], dtype=np.int64)
+            return
+        batch: list[np.ndarray] = []
         for i, seq in enumerate(self.sequences()):
             if stop is not None and i >= stop:
                 break
@@ -232,6 +255,63 @@ class Corpus:
                 batch = []
         if batch:
             yield np.stack(batch)
+
+    def cached(self, n_sequences: int, cache_dir: str | os.PathLike | None = None,
+               progress: bool = False) -> "Corpus":
+        """This corpus's first ``n_sequences`` sequences, tokenized once into a
+        cache file and served from there (memory-mapped) by every later call:
+        a resumed build, the shards of a distributed build and a notebook run
+        again read the same tokens without streaming or tokenizing anything,
+        and without network once the cache holds them.
+
+        The cache lives in ``datasets``' cache (``HF_DATASETS_CACHE``, or
+        ``cache_dir``), keyed by the corpus description; a cache holding at
+        least ``n_sequences`` sequences is reused as it is, a shorter one is
+        rebuilt. Concurrent callers (ranks of one machine) wait for the one
+        that writes it. The returned corpus has this one's description and
+        yields only the cached sequences."""
+        if self.fixed is not None:
+            return self
+        n_sequences = int(n_sequences)
+        if n_sequences < 1:
+            raise InvalidInputError(f"n_sequences must be at least 1, got {n_sequences}.")
+        key = hashlib.sha256(json.dumps(self.description, sort_keys=True, default=str).encode())
+        directory = Path(cache_dir if cache_dir is not None else _datasets_cache()) / key.hexdigest()[:24]
+        directory.mkdir(parents=True, exist_ok=True)
+        tokens = _read_token_cache(directory, n_sequences)
+        if tokens is None:
+            with _file_lock(directory / ".lock"):
+                tokens = _read_token_cache(directory, n_sequences)       # written while we waited?
+                if tokens is None:
+                    tokens = self._write_token_cache(directory, n_sequences, progress)
+        return Corpus(self.documents, self.tokenizer, self.seq_len, self.bos_token_id,
+                      self.separator_token_id, dict(self.description), fixed=tokens)
+
+    def _write_token_cache(self, directory: Path, n_sequences: int, progress: bool) -> np.ndarray:
+        tmp = directory / "tokens.tmp.npy"
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32, shape=(n_sequences, self.seq_len))
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=n_sequences * self.seq_len, desc="tokenizing corpus", unit="tok",
+                       unit_scale=True)
+        got = 0
+        for batch in self.batches(1024, n_sequences):
+            out[got:got + len(batch)] = batch
+            got += len(batch)
+            if bar is not None:
+                bar.update(batch.size)
+        if bar is not None:
+            bar.close()
+        out.flush()
+        del out
+        if got < n_sequences:                                       # the corpus is shorter: keep what it has
+            np.save(tmp, np.array(np.load(tmp, mmap_mode="r")[:got]))
+        os.replace(tmp, directory / "tokens.npy")
+        info = {"description": self.description, "n_sequences": got, "exhausted": got < n_sequences}
+        (directory / "corpus.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str),
+                                               encoding="utf-8")
+        return np.load(directory / "tokens.npy", mmap_mode="r")
 
     def take(self, n_sequences: int, start: int = 0) -> torch.Tensor:
         """Sequences ``start .. start + n_sequences`` as a ``[n, seq_len]`` tensor;
@@ -266,6 +346,46 @@ def as_corpus(source, model, seq_len: int | None = None, seed: int | None = 0) -
         "list of strings, a datasets.Dataset / IterableDataset or a [n_seq, seq_len] token tensor.")
 
 
+def _shuffled(dataset, seed: int | None, shuffle_buffer: int):
+    """A dataset shuffled with ``seed``: a seeded permutation in memory, a seeded
+    buffer of ``shuffle_buffer`` documents when streaming (as ``datasets`` does it)."""
+    import datasets
+    if seed is None:
+        return dataset
+    if isinstance(dataset, datasets.IterableDataset):
+        return dataset.shuffle(seed=seed, buffer_size=shuffle_buffer)
+    return dataset.shuffle(seed=seed)
+
+
+def _datasets_cache() -> Path:
+    import datasets.config
+    return Path(datasets.config.HF_DATASETS_CACHE) / "tc_explore_tokens"
+
+
+def _read_token_cache(directory: Path, n_sequences: int) -> np.ndarray | None:
+    """The first ``n_sequences`` cached sequences (all there are if the corpus
+    ran out before), or None when the cache holds fewer."""
+    info_path, path = directory / "corpus.json", directory / "tokens.npy"
+    if not (info_path.is_file() and path.is_file()):
+        return None
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    if info["n_sequences"] < n_sequences and not info.get("exhausted"):
+        return None
+    return np.load(path, mmap_mode="r")[:n_sequences]
+
+
+@contextmanager
+def _file_lock(path: Path):
+    """An exclusive advisory lock (flock) on ``path`` for the block."""
+    import fcntl
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _permutation(n: int, seed: int | None) -> list[int]:
     if seed is None:
         return list(range(n))
@@ -288,5 +408,4 @@ def _tokenizer_name(tok) -> str | None:
 
 
 def _digest(arr: np.ndarray) -> str:
-    import hashlib
     return hashlib.sha1(np.ascontiguousarray(arr).tobytes()).hexdigest()

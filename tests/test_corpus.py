@@ -108,3 +108,60 @@ def test_token_ids_are_served_as_given(tiny_model):
     corpus = as_corpus(ids, tiny_model)
     assert torch.equal(corpus.take(5), ids)
     assert corpus.description["kind"] == "token_ids"
+
+
+def test_cached_corpus_serves_the_same_sequences_without_reading_documents(tiny_model, tmp_path):
+    texts = _texts(80)
+    corpus = Corpus.from_texts(texts, tiny_model, SEQ_LEN, seed=4)
+    cached = corpus.cached(20, cache_dir=tmp_path)
+    assert cached.description == corpus.description
+    assert torch.equal(cached.take(20), corpus.take(20))
+    assert torch.equal(cached.take(7, start=9), corpus.take(7, start=9))
+    assert [len(b) for b in cached.batches(8, 13, start=5)] == [8, 5]
+
+    reads = []
+
+    def counting():                                      # the same documents, counted
+        reads.append(1)
+        return corpus.documents()
+    again = Corpus(counting, corpus.tokenizer, SEQ_LEN, corpus.bos_token_id, corpus.separator_token_id,
+                   {k: v for k, v in corpus.description.items()})
+    assert torch.equal(again.cached(12, cache_dir=tmp_path).take(12), corpus.take(12))
+    assert reads == []                                   # a shorter request is served from the cache
+    assert torch.equal(again.cached(30, cache_dir=tmp_path).take(30), corpus.take(30))
+    assert reads == [1]                                  # a longer one rebuilds it once
+    other = Corpus.from_texts(texts, tiny_model, SEQ_LEN, seed=5).cached(12, cache_dir=tmp_path)
+    assert not torch.equal(other.take(12), corpus.take(12))   # another description, another entry
+
+
+def test_cached_corpus_that_runs_out_keeps_what_there_is(tiny_model, tmp_path):
+    corpus = Corpus.from_texts(_texts(3), tiny_model, SEQ_LEN)
+    n = len(list(corpus.sequences()))
+    cached = corpus.cached(1000, cache_dir=tmp_path)
+    assert torch.equal(cached.take(n), corpus.take(n))
+    with pytest.raises(InvalidInputError, match="yields only"):
+        cached.take(n + 1)
+    assert len(corpus.cached(2000, cache_dir=tmp_path).take(n)) == n   # known short: not rebuilt
+
+
+def test_streamed_hub_corpus_opens_the_dataset_only_when_read(tiny_model, tmp_path, monkeypatch):
+    import datasets
+
+    texts = _texts(40)
+    ds = datasets.Dataset.from_dict({"text": texts})
+    calls = []
+
+    def load_dataset(path, name=None, split=None, streaming=False, **kw):
+        calls.append((path, name, split, streaming))
+        return ds.to_iterable_dataset()
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    corpus = Corpus.from_hub("someone/texts", tiny_model, SEQ_LEN, seed=3, shuffle_buffer=8)
+    assert calls == []
+    expected = Corpus.from_dataset(ds.to_iterable_dataset(), tiny_model, SEQ_LEN, seed=3,
+                                   shuffle_buffer=8).take(6)
+    assert torch.equal(corpus.cached(6, cache_dir=tmp_path).take(6), expected)
+    assert calls == [("someone/texts", None, "train", True)]
+    again = Corpus.from_hub("someone/texts", tiny_model, SEQ_LEN, seed=3, shuffle_buffer=8)
+    assert torch.equal(again.cached(6, cache_dir=tmp_path).take(6), expected)
+    assert len(calls) == 1                               # served from the cache, no dataset opened
+    assert corpus.description["streaming"] is True and corpus.description["name"] == "someone/texts"
