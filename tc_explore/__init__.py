@@ -7,6 +7,7 @@ from .replacement import (ablate_mlps, mean_mlp_outputs, replace_mlps, run_with_
                           run_with_transcoders, transcoder_hooks, mlp_ablation_hooks)
 from .transcoder import Transcoder, TranscoderSet
 from .evaluation import evaluate_transcoders
+from .interventions import Intervention, generate, intervene
 
 __version__ = "0.1.0"
 
@@ -15,6 +16,7 @@ __all__ = [
     "Transcoder", "TranscoderSet",
     "replace_mlps", "ablate_mlps", "run_with_transcoders", "run_with_ablated_mlps",
     "transcoder_hooks", "mlp_ablation_hooks", "mean_mlp_outputs", "evaluate_transcoders",
+    "Intervention", "intervene", "generate",
     "TcExploreError", "InvalidInputError", "IncompatibleTranscoderError", "UnsafeFileError",
     "OfflineFileMissingError", "UnknownTranscoderSetError",
 ]

@@ -21,6 +21,7 @@ import torch
 
 from ..errors import InvalidInputError
 from ..model import model_device, model_weights
+from ..interventions import ablation_curve
 from ..replacement import transcoder_hooks
 from ..tasks import greater_than as gt
 from .context import PromptContext, prompt_context
@@ -94,10 +95,11 @@ def feature_count_curve(model, transcoders, prompts, layer: int,
     rows = [dict(kind="original", k=d_sae, prob_diff=gt.probability_difference(model, tp))]
     full = gt.probability_difference(model, tp, fwd_hooks=transcoder_hooks(model, transcoders, [layer]))
     rows.append(dict(kind="full transcoder", k=d_sae, prob_diff=full))
-    for k in ks:
-        k = min(int(k), d_sae)
-        hooks = transcoder_hooks(model, transcoders, [layer], keep_features={layer: order[:k].tolist()})
-        rows.append(dict(kind="transcoder", k=k, prob_diff=gt.probability_difference(model, tp, hooks)))
+    kept = ablation_curve(model, transcoders, [(layer, f) for f in order.tolist()],
+                          lambda hooks: gt.probability_difference(model, tp, hooks),
+                          [min(int(k), d_sae) for k in ks], keep=True, kind="transcoder",
+                          value_name="prob_diff")
+    rows += kept.to_dict("records")
     if neurons:
         var = neuron_variance(model, tp, layer)
         n_order = torch.argsort(var, descending=True, stable=True)
