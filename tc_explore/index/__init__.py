@@ -23,7 +23,7 @@ The modules, in the direction data flows:
 """
 from ..errors import IndexIncompleteError
 from .accumulator import _feature_hash, _LayerAccumulator, _nonzero_2d, _token_hash, histogram_edges
-from .build import IndexSettings
+from .build import IndexSettings, _model_name
 from .reader import FeatureIndex, TopExample
 from .storage import FORMAT_VERSION, TABLES, IndexManifest
 

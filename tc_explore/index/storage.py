@@ -26,7 +26,8 @@ import os
 from dataclasses import MISSING, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable
+from collections.abc import Mapping
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -116,12 +117,12 @@ _OMITTED_WHEN_NONE = ("built_at", "batches_done_hint", "merged_from")
 
 
 @dataclass
-class IndexManifest:
+class IndexManifest(Mapping):
     """An index's ``manifest.json``: what was indexed, with which settings.
 
-    ``d_sae`` maps layer -> number of features (string keys in JSON). Item
-    access (``manifest["n_tokens"]``) reads the JSON value, for code written
-    against the raw file. Keys this version does not know are kept in
+    ``d_sae`` maps layer -> number of features (string keys in JSON). As a
+    read-only mapping (``manifest["n_tokens"]``, ``.items()``) it shows the
+    JSON values, for code written against the raw file. Keys this version does not know are kept in
     ``extra`` and written back unchanged."""
     format_version: int
     model: str
@@ -182,11 +183,11 @@ class IndexManifest:
     def __getitem__(self, key: str):
         return self.to_json()[key]
 
-    def get(self, key: str, default=None):
-        return self.to_json().get(key, default)
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_json())
 
-    def __contains__(self, key: str) -> bool:
-        return key in self.to_json()
+    def __len__(self) -> int:
+        return len(self.to_json())
 
     @property
     def window_width(self) -> int:
