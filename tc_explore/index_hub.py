@@ -208,5 +208,5 @@ def check_weights(index, model=None, transcoders=None) -> None:
 
 
 def _model_name(model) -> str:
-    from .index import _model_name as name
+    from .index.build import _model_name as name
     return name(model)

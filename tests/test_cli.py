@@ -43,8 +43,8 @@ def _library_build(model, transcoders, text_files, out, **kw):
 
 
 def _same_index(a: FeatureIndex, b: FeatureIndex):
-    assert {k: v for k, v in a.manifest.items() if k != "built_at"} == \
-        {k: v for k, v in b.manifest.items() if k != "built_at"}
+    assert {k: v for k, v in a.manifest.to_json().items() if k != "built_at"} == \
+        {k: v for k, v in b.manifest.to_json().items() if k != "built_at"}
     for layer in a.layers:
         for name in ("stats", "top", "samples"):
             pd.testing.assert_frame_equal(a.table(layer, name).drop(columns="window", errors="ignore"),
