@@ -1,7 +1,9 @@
 """Circuit analysis through transcoders: the exact decomposition of a target
 into contributions (``contributions``), input-invariant views of features
 (``invariant``), greedy path search (``paths``), circuit graphs (``graph``),
+attribution graphs (``attribution``, ``influence``, ``graph_json``),
 and frozen forward passes for brute-force checks (``frozen``)."""
+from .attribution import AttributionGraph, attribute
 from .context import PromptContext, prompt_context
 from .contributions import (Contribution, Decomposition, Node, Target, decompose, feature_target,
                             logit_diff_target, logit_direction_target, next_target, residual_target)
@@ -11,6 +13,7 @@ from .invariant import (de_embeddings, feature_connection_matrix, feature_connec
 from .paths import Path, PathSearchResult, find_paths
 
 __all__ = [
+    "attribute", "AttributionGraph",
     "PromptContext", "prompt_context", "Node", "Target", "Contribution", "Decomposition",
     "decompose", "next_target", "feature_target", "logit_diff_target", "logit_direction_target",
     "residual_target", "Path", "PathSearchResult", "find_paths", "CircuitGraph", "GraphNode",

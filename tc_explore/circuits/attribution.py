@@ -1,0 +1,615 @@
+"""Attribution graphs through transcoders (Ameisen et al. 2025, as circuit-tracer computes them).
+
+In the prompt's local replacement model (``linear.py``: attention patterns
+and norm scales frozen, each MLP replaced by its transcoder with its error
+fixed) every target is an affine function of the writes into the residual
+stream. The graph's nodes are those writes and the targets:
+
+* ``feature``: every active transcoder feature at (layer, position ≥ 1);
+  it writes ``activation × W_dec[f]`` and, as a target, reads its
+  pre-activation minus ``b_enc`` along its encoder vector;
+* ``error``: per (layer, position ≥ 1), true MLP output − transcoder output;
+* ``embedding``: per position, the token embedding ``W_E[token]``;
+* ``logit``: the most probable next tokens (reading the demeaned unembedding
+  column at the final norm's output, last position), or custom targets.
+
+The edge ``A[target, source]`` is the source's write dotted with the gradient
+of the target's reading with respect to that write, so for every target
+``Σ_s A[target, s] + C_target`` equals the target's value, where the constant
+``C`` is what the target reads with every source removed: position
+embeddings, attention and decoder biases, the BOS position's MLP outputs,
+MLPs without a transcoder, and the reading's own offset. ``constants`` lists
+``C`` and its split for every target row.
+
+Computation: rows are computed in blocks of ``batch_size`` targets with the
+explicit transposed maps of :class:`~.linear.LinearisedModel` (no autograd),
+starting each block at its highest stage and stopping at its last position.
+Storage is a dense float32 matrix: the ``n × n`` adjacency for a full graph
+(``n`` = active features + errors + embeddings + targets), or, with
+``max_feature_nodes``, the computed rows against every source; ``attribute``
+refuses (with the size) a matrix over ``max_matrix_bytes`` rather than
+exhausting memory.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import pandas as pd
+import torch
+
+from ..errors import InvalidInputError
+from ..model import Prompt, single_token_id
+from .context import PromptContext, prompt_context, transcoder_reads_ln2
+from .contributions import Target
+from .influence import cumulative_influence, graph_scores, node_influence, prune_masks
+from .linear import LinearisedModel
+
+__all__ = ["attribute", "AttributionGraph", "NODE_KINDS", "CONSTANT_TERMS"]
+
+NODE_KINDS = ("feature", "error", "embedding", "logit")
+CONSTANT_TERMS = ("pos_embed", "attn_bias", "dec_bias", "bos_mlp", "mlp", "offset", "left_out")
+DEFAULT_MAX_MATRIX_BYTES = 8 * 2 ** 30
+
+
+# -- what the rows read -----------------------------------------------------------------------
+@dataclass
+class _Rows:
+    """Readings of a set of target rows: raw-residual direction ``vec`` at
+    (``stage``, ``pos``), plus ``offset``; ``value`` is the reading on the prompt."""
+    stage: torch.Tensor     # [n] long
+    pos: torch.Tensor       # [n] long
+    vec: torch.Tensor       # [n, d]
+    offset: torch.Tensor    # [n] float64
+    value: torch.Tensor     # [n] float64
+
+
+@dataclass
+class _Sources:
+    """Every source's write, grouped as the backward pass meets them."""
+    n_features: int
+    feat_layer: torch.Tensor        # [N]
+    feat_pos: torch.Tensor          # [N]
+    feat_index: torch.Tensor        # [N]
+    feat_act: torch.Tensor          # [N]
+    writes: dict[int, list[tuple[int, int, int, torch.Tensor]]]   # layer -> (pos, col0, col1, [n, d])
+    err_layers: list[int]
+    err_pos: list[int]
+    errors: torch.Tensor            # [n_err_layers, P, d]
+    err_col0: int
+    embed: torch.Tensor             # [P, d]
+    embed_col0: int
+    n_src: int
+    first_pos: int
+    dec_bias: dict[int, torch.Tensor]   # layer -> [d]
+    bos_write: dict[int, torch.Tensor]  # layer -> [d]: BOS features + error (left out by default)
+    mlp_out: dict[int, torch.Tensor]    # layers without transcoder -> [P, d]
+    pos_embed: torch.Tensor             # [P, d]
+
+    def error_col(self, layer_i: int, pos: int) -> int:
+        return self.err_col0 + layer_i * len(self.err_pos) + (pos - self.first_pos)
+
+
+def _collect_sources(ctx: PromptContext, lin: LinearisedModel, keep_bos: bool) -> _Sources:
+    dev, dt = lin.device, lin.dtype
+    first = 0 if keep_bos else 1
+    P = ctx.n_pos
+    tc_layers = [l for l in range(ctx.n_layers) if ctx.has_transcoder(l)]
+    layers, poss, idxs, acts, writes = [], [], [], [], {}
+    col = 0
+    for l in tc_layers:
+        a = ctx.feature_acts(l)                                         # [P, d_sae]
+        nz = torch.nonzero(a[first:]).to(a.device)
+        p, f = nz[:, 0] + first, nz[:, 1]
+        v = a[p, f]
+        W_dec = ctx.transcoders[l].W_dec
+        groups = []
+        for pp in range(first, P):
+            sel = p == pp
+            n = int(sel.sum())
+            if n:
+                w = (v[sel, None].double() * W_dec[f[sel]].double()).to(device=dev, dtype=dt)
+                groups.append((pp, col, col + n, w))
+                col += n
+        writes[l] = groups
+        layers.append(torch.full_like(f, l)), poss.append(p), idxs.append(f), acts.append(v.float())
+    cat = lambda xs, dtype: torch.cat(xs).cpu() if xs else torch.zeros(0, dtype=dtype)  # noqa: E731
+    feat_layer, feat_pos = cat(layers, torch.long), cat(poss, torch.long)
+    feat_index, feat_act = cat(idxs, torch.long), cat(acts, torch.float32)
+    N = col
+    err_pos = list(range(first, P))
+    errors = torch.stack([_error64(ctx, l) for l in tc_layers]).to(device=dev, dtype=dt) \
+        if tc_layers else torch.zeros(0, P, lin.W_O.shape[-1], device=dev, dtype=dt)
+    n_err = len(tc_layers) * len(err_pos)
+    dec_bias = {l: ctx.transcoders[l].b_dec_out.to(device=dev, dtype=dt) for l in tc_layers}
+    bos_write = {}
+    if not keep_bos:
+        for l in tc_layers:
+            tc = ctx.transcoders[l]
+            feats = ctx.feature_acts(l)[0].double() @ tc.W_dec.double()
+            bos_write[l] = (feats + _error64(ctx, l)[0]).to(device=dev, dtype=dt)
+    mlp_out = {l: ctx.mlp_out[l].to(device=dev, dtype=dt) for l in range(ctx.n_layers)
+               if not ctx.has_transcoder(l)}
+    return _Sources(N, feat_layer, feat_pos, feat_index, feat_act, writes, tc_layers, err_pos, errors,
+                    N, ctx.embed.to(device=dev, dtype=dt), N + n_err, N + n_err + P, first, dec_bias,
+                    bos_write, mlp_out, ctx.pos_embed.to(device=dev, dtype=dt))
+
+
+def _error64(ctx: PromptContext, layer: int) -> torch.Tensor:
+    """[P, d] MLP output − transcoder output, in float64 from the same terms
+    the graph uses (float64 writes, the skip term read off the float64
+    residual), so that conservation holds to float64 rounding."""
+    tc = ctx.transcoders[layer]
+    out = ctx.feature_acts(layer).double() @ tc.W_dec.double() + tc.b_dec_out.double()
+    if tc.W_skip is not None:
+        out = out + _mlp_input64(ctx, layer) @ tc.W_skip.double()
+    return ctx.mlp_out[layer] - out
+
+
+def _mlp_input64(ctx: PromptContext, layer: int) -> torch.Tensor:
+    """[P, d_in] the transcoder's input recomputed from the float64 residual."""
+    x = ctx.resid[2 * layer + 1]
+    if transcoder_reads_ln2(ctx.transcoders[layer], layer):
+        return (x - x.mean(-1, keepdim=True)) / ctx.ln2_scale[layer][:, None]
+    return x
+
+
+# -- the row computation ----------------------------------------------------------------------
+def _compute_rows(lin: LinearisedModel, src: _Sources, rows: _Rows, out: torch.Tensor
+                  ) -> dict[str, torch.Tensor]:
+    """Fill ``out`` [B, n_src] with the rows' edges from every source; return
+    the constant terms, each [B] float64."""
+    B = rows.stage.shape[0]
+    d = rows.vec.shape[1]
+    dev, dt = lin.device, lin.dtype
+    P = int(rows.pos.max()) + 1                      # nothing later reaches these targets
+    top = int(rows.stage.max())
+    g = torch.zeros(B, P, d, device=dev, dtype=dt)
+    terms = {k: torch.zeros(B, dtype=torch.float64, device=dev) for k in CONSTANT_TERMS}
+    terms["offset"] += rows.offset.to(dev)
+    stage, pos, vec = rows.stage.to(dev), rows.pos.to(dev), rows.vec.to(device=dev, dtype=dt)
+    out.zero_()
+    for s in range(top, -1, -1):
+        sel = torch.nonzero(stage == s).flatten()
+        if sel.numel():
+            g[sel, pos[sel]] += vec[sel]
+        if s >= 2 and s % 2 == 0:                    # writes of MLP l = s/2 - 1 land here
+            _mlp_sources(s // 2 - 1, g, src, out, terms)
+        elif s % 2 == 1:                             # attention l = (s-1)/2 wrote here
+            terms["attn_bias"] += (g.sum(1) @ lin.attn_bias[s // 2]).double()
+        if s == 0:
+            out[:, src.embed_col0:src.embed_col0 + P] = torch.einsum("bpd,pd->bp", g, src.embed[:P])
+            terms["pos_embed"] += torch.einsum("bpd,pd->b", g, src.pos_embed[:P]).double()
+        else:
+            g = lin.backward(s, s - 1, g)
+    return terms
+
+
+def _mlp_sources(layer: int, g: torch.Tensor, src: _Sources, out: torch.Tensor,
+                 terms: dict[str, torch.Tensor]) -> None:
+    P = g.shape[1]
+    if layer in src.mlp_out:
+        terms["mlp"] += torch.einsum("bpd,pd->b", g, src.mlp_out[layer][:P]).double()
+        return
+    if layer not in src.writes:
+        return
+    for p, c0, c1, w in src.writes[layer]:
+        if p >= P:
+            break
+        out[:, c0:c1] = g[:, p] @ w.T
+    li = src.err_layers.index(layer)
+    if P > src.first_pos:
+        e = torch.einsum("bpd,pd->bp", g[:, src.first_pos:], src.errors[li, src.first_pos:P])
+        c0 = src.error_col(li, src.first_pos)
+        out[:, c0:c0 + e.shape[1]] = e
+    terms["dec_bias"] += (g.sum(1) @ src.dec_bias[layer]).double()
+    if layer in src.bos_write:
+        terms["bos_mlp"] += (g[:, 0] @ src.bos_write[layer]).double()
+
+
+# -- targets ---------------------------------------------------------------------------------
+@dataclass
+class _TargetSpec:
+    label: str
+    index: int              # token id, or a virtual id ≥ d_vocab for custom targets
+    token_str: str
+    weight: float
+    kind: str               # "logit" (a token's logit) | "custom"
+    target: Target | None = None
+
+
+def _final_logits(ctx: PromptContext) -> torch.Tensor:
+    """[d_vocab] logits at the last position from the cached final residual."""
+    w = ctx.weights
+    x = ctx.resid[ctx.final_stage, -1]
+    x = (x - x.mean()) / ctx.final_scale[-1]
+    return x.to(w.W_U.dtype) @ w.W_U + w.b_U
+
+
+def _target_specs(ctx: PromptContext, targets, max_n_logits: int, desired_logit_prob: float
+                  ) -> tuple[list[_TargetSpec], torch.Tensor]:
+    logits = _final_logits(ctx).double()
+    probs = torch.softmax(logits, -1)
+    d_vocab = logits.shape[0]
+    tok = lambda i: ctx.model.tokenizer.decode([i])  # noqa: E731
+    if targets is None:
+        if isinstance(max_n_logits, bool) or not isinstance(max_n_logits, int) or max_n_logits < 1:
+            raise InvalidInputError(f"max_n_logits must be a positive integer, got {max_n_logits!r}.")
+        if not 0.0 < float(desired_logit_prob) <= 1.0:
+            raise InvalidInputError(f"desired_logit_prob must be in (0, 1], got {desired_logit_prob!r}.")
+        top_p, top_i = torch.topk(probs, min(max_n_logits, d_vocab))
+        cut = int(torch.searchsorted(torch.cumsum(top_p, 0),
+                                     torch.tensor([float(desired_logit_prob)], dtype=torch.float64))) + 1
+        ids = top_i[:cut].tolist()
+        return [_TargetSpec(f'Output "{tok(i)}"', i, tok(i), float(probs[i]), "logit") for i in ids], logits
+    if isinstance(targets, (int, str, Target)) or (isinstance(targets, tuple) and len(targets) == 2
+                                                    and isinstance(targets[0], Target)):
+        targets = [targets]
+    specs = []
+    for j, t in enumerate(targets):
+        weight = None
+        if isinstance(t, tuple) and len(t) == 2 and isinstance(t[0], Target):
+            t, weight = t
+        if isinstance(t, Target):
+            specs.append(_TargetSpec(t.label or f"target {j}", d_vocab + j, t.label or f"target {j}",
+                                     1.0 if weight is None else float(weight), "custom", t))
+            continue
+        if isinstance(t, str):
+            t = single_token_id(ctx.model, t)
+        if isinstance(t, bool) or not isinstance(t, int) and not (hasattr(t, "__index__")):
+            raise InvalidInputError(f"A target must be a token id, a token string, or a Target "
+                                    f"(logit_direction_target, feature_target, ...), got {t!r}.")
+        t = int(t)
+        if not 0 <= t < d_vocab:
+            raise InvalidInputError(f"target token id {t} is out of range (0..{d_vocab - 1}).")
+        specs.append(_TargetSpec(f'Output "{tok(t)}"', t, tok(t), float(probs[t]) if weight is None
+                                 else float(weight), "logit"))
+    if not specs:
+        raise InvalidInputError("targets is empty: give at least one target, or None for the top logits.")
+    return specs, logits
+
+
+def _target_rows(ctx: PromptContext, lin: LinearisedModel, specs: list[_TargetSpec],
+                 logits: torch.Tensor) -> _Rows:
+    w = ctx.weights
+    W_U = w.W_U.double()
+    mean_u = W_U.mean(1)
+    last = ctx.n_pos - 1
+    stage, pos, vecs, offset, value = [], [], [], [], []
+    for s in specs:
+        if s.kind == "logit":
+            u = W_U[:, s.index] - mean_u                       # demeaned unembedding column
+            v = u - u.mean()
+            stage.append(ctx.final_stage), pos.append(last)
+            vecs.append(v / ctx.final_scale[last])            # float64 here; cast below
+            offset.append(float(w.b_U[s.index].double() - w.b_U.double().mean()))
+            value.append(float(vecs[-1] @ ctx.resid[ctx.final_stage, last]) + offset[-1])
+        else:
+            t = s.target
+            stage.append(t.stage), pos.append(t.token)
+            vecs.append(t.direction.double().cpu())
+            offset.append(float(t.offset)), value.append(float(t.value))
+    return _Rows(torch.tensor(stage), torch.tensor(pos),
+                 torch.stack([v.cpu() for v in vecs]).to(device=lin.device, dtype=lin.dtype),
+                 torch.tensor(offset, dtype=torch.float64), torch.tensor(value, dtype=torch.float64))
+
+
+def _feature_rows(ctx: PromptContext, lin: LinearisedModel, src: _Sources, which: torch.Tensor) -> _Rows:
+    """Rows of active features ``which`` (indices into the feature nodes): each
+    reads its pre-activation minus b_enc along its encoder vector."""
+    layers, poss, idx = src.feat_layer[which], src.feat_pos[which], src.feat_index[which]
+    vec = torch.empty(len(which), lin.W_O.shape[-1], device=lin.device, dtype=lin.dtype)
+    offset = torch.empty(len(which), dtype=torch.float64)
+    value = torch.empty(len(which), dtype=torch.float64)
+    for l in layers.unique().tolist():
+        m = torch.nonzero(layers == l).flatten()
+        tc = ctx.transcoders[l]
+        enc = tc.W_enc[:, idx[m].to(tc.W_enc.device)].T.double()            # [n, d_in]
+        read = lin.mlp_input_reading(l, poss[m].to(lin.device), enc, dtype=torch.float64)
+        vec[m.to(lin.device)] = read.to(lin.dtype)
+        offset[m] = -(enc @ tc.b_dec.double()).cpu()
+        # pre-activation − b_enc, read off the float64 residual (equals an active
+        # feature's activation − b_enc up to the cache's float32 rounding)
+        resid = ctx.resid[2 * l + 1].to(lin.device)[poss[m].to(lin.device)]        # [n, d]
+        value[m] = (read * resid).sum(1).cpu() + offset[m]
+    return _Rows(2 * layers + 1, poss, vec, offset, value)
+
+
+# -- the graph object ----------------------------------------------------------------------------
+@dataclass
+class AttributionGraph:
+    """An attribution graph: ``nodes`` (one row per node, in adjacency order:
+    features, errors, embeddings, targets) and ``adjacency`` [n, n] with
+    ``adjacency[target, source]`` the direct effect of ``source`` on ``target``.
+
+    ``nodes`` columns: ``node_id`` (circuit-tracer's convention), ``kind``
+    (feature | error | embedding | logit), ``layer`` (embeddings −1, targets
+    n_layers), ``pos``, ``index`` (feature id, token id, or a virtual id ≥
+    d_vocab for a custom target), ``activation`` (features), ``value`` (what a
+    row reads on the prompt: a feature's pre-activation − b_enc, a target's
+    value), ``weight`` (a target's weight in influence: its probability),
+    ``influence`` (node influence on the weighted targets), ``cumulative`` (its
+    cumulative fraction, what viewers prune on) and ``label``.
+    ``constants``: one row per target row (targets and computed features) with
+    ``value``, ``edge_sum``, ``constant`` (= value − edge_sum) and its split into
+    ``CONSTANT_TERMS``."""
+    nodes: pd.DataFrame
+    adjacency: torch.Tensor
+    constants: pd.DataFrame
+    prompt_tokens: list[str]
+    token_ids: list[int]
+    n_layers: int
+    scan: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    # -- facts -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    @property
+    def n_edges(self) -> int:
+        return int(torch.count_nonzero(self.adjacency))
+
+    def _mask(self, kind: str) -> torch.Tensor:
+        return torch.tensor((self.nodes["kind"] == kind).to_numpy(), device=self.adjacency.device)
+
+    @property
+    def target_weights(self) -> torch.Tensor:
+        w = self.nodes["weight"].fillna(0.0).to_numpy()
+        return torch.tensor(w, dtype=torch.float64, device=self.adjacency.device)
+
+    def node_index(self, node_id: str) -> int:
+        hits = (self.nodes["node_id"] == node_id).to_numpy().nonzero()[0]
+        if not len(hits):
+            raise InvalidInputError(f"No node {node_id!r} in this graph.")
+        return int(hits[0])
+
+    def edges(self, min_abs: float = 0.0) -> pd.DataFrame:
+        """Non-zero edges as a DataFrame: source, target (node ids), weight."""
+        A = self.adjacency
+        t, s = torch.nonzero(A.abs() > min_abs, as_tuple=True)
+        ids = self.nodes["node_id"].to_numpy()
+        return pd.DataFrame({"source": ids[s.cpu().numpy()], "target": ids[t.cpu().numpy()],
+                             "weight": A[t, s].double().cpu().numpy()})
+
+    # -- influence, pruning, scores ------------------------------------------------------
+    def influence(self) -> torch.Tensor:
+        """Node influence on the weighted targets (recomputed on this graph)."""
+        return node_influence(self.adjacency, self.target_weights)
+
+    def prune(self, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> "AttributionGraph":
+        """A new graph with the nodes that cover ``node_threshold`` of the
+        influence and the edges that cover ``edge_threshold`` of the edge
+        influence (targets and embeddings always kept). Node ``influence`` and
+        ``cumulative`` stay those of the unpruned graph."""
+        always = self._mask("logit") | self._mask("embedding")
+        masks = prune_masks(self.adjacency, self.target_weights, always, self._mask("feature"),
+                            node_threshold, edge_threshold)
+        keep = torch.nonzero(masks.node_mask).flatten()
+        A = (self.adjacency * masks.edge_mask.to(self.adjacency.dtype))[keep][:, keep]
+        nodes = self.nodes.iloc[keep.cpu().numpy()].reset_index(drop=True)
+        meta = dict(self.metadata, node_threshold=node_threshold, edge_threshold=edge_threshold,
+                    pruned_from=len(self))
+        return AttributionGraph(nodes, A.contiguous(), self.constants, self.prompt_tokens, self.token_ids,
+                                self.n_layers, self.scan, meta)
+
+    def scores(self) -> dict[str, float]:
+        """``replacement``: the embeddings' share of the influence held by
+        embeddings and errors; ``completeness``: the influence-weighted share of
+        the nodes' inputs that do not come from errors."""
+        r, c = graph_scores(self.adjacency, self.target_weights, self._mask("error"),
+                            self._mask("embedding"))
+        return {"replacement": r, "completeness": c}
+
+    # -- views ---------------------------------------------------------------------------
+    def to_networkx(self):
+        import networkx as nx
+        g = nx.DiGraph(prompt_tokens=self.prompt_tokens, scan=self.scan)
+        for rec in self.nodes.to_dict("records"):
+            g.add_node(rec["node_id"], **{k: v for k, v in rec.items() if k != "node_id"})
+        for rec in self.edges().itertuples(index=False):
+            g.add_edge(rec.source, rec.target, weight=float(rec.weight))
+        return g
+
+    def to_dict(self, slug: str = "tc-explore-attribution") -> dict:
+        from .graph_json import attribution_graph_to_dict
+        return attribution_graph_to_dict(self, slug)
+
+    def to_json(self, path=None, slug: str = "tc-explore-attribution", indent: int | None = None) -> str:
+        """The graph in the attribution-graph JSON that circuit-tracer's viewer
+        and Neuronpedia open (written to ``path`` if given). Prune first: a full
+        graph has millions of edges."""
+        from .graph_json import dump_json
+        return dump_json(self.to_dict(slug), path, indent)
+
+    @classmethod
+    def from_json(cls, source) -> "AttributionGraph":
+        """Read a graph written by :meth:`to_json` or by circuit-tracer (a path,
+        a JSON string or a parsed dict); validated first."""
+        from .graph_json import attribution_graph_from_dict, load_graph_dict
+        return attribution_graph_from_dict(load_graph_dict(source), cls)
+
+
+# -- attribute -------------------------------------------------------------------------------------
+def attribute(model, transcoders, prompt: Prompt | PromptContext, *, targets=None,
+              max_n_logits: int = 10, desired_logit_prob: float = 0.95,
+              max_feature_nodes: int | None = None, batch_size: int = 256, keep_bos: bool = False,
+              device=None, dtype: torch.dtype = torch.float32,
+              max_matrix_bytes: int = DEFAULT_MAX_MATRIX_BYTES) -> AttributionGraph:
+    """The attribution graph of ``prompt`` (a string, token ids, or a
+    :class:`PromptContext` already built for it).
+
+    ``targets``: None for the most probable next tokens (at most
+    ``max_n_logits``, stopping once their probability reaches
+    ``desired_logit_prob``); else a list of token ids / single-token strings /
+    :class:`Target` objects (e.g. ``logit_direction_target(ctx, pos, neg)``,
+    ``feature_target(ctx, l, f, t)``), or ``(Target, weight)`` pairs; a
+    token's weight is its probability, a Target's 1 unless given.
+    ``max_feature_nodes`` keeps only that many features, computing rows in
+    order of influence (logits first, then the most influential features not
+    yet computed, ``batch_size`` at a time). ``keep_bos`` keeps the BOS
+    position's features and errors as nodes. ``dtype`` of the computation
+    (float32; float64 for checks)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    if max_feature_nodes is not None and (isinstance(max_feature_nodes, bool)
+                                          or not isinstance(max_feature_nodes, int) or max_feature_nodes < 0):
+        raise InvalidInputError(f"max_feature_nodes must be None or a non-negative integer, "
+                                f"got {max_feature_nodes!r}.")
+    ctx = prompt if isinstance(prompt, PromptContext) else prompt_context(model, transcoders, prompt)
+    if device is None:
+        device = transcoders.device if transcoders is not None else ctx.resid.device
+    lin = LinearisedModel(ctx, dtype=dtype, device=device)
+    src = _collect_sources(ctx, lin, keep_bos)
+    specs, logits = _target_specs(ctx, targets, max_n_logits, desired_logit_prob)
+    trows = _target_rows(ctx, lin, specs, logits)
+    T, N, n_src = len(specs), src.n_features, src.n_src
+    capped = max_feature_nodes is not None and max_feature_nodes < N
+    n_rows = T + max_feature_nodes if capped else n_src + T
+    n_cols = n_src if capped else n_src + T
+    need = n_rows * n_cols * torch.finfo(dtype).bits // 8
+    if need > max_matrix_bytes:
+        raise InvalidInputError(
+            f"This graph has {N} active features: its {n_rows} x {n_cols} matrix needs "
+            f"{need / 2 ** 30:.1f} GiB, over max_matrix_bytes={max_matrix_bytes / 2 ** 30:.1f} GiB. "
+            f"Pass max_feature_nodes (e.g. 4096) to keep the most influential features, or raise "
+            f"max_matrix_bytes if the memory is there.")
+
+    row_value = torch.zeros(n_rows, dtype=torch.float64)
+    row_terms = {k: torch.zeros(n_rows, dtype=torch.float64) for k in CONSTANT_TERMS}
+    store = torch.zeros(n_rows, n_cols, device=lin.device, dtype=dtype)
+
+    def run(rows: _Rows, at: torch.Tensor) -> None:
+        """Compute ``rows`` into store rows ``at`` (block by block)."""
+        for a in range(0, len(at), batch_size):
+            sl = slice(a, a + batch_size)
+            part = _Rows(rows.stage[sl], rows.pos[sl], rows.vec[sl], rows.offset[sl], rows.value[sl])
+            buf = torch.empty(len(part.stage), n_src, device=lin.device, dtype=dtype)
+            terms = _compute_rows(lin, src, part, buf)
+            store[at[sl].to(lin.device), :n_src] = buf
+            for k, v in terms.items():
+                row_terms[k][at[sl]] = v.cpu()
+            row_value[at[sl]] = part.value
+
+    if not capped:
+        # Node order = row order: features, errors, embeddings, targets. Feature
+        # rows come sorted by (layer, pos), so a block starts low and stops early.
+        run(trows, torch.arange(n_src, n_src + T))
+        for a in range(0, N, batch_size):
+            which = torch.arange(a, min(a + batch_size, N))
+            run(_feature_rows(ctx, lin, src, which), which)
+        selected = torch.arange(N)
+        A = store
+        row_of_node = torch.cat([torch.arange(N), torch.full((n_src - N,), -1), torch.arange(n_src, n_src + T)])
+    else:
+        run(trows, torch.arange(T))
+        weights = torch.tensor([s.weight for s in specs], dtype=torch.float64)
+        visited = torch.zeros(N, dtype=torch.bool)
+        order: list[torch.Tensor] = []
+        done = 0
+        while done < max_feature_nodes:
+            infl = _partial_influence(store[:T + done], torch.cat([torch.arange(n_src, n_src + T)] + order),
+                                      weights, n_src, T)[:N].cpu()
+            infl[visited] = -math.inf
+            k = min(batch_size, max_feature_nodes - done)
+            pick = torch.topk(infl, k).indices
+            pick = pick[torch.argsort(src.feat_layer[pick] * ctx.n_pos + src.feat_pos[pick], stable=True)]
+            run(_feature_rows(ctx, lin, src, pick), torch.arange(T + done, T + done + k))
+            visited[pick] = True
+            order.append(pick)
+            done += k
+        picked = torch.cat(order) if order else torch.zeros(0, dtype=torch.long)
+        selected = torch.sort(picked).values
+        # Assemble [features kept, errors, embeddings, targets] x same, from the stored rows.
+        n_nodes = len(selected) + (n_src - N) + T
+        keep_cols = torch.cat([selected, torch.arange(N, n_src)]).to(lin.device)
+        A = torch.zeros(n_nodes, n_nodes, device=lin.device, dtype=dtype)
+        rank = torch.empty(N, dtype=torch.long)
+        rank[selected] = torch.arange(len(selected))
+        A[rank[picked].to(lin.device), :len(keep_cols)] = store[T:T + len(picked)][:, keep_cols]
+        A[n_nodes - T:, :len(keep_cols)] = store[:T][:, keep_cols]
+        # What features left out by the cap give each computed row goes into its constant.
+        left = torch.ones(N, dtype=torch.bool)
+        left[selected] = False
+        left_sum = store[:, :N][:, left.to(lin.device)].double().sum(1).cpu()
+        row_terms["left_out"] += left_sum
+        perm = torch.cat([T + torch.argsort(rank[picked]), torch.arange(T)])
+        row_value, row_terms = row_value[perm], {k: v[perm] for k, v in row_terms.items()}
+        row_of_node = torch.cat([torch.arange(len(selected)), torch.full((n_src - N,), -1),
+                                 torch.arange(len(selected), len(selected) + T)])
+        del store
+    nodes = _node_table(ctx, src, specs, selected, logits)
+    rows_idx = torch.nonzero(row_of_node >= 0).flatten()
+    if not capped:
+        row_value, row_terms = row_value[rows_idx], {k: v[rows_idx] for k, v in row_terms.items()}
+    edge_sum = A[rows_idx.to(A.device)].double().sum(1).cpu()
+    constants = pd.DataFrame({"node_id": nodes["node_id"].to_numpy()[rows_idx.numpy()],
+                              "value": row_value.numpy(), "edge_sum": edge_sum.numpy(),
+                              **{k: v.numpy() for k, v in row_terms.items()}})
+    constants["constant"] = constants[list(CONSTANT_TERMS)].sum(axis=1)
+    infl = node_influence(A, torch.tensor(nodes["weight"].fillna(0.0).to_numpy(), dtype=torch.float64,
+                                             device=A.device))
+    nodes["influence"] = infl.cpu().numpy()
+    nodes["cumulative"] = cumulative_influence(infl).cpu().numpy()
+    meta = dict(prompt="".join(ctx.token_strs), n_active_features=N, max_feature_nodes=max_feature_nodes,
+                keep_bos=keep_bos, d_vocab=int(logits.shape[0]),
+                targets=[dict(label=s.label, index=s.index, token_str=s.token_str, weight=s.weight,
+                              kind=s.kind) for s in specs])
+    return AttributionGraph(nodes, A, constants, list(ctx.token_strs), ctx.tokens.tolist(), ctx.n_layers,
+                            ctx.transcoders.name, meta)
+
+
+def _partial_influence(rows: torch.Tensor, row_node: torch.Tensor, weights: torch.Tensor,
+                       n_src: int, T: int) -> torch.Tensor:
+    """Influence over every node [n_src + T] from the rows computed so far
+    (``row_node[r]``: the node row r belongs to)."""
+    dev = rows.device
+    s = rows.abs().sum(1, dtype=torch.float64)
+    inv = torch.where(s > 0, 1.0 / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
+    x = torch.zeros(n_src + T, dtype=torch.float64, device=dev)
+    x[n_src:] = weights.to(dev)
+    row_node = row_node.to(dev)
+    total = torch.zeros_like(x)
+    for _ in range(rows.shape[0] + 1):
+        y = x[row_node] * inv
+        nxt = torch.zeros_like(x)
+        nxt[:rows.shape[1]] = (y.to(rows.dtype) @ rows.abs()).double()
+        if not nxt.any():
+            break
+        total += nxt
+        x = nxt
+    return total
+
+
+def _node_table(ctx: PromptContext, src: _Sources, specs: list[_TargetSpec], selected: torch.Tensor,
+                logits: torch.Tensor) -> pd.DataFrame:
+    from .graph_json import error_node_id, feature_node_id, logit_node_id, embedding_node_id
+    L, P = ctx.n_layers, ctx.n_pos
+    rec = []
+    fl, fp, fi, fa = (src.feat_layer[selected].tolist(), src.feat_pos[selected].tolist(),
+                      src.feat_index[selected].tolist(), src.feat_act[selected].tolist())
+    for l, p, f, a in zip(fl, fp, fi, fa):
+        rec.append(dict(node_id=feature_node_id(l, f, p), kind="feature", layer=l, pos=p, index=f,
+                        activation=a, weight=0.0, label=f"L{l}F{f}"))
+    for l in src.err_layers:
+        for p in src.err_pos:
+            rec.append(dict(node_id=error_node_id(l, p), kind="error", layer=l, pos=p, index=-1,
+                            activation=float("nan"), weight=0.0,
+                            label=f"error L{l} {ctx.token_strs[p]!r}"))
+    for p, t in enumerate(ctx.tokens.tolist()):
+        rec.append(dict(node_id=embedding_node_id(t, p), kind="embedding", layer=-1, pos=p, index=t,
+                        activation=float("nan"), weight=0.0, label=f"token {ctx.token_strs[p]!r}"))
+    probs = torch.softmax(logits, -1)
+    for s in specs:
+        p = P - 1 if s.kind == "logit" else s.target.token
+        prob = float(probs[s.index]) if s.kind == "logit" else s.weight
+        rec.append(dict(node_id=logit_node_id(L, s.index, p), kind="logit", layer=L, pos=p, index=s.index,
+                        activation=float("nan"), weight=s.weight,
+                        label=f'Output "{s.token_str}" (p={prob:.3f})'))
+    return pd.DataFrame(rec, columns=["node_id", "kind", "layer", "pos", "index", "activation", "weight",
+                                      "label"])
+
+
+def constant_terms() -> Sequence[str]:
+    return CONSTANT_TERMS

@@ -1,0 +1,168 @@
+"""Influence, pruning and scores of an attribution graph (Ameisen et al. 2025).
+
+All functions take an adjacency matrix ``A`` [n, n] with ``A[target, source]``
+the direct effect of ``source`` on ``target`` (rows: the node receiving the
+edge), and ``target_weights`` [n]: each output node's weight (a logit's
+probability), zero elsewhere.
+
+* The **normalised** adjacency is ``|A|`` with each row divided by its sum
+  (rows summing to zero stay zero): the share of a node's direct inputs that
+  each source provides.
+* A node's **influence** is the weighted total of its normalised effect on the
+  outputs over every path: ``w (Â + Â² + …) = w ((I − Â)⁻¹ − I)``, computed by
+  power iteration (the graph is acyclic, so the series ends).
+* **Pruning** keeps the nodes covering ``node_threshold`` of the total
+  influence (outputs and embeddings always kept), then the edges covering
+  ``edge_threshold`` of the total edge influence among the kept nodes, then
+  drops features and errors left without an outgoing edge and features left
+  without an incoming one, until nothing changes.
+* The **replacement score** is the embeddings' share of the influence that
+  embeddings and errors hold together; the **completeness score** the
+  influence-weighted fraction of each node's normalised inputs not coming
+  from errors.
+
+The dense functions work on any matrix; ``influence`` runs over row blocks so
+that a large graph is never copied whole.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..errors import InvalidInputError
+
+__all__ = ["normalized_adjacency", "node_influence", "edge_influence", "coverage_threshold",
+           "cumulative_influence", "prune_masks", "PruneMasks", "graph_scores"]
+
+_ROW_BLOCK = 4096
+
+
+def _row_sums(A: torch.Tensor) -> torch.Tensor:
+    """Σ_j |A[i, j]| per row, in float64, over row blocks (no |A| copy)."""
+    out = torch.empty(A.shape[0], dtype=torch.float64, device=A.device)
+    for a in range(0, A.shape[0], _ROW_BLOCK):
+        out[a:a + _ROW_BLOCK] = A[a:a + _ROW_BLOCK].abs().sum(1, dtype=torch.float64)
+    return out
+
+
+def normalized_adjacency(A: torch.Tensor) -> torch.Tensor:
+    """|A| with every row scaled to sum to one (all-zero rows stay zero)."""
+    s = _row_sums(A)
+    return (A.abs().double() / torch.where(s > 0, s, torch.ones_like(s))[:, None]).to(A.dtype)
+
+
+def node_influence(A: torch.Tensor, target_weights: torch.Tensor, max_iter: int | None = None
+                   ) -> torch.Tensor:
+    """Influence of every node on the weighted outputs: ``w (Â + Â² + …)``, [n].
+
+    ``Â`` is applied block by block as ``(x / rowsum) @ |A|`` so the
+    normalised matrix is never stored."""
+    n = A.shape[0]
+    if A.shape != (n, n) or target_weights.shape != (n,):
+        raise InvalidInputError(f"Expected a square adjacency and one weight per node, got "
+                                f"{tuple(A.shape)} and {tuple(target_weights.shape)}.")
+    s = _row_sums(A)
+    inv = torch.where(s > 0, 1.0 / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
+    x = target_weights.to(device=A.device, dtype=torch.float64)
+    total = torch.zeros(n, dtype=torch.float64, device=A.device)
+    max_iter = max_iter if max_iter is not None else n + 1
+    for _ in range(max_iter):
+        y = x * inv
+        nxt = torch.zeros(n, dtype=torch.float64, device=A.device)
+        for rows in torch.nonzero(y).flatten().split(_ROW_BLOCK):
+            nxt += (y[rows].to(A.dtype) @ A[rows].abs()).double()
+        if not nxt.any():
+            return total
+        total += nxt
+        x = nxt
+    raise InvalidInputError("The adjacency matrix has a cycle: influence does not converge. "
+                            "An attribution graph's edges must all point from earlier nodes.")
+
+
+def edge_influence(A: torch.Tensor, target_weights: torch.Tensor) -> torch.Tensor:
+    """Each edge's share of influence: ``Â[t, s] × (influence[t] + w[t])``, [n, n]."""
+    infl = node_influence(A, target_weights) + target_weights.double().to(A.device)
+    return normalized_adjacency(A) * infl.to(A.dtype)[:, None]
+
+
+def coverage_threshold(scores: torch.Tensor, fraction: float) -> float:
+    """The smallest score among the highest-scoring entries that together
+    reach ``fraction`` of the total; keep entries ``>=`` it."""
+    if not 0.0 <= fraction <= 1.0:
+        raise InvalidInputError(f"A threshold must be a fraction in [0, 1], got {fraction!r}.")
+    flat = scores.reshape(-1)
+    nz = flat[flat > 0]
+    if nz.numel() == 0:
+        return 0.0
+    srt = torch.sort(nz.double(), descending=True).values
+    cum = torch.cumsum(srt, 0) / srt.sum()
+    i = int(torch.searchsorted(cum, torch.tensor([fraction], dtype=torch.float64, device=cum.device)))
+    return float(srt[min(i, srt.numel() - 1)])
+
+
+def cumulative_influence(influence: torch.Tensor) -> torch.Tensor:
+    """Each node's cumulative fraction of influence when nodes are sorted by
+    influence, largest first (what graph viewers prune on: smaller = more important)."""
+    infl = influence.double()
+    order = torch.argsort(infl, descending=True, stable=True)
+    cum = torch.cumsum(infl[order], 0)
+    total = cum[-1] if cum.numel() and cum[-1] > 0 else torch.tensor(1.0, dtype=torch.float64)
+    out = torch.zeros_like(infl)
+    out[order] = cum / total
+    return out
+
+
+class PruneMasks(NamedTuple):
+    node_mask: torch.Tensor       # [n] bool
+    edge_mask: torch.Tensor       # [n, n] bool
+    influence: torch.Tensor       # [n] node influence on the unpruned graph
+    cumulative: torch.Tensor      # [n] cumulative fraction of influence
+
+
+def prune_masks(A: torch.Tensor, target_weights: torch.Tensor, always_keep: torch.Tensor,
+                is_feature: torch.Tensor, node_threshold: float = 0.8,
+                edge_threshold: float = 0.98) -> PruneMasks:
+    """Masks of the nodes and edges to keep (see the module docstring).
+
+    ``always_keep`` [n] bool: outputs and embeddings; ``is_feature`` [n] bool:
+    nodes that need an incoming edge to stay."""
+    for name, t in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
+            raise InvalidInputError(f"{name} must be a fraction in [0, 1], got {t!r}.")
+    infl = node_influence(A, target_weights)
+    node_mask = infl >= coverage_threshold(infl, node_threshold)
+    node_mask &= infl > 0
+    node_mask |= always_keep.to(node_mask.device)
+    pruned = A * (node_mask[:, None] & node_mask[None, :]).to(A.dtype)
+    scores = edge_influence(pruned, target_weights)
+    edge_mask = (scores >= coverage_threshold(scores, edge_threshold)) & (scores > 0)
+    del scores, pruned
+    droppable = ~always_keep.to(node_mask.device)
+    needs_input = is_feature.to(node_mask.device)
+    while True:
+        edge_mask &= node_mask[:, None] & node_mask[None, :]
+        keep = node_mask.clone()
+        keep[droppable] &= edge_mask[:, droppable].any(0)         # an outgoing edge
+        keep[needs_input] &= edge_mask[needs_input].any(1)        # an incoming edge
+        if torch.equal(keep, node_mask):
+            break
+        node_mask = keep
+    return PruneMasks(node_mask, edge_mask, infl, cumulative_influence(infl))
+
+
+def graph_scores(A: torch.Tensor, target_weights: torch.Tensor, is_error: torch.Tensor,
+                 is_embedding: torch.Tensor) -> tuple[float, float]:
+    """(replacement score, completeness score) of a graph."""
+    infl = node_influence(A, target_weights)
+    emb = float(infl[is_embedding].sum())
+    err = float(infl[is_error].sum())
+    replacement = emb / (emb + err) if emb + err > 0 else float("nan")
+    s = _row_sums(A)
+    err_share = A[:, is_error].abs().sum(1, dtype=torch.float64)
+    err_frac = torch.where(s > 0, err_share / torch.where(s > 0, s, torch.ones_like(s)),
+                           torch.zeros_like(s))
+    out_infl = infl + target_weights.double().to(A.device)
+    completeness = float(((1 - err_frac) * out_infl).sum() / out_infl.sum()) \
+        if out_infl.sum() > 0 else float("nan")
+    return replacement, completeness
