@@ -297,17 +297,15 @@ def cmd_index_info(args) -> int:
 
 def cmd_index_push(args) -> int:
     from .index import FeatureIndex
-    from .index_hub import push_to_hub
-    info = push_to_hub(FeatureIndex.load(args.index), args.repo_id, private=args.private or None,
-                       revision=args.revision, commit_message=args.message)
+    info = FeatureIndex.load(args.index).push_to_hub(args.repo_id, private=args.private or None,
+                                                     revision=args.revision, commit_message=args.message)
     print(f"pushed: {getattr(info, 'commit_url', info)}")
     return 0
 
 
 def cmd_index_pull(args) -> int:
     from .index import FeatureIndex
-    from .index_hub import from_hub
-    index = from_hub(FeatureIndex, args.repo_id, revision=args.revision)
+    index = FeatureIndex.from_hub(args.repo_id, revision=args.revision)
     print(index.directory)
     return 0
 

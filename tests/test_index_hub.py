@@ -20,7 +20,7 @@ from tc_explore.corpus import Corpus
 from tc_explore.dashboard import add_weight_views
 from tc_explore.errors import IncompatibleTranscoderError, InvalidInputError, OfflineFileMissingError
 from tc_explore.index import FeatureIndex
-from tc_explore.index_hub import dataset_card, from_hub, index_files, push_to_hub
+from tc_explore.index.hub import dataset_card, index_files
 from tc_explore.testing import fixture_texts, install_in_hf_cache
 
 
@@ -79,7 +79,7 @@ def _same_files(a, b):
 
 def test_push_then_from_hub_round_trip(index, offline_hub, tiny_model, tiny_transcoders):
     api = HubStandIn(offline_hub.hf_home)
-    push_to_hub(index, "alice/gpt2-tiny-index", api=api)
+    index.push_to_hub("alice/gpt2-tiny-index", api=api)
     kinds = [c[0] for c in api.calls]
     assert kinds == ["create_repo", "list_repo_files", "create_commit"]
     assert api.calls[0][2] == "dataset" and api.calls[0][4] is True
@@ -89,7 +89,7 @@ def test_push_then_from_hub_round_trip(index, offline_hub, tiny_model, tiny_tran
     assert added == sorted(index_files(index.directory) + ["README.md"])
     assert "manifest.json" in added and "tokens.parquet" in added and "layer_09/top.parquet" in added
 
-    got = from_hub(FeatureIndex, "alice/gpt2-tiny-index", model=tiny_model, transcoders=tiny_transcoders)
+    got = FeatureIndex.from_hub("alice/gpt2-tiny-index", model=tiny_model, transcoders=tiny_transcoders)
     assert "datasets--alice--gpt2-tiny-index" in str(got.directory)
     _same_files(index.directory, got.directory)
     assert got.manifest == index.manifest
@@ -111,11 +111,11 @@ def test_a_second_push_deletes_files_the_index_no_longer_has(index, offline_hub,
     api = HubStandIn(offline_hub.hf_home)
     api.create_repo("bob/idx", repo_type="dataset")
     api.repos["bob/idx", "main"]["layer_05/top.parquet"] = b"old"
-    push_to_hub(index, "bob/idx", api=api, revision="v2", commit_message="again")
+    index.push_to_hub("bob/idx", api=api, revision="v2", commit_message="again")
     assert ("create_branch", "bob/idx", "v2", "dataset") in api.calls
     ops = api.calls[-1][-1]
     assert [op.path_in_repo for op in ops if isinstance(op, CommitOperationDelete)] == ["layer_05/top.parquet"]
-    got = from_hub(FeatureIndex, "bob/idx", revision="v2")
+    got = FeatureIndex.from_hub("bob/idx", revision="v2")
     _same_files(index.directory, got.directory)
 
 
@@ -130,7 +130,7 @@ def test_checkpoints_and_temporary_files_are_not_uploaded(index, tmp_path):
 
 def test_from_hub_offline_without_the_repo_says_how_to_get_it():
     with pytest.raises(OfflineFileMissingError, match="tc-explore index pull carol/none"):
-        from_hub(FeatureIndex, "carol/none")
+        FeatureIndex.from_hub("carol/none")
 
 
 def test_from_hub_refuses_other_weights(index, offline_hub, tiny_model, tiny_transcoders, tmp_path):
@@ -138,9 +138,9 @@ def test_from_hub_refuses_other_weights(index, offline_hub, tiny_model, tiny_tra
     views_index = FeatureIndex(shutil.copytree(index.directory, tmp_path / "v"))
     add_weight_views(views_index, tiny_model, tiny_transcoders, k=3, n_heads=1)
     api = HubStandIn(offline_hub.hf_home)
-    push_to_hub(views_index, "dave/idx", api=api)
+    views_index.push_to_hub("dave/idx", api=api)
     assert "transcoder layer 9" in api.repos["dave/idx", "main"]["README.md"].decode()
-    from_hub(FeatureIndex, "dave/idx", model=tiny_model, transcoders=tiny_transcoders)   # same weights
+    FeatureIndex.from_hub("dave/idx", model=tiny_model, transcoders=tiny_transcoders)   # same weights
 
     from tc_explore.transcoder import TranscoderSet
     other = {layer: tiny_transcoders[layer] for layer in tiny_transcoders.layers}
@@ -151,9 +151,9 @@ def test_from_hub_refuses_other_weights(index, offline_hub, tiny_model, tiny_tra
     other[9] = changed
     tcs = TranscoderSet.from_transcoders(other, name=tiny_transcoders.name)
     with pytest.raises(IncompatibleTranscoderError, match="layer-9"):
-        from_hub(FeatureIndex, "dave/idx", model=tiny_model, transcoders=tcs)
+        FeatureIndex.from_hub("dave/idx", model=tiny_model, transcoders=tcs)
 
 
 def test_push_refuses_a_bad_repo_id(index, offline_hub):
     with pytest.raises(InvalidInputError, match="owner/name"):
-        push_to_hub(index, "no-slash", api=HubStandIn(offline_hub.hf_home))
+        index.push_to_hub("no-slash", api=HubStandIn(offline_hub.hf_home))

@@ -237,3 +237,29 @@ class FeatureIndex:
         their union."""
         shards = [cls(d) for d in shard_dirs]
         return cls(merge_indexes([(s.directory, s.manifest) for s in shards], out_dir, overwrite))
+
+    # -- sharing -----------------------------------------------------------------------
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                    revision: str | None = None, commit_message: str | None = None, api=None):
+        """Upload this index to the Hub dataset repo ``repo_id`` (created if
+        missing) in one commit, with a dataset card listing the model,
+        transcoder set, corpus, token count, settings and weight fingerprints.
+        ``revision`` is a branch (created if missing); ``api`` a
+        ``huggingface_hub.HfApi`` (default: a new one). Returns the CommitInfo."""
+        from .hub import push_to_hub
+        return push_to_hub(self, repo_id, private=private, token=token, revision=revision,
+                           commit_message=commit_message, api=api)
+
+    @classmethod
+    def from_hub(cls, repo_id: str, revision: str | None = None, *, model=None,
+                 transcoders: TranscoderSet | None = None, cache_dir: str | os.PathLike | None = None,
+                 token: str | None = None, local_files_only: bool = False) -> "FeatureIndex":
+        """The index in Hub dataset repo ``repo_id`` (at ``revision``: branch,
+        tag or commit), downloaded through the Hugging Face cache (offline, with
+        ``HF_HUB_OFFLINE=1``, from the cache alone). Given ``model`` and/or
+        ``transcoders``, it is refused unless it was built from those weights
+        (transcoder set, widths, and weight fingerprints where it has them)."""
+        from .hub import check_weights, download_index
+        index = cls(download_index(repo_id, revision, cache_dir, token, local_files_only))
+        check_weights(index, model, transcoders)
+        return index

@@ -1,8 +1,8 @@
 """Sharing feature indexes on the Hugging Face Hub, as dataset repos.
 
-``push_to_hub`` uploads an index directory in one commit, with a dataset card
+``FeatureIndex.push_to_hub`` uploads an index directory in one commit, with a dataset card
 (``README.md``) that lists the model, transcoder set, corpus, token count,
-build settings and weight fingerprints. ``from_hub`` downloads through
+build settings and weight fingerprints. ``FeatureIndex.from_hub`` downloads through
 ``huggingface_hub.snapshot_download`` into the standard cache, so
 ``HF_HOME``, ``HF_HUB_OFFLINE`` and tokens behave as everywhere else, and
 checks the index against the model and transcoders you pass, so a dashboard
@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import IncompatibleTranscoderError, InvalidInputError, OfflineFileMissingError
+from ..errors import IncompatibleTranscoderError, InvalidInputError, OfflineFileMissingError
 
 REPO_TYPE = "dataset"
 CARD = "README.md"
@@ -41,7 +41,7 @@ def dataset_card(index, repo_id: str) -> str:
     """The dataset card (README.md) of an index: YAML metadata and a summary."""
     from huggingface_hub import DatasetCardData
 
-    from . import __version__
+    from .. import __version__
 
     m = index.manifest
     corpus = m.get("corpus", {})
@@ -143,12 +143,10 @@ def push_to_hub(index, repo_id: str, *, private: bool | None = None, token: str 
                              revision=revision, token=token)
 
 
-def from_hub(cls, repo_id: str, revision: str | None = None, *, model=None, transcoders=None,
-             cache_dir: str | os.PathLike | None = None, token: str | None = None,
-             local_files_only: bool = False):
-    """Download (or find in the cache) the index in dataset repo ``repo_id`` and
-    open it; with ``model`` / ``transcoders``, refuse it unless it was built
-    from those weights."""
+def download_index(repo_id: str, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                   token: str | None = None, local_files_only: bool = False) -> Path:
+    """The snapshot directory of dataset repo ``repo_id`` in the HF cache,
+    downloaded if needed and allowed (``FeatureIndex.from_hub`` opens it)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
@@ -172,9 +170,7 @@ def from_hub(cls, repo_id: str, revision: str | None = None, *, model=None, tran
             "login` or pass token=).") from err
     if not (Path(path) / "manifest.json").is_file():
         raise InvalidInputError(f"The dataset repo {repo_id!r} holds no tc_explore index (no manifest.json).")
-    index = cls(path)
-    check_weights(index, model, transcoders)
-    return index
+    return Path(path)
 
 
 # -- fingerprints -----------------------------------------------------------------------
@@ -193,8 +189,9 @@ def check_weights(index, model=None, transcoders=None) -> None:
     """Refuse ``model`` / ``transcoders`` other than those the index was built from:
     the transcoder set's name and widths, and the weights' fingerprints where the
     index records them."""
-    from .dashboard import check_index_matches
-    from .weight_views import DIRECTORY, WeightViews
+    from ..dashboard import check_index_matches
+    from ..weight_views import DIRECTORY, WeightViews
+    from .build import _model_name
 
     if transcoders is not None:
         check_index_matches(index, transcoders)
@@ -207,6 +204,3 @@ def check_weights(index, model=None, transcoders=None) -> None:
             model=model, transcoders=None if transcoders is None else transcoders)
 
 
-def _model_name(model) -> str:
-    from .index.build import _model_name as name
-    return name(model)
