@@ -23,7 +23,8 @@ Set the environment variable `TC_EXPLORE_DEMO=1` before starting Jupyter to run 
 on the demo model `tiny-years` that ships with tc_explore: a 3-layer GPT-2-architecture
 model trained on synthetic sentences, with its own transcoders. The demo runs offline on a
 CPU in about a minute. Every number and figure below is computed by the run you are looking
-at; none is written into the text.
+at; none is written into the text, apart from the paper's published GPT-2 numbers, cited as
+such.
 """
 
 SETUP = """import os
@@ -175,20 +176,33 @@ def feature_dashboards():
                       "    n = sum(transcoders.d_sae(l) for l in transcoders.layers)\n"
                       "    print(f'weight views of {n} features built in {time.perf_counter() - t:.1f} s')\n"
                       "weight_views_of(index)"),
-        new_markdown_cell("## Which features to look at\n\nThe features that fire most often in the "
-                          "last layer, from the index's statistics."),
-        new_code_cell("LAST = transcoders.layers[-1]\n"
-                      "stats = index.table(LAST, 'stats')\n"
+        new_markdown_cell("## Which feature to look at\n\nA feature that does something we can "
+                          "check: on *The war lasted from 1735 to 17*, the transcoder feature with the "
+                          "largest contribution to the greater-than direction (mean logit of the "
+                          "years after 35 minus that of the years up to 35, at the last token). On the "
+                          "demo model its boosted logits are years after 35. For comparison, the features that "
+                          "fire most often in its layer: frequent features tend to be weak, generic "
+                          "ones (punctuation, common words)."),
+        new_code_cell("from tc_explore.circuits import decompose, logit_direction_target, prompt_context\n"
+                      "from tc_explore.tasks import greater_than as gt\n\n"
+                      "ctx = prompt_context(model, transcoders, 'The war lasted from 1735 to 17')\n"
+                      "years = gt.year_token_ids(model).tolist()\n"
+                      "contrib = decompose(ctx, logit_direction_target(ctx, years[36:], years[:36])).to_pandas()\n"
+                      "top = contrib[contrib.kind == 'feature'].iloc[0]\n"
+                      "LAYER, FEATURE = int(top.layer), int(top['index'])\n"
+                      "print(f'layer {LAYER} feature {FEATURE}: contribution {top.value:.3f} '\n"
+                      "      f'= activation {top.activation:.3f} x connection {top.connection:.3f}')\n"
+                      "stats = index.table(LAYER, 'stats')\n"
                       "busiest = stats.sort_values(['n_firing', 'feature'], ascending=[False, True]).head(5)\n"
+                      "display(stats[stats.feature == FEATURE][['feature', 'n_firing', 'max']])\n"
                       "busiest[['feature', 'n_firing', 'max']]"),
-        new_markdown_cell("## One dashboard\n\nThe dashboard of the busiest feature: firing "
-                          "frequency, activation histogram, top examples with the context "
-                          "highlighted by activation, samples from every activation quantile, "
-                          "and the weight-based views."),
+        new_markdown_cell("## One dashboard\n\nThe dashboard of that feature: firing frequency, "
+                          "activation histogram, top examples with the context highlighted by "
+                          "activation, samples from every activation quantile, and the "
+                          "weight-based views."),
         new_code_cell("from IPython.display import HTML\n"
                       "from tc_explore.dashboard import dashboard_html, feature_dashboard, widget_css\n\n"
-                      "FEATURE = int(busiest.feature.iloc[0])\n"
-                      "dash = feature_dashboard(index, LAST, FEATURE, model=model, transcoders=transcoders)\n"
+                      "dash = feature_dashboard(index, LAYER, FEATURE, model=model, transcoders=transcoders)\n"
                       "HTML(f'<style>{widget_css()}</style>' + dashboard_html(dash))"),
         new_markdown_cell("## The explorer\n\nType a prompt: the explorer highlights each token by "
                           "the activation of the selected feature and lists the most active "
@@ -200,7 +214,7 @@ def feature_dashboards():
 
 EXPLORER_CELL = """from tc_explore.ui.explorer import FeatureExplorer
 
-explorer = FeatureExplorer(index, model, transcoders, layer=LAST, feature=FEATURE,
+explorer = FeatureExplorer(index, model, transcoders, layer=LAYER, feature=FEATURE,
                            prompt="The war lasted from 1735 to 17")
 explorer"""
 
@@ -264,12 +278,14 @@ def greater_than():
                       "decompose(ctx, head.next_target).to_pandas().head(8)"),
         new_markdown_cell("## Probability difference versus the number of features\n\nThe paper's "
                           "figure: replace one MLP by its transcoder keeping only its *k* features "
-                          "whose activations vary most across the prompts (all others zeroed, no "
-                          "error term), and compare with keeping only the MLP's *k* most varying "
-                          "neurons. On GPT-2 the layer is MLP10, as in the paper; on the demo "
-                          "model it is the MLP whose zero-ablation lowers the probability "
-                          "difference most (computed below). Dashed lines: the original model and "
-                          "the full transcoder."),
+                          "whose activations vary most across the prompts at the last token (all "
+                          "others zeroed, no error term), and compare with keeping only the MLP's "
+                          "*k* most varying neurons. On GPT-2 the layer is MLP10, as in the paper; on "
+                          "the demo model it is the MLP whose zero-ablation lowers the probability "
+                          "difference most (computed below). The replacement acts at the last token, "
+                          "where the units were ranked; the MLP runs unchanged at the other tokens "
+                          "(`positions='ranked'`). Dashed lines: the original model and the full "
+                          "transcoder."),
         new_code_cell("import plotly.graph_objects as go\n"
                       "from tc_explore.circuits.greater_than import feature_count_curve\n\n"
                       "if DEMO:\n"
@@ -279,18 +295,51 @@ def greater_than():
                       "    CURVE_LAYER = min(ablated, key=ablated.get)\n"
                       "else:\n"
                       "    CURVE_LAYER = 10\n"
-                      "curve = feature_count_curve(model, transcoders, prompts, CURVE_LAYER,\n"
-                      "                            ks=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))\n"
+                      "KS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)\n"
+                      "curve = feature_count_curve(model, transcoders, prompts, CURVE_LAYER, ks=KS)\n"
+                      "curve_all = feature_count_curve(model, transcoders, prompts, CURVE_LAYER, ks=KS, positions='all')\n"
                       "fig = go.Figure()\n"
-                      "for kind in ('transcoder', 'neurons'):\n"
-                      "    part = curve[curve.kind == kind]\n"
-                      "    fig.add_trace(go.Scatter(x=part.k, y=part.prob_diff, mode='lines+markers',\n"
-                      "                             name=f'MLP{CURVE_LAYER}: top-k {\"features\" if kind == \"transcoder\" else \"neurons\"}'))\n"
+                      "for data, where, dash in ((curve, 'last token', 'solid'), (curve_all, 'every token', 'dot')):\n"
+                      "    for kind in ('transcoder', 'neurons'):\n"
+                      "        part = data[data.kind == kind]\n"
+                      "        fig.add_trace(go.Scatter(x=part.k, y=part.prob_diff, mode='lines+markers', line_dash=dash,\n"
+                      "                                 name=f'MLP{CURVE_LAYER}: top-k {\"features\" if kind == \"transcoder\" else \"neurons\"}, {where}'))\n"
                       "for kind, dash in (('original', 'dash'), ('full transcoder', 'dot')):\n"
                       "    fig.add_hline(y=float(curve[curve.kind == kind].prob_diff.iloc[0]), line_dash=dash, annotation_text=kind)\n"
-                      "fig.update_layout(xaxis_title='units kept (k)', xaxis_type='log', yaxis_title='probability difference', height=380)\n"
+                      "fig.update_layout(xaxis_title='units kept (k)', xaxis_type='log', yaxis_title='probability difference', height=420)\n"
                       "display(curve.pivot_table(index='k', columns='kind', values='prob_diff'))\n"
                       "fig"),
+        new_markdown_cell("**What the paper reports, and what this run shows.** On GPT-2 small, the "
+                          "paper (Dunefsky, Chlenski & Nanda 2024, §4.3, its numbers) measures a "
+                          "probability difference of 0.883 for the original model and 0.798 with "
+                          "MLP10 replaced by its transcoder; the top-k MLP10 transcoder features "
+                          "recover more of the original than the top-k neurons; and one feature, "
+                          "5315 (the 23rd by variance, whose logit lens is off), makes the curve "
+                          "dip: leaving it out gives 0.845.\n\n"
+                          "On the demo model the same comparison at the last token (solid lines) "
+                          "shows the paper's shape: a handful of MLP0 features reach the full "
+                          "transcoder's value, which the neurons reach only with many times more "
+                          "units (the cell below prints where). The dotted lines mask every token, "
+                          "as the paper's code does: there the neurons win. The demo's MLP0 also "
+                          "encodes the start year at the year's own token, for later layers to "
+                          "move and read; those features never fire at the last token, so a "
+                          "ranking by variance there puts them last and the masking removes them, "
+                          "while dense neurons that vary at the last token fire at the year's token "
+                          "too and survive. On GPT-2 (this notebook's default) the figure draws both "
+                          "maskings for MLP10. The demo's numbers differ from GPT-2's "
+                          "(a 3-layer model trained on templates, on our own prompt template and "
+                          "with the softmax over the whole vocabulary); the comparison, not the "
+                          "values, is what carries over."),
+        new_code_cell("def first_k(data, kind, level):\n"
+                      "    part = data[(data.kind == kind) & (data.prob_diff >= level)]\n"
+                      "    return int(part.k.min()) if len(part) else None\n\n"
+                      "print(f'original model {float(curve[curve.kind == \"original\"].prob_diff.iloc[0]):.3f}')\n"
+                      "for data, where in ((curve, 'last token'), (curve_all, 'every token')):\n"
+                      "    full = float(data[data.kind == 'full transcoder'].prob_diff.iloc[0])\n"
+                      "    level = 0.95 * full\n"
+                      "    print(f'{where}: full transcoder {full:.3f}; 95% of it ({level:.3f}) reached with '\n"
+                      "          f'{first_k(data, \"transcoder\", level)} features, {first_k(data, \"neurons\", level)} neurons '\n"
+                      "          '(None: not within the k tried)')"),
         new_markdown_cell("## Per-feature logit lens\n\nEach feature's decoder row times the "
                           "unembedding: the tokens whose logits it raises most. Then, over the 100 "
                           "two-digit year tokens, each top feature's logit lens (decoder row · "

@@ -90,3 +90,24 @@ def test_year_profile_matches_weights(demo_model, demo_transcoders):
     assert df[df.layer == 0].de_embedding.tolist() == pytest.approx(de.tolist(), rel=1e-5)
     with pytest.raises(Exception, match="out of range"):
         year_profile(demo_model, demo_transcoders, [(2, 10_000)])
+
+
+def test_feature_count_curve_features_beat_neurons_where_they_are_ranked(demo_model, demo_transcoders,
+                                                                         prompts):
+    """The paper's point on the demo: at the prediction position, a handful of
+    features does what the MLP does there, where neurons need many more. Applied
+    at every position (the paper code's literal masking), the curve drops the
+    start-year token's features, which have no variance at the last token."""
+    ks = (8, 64)
+    ranked = feature_count_curve(demo_model, demo_transcoders, prompts, 0, ks=ks)
+    full = float(ranked[ranked.kind == "full transcoder"].prob_diff.iloc[0])
+    tc = ranked[ranked.kind == "transcoder"].set_index("k").prob_diff
+    neurons = ranked[ranked.kind == "neurons"].set_index("k").prob_diff
+    assert tc[8] == pytest.approx(full, abs=0.02)
+    assert tc[8] > neurons[8] + 0.05
+    everywhere = feature_count_curve(demo_model, demo_transcoders, prompts, 0, ks=ks, positions="all")
+    tc_all = everywhere[everywhere.kind == "transcoder"].set_index("k").prob_diff
+    full_all = float(everywhere[everywhere.kind == "full transcoder"].prob_diff.iloc[0])
+    assert tc_all[64] < full_all - 0.1
+    with pytest.raises(Exception, match="positions must be"):
+        feature_count_curve(demo_model, demo_transcoders, prompts, 0, ks=ks, positions="last")

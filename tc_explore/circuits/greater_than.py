@@ -14,7 +14,7 @@ residual stream).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 import pandas as pd
 import torch
@@ -65,47 +65,93 @@ def neuron_variance(model, prompts, layer: int, position: int = -1) -> torch.Ten
     return cache[name][:, position].float().var(0, unbiased=False).cpu()
 
 
-def _neuron_keep_hook(layer: int, keep: torch.Tensor):
+def _neuron_keep_hook(layer: int, keep: torch.Tensor, position: int | None):
     def fn(post, hook):
         mask = torch.zeros(post.shape[-1], dtype=post.dtype, device=post.device)
         mask[keep.to(post.device)] = 1.0
-        return post * mask
+        if position is None:
+            return post * mask
+        post = post.clone()
+        post[:, position] = post[:, position] * mask
+        return post
     return f"blocks.{layer}.mlp.hook_post", fn
+
+
+def _at_position_only(transcoders, layer: int, hooks: list, position: int | None) -> list:
+    """Wrap replacement hooks so that they act at ``position`` only: the true
+    MLP output is kept at every other position (``position=None``: hooks unchanged)."""
+    if position is None:
+        return list(hooks)
+    name = transcoders.output_hook(layer)
+    saved: dict[str, torch.Tensor] = {}
+
+    def save(out, hook):
+        saved["true"] = out
+        return out
+
+    def restore(out, hook):
+        true = saved.pop("true").clone()
+        true[:, position] = out[:, position]
+        return true
+    return [(name, save)] + list(hooks) + [(name, restore)]
+
+
+Positions = Literal["ranked", "all"]
 
 
 @torch.no_grad()
 def feature_count_curve(model, transcoders, prompts, layer: int,
                         ks: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
-                        neurons: bool = True) -> pd.DataFrame:
+                        neurons: bool = True, position: int = -1,
+                        positions: Positions = "ranked") -> pd.DataFrame:
     """The paper's probability difference against the number of units kept in
     one layer's MLP: ``transcoder`` — the MLP replaced by its transcoder with
     only the top-k features by activation variance across the prompts
     (the rest zero-ablated, no error term); ``neurons`` — the original MLP with
     only its top-k neurons by variance (the rest zero-ablated at ``hook_post``).
 
+    Units are ranked by their variance at ``position`` (default the last
+    token, where the end year is predicted). ``positions="ranked"`` (default)
+    applies the replacement there only and leaves the MLP unchanged at every
+    other token, so the curve measures the units the ranking looked at.
+    ``positions="all"`` applies it at every token, as the paper's code does;
+    that is harmless for GPT-2's MLP10 but wrong for an early MLP, whose output
+    at the start-year token carries the year to later layers: the sparse
+    features that encode it there have no variance at the last token, are
+    ranked last and get dropped (dense neurons that vary at the last token fire
+    there too and survive). On the demo model this alone reverses the paper's
+    comparison.
+
     Columns: kind, k, prob_diff. Reference rows: kind ``original`` (the
     unchanged model) and ``full transcoder`` (every feature kept), with k the
     layer's number of features / neurons.
     """
+    if positions not in ("ranked", "all"):
+        raise InvalidInputError(f"positions must be 'ranked' or 'all', got {positions!r}.")
     tp = gt._as_tokenized(model, prompts)
     layer = transcoders._check(layer)
     d_sae = transcoders.d_sae(layer)
-    ranking = gt.rank_features_by_variance(model, transcoders, tp, layers=[layer], top_k=None)
+    where = position if positions == "ranked" else None
+    ranking = gt.rank_features_by_variance(model, transcoders, tp, layers=[layer], position=position,
+                                           top_k=None)
     order = torch.as_tensor(ranking.feature.tolist(), dtype=torch.long)
+
+    def score(hooks):
+        return gt.probability_difference(model, tp, _at_position_only(transcoders, layer, hooks, where))
+
     rows = [dict(kind="original", k=d_sae, prob_diff=gt.probability_difference(model, tp))]
-    full = gt.probability_difference(model, tp, fwd_hooks=transcoder_hooks(model, transcoders, [layer]))
-    rows.append(dict(kind="full transcoder", k=d_sae, prob_diff=full))
-    kept = ablation_curve(model, transcoders, [(layer, f) for f in order.tolist()],
-                          lambda hooks: gt.probability_difference(model, tp, hooks),
+    rows.append(dict(kind="full transcoder", k=d_sae,
+                     prob_diff=score(transcoder_hooks(model, transcoders, [layer]))))
+    kept = ablation_curve(model, transcoders, [(layer, f) for f in order.tolist()], score,
                           [min(int(k), d_sae) for k in ks], keep=True, kind="transcoder",
                           value_name="prob_diff")
     rows += kept.to_dict("records")
     if neurons:
-        var = neuron_variance(model, tp, layer)
+        var = neuron_variance(model, tp, layer, position)
         n_order = torch.argsort(var, descending=True, stable=True)
         for k in ks:
             k = min(int(k), var.shape[0])
-            hook = _neuron_keep_hook(layer, n_order[:k])
+            hook = _neuron_keep_hook(layer, n_order[:k], where)
             rows.append(dict(kind="neurons", k=k, prob_diff=gt.probability_difference(model, tp, [hook])))
     return pd.DataFrame(rows, columns=["kind", "k", "prob_diff"])
 
