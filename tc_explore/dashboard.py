@@ -24,7 +24,6 @@ import html
 import math
 import weakref
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -36,6 +35,7 @@ from .index import FeatureIndex, TopExample
 from .model import model_weights, token_strings
 from .transcoder import TranscoderSet
 from .weight_views import DIRECTORY, WeightViews
+from .widgets import widget_asset
 
 
 # -- data --------------------------------------------------------------------------------
@@ -323,7 +323,7 @@ def _require(value, what: str, needs: str) -> None:
 # -- HTML --------------------------------------------------------------------------------
 def widget_css() -> str:
     """The dashboards' and explorer's stylesheet (package data tc_explore.widgets)."""
-    return resources.files("tc_explore.widgets").joinpath("explorer.css").read_text(encoding="utf-8")
+    return widget_asset("explorer.css")
 
 
 def _esc(s) -> str:

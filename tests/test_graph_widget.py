@@ -8,8 +8,10 @@ import re
 import pytest
 
 from tc_explore.errors import InvalidInputError
-from tc_explore.ui.graph_widget import (CircuitGraphWidget, PathGraphExpander, circuit_graph_widget,
-                                        graph_view_data, visible_elements, widget_asset)
+from tc_explore.circuits import PathGraphExpander
+from tc_explore.ui.graph_view import graph_view_data, visible_elements
+from tc_explore.ui.graph_widget import CircuitGraphWidget, circuit_graph_widget
+from tc_explore.widgets import widget_asset
 
 PROMPT = "The war lasted from 17 35 to 17"
 

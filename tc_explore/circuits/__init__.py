@@ -1,12 +1,14 @@
 """Circuit analysis through transcoders: the exact decomposition of a target
 into contributions (``contributions``), input-invariant views of features
-(``invariant``), greedy path search (``paths``), circuit graphs (``graph``),
-attribution graphs (``attribution``, ``influence``, ``graph_json``),
+(``invariant``), greedy path search (``paths``), circuit graphs (``graph``)
+grown one node at a time (``expansion``), attribution graphs (``attribution``,
+``influence``, ``graph_json``),
 and frozen forward passes for brute-force checks (``frozen``)."""
 from .attribution import AttributionGraph, attribute
 from .context import PromptContext, prompt_context
 from .contributions import (Contribution, Decomposition, Node, Target, decompose, feature_target,
                             logit_diff_target, logit_direction_target, next_target, residual_target)
+from .expansion import PathGraphExpander
 from .graph import CircuitGraph, GraphEdge, GraphNode
 from .invariant import (de_embeddings, feature_connection_matrix, feature_connections, logit_effects,
                         ov_de_embeddings, ov_norms)
@@ -16,7 +18,7 @@ __all__ = [
     "attribute", "AttributionGraph",
     "PromptContext", "prompt_context", "Node", "Target", "Contribution", "Decomposition",
     "decompose", "next_target", "feature_target", "logit_diff_target", "logit_direction_target",
-    "residual_target", "Path", "PathSearchResult", "find_paths", "CircuitGraph", "GraphNode",
+    "residual_target", "Path", "PathSearchResult", "find_paths", "PathGraphExpander", "CircuitGraph", "GraphNode",
     "GraphEdge", "feature_connections", "feature_connection_matrix", "logit_effects",
     "de_embeddings", "ov_de_embeddings", "ov_norms",
 ]

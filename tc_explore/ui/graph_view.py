@@ -1,0 +1,307 @@
+"""The circuit graph's view model: from an attribution graph in the graph JSON
+layout (``docs/graph_json.md``) to what the browser draws — rows, columns,
+labels, tooltip fields — and which nodes and links show at a prune threshold.
+
+Pure data, no widget: the widget (``tc_explore.ui.graph_widget``), its
+standalone page export and the tests all call these functions.
+"""
+from __future__ import annotations
+
+import html as _html
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from ..errors import InvalidInputError
+
+__all__ = ["graph_view_data", "visible_elements", "node_kind", "parse_feature_node"]
+
+
+_FEATURE_TYPES = {"cross layer transcoder", "transcoder", "transcoder feature", "feature",
+                  "per layer transcoder"}
+_ERROR_TYPES = {"mlp reconstruction error", "transcoder error", "error"}
+_EMBED_TYPES = {"embedding", "position embedding", "positional embedding", "pos embedding"}
+_BIAS_WORDS = ("bias", "remainder", "offset", "constant", "skip")
+# Graph JSON fields that the tooltip does not repeat (they are boilerplate or shown otherwise).
+_BOILERPLATE = {"node_id", "jsNodeId", "feature", "layer", "ctx_idx", "feature_type", "run_idx",
+                "reverse_ctx_idx", "clerp", "token_prob", "is_target_logit"}
+
+
+# tc_explore's own node kinds (the ``tc_kind`` field CircuitGraph writes) -> drawing kind
+_TC_KINDS = {"feature": "feature", "head": "head", "embed": "embed", "pos_embed": "embed",
+             "error": "error", "mlp": "other", "skip": "bias", "attn_bias": "bias",
+             "dec_bias": "bias", "offset": "bias", "remainder": "bias", "logit": "logit",
+             "direction": "logit"}
+
+
+def node_kind(node: Mapping) -> str:
+    """The drawing kind of a graph JSON node: feature, head, embed, error, bias, logit or other."""
+    if node.get("tc_kind") in _TC_KINDS:
+        return _TC_KINDS[node["tc_kind"]]
+    ftype = str(node.get("feature_type", "")).strip().lower()
+    if ftype in _FEATURE_TYPES:
+        return "feature"
+    if ftype == "attention head" or ftype.startswith("attention"):
+        return "head"
+    if ftype in _EMBED_TYPES or ftype.endswith("embedding"):
+        return "embed"
+    if ftype in _ERROR_TYPES or "error" in ftype:
+        return "error"
+    if ftype == "logit" or ftype.endswith("target"):
+        return "logit"
+    if any(w in ftype for w in _BIAS_WORDS):
+        return "bias"
+    return "other"
+
+
+def parse_feature_node(node: Mapping) -> tuple[int, int] | None:
+    """(layer, feature index) of a transcoder-feature node. The graph JSON's ``feature``
+    field is a pairing of (layer, feature), so the index is read from our
+    extra field ``feature_index`` when present, else from ``node_id``
+    ``"{layer}_{feature}_{pos}"``."""
+    if node_kind(node) != "feature":
+        return None
+    if isinstance(node.get("tc_layer"), int) and isinstance(node.get("tc_index"), int):
+        return node["tc_layer"], node["tc_index"]
+    try:
+        layer = int(node["layer"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    for key in ("feature_index", "feature_idx", "index"):
+        if isinstance(node.get(key), (int, float)) and not isinstance(node.get(key), bool):
+            return layer, int(node[key])
+    parts = str(node.get("node_id", "")).split("_")
+    if len(parts) == 3 and all(p.lstrip("-").isdigit() for p in parts):
+        return int(parts[0]), int(parts[1])
+    return None
+
+
+def _head_layer(node: Mapping) -> int | None:
+    for key in ("tc_layer", "attn_layer", "layer"):
+        try:
+            return int(node[key])
+        except (KeyError, TypeError, ValueError):
+            continue
+    return None
+
+
+def _number(v) -> float | None:
+    if isinstance(v, bool) or v is None:
+        return None
+    if isinstance(v, (int, float)):
+        return float(v) if math.isfinite(float(v)) else None
+    return None
+
+
+def _as_graph_dict(graph: Any) -> dict:
+    """Accept a graph JSON dict, a JSON string, a path, or an object with to_json()/to_dict()."""
+    if isinstance(graph, Mapping):
+        data = dict(graph)
+    elif isinstance(graph, (str, os.PathLike)):
+        text = str(graph)
+        if isinstance(graph, os.PathLike) or (not text.lstrip().startswith("{") and
+                                              Path(text).suffix == ".json"):
+            path = Path(text)
+            if not path.is_file():
+                raise InvalidInputError(f"No graph file at {path}.")
+            text = path.read_text(encoding="utf-8")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise InvalidInputError(f"The graph is not valid JSON: {err}.") from None
+    elif hasattr(graph, "to_dict"):
+        data = graph.to_dict()
+    elif hasattr(graph, "to_json"):
+        out = graph.to_json()
+        data = json.loads(out) if isinstance(out, str) else dict(out)
+    else:
+        raise InvalidInputError(
+            f"Expected an attribution graph (a dict in the graph JSON layout of docs/graph_json.md, JSON text, a "
+            f".json path, or a CircuitGraph), got {type(graph).__name__}.")
+    if not isinstance(data, dict) or not isinstance(data.get("nodes"), list) or \
+            not isinstance(data.get("links", []), list):
+        raise InvalidInputError("An attribution graph needs a 'nodes' list and a 'links' list "
+                                "(docs/graph_json.md).")
+    for i, n in enumerate(data["nodes"]):
+        if not isinstance(n, Mapping) or "node_id" not in n:
+            raise InvalidInputError(f"Graph node {i} has no 'node_id'.")
+    ids = {str(n["node_id"]) for n in data["nodes"]}
+    if len(ids) != len(data["nodes"]):
+        raise InvalidInputError("The graph has two nodes with the same node_id.")
+    for l in data.get("links", []):
+        if not isinstance(l, Mapping) or "source" not in l or "target" not in l:
+            raise InvalidInputError(f"Graph link {l!r} needs 'source' and 'target'.")
+        for end in ("source", "target"):
+            if str(l[end]) not in ids:
+                raise InvalidInputError(f"Graph link {l!r} refers to an unknown node {l[end]!r}.")
+    return data
+
+
+def _contribution(node: Mapping) -> float:
+    for key in ("contribution", "value", "influence", "activation"):
+        v = _number(node.get(key))
+        if v is not None:
+            return v
+    return 0.0
+
+
+def graph_view_data(graph: Any, expanded: set[str] | frozenset = frozenset(),
+                    expandable: Callable[[Mapping], bool] | None = None) -> dict:
+    """What the browser draws, from a graph JSON dict: rows (embedding, attention and
+    MLP of each layer, output), one column per prompt token, every node with
+    its kind, row, column, label, signed value (``contribution``, else
+    ``influence``/``activation``), tooltip fields and whether it is the root
+    (a target: ``is_target_logit`` / ``is_target``, or a node nothing reads)."""
+    data = _as_graph_dict(graph)
+    meta = data.get("metadata", {}) or {}
+    nodes, links = data["nodes"], data.get("links", [])
+    tokens = [str(t) for t in meta.get("prompt_tokens", []) or []]
+
+    layers = []
+    for n in nodes:
+        try:
+            layers.append(int(n.get("layer")))
+        except (TypeError, ValueError):
+            pass
+    logit_layers = [int(n["layer"]) for n in nodes if node_kind(n) == "logit"
+                    and str(n.get("layer", "")).lstrip("-").isdigit()]
+    n_layers = meta.get("n_layers")
+    if not isinstance(n_layers, int):
+        n_layers = (max(logit_layers) - 1) if logit_layers else (max(layers) + 1 if layers else 0)
+
+    sources = {str(l["source"]) for l in links}
+    def flagged(n):
+        return bool(n.get("tc_is_target") or n.get("is_target_logit") or n.get("is_target"))
+    has_target_flag = any(flagged(n) for n in nodes)
+    parent_of = {}
+    for l in links:
+        parent_of.setdefault(str(l["source"]), str(l["target"]))
+    by_id = {str(n["node_id"]): n for n in nodes}
+
+    def row_of(n: Mapping, kind: str, depth: int = 0) -> int:
+        tc = n.get("tc_kind")
+        if tc == "remainder" and depth < 3 and str(n["node_id"]) in parent_of:
+            return row_of(by_id[parent_of[str(n["node_id"])]], node_kind(
+                by_id[parent_of[str(n["node_id"])]]), depth + 1)   # beside what it belongs to
+        if kind == "embed" or str(n.get("layer")) == "E":
+            return 0
+        if kind == "logit":
+            return 2 * n_layers + 1
+        if tc == "attn_bias" and isinstance(n.get("tc_layer"), int):
+            return 2 * n["tc_layer"] + 1
+        if kind == "head":
+            l = _head_layer(n)
+            return 2 * l + 1 if l is not None else 2 * n_layers + 1
+        try:
+            l = int(n.get("layer"))
+        except (TypeError, ValueError):
+            return 2 * n_layers + 1
+        if l > n_layers - 1:                 # a graph JSON logit-layer number on a non-logit node
+            return 2 * n_layers + 1
+        return 2 * l + 2
+
+    def row_label(r: int) -> str:
+        if r == 0:
+            return "emb"
+        if r == 2 * n_layers + 1:
+            return "out"
+        return f"attn {(r - 1) // 2}" if r % 2 == 1 else f"mlp {(r - 2) // 2}"
+
+    out_nodes = []
+    for n in nodes:
+        kind = node_kind(n)
+        nid = str(n["node_id"])
+        ctx = n.get("ctx_idx")
+        ctx = int(ctx) if isinstance(ctx, (int, float)) and not isinstance(ctx, bool) else 0
+        is_root = flagged(n) if has_target_flag else (nid not in sources)
+        parsed = parse_feature_node(n)
+        layer = parsed[0] if parsed else (_head_layer(n) if kind in ("head", "error") else None)
+        feature = parsed[1] if parsed else None
+        contribution = _contribution(n)
+        label = str(n.get("clerp") or "").strip() or _default_label(n, kind, parsed, tokens, ctx)
+        tip: list[list] = [["kind", str(n.get("feature_type", kind))]]
+        if 0 <= ctx < len(tokens):
+            tip.append(["token", f"{ctx} {tokens[ctx]!r}"])
+        tip.append(["contribution" if not is_root else "value", contribution])
+        act = _number(n.get("activation"))
+        if act is not None and not is_root and kind in ("feature", "head") and act != 0:
+            # contribution = activation × gain: the input-dependent and the input-invariant factor
+            tip.append(["attention weight" if kind == "head" else "activation", act])
+            tip.append(["gain (contribution / " + ("weight)" if kind == "head" else "activation)"),
+                        contribution / act])
+        for key, v in n.items():
+            if key in _BOILERPLATE or key in ("contribution", "activation") or v is None \
+                    or key.startswith("tc_") or (key == "influence" and "contribution" not in n):
+                continue
+            if isinstance(v, (int, float, str)) and not isinstance(v, bool):
+                tip.append([key, v])
+        if parsed:
+            tip.append(["feature", f"layer {parsed[0]}, #{parsed[1]}"])
+        can = nid not in expanded and (expandable(n) if expandable else kind in ("feature", "head"))
+        out_nodes.append(dict(id=nid, kind=kind, row=row_of(n, kind), ctx=ctx, label=label,
+                              contribution=contribution, layer=layer, feature=feature,
+                              is_root=is_root, expandable=bool(can), tooltip=tip))
+    rows = sorted({n["row"] for n in out_nodes})
+    out_links = [dict(source=str(l["source"]), target=str(l["target"]),
+                      weight=_number(l.get("weight")) or 0.0) for l in links]
+    title = str(meta.get("prompt") or "")
+    if meta.get("slug"):
+        title = f"{meta['slug']}: {title}" if title else str(meta["slug"])
+    return dict(tokens=tokens, rows=[dict(row=r, label=row_label(r)) for r in rows],
+                nodes=out_nodes, links=out_links, title=title)
+
+
+def _default_label(n: Mapping, kind: str, parsed, tokens, ctx) -> str:
+    tok = f" {tokens[ctx]!r}" if 0 <= ctx < len(tokens) else ""
+    if parsed:
+        return f"L{parsed[0]} feature {parsed[1]} @{ctx}{tok}"
+    if kind == "head":
+        h = n.get("head")
+        return f"L{_head_layer(n)} head {h} @{ctx}{tok}"
+    if kind == "embed":
+        return f"embedding @{ctx}{tok}"
+    if kind == "error":
+        return f"L{n.get('layer')} MLP error @{ctx}{tok}"
+    return f"{n.get('feature_type', kind)} {n.get('node_id')}"
+
+
+def visible_elements(view: Mapping, threshold: float) -> tuple[set[str], list[int]]:
+    """Node ids and link indices shown at prune ``threshold`` (a fraction of
+    the largest |contribution| among non-root nodes / of the largest |weight|);
+    the same rule as ``visibility`` in circuit_graph.js. Roots always show;
+    a link shows when both ends show and its |weight| reaches the threshold."""
+    t = _check_threshold(threshold)
+    nodes, links = view.get("nodes", []), view.get("links", [])
+    max_c = max([abs(n["contribution"]) for n in nodes if not n["is_root"]], default=0.0)
+    max_w = max([abs(l["weight"]) for l in links], default=0.0)
+    shown = {n["id"] for n in nodes if n["is_root"] or abs(n["contribution"]) >= t * max_c}
+    shown_links = [i for i, l in enumerate(links)
+                   if l["source"] in shown and l["target"] in shown and abs(l["weight"]) >= t * max_w]
+    return shown, shown_links
+
+
+def _check_threshold(t) -> float:
+    try:
+        t = float(t)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"The prune threshold must be a number in [0, 1], got {t!r}.") from None
+    if not 0.0 <= t <= 1.0:
+        raise InvalidInputError(
+            f"The prune threshold is a fraction of the largest value, in [0, 1]; got {t}.")
+    return t
+
+
+def _node_summary_html(node: Mapping) -> str:
+    """The panel's content for a node that has no feature dashboard: its fields."""
+    rows = "".join(f"<tr><th>{_html.escape(str(k))}</th><td>{_html.escape(_fmt(v))}</td></tr>"
+                   for k, v in node.get("tooltip", []))
+    return (f'<div class="tcx-node-summary" data-node-id="{_html.escape(node["id"])}">'
+            f"<p>{_html.escape(node['label'])}</p><table>{rows}</table></div>")
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
