@@ -18,7 +18,8 @@ __all__ = [
     "attribute", "AttributionGraph",
     "PromptContext", "prompt_context", "Node", "Target", "Contribution", "Decomposition",
     "decompose", "next_target", "feature_target", "logit_diff_target", "logit_direction_target",
-    "residual_target", "Path", "PathSearchResult", "find_paths", "PathGraphExpander", "CircuitGraph", "GraphNode",
+    "residual_target", "Path", "PathSearchResult", "find_paths", "PathGraphExpander",
+    "CircuitGraph", "GraphNode",
     "GraphEdge", "feature_connections", "feature_connection_matrix", "logit_effects",
     "de_embeddings", "ov_de_embeddings", "ov_norms",
 ]
