@@ -58,7 +58,23 @@ def hook_attn_v(layer: int) -> str:
     return f"blocks.{layer}.attn.hook_v"
 
 
+def hook_attn_z(layer: int) -> str:
+    return f"blocks.{layer}.attn.hook_z"
+
+
+def hook_ln1_post_scale(layer: int) -> str:
+    """Gemma 2's norm after attention (before the residual add)."""
+    return f"blocks.{layer}.ln1_post.hook_scale"
+
+
+def hook_ln2_post_scale(layer: int) -> str:
+    """Gemma 2's norm after the MLP (``hook_mlp_out`` is after it)."""
+    return f"blocks.{layer}.ln2_post.hook_scale"
+
+
 HOOK_LN_FINAL_SCALE = "ln_final.hook_scale"
+# The logits before any final softcap (Gemma 2): what logit targets read.
+HOOK_UNEMBED_OUT = "unembed.hook_out"
 
 
 def layer_hook(template: str, layer: int) -> str:
@@ -73,9 +89,20 @@ def layer_hook(template: str, layer: int) -> str:
 
 # -- loading -------------------------------------------------------------------------
 def load_model(name_or_path: Any, device: str | torch.device | None = None,
-               dtype: torch.dtype | str | None = None):
-    """Load a model with TransformerLens' processed weights (LayerNorm folded,
-    writes to the residual stream centred, unembedding centred).
+               dtype: torch.dtype | str | None = None, process_weights: bool | None = None):
+    """Load a model through TransformerLens (a ``TransformerBridge`` in
+    compatibility mode, so the TransformerLens hook names apply).
+
+    ``process_weights`` (default: True for LayerNorm models such as GPT-2,
+    False for RMSNorm models such as Llama, Qwen 3, Gemma 2) applies
+    TransformerLens' weight processing: LayerNorm gains folded into the next
+    weights, writes to the residual stream and the unembedding centred. The
+    gpt2-small transcoders were trained on the processed GPT-2; the published
+    sets of the RMSNorm models were trained and are used (by circuit-tracer)
+    on the unprocessed model, whose ``ln2.hook_out`` / ``mlp.hook_in`` is the
+    MLP's true input and whose logits are the original ones. The exact
+    decomposition handles both (see :mod:`tc_explore.architecture`).
+    ``dtype`` may be ``"bfloat16"`` / ``"float16"`` to halve the memory.
 
     ``name_or_path`` is a Hub model id (``"gpt2"``), a local directory saved with
     ``save_pretrained``, a registry name of a transcoder set whose model ships
@@ -85,6 +112,9 @@ def load_model(name_or_path: Any, device: str | torch.device | None = None,
     """
     if not isinstance(name_or_path, (str, os.PathLike)):
         check_model_surface(name_or_path)
+        if process_weights is not None:
+            raise InvalidInputError("process_weights applies when tc_explore loads the model; "
+                                    "this model is already loaded.")
         if device is not None or dtype is not None:
             name_or_path = name_or_path.to(device=device, dtype=_as_dtype(dtype))
         return name_or_path
@@ -103,9 +133,12 @@ def load_model(name_or_path: Any, device: str | torch.device | None = None,
 
     def boot():
         bridge = TransformerBridge.boot_transformers(source, device=device, dtype=dtype)
-        # Same weight processing as HookedTransformer.from_pretrained: fold LN,
-        # centre writing weights and unembedding, fold value biases.
-        bridge.enable_compatibility_mode(disable_warnings=True)
+        process = process_weights
+        if process is None:
+            process = not str(getattr(bridge.cfg, "normalization_type", "LN")).startswith("RMS")
+        # processed: the same weight processing as HookedTransformer.from_pretrained
+        # (fold LN, centre writing weights and unembedding, fold value biases).
+        bridge.enable_compatibility_mode(disable_warnings=True, no_processing=not process)
         bridge.eval()
         return bridge
 
@@ -267,9 +300,16 @@ def single_token_id(model, text: str) -> int:
 # -- weights -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelWeights:
-    """Detached processed weights, fetched once per model (see ``model_weights``)."""
+    """Detached weights, fetched once per model (see ``model_weights``).
+
+    ``W_E`` is the embedding as written to the residual stream (Gemma's
+    sqrt(d_model) scale included). Grouped-query attention is expanded: ``W_V``
+    and ``b_V`` hold one slice per *query* head (heads sharing a key/value head
+    share it), so every head has its own OV circuit ``W_V[h] @ W_O[h]``.
+    Absent parameters (no positional embedding matrix under rotary embeddings,
+    no attention biases) are zeros."""
     W_E: torch.Tensor     # [d_vocab, d_model]
-    W_pos: torch.Tensor   # [n_ctx, d_model]
+    W_pos: torch.Tensor   # [n_ctx, d_model] (zeros for rotary models)
     W_U: torch.Tensor     # [d_model, d_vocab]
     b_U: torch.Tensor     # [d_vocab]
     W_V: torch.Tensor     # [n_layers, n_heads, d_model, d_head]
@@ -280,7 +320,37 @@ class ModelWeights:
     @classmethod
     @torch.no_grad()
     def of(cls, model) -> "ModelWeights":
-        return cls(*(getattr(model, name).detach() for name in cls.__dataclass_fields__))
+        from .architecture import architecture
+        arch = architecture(model)
+        W_E = model.W_E.detach()
+        if arch.embed_scale != 1.0:
+            W_E = W_E * torch.tensor(arch.embed_scale, dtype=W_E.dtype, device=W_E.device)
+        W_U = model.W_U.detach()
+        W_O = model.W_O.detach()
+        L, H, d_head, d = W_O.shape
+        W_V = model.W_V.detach()
+        b_V = _optional(model, "b_V")
+        b_V = b_V if b_V is not None else W_V.new_zeros(W_V.shape[0], W_V.shape[1], d_head)
+        if W_V.shape[1] != H:                          # grouped-query attention
+            rep = H // W_V.shape[1]
+            W_V, b_V = W_V.repeat_interleave(rep, dim=1), b_V.repeat_interleave(rep, dim=1)
+        b_O = _optional(model, "b_O")
+        W_pos = _optional(model, "W_pos")
+        b_U = _optional(model, "b_U")
+        return cls(W_E=W_E, W_pos=W_pos if W_pos is not None else W_E.new_zeros(n_ctx(model), d),
+                   W_U=W_U, b_U=b_U if b_U is not None else W_U.new_zeros(W_U.shape[1]),
+                   W_V=W_V, b_V=b_V, W_O=W_O,
+                   b_O=b_O if b_O is not None else W_O.new_zeros(L, d))
+
+
+def _optional(model, name: str) -> torch.Tensor | None:
+    """A weight property that a model may lack (a TransformerBridge raises
+    AttributeError for bias-free projections and rotary models)."""
+    try:
+        value = getattr(model, name)
+    except (AttributeError, NotImplementedError):
+        return None
+    return None if value is None else value.detach()
 
 
 _WEIGHTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

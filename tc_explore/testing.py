@@ -56,6 +56,59 @@ def build_tiny_gpt2(directory: str | Path, n_layers: int = 2, d_model: int = 32,
     return directory
 
 
+ARCHITECTURES = ("gpt2", "llama", "qwen3", "gemma2")
+
+
+def build_tiny_model(directory: str | Path, arch: str, n_layers: int = 2, d_model: int = 64,
+                     n_heads: int = 4, n_kv_heads: int = 2, n_ctx: int = 64, seed: int = 0,
+                     words=FIXTURE_WORDS) -> Path:
+    """A randomly initialised model of architecture ``arch`` (one of
+    ``ARCHITECTURES``), built from transformers' own config class, with our word
+    tokenizer, saved with ``save_pretrained`` into ``directory``.
+
+    Every norm gain and every bias is randomised (not left at 1 / 0), so that a
+    mistake in how the decomposition treats a gain or bias cannot cancel out.
+    Llama has untied embeddings, grouped-query attention and attention
+    biases; Qwen 3 has QK-norm and grouped-query attention; Gemma 2 has pre-
+    and post-norms, scaled embeddings, attention and final-logit softcapping
+    and alternating sliding-window attention."""
+    if arch == "gpt2":
+        return build_tiny_gpt2(directory, n_layers, d_model, n_heads, n_ctx, seed, words)
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM,
+                              Qwen3Config, Qwen3ForCausalLM)
+    tokenizer = word_tokenizer(words)
+    bos = tokenizer.bos_token_id
+    d_head = d_model // n_heads
+    common = dict(vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=2 * d_model,
+                  num_hidden_layers=n_layers, num_attention_heads=n_heads,
+                  num_key_value_heads=n_kv_heads, head_dim=d_head, max_position_embeddings=n_ctx,
+                  bos_token_id=bos, eos_token_id=bos, pad_token_id=bos, attention_dropout=0.0)
+    if arch == "llama":
+        config, cls = LlamaConfig(**common, tie_word_embeddings=False, attention_bias=True), LlamaForCausalLM
+    elif arch == "qwen3":
+        config, cls = Qwen3Config(**common, tie_word_embeddings=True), Qwen3ForCausalLM
+    elif arch == "gemma2":
+        config, cls = Gemma2Config(**common, query_pre_attn_scalar=d_head, sliding_window=4,
+                                   attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                                   tie_word_embeddings=True), Gemma2ForCausalLM
+    else:
+        raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}.")
+    torch.manual_seed(seed)
+    model = cls(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.05)
+        # Larger-than-default embeddings, so the residual stream is not dominated by eps.
+        model.get_input_embeddings().weight.mul_(10.0)
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 def random_transcoder(d_model: int, d_sae: int, layer: int, seed: int = 0,
                       jumprelu: bool = False, skip: bool = False, centred: bool = True) -> Transcoder:
     """Random weights scaled so that a fraction of features fire on unit-RMS inputs."""

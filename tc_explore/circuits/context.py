@@ -11,6 +11,12 @@ Residual "stages" index the points of the residual stream in order:
 ``ln1``), ``stage 2*L + 1`` is ``blocks.L.hook_resid_mid`` (read by MLP L and
 its transcoder through ``ln2``), and ``stage 2*n_layers`` is the final residual
 stream (read by the unembedding through ``ln_final``).
+
+The block may be GPT-2's (LayerNorm, processed weights), Llama's or Qwen 3's
+(RMSNorm, grouped-query attention; Qwen 3's QK-norm only shapes patterns) or
+Gemma 2's (RMSNorm before *and after* attention and the MLP, scaled
+embeddings, softcapping): what differs is read once by
+:func:`tc_explore.architecture.architecture`, and every norm scale is frozen.
 """
 from __future__ import annotations
 
@@ -19,10 +25,12 @@ from typing import Any
 
 import torch
 
+from ..architecture import Architecture, architecture
 from ..errors import IncompatibleTranscoderError, InvalidInputError
-from ..model import (HOOK_LN_FINAL_SCALE, ModelWeights, Prompt, hook_attn_pattern, hook_attn_v, hook_ln1_scale,
-                     hook_ln2_normalized, hook_ln2_scale, hook_mlp_out, hook_resid_mid,
-                     hook_resid_pre, model_weights, to_tokens, token_strings)
+from ..model import (HOOK_LN_FINAL_SCALE, ModelWeights, Prompt, hook_attn_pattern, hook_attn_v,
+                     hook_ln1_post_scale, hook_ln1_scale, hook_ln2_normalized, hook_ln2_post_scale,
+                     hook_ln2_scale, hook_mlp_out, hook_resid_mid, hook_resid_pre, model_weights,
+                     to_tokens, token_strings)
 from ..transcoder import Transcoder, TranscoderSet
 
 
@@ -42,21 +50,52 @@ def stage_name(stage: int, n_layers: int) -> str:
 
 def centre(v: torch.Tensor) -> torch.Tensor:
     """Subtract the mean over d_model: LayerNorm's centring moved onto the
-    reading direction, since (x - mean(x)) . w == x . (w - mean(w))."""
+    reading direction, since (x - mean(x)) . w == x . (w - mean(w)).
+    (Architecture-aware code uses :meth:`Architecture.centre`, the identity
+    for RMSNorm.)"""
     return v - v.mean(dim=-1, keepdim=True)
 
 
-def transcoder_reads_ln2(tc: Transcoder, layer: int) -> bool:
-    """True if the transcoder reads the LayerNorm output (frozen scale and
-    centring apply), False if it reads ``hook_resid_mid`` directly."""
+# What a transcoder of layer L may read, by hook: the norm's output without
+# gain and bias, the norm's whole output (the MLP's true input), or the raw
+# residual stream before the norm.
+INPUT_NORMALIZED, INPUT_NORM_OUT, INPUT_RESID = "normalized", "norm_out", "resid"
+
+
+def transcoder_input_kind(tc: Transcoder, layer: int) -> str:
+    """How the transcoder of ``layer`` reads the residual stream (see the
+    ``INPUT_*`` constants); a clear error for an input hook we cannot trace."""
     hook = tc.input_hook or hook_ln2_normalized(layer)
-    if hook in (hook_ln2_normalized(layer), f"blocks.{layer}.mlp.hook_in"):
-        return True
-    if hook == hook_resid_mid(layer):
+    kinds = {hook_ln2_normalized(layer): INPUT_NORMALIZED,
+             f"blocks.{layer}.ln2.hook_out": INPUT_NORM_OUT,
+             f"blocks.{layer}.mlp.hook_in": INPUT_NORM_OUT,
+             hook_resid_mid(layer): INPUT_RESID}
+    if hook not in kinds:
+        raise IncompatibleTranscoderError(
+            f"The transcoder of layer {layer} reads {hook!r}; circuit attribution supports "
+            f"transcoders reading one of {sorted(kinds)}.")
+    return kinds[hook]
+
+
+def transcoder_reads_ln2(tc: Transcoder, layer: int) -> bool:
+    """True if the transcoder reads after the MLP's norm (its frozen scale
+    applies), False if it reads ``hook_resid_mid`` directly."""
+    return transcoder_input_kind(tc, layer) != INPUT_RESID
+
+
+def transcoder_writes_before_post_norm(tc: Transcoder, layer: int, arch: Architecture) -> bool:
+    """True if the transcoder predicts the MLP's output before a post-MLP norm
+    (``mlp.hook_out`` on Gemma 2), False if it predicts what the MLP adds to
+    the residual stream (``hook_mlp_out``; on models without post-norms
+    ``mlp.hook_out`` is the same activation)."""
+    hook = tc.output_hook or hook_mlp_out(layer)
+    if hook == hook_mlp_out(layer):
         return False
+    if hook == f"blocks.{layer}.mlp.hook_out":
+        return arch.has_post_norms
     raise IncompatibleTranscoderError(
-        f"The transcoder of layer {layer} reads {hook!r}; circuit attribution supports "
-        f"transcoders reading {hook_ln2_normalized(layer)!r} or {hook_resid_mid(layer)!r}.")
+        f"The transcoder of layer {layer} writes {hook!r}; circuit attribution supports "
+        f"transcoders writing {hook_mlp_out(layer)!r} or 'blocks.{layer}.mlp.hook_out'.")
 
 
 @dataclass
@@ -69,18 +108,23 @@ class PromptContext:
     model: Any
     transcoders: TranscoderSet
     weights: ModelWeights
+    arch: Architecture
     tokens: torch.Tensor            # [pos] token ids
     token_strs: list[str]
     resid: torch.Tensor             # [2L+1, pos, d_model] residual stream at every stage
     embed: torch.Tensor             # [pos, d_model] hook_embed
-    pos_embed: torch.Tensor         # [pos, d_model] hook_pos_embed
+    pos_embed: torch.Tensor         # [pos, d_model] hook_pos_embed (zeros for rotary models)
     ln1_scale: torch.Tensor         # [L, pos]
     ln2_scale: torch.Tensor         # [L, pos]
     final_scale: torch.Tensor       # [pos]
     pattern: torch.Tensor           # [L, H, pos_dst, pos_src]
-    v: torch.Tensor                 # [L, pos, H, d_head] value vectors (incl. b_V)
+    v: torch.Tensor                 # [L, pos, H, d_head] value vectors (incl. b_V), one per query head
+    v_cache: torch.Tensor           # [L, pos, H_kv, d_head] attn.hook_v as the model computes it
     mlp_in: torch.Tensor            # [L, pos, d_model] what each transcoder reads (model dtype)
-    mlp_out: torch.Tensor           # [L, pos, d_model] true MLP outputs
+    mlp_out: torch.Tensor           # [L, pos, d_model] true MLP writes to the residual (hook_mlp_out)
+    mlp_target: torch.Tensor        # [L, pos, d_model] what each transcoder predicts (its output hook)
+    ln1_post_scale: torch.Tensor | None = None   # [L, pos] Gemma 2's post-attention norm
+    ln2_post_scale: torch.Tensor | None = None   # [L, pos] Gemma 2's post-MLP norm
     # All tensors above except tokens and mlp_in are float64.
     cache_encodings: bool = True
     n_encodings: int = 0            # how many times a transcoder was run on this prompt
@@ -150,8 +194,46 @@ class PromptContext:
         return self._encoded(layer)[1]
 
     def transcoder_error(self, layer: int) -> torch.Tensor:
-        """[pos, d_model] true MLP output minus transcoder output."""
-        return self.mlp_out[layer] - self.transcoder_out(layer).double()
+        """[pos, d_model] true MLP output minus transcoder output (at the
+        transcoder's output hook)."""
+        return self.mlp_target[layer] - self.transcoder_out(layer).double()
+
+    # -- reading directions through the frozen norms --------------------------------------
+    def attn_write_reading(self, layer: int, token: int, v: torch.Tensor) -> torch.Tensor:
+        """Direction on attention ``layer``'s raw output (heads + b_O) at
+        ``token`` whose dot product is its write's ``· v`` (through Gemma 2's
+        post-attention norm, scale frozen; ``v`` itself elsewhere)."""
+        if self.ln1_post_scale is None:
+            return v
+        return self.arch.through_post_norm(self.arch.ln1_post, layer, v, self.ln1_post_scale[layer, token])
+
+    def mlp_write_reading(self, layer: int, token: int, v: torch.Tensor) -> torch.Tensor:
+        """Direction on the transcoder of ``layer``'s output at ``token`` whose
+        dot product is its write's ``· v`` (through the post-MLP norm when
+        the transcoder predicts the activation before it)."""
+        if layer in self.transcoders and self.ln2_post_scale is not None and \
+                transcoder_writes_before_post_norm(self.transcoders[layer], layer, self.arch):
+            return self.arch.through_post_norm(self.arch.ln2_post, layer, v, self.ln2_post_scale[layer, token])
+        return v
+
+    def transcoder_input_reading(self, layer: int, token: int, u: torch.Tensor
+                                 ) -> tuple[torch.Tensor, float]:
+        """(direction, offset) on the residual stream at stage ``2*layer+1``
+        such that ``direction · resid + offset == u · (what the transcoder of
+        ``layer`` reads)`` at ``token``, the ln2 scale frozen."""
+        kind = transcoder_input_kind(self.transcoders[layer], layer)
+        if kind == INPUT_RESID:
+            return u, 0.0
+        scale = self.ln2_scale[layer, token]
+        if kind == INPUT_NORMALIZED:
+            return self.arch.read_normalized(u, scale), 0.0
+        return self.arch.read_norm_out(self.arch.ln2[layer], u, scale)
+
+    def head_input_reading(self, layer: int, source: int, u: torch.Tensor
+                           ) -> tuple[torch.Tensor, float]:
+        """(direction, offset) on the residual stream at stage ``2*layer``
+        such that ``direction · resid + offset == u · ln1(resid)`` at ``source``."""
+        return self.arch.read_norm_out(self.arch.ln1[layer], u, self.ln1_scale[layer, source])
 
     def feature_pre(self, layer: int, token: int) -> torch.Tensor:
         """[d_sae] pre-activations at one token (for checks and targets)."""
@@ -172,13 +254,19 @@ def prompt_context(model, transcoders: TranscoderSet, prompt: Prompt, prepend_bo
     if tokens.shape[0] != 1:
         raise InvalidInputError(f"Attribution works on one prompt at a time, got a batch of "
                                 f"{tokens.shape[0]}.")
+    arch = architecture(model)
     L = int(model.cfg.n_layers)
     for layer in transcoders.layers:
-        transcoder_reads_ln2(transcoders[layer], layer)
+        transcoder_input_kind(transcoders[layer], layer)
+        transcoder_writes_before_post_norm(transcoders[layer], layer, arch)
     names = {"hook_embed", "hook_pos_embed", HOOK_LN_FINAL_SCALE, f"blocks.{L - 1}.hook_resid_post"}
     for l in range(L):
         names |= {hook_resid_pre(l), hook_resid_mid(l), hook_ln1_scale(l), hook_ln2_scale(l),
                   hook_attn_pattern(l), hook_attn_v(l), hook_mlp_out(l), hook_ln2_normalized(l)}
+        if arch.has_post_norms:
+            names |= {hook_ln1_post_scale(l), hook_ln2_post_scale(l)}
+        if l in transcoders:
+            names |= {transcoders[l].input_hook, transcoders[l].output_hook}
     _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
 
     # Cached activations are kept in float64: the decomposition sums many
@@ -188,21 +276,26 @@ def prompt_context(model, transcoders: TranscoderSet, prompt: Prompt, prepend_bo
 
     resid = [cache[h][0] for l in range(L) for h in (hook_resid_pre(l), hook_resid_mid(l))]
     resid.append(cache[f"blocks.{L - 1}.hook_resid_post"][0])
-    mlp_in = []
-    for l in range(L):
-        reads_ln2 = l not in transcoders or transcoder_reads_ln2(transcoders[l], l)
-        mlp_in.append(cache[hook_ln2_normalized(l) if reads_ln2 else hook_resid_mid(l)][0])
+    mlp_in = [cache[transcoders[l].input_hook if l in transcoders else hook_ln2_normalized(l)][0]
+              for l in range(L)]
+    mlp_target = [cache[transcoders[l].output_hook if l in transcoders else hook_mlp_out(l)][0]
+                  for l in range(L)]
+    embed = cache["hook_embed"][0].detach().double()
+    pos_embed = cache["hook_pos_embed"][0].detach().double() if "hook_pos_embed" in cache \
+        else torch.zeros_like(embed)                      # rotary models add no position vector
+    v_cache = stack(hook_attn_v)                          # [L, pos, H_kv, d_head]
+    v = v_cache.repeat_interleave(arch.heads_per_kv, dim=2) if arch.heads_per_kv > 1 else v_cache
     ctx = PromptContext(
-        model=model, transcoders=transcoders, weights=model_weights(model),
+        model=model, transcoders=transcoders, weights=model_weights(model), arch=arch,
         tokens=tokens[0], token_strs=token_strings(model, tokens[0]),
-        resid=torch.stack(resid).detach().double(),
-        embed=cache["hook_embed"][0].detach().double(),
-        pos_embed=cache["hook_pos_embed"][0].detach().double(),
+        resid=torch.stack(resid).detach().double(), embed=embed, pos_embed=pos_embed,
         ln1_scale=stack(hook_ln1_scale)[..., 0], ln2_scale=stack(hook_ln2_scale)[..., 0],
         final_scale=cache[HOOK_LN_FINAL_SCALE][0, :, 0].detach().double(),
-        pattern=stack(hook_attn_pattern), v=stack(hook_attn_v),
+        pattern=stack(hook_attn_pattern), v=v, v_cache=v_cache,
         mlp_in=torch.stack(mlp_in).detach(),  # model dtype: exactly what the transcoder reads
-        mlp_out=stack(hook_mlp_out),
+        mlp_out=stack(hook_mlp_out), mlp_target=torch.stack(mlp_target).detach().double(),
+        ln1_post_scale=stack(hook_ln1_post_scale)[..., 0] if arch.has_post_norms else None,
+        ln2_post_scale=stack(hook_ln2_post_scale)[..., 0] if arch.has_post_norms else None,
         cache_encodings=cache_encodings)
     if encode_now and cache_encodings:
         for layer in transcoders.layers:

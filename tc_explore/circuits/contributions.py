@@ -26,6 +26,17 @@ Dunefsky, Chlenski & Nanda 2024):
 
 Embeddings, biases, offsets, transcoder errors and whole MLPs of layers without
 a transcoder are leaves.
+
+The formulas above are GPT-2's (processed weights: LayerNorm centres, gains
+folded). On other blocks (:mod:`tc_explore.architecture`) the same steps run
+through the model's own norms, all scales frozen: RMSNorm does not centre;
+unfolded gains multiply the reading direction (``ln1`` before ``W_V``; ``ln2``
+for transcoders reading ``ln2.hook_out`` / ``mlp.hook_in``; ``ln_final`` for
+logits); Gemma 2's post-attention norm maps ``v`` to ``gain ⊙ v / scale``
+before it meets ``W_O``; grouped-query heads each use their key/value head's
+``W_V``. Logit targets are the logits *before* Gemma 2's final softcap
+(``unembed.hook_out``); softcapped attention and QK-norm only shape the
+patterns, which are frozen.
 """
 from __future__ import annotations
 
@@ -37,7 +48,7 @@ import torch
 
 from ..errors import InvalidInputError
 from ..model import single_token_id
-from .context import PromptContext, centre, prompt_context, stage_name, stage_of, transcoder_reads_ln2
+from .context import PromptContext, prompt_context, stage_name, stage_of
 
 __all__ = ["Node", "Target", "Contribution", "Decomposition", "decompose", "feature_target",
            "logit_diff_target", "logit_direction_target", "residual_target", "PromptContext",
@@ -292,11 +303,14 @@ def decompose(ctx: PromptContext, target: Target) -> Decomposition:
     n_attn = (S + 1) // 2     # attention l writes before stage 2l+1
     n_mlp = S // 2            # MLP l writes before stage 2l+2
 
-    # Heads: pattern[l,h,t,s] × (v_cache[l,s,h] · (W_O[l,h] v)); W_O v first keeps it [L,H,d_head].
-    Wo_v = torch.einsum("lhed,d->lhe", w.W_O[:n_attn].double(), v)             # [n_attn, H, d_head]
+    # Heads: pattern[l,h,t,s] × (v[l,s,h] · (W_O[l,h] v_l)), where v_l is v pulled
+    # back through attention l's post-norm (Gemma 2; v itself elsewhere).
+    v_attn = torch.stack([ctx.attn_write_reading(l, t, v) for l in range(n_attn)]) \
+        if n_attn else v.new_zeros(0, v.shape[0])                              # [n_attn, d_model]
+    Wo_v = torch.einsum("lhed,ld->lhe", w.W_O[:n_attn].double(), v_attn)       # [n_attn, H, d_head]
     ov_img = torch.einsum("lshe,lhe->lhs", ctx.v[:n_attn], Wo_v)               # [n_attn, H, pos]
     heads = ctx.pattern[:n_attn, :, t, :] * ov_img                             # [n_attn, H, pos]
-    attn_bias = w.b_O[:n_attn].double() @ v                                    # [n_attn]
+    attn_bias = (w.b_O[:n_attn].double() * v_attn).sum(-1)                     # [n_attn]
 
     features, connections, acts_at, dec_bias, error, skip, mlp = {}, {}, {}, {}, {}, {}, {}
     for l in range(n_mlp):
@@ -305,17 +319,18 @@ def decompose(ctx: PromptContext, target: Target) -> Decomposition:
             mlp[l] = true_out
             continue
         tc = ctx.transcoders[l]
-        vt = v.to(tc.dtype)
+        v_mlp = ctx.mlp_write_reading(l, t, v)                                 # [d_model]
+        vt = v_mlp.to(tc.dtype)
         conn = tc.W_dec @ vt                                                   # [d_sae] input-invariant
         acts = ctx.feature_acts(l)[t]                                          # [d_sae] input-dependent
         connections[l] = conn
         acts_at[l] = acts
         features[l] = acts.double() * conn.double()
-        dec_bias[l] = float(tc.b_dec_out.double() @ v)
+        dec_bias[l] = float(tc.b_dec_out.double() @ v_mlp)
         if tc.W_skip is not None:
-            skip[l] = float(ctx.mlp_in[l, t].double() @ (tc.W_skip.double() @ v))
-        # error · v = (true MLP output − transcoder output) · v, with the transcoder
-        # output's projection summed from the same terms as above, so that rounding
+            skip[l] = float(ctx.mlp_in[l, t].double() @ (tc.W_skip.double() @ v_mlp))
+        # error · v = (true MLP write − transcoder write) · v, with the transcoder
+        # write's projection summed from the same terms as above, so that rounding
         # in the (often large) error does not break conservation.
         error[l] = true_out - (float(features[l].sum()) + dec_bias[l] + skip.get(l, 0.0))
     return Decomposition(ctx=ctx, target=target, embed=float(ctx.embed[t] @ v),
@@ -335,7 +350,7 @@ def next_target(ctx: PromptContext, target: Target, node: Node,
     if node.kind == "feature":
         l, g, t = node.layer, node.index, node.token
         tc = ctx.transcoders[l]
-        conn = float(tc.W_dec[g] @ v.to(tc.dtype))
+        conn = float(tc.W_dec[g] @ ctx.mlp_write_reading(l, t, v).to(tc.dtype))
         direction, offset = _encoder_reading(ctx, l, g, t)
         if value is None:
             value = conn * float(ctx.feature_acts(l)[t, g])
@@ -344,20 +359,21 @@ def next_target(ctx: PromptContext, target: Target, node: Node,
     if node.kind == "head":
         l, h, t, s = node.layer, node.index, node.token, node.source
         a = float(ctx.pattern[l, h, t, s])
-        Wo_v = w.W_O[l, h].double() @ v                                        # [d_head]
-        direction = a * centre(w.W_V[l, h].double() @ Wo_v) / ctx.ln1_scale[l, s]  # [d_model]
-        offset = a * float(w.b_V[l, h].double() @ Wo_v)
+        Wo_v = w.W_O[l, h].double() @ ctx.attn_write_reading(l, t, v)          # [d_head]
+        direction, ln_offset = ctx.head_input_reading(l, s, w.W_V[l, h].double() @ Wo_v)
+        direction = a * direction                                              # [d_model]
+        offset = a * (ln_offset + float(w.b_V[l, h].double() @ Wo_v))
         if value is None:
             value = a * float(ctx.v[l, s, h] @ Wo_v)
         return Target(node, 2 * l, s, direction, offset, value, label=f"{node.label()} -> {target.label}")
     if node.kind == "skip":
         l, t = node.layer, node.token
         tc = ctx.transcoders[l]
-        raw = tc.W_skip.double() @ v                                           # [d_model]
-        d = centre(raw) / ctx.ln2_scale[l, t] if transcoder_reads_ln2(tc, l) else raw
+        raw = tc.W_skip.double() @ ctx.mlp_write_reading(l, t, v)              # [d_model]
+        d, offset = ctx.transcoder_input_reading(l, t, raw)
         if value is None:
             value = float(ctx.mlp_in[l, t].double() @ raw)
-        return Target(node, 2 * l + 1, t, d, 0.0, value, label=f"{node.label()} -> {target.label}")
+        return Target(node, 2 * l + 1, t, d, offset, value, label=f"{node.label()} -> {target.label}")
     return None
 
 
@@ -368,9 +384,8 @@ def _encoder_reading(ctx: PromptContext, layer: int, feature: int, token: int
     tc = ctx.transcoders[layer]
     w_enc = tc.W_enc[:, feature].double()                                      # [d_model]
     offset = float(tc.b_enc[feature].double() - tc.b_dec.double() @ w_enc)
-    if transcoder_reads_ln2(tc, layer):
-        return centre(w_enc) / ctx.ln2_scale[layer, token], offset
-    return w_enc, offset
+    direction, norm_offset = ctx.transcoder_input_reading(layer, token, w_enc)
+    return direction, offset + norm_offset
 
 
 # -- target constructors ----------------------------------------------------------------------
@@ -419,7 +434,10 @@ def logit_direction_target(ctx: PromptContext, positive: int | str | Sequence[in
     W_U, b_U = ctx.weights.W_U, ctx.weights.b_U
     u = W_U[:, pos_ids].double().mean(1) - (W_U[:, neg_ids].double().mean(1) if neg_ids else 0)
     offset = float(b_U[pos_ids].double().mean() - (b_U[neg_ids].double().mean() if neg_ids else 0))
-    direction = centre(u) / ctx.final_scale[token]
+    # Logits before any final softcap (Gemma 2 caps logits with cap·tanh(x/cap),
+    # which is not linear): the target is the raw logit, ``unembed.hook_out``.
+    direction, ln_offset = ctx.arch.read_norm_out(ctx.arch.ln_final, u, ctx.final_scale[token])
+    offset += ln_offset
     node = Node("logit", index=pos_ids[0], token=token)
     resid = ctx.resid[ctx.final_stage, token]
     value = float(direction @ resid) + offset
@@ -454,11 +472,11 @@ def residual_target(ctx: PromptContext, vector: torch.Tensor, layer: int, site: 
     if site in ("resid_pre", "resid_mid", "resid_post"):
         stage, direction = stage_of(layer, site), vector
     elif site == "ln1":
-        stage, direction = 2 * layer, centre(vector) / ctx.ln1_scale[layer, token]
+        stage, direction = 2 * layer, ctx.arch.read_normalized(vector, ctx.ln1_scale[layer, token])
     elif site == "ln2":
-        stage, direction = 2 * layer + 1, centre(vector) / ctx.ln2_scale[layer, token]
+        stage, direction = 2 * layer + 1, ctx.arch.read_normalized(vector, ctx.ln2_scale[layer, token])
     elif site == "ln_final":
-        stage, direction = ctx.final_stage, centre(vector) / ctx.final_scale[token]
+        stage, direction = ctx.final_stage, ctx.arch.read_normalized(vector, ctx.final_scale[token])
     else:
         raise InvalidInputError(f"site must be one of {RESIDUAL_SITES}, got {site!r}.")
     value = float(direction @ ctx.resid[stage, token])

@@ -10,18 +10,21 @@ from typing import Callable
 
 import torch
 
-from ..model import HOOK_LN_FINAL_SCALE, hook_attn_pattern, hook_attn_v, hook_ln1_scale, hook_ln2_scale, hook_mlp_out
+from ..model import (HOOK_LN_FINAL_SCALE, hook_attn_pattern, hook_attn_v, hook_attn_z, hook_ln1_post_scale,
+                     hook_ln1_scale, hook_ln2_post_scale, hook_ln2_scale, hook_mlp_out)
 from .context import PromptContext
 
 Hook = tuple[str, Callable]
 
 
 def frozen_hooks(ctx: PromptContext, values: bool = False, mlps: bool = False) -> list[Hook]:
-    """Hooks that overwrite every ``ln1``/``ln2``/``ln_final`` ``hook_scale`` and
-    every ``attn.hook_pattern`` with the values cached on ``ctx``'s prompt.
+    """Hooks that overwrite every norm's ``hook_scale`` (``ln1``, ``ln2``,
+    ``ln_final``, and Gemma 2's ``ln1_post`` / ``ln2_post``) and every
+    ``attn.hook_pattern`` with the values cached on ``ctx``'s prompt.
 
-    ``values`` also freezes every ``attn.hook_v`` and ``mlps`` every
-    ``hook_mlp_out``: with both, every write to the residual stream is fixed,
+    ``values`` also freezes every ``attn.hook_v`` and ``mlps`` every MLP
+    output (at the transcoder's output hook, else ``hook_mlp_out``): with
+    both, every write to the residual stream is fixed,
     so a change made by an extra hook reaches a target only directly — the
     setting in which a contribution is exactly the change its removal causes.
     """
@@ -35,17 +38,24 @@ def frozen_hooks(ctx: PromptContext, values: bool = False, mlps: bool = False) -
         hooks.append((hook_ln1_scale(l), put(ctx.ln1_scale[l][:, None])))
         hooks.append((hook_ln2_scale(l), put(ctx.ln2_scale[l][:, None])))
         hooks.append((hook_attn_pattern(l), put(ctx.pattern[l])))
+        if ctx.ln1_post_scale is not None:
+            hooks.append((hook_ln1_post_scale(l), put(ctx.ln1_post_scale[l][:, None])))
+            hooks.append((hook_ln2_post_scale(l), put(ctx.ln2_post_scale[l][:, None])))
         if values:
-            hooks.append((hook_attn_v(l), put(ctx.v[l])))
+            hooks.append((hook_attn_v(l), put(ctx.v_cache[l])))
         if mlps:
-            hooks.append((hook_mlp_out(l), put(ctx.mlp_out[l])))
+            hooks.append((_mlp_write_hook(ctx, l), put(ctx.mlp_target[l])))
     hooks.append((HOOK_LN_FINAL_SCALE, put(ctx.final_scale[:, None])))
     return hooks
 
 
+def _mlp_write_hook(ctx: PromptContext, layer: int) -> str:
+    return ctx.transcoders[layer].output_hook if layer in ctx.transcoders else hook_mlp_out(layer)
+
+
 def remove_feature_write_hook(ctx: PromptContext, layer: int, feature: int, token: int) -> Hook:
-    """A hook on ``blocks.{layer}.hook_mlp_out`` that subtracts feature
-    ``feature``'s decoder write (activation × W_dec row) at ``token``."""
+    """A hook on the transcoder's output hook (``blocks.{layer}.hook_mlp_out``)
+    that subtracts feature ``feature``'s decoder write (activation × W_dec row) at ``token``."""
     tc = ctx.transcoders[layer]
     write = ctx.feature_acts(layer)[token, feature] * tc.W_dec[feature]      # [d_model]
 
@@ -53,7 +63,7 @@ def remove_feature_write_hook(ctx: PromptContext, layer: int, feature: int, toke
         out = out.clone()
         out[:, token] -= write.to(out.dtype)
         return out
-    return hook_mlp_out(layer), fn
+    return _mlp_write_hook(ctx, layer), fn
 
 
 @torch.no_grad()
@@ -70,10 +80,21 @@ def run_frozen(ctx: PromptContext, extra_hooks: list[Hook] = (), names: set[str]
 
 
 def remove_head_value_hook(ctx: PromptContext, layer: int, head: int, source: int) -> Hook:
-    """A hook on ``blocks.{layer}.attn.hook_v`` that zeroes one head's value
-    vector at one source position (removing what that head moves from there)."""
-    def fn(v, hook):
-        v = v.clone()
-        v[:, source, head] = 0.0
-        return v
-    return hook_attn_v(layer), fn
+    """A hook that removes what head ``head`` of ``layer`` moves from position
+    ``source``: zeroes its value vector there (``attn.hook_v``), or, under
+    grouped-query attention, where that value vector is shared with other
+    query heads, subtracts ``pattern × value`` from this head's ``attn.hook_z``
+    (exact with the patterns frozen)."""
+    if ctx.arch.heads_per_kv == 1:
+        def fn(v, hook):
+            v = v.clone()
+            v[:, source, head] = 0.0
+            return v
+        return hook_attn_v(layer), fn
+    moved = ctx.pattern[layer, head, :, source, None] * ctx.v[layer, source, head]   # [pos_dst, d_head]
+
+    def fn_z(z, hook):
+        z = z.clone()
+        z[:, :, head] -= moved.to(z.dtype)
+        return z
+    return hook_attn_z(layer), fn_z

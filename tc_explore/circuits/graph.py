@@ -342,9 +342,15 @@ def _node_from_record(rec: dict) -> tuple[Node, int | None]:
 
 
 def _logits_at(ctx, token: int) -> torch.Tensor:
-    w = ctx.weights
-    x = ctx.resid[ctx.final_stage, token] / ctx.final_scale[token]       # resid is already centred
-    return x.to(w.W_U.dtype) @ w.W_U + w.b_U
+    """The model's logits at ``token`` (after any final softcap), from the cached residual."""
+    w, arch = ctx.weights, ctx.arch
+    norm = arch.ln_final
+    x = arch.centre(ctx.resid[ctx.final_stage, token]) / ctx.final_scale[token]
+    x = x * norm.gain.to(x) + norm.bias.to(x)
+    logits = x.to(w.W_U.dtype) @ w.W_U + w.b_U
+    if arch.logit_softcap is not None:
+        logits = arch.logit_softcap * torch.tanh(logits / arch.logit_softcap)
+    return logits
 
 
 def _clerp(ctx, k: Node, member: Node, target) -> str:
