@@ -213,7 +213,7 @@ def _select_layers(available: Sequence[int], layers: Sequence[int] | None, name:
 def _load_entry(entry: RegistryEntry, files: _Files, layers, device, dtype) -> TranscoderSet:
     if entry.format == "circuit-tracer":
         return _load_circuit_tracer(entry.name, files.get("config.yaml"), files, layers, device,
-                                    dtype, model_name=entry.model)
+                                    dtype, model_name=entry.model, known_layers=entry.layers)
     chosen = _select_layers(entry.layers, layers, entry.name)
     reader = _READERS[entry.format]
     info, loaders, freq = {}, {}, {}
@@ -261,13 +261,17 @@ _READERS = {"gpt2-pickle": read_gpt2_transcoder, "gemma-scope-npz": read_gemma_s
 
 
 def _load_circuit_tracer(name, config_path, files: _Files, layers, device, dtype,
-                         model_name=None) -> TranscoderSet:
+                         model_name=None, known_layers=None) -> TranscoderSet:
+    """``known_layers``: the layers a registry entry documents, for a Hub repo
+    of ``layer_{L}.safetensors`` files whose config.yaml does not list them."""
     cfg = read_circuit_tracer_config(config_path)
     uris = cfg.get("transcoders")
     if uris:
         available = list(range(len(uris)))
+    elif files.directory is not None:
+        available = _layers_in_directory(files)
     else:
-        available = _layers_in_directory(files) if files.directory is not None else None
+        available = list(known_layers) if known_layers else None
     if available is None and layers is None:
         raise IncompatibleTranscoderError(
             f"{config_path} lists no 'transcoders', so the layers of Hub repo {files.repo_id} "

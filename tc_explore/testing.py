@@ -186,3 +186,93 @@ def build_offline_hub(hf_home: str | Path, n_layers: int = 12, d_model: int = 32
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return OfflineHub(Path(hf_home), "gpt2", entry.repo_id, entry.revision, n_layers, d_model, d_sae)
+
+
+# -- other architectures: a tiny model and its transcoder set in the published layout ------
+# arch -> (the model's Hub id, the registry name of its transcoder set)
+ARCH_FIXTURES = {
+    "gemma2": ("google/gemma-2-2b", "gemma-scope-2b"),
+    "llama": ("meta-llama/Llama-3.2-1B", "llama-3.2-1b"),
+    "qwen3": ("Qwen/Qwen3-0.6B", "qwen3-0.6b"),
+}
+
+
+@dataclass
+class ArchitectureHub:
+    arch: str
+    model_repo: str
+    set_name: str
+    n_layers: int
+    d_model: int
+    d_sae: int
+    transcoders: dict[int, Transcoder]     # the weights written, by layer
+    files: dict[int, str]                  # layer -> "repo_id:path" of its file
+
+
+def _write_yaml(path: Path, data: dict) -> Path:
+    import yaml
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def build_architecture_hub(hf_home: str | Path, arch: str, n_layers: int = 3, d_model: int = 64,
+                           d_sae: int = 96, seed: int = 0) -> ArchitectureHub:
+    """A tiny ``arch`` model (:func:`build_tiny_model`) under its real Hub id
+    (``ARCH_FIXTURES``) and its registry transcoder set in that set's exact
+    published layout, in a Hugging Face cache under ``hf_home``:
+
+    * ``gemma2``: ``mwhanna/gemma-scope-transcoders`` ``config.yaml`` whose
+      ``transcoders:`` list points (``hf://``) at Gemma Scope ``params.npz``
+      files of ``google/gemma-scope-2b-pt-transcoders`` (JumpReLU);
+    * ``llama``: ``mntss/transcoder-Llama-3.2-1B`` ``config.yaml`` plus
+      ``layer_{L}.safetensors`` (circuit-tracer layout; layer 1 a skip transcoder);
+    * ``qwen3``: ``mwhanna/qwen3-0.6b-transcoders-lowl0``, the same layout.
+    """
+    from .formats import write_circuit_tracer_safetensors, write_gemma_scope_npz
+    from .hub import registry
+
+    model_repo, set_name = ARCH_FIXTURES[arch]
+    entry = registry()[set_name]
+    work = Path(tempfile.mkdtemp(prefix=f"tc_explore_{arch}_"))
+    written: dict[int, Transcoder] = {}
+    where: dict[int, str] = {}
+    try:
+        model_dir = build_tiny_model(work / "model", arch, n_layers, d_model, seed=seed)
+        install_in_hf_cache(hf_home, model_repo, {p.name: p for p in model_dir.iterdir()})
+        if arch == "gemma2":
+            npz_repo = "google/gemma-scope-2b-pt-transcoders"
+            uris, npz_files = [], {}
+            for layer in range(n_layers):
+                tc = random_transcoder(d_model, d_sae, layer, seed, jumprelu=True, centred=False)
+                name = f"layer_{layer}/width_16k/average_l0_{40 + 7 * layer}/params.npz"
+                npz_files[name] = write_gemma_scope_npz(tc, work / "npz" / name)
+                uris.append(f"hf://{npz_repo}/{name}")
+                written[layer], where[layer] = tc, f"{npz_repo}:{name}"
+            install_in_hf_cache(hf_home, npz_repo, npz_files)
+            config = dict(model_name=entry.model, model_kind="transcoder_set",
+                          feature_input_hook="ln2.hook_normalized", feature_output_hook="hook_mlp_out",
+                          transcoders=uris)
+            install_in_hf_cache(hf_home, entry.repo_id,
+                                {"config.yaml": _write_yaml(work / "config.yaml", config)},
+                                revision=entry.revision)
+        else:
+            hooks = {"llama": ("hook_resid_mid", "mlp.hook_out"),
+                     "qwen3": ("mlp.hook_in", "mlp.hook_out")}[arch]
+            files = {"config.yaml": _write_yaml(work / "config.yaml", dict(
+                model_name=entry.model, model_kind="transcoder_set",
+                feature_input_hook=hooks[0], feature_output_hook=hooks[1]))}
+            for layer in range(n_layers):
+                tc = random_transcoder(d_model, d_sae, layer, seed, skip=(arch == "llama" and layer == 1),
+                                       centred=False)
+                if arch == "llama":       # the raw residual stream is small: scale the encoder up
+                    with torch.no_grad():
+                        tc.W_enc.mul_(4.0)
+                name = f"layer_{layer}.safetensors"
+                files[name] = write_circuit_tracer_safetensors(tc, work / name)
+                written[layer], where[layer] = tc, f"{entry.repo_id}:{name}"
+            install_in_hf_cache(hf_home, entry.repo_id, files, revision=entry.revision
+                                if entry.revision and len(entry.revision) == 40 else None)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return ArchitectureHub(arch, model_repo, set_name, n_layers, d_model, d_sae, written, where)
