@@ -149,6 +149,14 @@ def test_next_targets_conserve_recursively(setup):
     assert leaves and all(next_target(ctx, t, c.node) is None for c in leaves)
 
 
+def _run_without(ctx, n, names):
+    """The frozen forward (values and MLP outputs frozen too) without one
+    feature's write or one head's move from one source; returns its cache."""
+    hook = remove_feature_write_hook(ctx, n.layer, n.index, n.token) if n.kind == "feature" \
+        else remove_head_value_hook(ctx, n.layer, n.index, n.source)
+    return run_frozen(ctx, [hook], names, values=True, mlps=True)[1]
+
+
 def test_logit_contributions_match_brute_force(setup):
     """With norm scales (post-norms too), patterns, values and MLP outputs frozen,
     removing one feature's write or one head's move from one source changes the
@@ -165,12 +173,9 @@ def test_logit_contributions_match_brute_force(setup):
     picked = [c for c in cs if c.node.kind == "feature"][:3] + [c for c in cs if c.node.kind == "head"][:4]
     assert len(picked) == 7
     for c in picked:
-        n = c.node
-        hook = remove_feature_write_hook(ctx, n.layer, n.index, n.token) if n.kind == "feature" \
-            else remove_head_value_hook(ctx, n.layer, n.index, n.source)
-        _, cache = run_frozen(ctx, [hook], names, values=True, mlps=True)
+        cache = _run_without(ctx, c.node, names)
         new = float(_unembed(cache)[-1, ia] - _unembed(cache)[-1, ib])
-        assert base - new == pytest.approx(c.value, abs=1e-4), n
+        assert base - new == pytest.approx(c.value, abs=1e-4), c.node
 
 
 def test_feature_target_contributions_match_brute_force(setup):
@@ -186,12 +191,9 @@ def test_feature_target_contributions_match_brute_force(setup):
     picked = [c for c in cs if c.node.kind == "feature"][:3] + [c for c in cs if c.node.kind == "head"][:2]
     assert len(picked) == 5
     for c in picked:
-        n = c.node
-        hook = remove_feature_write_hook(ctx, n.layer, n.index, n.token) if n.kind == "feature" \
-            else remove_head_value_hook(ctx, n.layer, n.index, n.source)
-        _, cache = run_frozen(ctx, [hook], {name}, values=True, mlps=True)
+        cache = _run_without(ctx, c.node, {name})
         new = float(tcs[L].pre_activation(cache[name][0, tok])[f])
-        assert base_val - new == pytest.approx(c.value, abs=1e-4), n
+        assert base_val - new == pytest.approx(c.value, abs=1e-4), c.node
 
 
 def test_replaced_model_with_errors_equals_the_original(setup):
