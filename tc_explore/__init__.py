@@ -1,7 +1,8 @@
 """tc_explore: reverse-engineer language-model circuits with transcoders."""
 from .errors import (IncompatibleTranscoderError, InvalidInputError, OfflineFileMissingError,
                      TcExploreError, UnknownTranscoderSetError, UnsafeFileError)
-from .hub import list_transcoder_sets, load_transcoders, registry
+from .hub import load_transcoders
+from .registry import list_transcoder_sets, registry
 from .model import load_model
 from .replacement import (ablate_mlps, mean_mlp_outputs, replace_mlps, run_with_ablated_mlps,
                           run_with_transcoders, transcoder_hooks, mlp_ablation_hooks)

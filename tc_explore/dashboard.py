@@ -30,7 +30,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import IncompatibleTranscoderError, InvalidInputError
+from .errors import InvalidInputError
 from .index import FeatureIndex, TopExample
 from .model import model_weights, token_strings
 from .transcoder import TranscoderSet
@@ -134,27 +134,11 @@ def add_weight_views(index: FeatureIndex, model, transcoders: TranscoderSet, k: 
     ``<index>/weight_views`` (see ``tc_explore.weight_views``), so dashboards
     open from Parquet alone. Dashboards asking for more than ``k`` entries or
     ``n_heads`` heads fall back to computing on the fly."""
-    check_index_matches(index, transcoders)
+    index.check_transcoders(transcoders)
     views = WeightViews.build(model, transcoders, index.directory / DIRECTORY, k=k, n_heads=n_heads,
                               overwrite=overwrite, **kwargs)
     _VIEWS[index] = views
     return views
-
-
-def check_index_matches(index: FeatureIndex, transcoders: TranscoderSet | None) -> None:
-    """Refuse to mix an index with a transcoder set it was not built from."""
-    if transcoders is None:
-        return
-    m = index.manifest
-    if m.transcoder_set != transcoders.name:
-        raise IncompatibleTranscoderError(
-            f"The index in {index.directory} was built with transcoder set {m.transcoder_set!r}, "
-            f"not {transcoders.name!r}; load that set, or build an index for this one.")
-    for layer in index.layers:
-        if layer in transcoders and transcoders.d_sae(layer) != index.d_sae(layer):
-            raise IncompatibleTranscoderError(
-                f"Layer {layer}: the index has {index.d_sae(layer)} features but the transcoder has "
-                f"{transcoders.d_sae(layer)}; they do not belong together.")
 
 
 def feature_dashboard(index: FeatureIndex, layer: int, feature: int, model=None,
@@ -168,7 +152,7 @@ def feature_dashboard(index: FeatureIndex, layer: int, feature: int, model=None,
     from .circuits import invariant
 
     layer, feature = index.check_feature(layer, feature)
-    check_index_matches(index, transcoders)
+    index.check_transcoders(transcoders)
     decode = _Decoder(model)
     stats = index.feature_stats(layer, feature)
     top = [_window(index, e, decode) for e in index.top_examples(layer, feature)]

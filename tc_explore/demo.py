@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from .errors import InvalidInputError
+from .registry import pretrained_dir
 from .tasks import greater_than as gt
 
 NAME = "tiny-years"
@@ -301,11 +302,6 @@ def format_report(m: dict) -> str:
 
 
 # -- the build ------------------------------------------------------------------------------
-def _pretrained_dir() -> Path:
-    from .hub import _pretrained_dir as d
-    return d()
-
-
 def build(out_root: str | os.PathLike | None = None, cfg: DemoConfig | None = None,
           log=print) -> dict:
     """Train the model and its transcoders, write them under ``out_root``
@@ -315,7 +311,7 @@ def build(out_root: str | os.PathLike | None = None, cfg: DemoConfig | None = No
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        return _build(Path(out_root) if out_root is not None else _pretrained_dir(), cfg, log)
+        return _build(Path(out_root) if out_root is not None else pretrained_dir(), cfg, log)
     finally:
         torch.set_num_threads(threads)
 
@@ -370,7 +366,7 @@ def _build(out_root: Path, cfg: DemoConfig, log) -> dict:
     log(format_report(metrics))
     log(f"build time {metrics['build_seconds']['total']:.0f} s; wrote {final} "
         f"({size / 1e6:.2f} MB) and {out_root / (NAME + '.json')}")
-    from .hub import registry
+    from .registry import registry
     registry.cache_clear()  # the new registry entry is visible to load_transcoders at once
     return metrics
 

@@ -1,7 +1,5 @@
-"""The registry of published transcoder sets, and loading them from the Hub.
-
-Registry entries are JSON files in ``pretrained/`` (installed as
-``tc_explore.pretrained``), one per set. Files come from the Hub through
+"""Loading transcoder sets: registry entries (``tc_explore.registry``), Hub
+repos and local directories. Files come from the Hub through
 ``huggingface_hub.hf_hub_download`` into the standard cache, so ``HF_HOME``,
 ``HF_HUB_OFFLINE`` and tokens behave as everywhere else; a local directory
 works too.
@@ -11,9 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
-from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -24,88 +19,9 @@ from .errors import (IncompatibleTranscoderError, InvalidInputError, OfflineFile
 from .formats import (parse_hf_uri, read_circuit_tracer_config, read_circuit_tracer_safetensors,
                       read_gemma_scope_2_safetensors, read_gemma_scope_npz, read_gpt2_transcoder,
                       read_log_feature_sparsity)
-from .model import _as_dtype, layer_hook
+from .model import as_dtype, default_device, layer_hook
+from .registry import RegistryEntry, registry, resolve
 from .transcoder import LayerInfo, Transcoder, TranscoderSet
-
-FORMATS = ("gpt2-pickle", "circuit-tracer", "gemma-scope-npz")
-
-
-@dataclass(frozen=True)
-class RegistryEntry:
-    name: str
-    model: str
-    format: str
-    layers: tuple[int, ...]
-    input_hook: str
-    output_hook: str
-    repo_id: str | None = None
-    revision: str | None = None
-    file_pattern: str | None = None
-    frequency_pattern: str | None = None
-    d_in: int | None = None
-    d_sae: int | None = None
-    description: str = ""
-    local_dir: str | None = None      # transcoders shipped inside the package
-    model_dir: str | None = None      # a model shipped inside the package
-    extra: dict = field(default_factory=dict, compare=False)
-
-    @classmethod
-    def from_dict(cls, d: dict, base: Path | None = None) -> "RegistryEntry":
-        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
-        kwargs = {k: v for k, v in d.items() if k in known}
-        if kwargs.get("format") not in FORMATS:
-            raise IncompatibleTranscoderError(
-                f"Registry entry {d.get('name')!r}: format {d.get('format')!r} is not one of {FORMATS}.")
-        kwargs["layers"] = tuple(int(x) for x in d["layers"])
-        for key in ("local_dir", "model_dir"):
-            if kwargs.get(key) and base is not None:
-                kwargs[key] = str((base / kwargs[key]).resolve())
-        return cls(**kwargs, extra={k: v for k, v in d.items() if k not in known})
-
-
-def _pretrained_dir() -> Path:
-    return Path(str(resources.files("tc_explore.pretrained")))
-
-
-@lru_cache(maxsize=1)
-def registry() -> dict[str, RegistryEntry]:
-    """All registered transcoder sets, by name."""
-    out = {}
-    base = _pretrained_dir()
-    for path in sorted(base.glob("*.json")):
-        entry = RegistryEntry.from_dict(json.loads(path.read_text(encoding="utf-8")), base)
-        out[entry.name] = entry
-    return out
-
-
-def list_transcoder_sets():
-    """The registry as a pandas DataFrame."""
-    import pandas as pd
-    rows = [dict(name=e.name, model=e.model, repo_id=e.repo_id or e.local_dir, revision=e.revision,
-                 format=e.format, n_layers=len(e.layers), d_sae=e.d_sae, description=e.description)
-            for e in registry().values()]
-    return pd.DataFrame(rows)
-
-
-def resolve(name_or_repo: str) -> RegistryEntry | None:
-    """A registry entry by its name or by its Hub repo id."""
-    reg = registry()
-    if name_or_repo in reg:
-        return reg[name_or_repo]
-    for entry in reg.values():
-        if entry.repo_id == name_or_repo:
-            return entry
-    return None
-
-
-def local_model_path(name: str) -> str | None:
-    """The directory of a model that ships with tc_explore (e.g. the demo
-    model), looked up by the name of its registry entry or its model name."""
-    for entry in registry().values():
-        if entry.model_dir and name in (entry.name, entry.model):
-            return entry.model_dir
-    return None
-
 
 # -- downloading ---------------------------------------------------------------------
 def download(repo_id: str, filename: str, revision: str | None = None) -> Path:
@@ -171,8 +87,8 @@ def load_transcoders(name_or_repo: str | os.PathLike, layers: Sequence[int] | No
     """Load a transcoder set: a registry name (``"gpt2-small"``), a Hub repo id,
     or a local directory. Files of the chosen ``layers`` (default: all) are put
     in the cache now; each layer's weights are read on first use."""
-    dtype = _as_dtype(dtype) or torch.float32
-    device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = as_dtype(dtype) or torch.float32
+    device = default_device(device)
     source = str(name_or_repo)
     entry = resolve(source)
     if entry is not None:

@@ -17,6 +17,7 @@ from typing import Any, Sequence, Union
 import torch
 
 from .errors import InvalidInputError, OfflineFileMissingError
+from .registry import local_model_path
 
 Prompt = Union[str, Sequence[int], torch.Tensor]
 
@@ -116,14 +117,13 @@ def load_model(name_or_path: Any, device: str | torch.device | None = None,
             raise InvalidInputError("process_weights applies when tc_explore loads the model; "
                                     "this model is already loaded.")
         if device is not None or dtype is not None:
-            name_or_path = name_or_path.to(device=device, dtype=_as_dtype(dtype))
+            name_or_path = name_or_path.to(device=device, dtype=as_dtype(dtype))
         return name_or_path
 
-    from .hub import local_model_path  # registry lookup for models we ship
 
     source = local_model_path(str(name_or_path)) or str(name_or_path)
-    device = _default_device(device)
-    dtype = _as_dtype(dtype) or torch.float32
+    device = default_device(device)
+    dtype = as_dtype(dtype) or torch.float32
     try:
         from transformer_lens.model_bridge import TransformerBridge
     except ImportError:  # transformer_lens 3.x
@@ -168,13 +168,15 @@ def _hf_cache_dir() -> str:
     return constants.HF_HUB_CACHE
 
 
-def _default_device(device) -> str:
+def default_device(device=None) -> str:
+    """``device`` as a string, or the default: CUDA when available, else CPU."""
     if device is not None:
         return str(device)
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _as_dtype(dtype) -> torch.dtype | None:
+def as_dtype(dtype) -> torch.dtype | None:
+    """A torch dtype from a dtype or its name (``"bfloat16"``, ``"torch.float16"``); None stays None."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     name = str(dtype).replace("torch.", "")

@@ -166,7 +166,7 @@ def build_offline_hub(hf_home: str | Path, n_layers: int = 12, d_model: int = 32
     """A tiny ``gpt2`` and ``pchlenski/gpt2-transcoders`` (at the registry's
     pinned revision, with the published file names, pickled config objects and
     log-sparsity files) in a Hugging Face cache under ``hf_home``."""
-    from .hub import registry
+    from .registry import registry
 
     entry = registry()["gpt2-small"]
     work = Path(tempfile.mkdtemp(prefix="tc_explore_fixture_"))

@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 
 from .errors import IncompatibleTranscoderError, InvalidInputError
-from .index.storage import ParquetFiles, atomic_write_json, atomic_write_parquet, layer_name, read_manifest
+from .store import ParquetFiles, atomic_write_json, atomic_write_parquet, layer_name, read_manifest
 from .model import model_weights, token_strings
 from .transcoder import TranscoderSet
 

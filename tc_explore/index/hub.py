@@ -189,12 +189,11 @@ def check_weights(index, model=None, transcoders=None) -> None:
     """Refuse ``model`` / ``transcoders`` other than those the index was built from:
     the transcoder set's name and widths, and the weights' fingerprints where the
     index records them."""
-    from ..dashboard import check_index_matches
     from ..weight_views import DIRECTORY, WeightViews
     from .build import _model_name
 
     if transcoders is not None:
-        check_index_matches(index, transcoders)
+        index.check_transcoders(transcoders)
     if model is not None and index.manifest.get("model") not in (None, _model_name(model)):
         raise IncompatibleTranscoderError(
             f"The index in {index.directory} was built with model {index.manifest['model']!r}, "

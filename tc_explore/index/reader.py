@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import IndexIncompleteError, InvalidInputError
+from ..errors import IncompatibleTranscoderError, IndexIncompleteError, InvalidInputError
 from ..transcoder import TranscoderSet
 from .build import IndexSettings, build_index, merge_indexes
 from .storage import (FORMAT_VERSION, TABLES, IndexManifest, ParquetFiles, _flat_windows,
@@ -93,6 +93,22 @@ class FeatureIndex:
                 f"feature {feature!r} is out of range for layer {layer}: the index covers "
                 f"{d} features (0..{d - 1}).")
         return layer, int(feature)
+
+    def check_transcoders(self, transcoders: TranscoderSet | None) -> None:
+        """Refuse to mix this index with a transcoder set it was not built from
+        (another set's name, or other widths); None passes."""
+        if transcoders is None:
+            return
+        m = self.manifest
+        if m.transcoder_set != transcoders.name:
+            raise IncompatibleTranscoderError(
+                f"The index in {self.directory} was built with transcoder set {m.transcoder_set!r}, "
+                f"not {transcoders.name!r}; load that set, or build an index for this one.")
+        for layer in self.layers:
+            if layer in transcoders and transcoders.d_sae(layer) != self.d_sae(layer):
+                raise IncompatibleTranscoderError(
+                    f"Layer {layer}: the index has {self.d_sae(layer)} features but the transcoder has "
+                    f"{transcoders.d_sae(layer)}; they do not belong together.")
 
     # -- reading -----------------------------------------------------------------------
     def _path(self, layer: int, name: str) -> Path:

@@ -1,7 +1,5 @@
-"""How a feature index lies on disk, and the storage layer it shares with the
-weight views kept beside it (``tc_explore.weight_views``): directories of
-Parquet tables described by a ``manifest.json``, written tmp-then-rename so a
-crash never leaves a half-written file under a final name.
+"""How a feature index lies on disk (written and read through the storage
+layer it shares with weight views, ``tc_explore.store``).
 
 An index directory::
 
@@ -21,18 +19,18 @@ features, so opening one feature reads one small row group.
 """
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import MISSING, dataclass, field, fields
-from functools import lru_cache
-from pathlib import Path
 from collections.abc import Mapping
-from typing import Iterable, Iterator
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from ..errors import InvalidInputError
+# the shared storage layer, used by the index modules through this one
+from ..store import (ParquetFiles, atomic_write_json, atomic_write_parquet, layer_name,  # noqa: F401
+                     read_manifest)
 from .accumulator import _Best
 
 # 2: windows stored as fixed-size binary (little-endian float16 values), not
@@ -40,76 +38,6 @@ from .accumulator import _Best
 #    slowest part of finishing a build.
 FORMAT_VERSION = 2
 TABLES = ("stats", "top", "samples")
-
-
-# -- directories of Parquet tables (FeatureIndex and WeightViews) ------------------------
-def layer_name(layer: int) -> str:
-    """``layer_{LL}``: the file or folder name of one layer's tables."""
-    return f"layer_{layer:02d}"
-
-
-def read_manifest(directory: Path, missing: str) -> dict:
-    """The parsed ``manifest.json`` of ``directory``; ``missing`` is the error
-    message when there is none."""
-    path = Path(directory) / "manifest.json"
-    if not path.is_file():
-        raise InvalidInputError(missing)
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def atomic_write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def atomic_write_parquet(path: Path, blocks: Iterable, schema=None, compression: str = "lz4",
-                         use_dictionary: bool = False) -> None:
-    """Write a stream of Arrow tables (one row group or more each) as one file;
-    ``schema`` defaults to the first table's.
-
-    Index tables use no dictionary encoding (activations and windows hardly
-    repeat, and trying it doubled both the write and the read of a row group)
-    and LZ4 rather than zstd (files about 1.5x larger, written twice and read
-    1.5x as fast)."""
-    import pyarrow.parquet as pq
-
-    tmp = path.with_name(path.name + ".tmp")
-    writer = None
-    try:
-        for table in blocks:
-            if writer is None:
-                writer = pq.ParquetWriter(tmp, schema if schema is not None else table.schema,
-                                          compression=compression, use_dictionary=use_dictionary)
-            writer.write_table(table)
-        if writer is None:                                          # no blocks: an empty file
-            writer = pq.ParquetWriter(tmp, schema, compression=compression,
-                                      use_dictionary=use_dictionary)
-    finally:
-        if writer is not None:
-            writer.close()
-    os.replace(tmp, path)
-
-
-class ParquetFiles:
-    """Lazily opened Parquet files of one directory: each file's footer is
-    parsed once, and the last ``cache_size`` row groups read are kept."""
-
-    def __init__(self, directory: Path, cache_size: int):
-        self.directory = Path(directory)
-        self._files: dict = {}
-        self.row_group = lru_cache(maxsize=cache_size)(self._read_row_group)
-
-    def file(self, name: str):
-        """The ParquetFile ``directory / name``."""
-        file = self._files.get(name)
-        if file is None:
-            import pyarrow.parquet as pq
-            file = self._files[name] = pq.ParquetFile(self.directory / name)
-        return file
-
-    def _read_row_group(self, name: str, group: int):
-        return self.file(name).read_row_group(group, use_threads=False)
 
 
 # -- the manifest ------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import html
 
 import ipywidgets as widgets
 
-from ..dashboard import (check_index_matches, dashboard_html, feature_dashboard, search_features,
+from ..dashboard import (dashboard_html, feature_dashboard, search_features,
                          tokens_html, widget_css)
 from ..errors import TcExploreError
 from ..index import FeatureIndex
@@ -44,7 +44,7 @@ def _feature_button(layer: int, feature: int, label: str, on_click) -> widgets.B
 class FeatureExplorer:
     def __init__(self, index: FeatureIndex, model, transcoders: TranscoderSet,
                  layer: int | None = None, feature: int = 0, top_k: int = 5, prompt: str = ""):
-        check_index_matches(index, transcoders)
+        index.check_transcoders(transcoders)
         self.index, self.model, self.transcoders = index, model, transcoders
         self.top_k = top_k
         self.prompt: PromptActivations | None = None
