@@ -230,7 +230,7 @@ def build_architecture_hub(hf_home: str | Path, arch: str, n_layers: int = 3, d_
     * ``qwen3``: ``mwhanna/qwen3-0.6b-transcoders-lowl0``, the same layout.
     """
     from .formats import write_circuit_tracer_safetensors, write_gemma_scope_npz
-    from .hub import registry
+    from .registry import registry
 
     model_repo, set_name = ARCH_FIXTURES[arch]
     entry = registry()[set_name]
