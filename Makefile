@@ -7,11 +7,19 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup test demo demo-model benchmarks clean
 
+# torch is installed first, pinned, so that installing tc_explore keeps it. Which
+# build pip picks depends on its configured indexes: from plain PyPI,
+# torch==2.13.0 on Linux is the CUDA build (about 20 nvidia-* packages, several GB).
+# For the CPU-only build use PyTorch's CPU index:
+#   make setup TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# Where pip is configured with a local wheel directory holding the CPU wheel (as
+# on this project's CI machines), the default line takes that wheel.
+TORCH_INDEX_URL ?=
+
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# The CPU wheel of torch from local disk; an unpinned torch would pull a CUDA build.
-	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $(STAMP)
 

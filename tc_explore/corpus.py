@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 from contextlib import contextmanager
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -25,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, TokenizationWarning
 
 # Documents are tokenized this many at a time (fast tokenizers batch well).
 _TOKENIZE_CHUNK = 256
@@ -72,6 +73,7 @@ class Corpus:
     description: dict = field(default_factory=dict)
     # Pre-tokenized sequences served as given instead of packing documents.
     fixed: np.ndarray | None = field(default=None, repr=False)
+    _warned_unknown: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if int(self.seq_len) < 2:
@@ -229,9 +231,28 @@ class Corpus:
     def _tokenize(self, docs: list) -> list[list[int]]:
         texts = [d for d in docs if isinstance(d, str)]
         if len(texts) == len(docs):
-            return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return [self.tokenizer(d, add_special_tokens=False)["input_ids"] if isinstance(d, str)
-                else [int(t) for t in d] for d in docs]
+            out = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        else:
+            out = [self.tokenizer(d, add_special_tokens=False)["input_ids"] if isinstance(d, str)
+                   else [int(t) for t in d] for d in docs]
+        if not self._warned_unknown:
+            self._warn_unknown(docs, out)
+        return out
+
+    def _warn_unknown(self, docs: list, ids: list[list[int]]) -> None:
+        """Warn once per corpus (naming the words of the first chunk of documents
+        that has any) when the tokenizer maps words to its unknown token, which
+        the demo's word-level tokenizer does silently."""
+        from .tokenization import unknown_pieces, unknown_warning
+        unk = getattr(self.tokenizer, "unk_token_id", None)
+        if unk is None:
+            return
+        pieces = [p for doc, doc_ids in zip(docs, ids) if isinstance(doc, str) and unk in doc_ids
+                  for p in unknown_pieces(self.tokenizer, doc, doc_ids)]
+        if pieces:
+            self._warned_unknown = True
+            warnings.warn(unknown_warning(self.tokenizer, pieces, "Corpus documents") +
+                          " (Shown once per corpus.)", TokenizationWarning, stacklevel=4)
 
     def batches(self, batch_size: int, n_sequences: int | None = None,
                 start: int = 0) -> Iterator[np.ndarray]:

@@ -32,7 +32,7 @@ import pandas as pd
 
 from .errors import InvalidInputError
 from .index import FeatureIndex, TopExample
-from .model import model_weights, token_strings
+from .model import model_weights, single_token_id, token_strings
 from .transcoder import TranscoderSet
 from .weight_views import DIRECTORY, WeightViews
 from .widgets import widget_asset
@@ -207,12 +207,7 @@ def search_features(model, transcoders: TranscoderSet, token: str | int, by: str
     import torch
 
     if isinstance(token, str):
-        ids = model.to_tokens(token, prepend_bos=False)[0].tolist()
-        if len(ids) != 1:
-            raise InvalidInputError(
-                f"{token!r} is {len(ids)} tokens for this tokenizer, not one; search for a single "
-                "token (mind the leading space, e.g. ' war').")
-        token_id = ids[0]
+        token_id = single_token_id(model, token)
     else:
         token_id = int(token)
     if not 0 <= token_id < int(model.cfg.d_vocab):

@@ -35,3 +35,8 @@ class UnknownTranscoderSetError(TcExploreError, KeyError):
 
 class IndexIncompleteError(TcExploreError):
     """An index directory whose build has not finished (resume it with build)."""
+
+
+class TokenizationWarning(UserWarning):
+    """Text that does not tokenize the way it reads: words the tokenizer does not
+    know, or a target string whose token is not the one the model predicts there."""

@@ -10,13 +10,14 @@ provide it, with the same processed weights.
 from __future__ import annotations
 
 import os
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any, Sequence, Union
 
 import torch
 
-from .errors import InvalidInputError, OfflineFileMissingError
+from .errors import InvalidInputError, OfflineFileMissingError, TokenizationWarning
 from .registry import local_model_path
 
 Prompt = Union[str, Sequence[int], torch.Tensor]
@@ -240,6 +241,7 @@ def to_tokens(model, prompt: Prompt, prepend_bos: bool = True) -> torch.Tensor:
     if isinstance(prompt, str):
         # truncate=False: an over-long prompt must be refused, not silently cut
         tokens = model.to_tokens(prompt, prepend_bos=prepend_bos, truncate=False)
+        warn_unknown_words(model.tokenizer, prompt, tokens[0].tolist(), "The prompt")
     else:
         tokens = torch.as_tensor(prompt, dtype=torch.long, device=model_device(model))
         if tokens.ndim == 1:
@@ -289,13 +291,32 @@ def token_strings(model, tokens: torch.Tensor | Sequence[int]) -> list[str]:
     return out
 
 
+def warn_unknown_words(tokenizer, text: str, ids: list[int] | None, where: str) -> None:
+    """Warn (``TokenizationWarning``) when ``tokenizer`` maps pieces of ``text``
+    to its unknown token, which a word-level tokenizer such as the demo's does
+    silently."""
+    from .tokenization import unknown_pieces, unknown_warning
+    pieces = unknown_pieces(tokenizer, text, ids)
+    if pieces:
+        warnings.warn(unknown_warning(tokenizer, pieces, where), TokenizationWarning, stacklevel=3)
+
+
 def single_token_id(model, text: str) -> int:
-    """The id of ``text`` if the tokenizer maps it to exactly one token."""
+    """The id of ``text`` if the tokenizer maps it to exactly one token that
+    reads back as ``text``. A string outside the vocabulary (which a word-level
+    tokenizer maps to its unknown token) is refused, not silently replaced."""
     ids = model.to_tokens(text, prepend_bos=False)[0].tolist()
     if len(ids) != 1:
         raise InvalidInputError(
             f"{text!r} is {len(ids)} tokens for this tokenizer ({ids}), not one; "
             "pick a string that is a single token (mind a leading space).")
+    decoded = model.tokenizer.decode(ids)
+    # strip(): SentencePiece tokenizers decode a lone token without its leading space.
+    if decoded != text and decoded.strip() != text.strip():
+        raise InvalidInputError(
+            f"{text!r} is not a token of this tokenizer: it became token {ids[0]} "
+            f"({decoded!r}). Pick a string that is one token as written (mind a leading "
+            "space), or pass the token id.")
     return ids[0]
 
 

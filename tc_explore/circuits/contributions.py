@@ -40,13 +40,14 @@ patterns, which are frozen.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Collection, Sequence
 
 import pandas as pd
 import torch
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, TokenizationWarning
 from ..model import single_token_id
 from .context import PromptContext, prompt_context, stage_name, stage_of
 
@@ -404,14 +405,21 @@ def feature_target(ctx: PromptContext, layer: int, feature: int, token: int = -1
                   label=f"pre-activation L{layer}F{feature}@{token}")
 
 
-def _token_ids(ctx: PromptContext, tokens: int | str | Sequence[int | str]) -> list[int]:
+def _token_ids(ctx: PromptContext, tokens: int | str | Sequence[int | str],
+               position: int | None = None) -> list[int]:
+    """Token ids of ``tokens`` (ids, or strings that are one token each). With
+    ``position``, a string whose twin with the leading space toggled (``" 90"``
+    / ``"90"``) is far more probable there draws a ``TokenizationWarning``:
+    the two are different tokens, and the one written is likely not the one meant."""
     if isinstance(tokens, (int, str)):
         tokens = [tokens]
     ids = []
     d_vocab = ctx.weights.W_U.shape[1]
     for tok in tokens:
         if isinstance(tok, str):
-            tok = single_token_id(ctx.model, tok)
+            text, tok = tok, single_token_id(ctx.model, tok)
+            if position is not None:
+                _warn_if_twin_predicted(ctx, text, tok, position)
         tok = int(tok)
         if not 0 <= tok < d_vocab:
             raise InvalidInputError(f"token id {tok} is out of range (0..{d_vocab - 1}).")
@@ -419,6 +427,25 @@ def _token_ids(ctx: PromptContext, tokens: int | str | Sequence[int | str]) -> l
     if not ids:
         raise InvalidInputError("Give at least one token for each side of a logit difference.")
     return ids
+
+
+def _warn_if_twin_predicted(ctx: PromptContext, text: str, token_id: int, position: int) -> None:
+    twin = text[1:] if text.startswith(" ") else " " + text
+    try:
+        twin_id = single_token_id(ctx.model, twin)
+    except InvalidInputError:
+        return
+    x = ctx.resid[ctx.final_stage, position]
+    logits = (centre(x) / ctx.final_scale[position]) @ ctx.weights.W_U.double() + ctx.weights.b_U.double()
+    probs = torch.softmax(logits, -1)
+    p_text, p_twin = float(probs[token_id]), float(probs[twin_id])
+    if p_twin >= 0.01 and p_twin >= 10 * p_text:
+        warnings.warn(
+            f"Target token {text!r} (id {token_id}) has probability {p_text:.2g} at position "
+            f"{position}, where {twin!r} (id {twin_id}, the same text with the leading space "
+            f"{'removed' if text.startswith(' ') else 'added'}) has {p_twin:.2g}. They are "
+            f"different tokens; pass {twin!r} if that is the one you meant.",
+            TokenizationWarning, stacklevel=4)
 
 
 def logit_direction_target(ctx: PromptContext, positive: int | str | Sequence[int | str],
@@ -429,8 +456,8 @@ def logit_direction_target(ctx: PromptContext, positive: int | str | Sequence[in
     ``logit_direction_target(ctx, "40", "20")``; greater-than's YY+ vs YY−
     direction takes the year tokens above and at-or-below YY."""
     token = ctx.check_token(token)
-    pos_ids = _token_ids(ctx, positive)
-    neg_ids = _token_ids(ctx, negative) if negative is not None else []
+    pos_ids = _token_ids(ctx, positive, token)
+    neg_ids = _token_ids(ctx, negative, token) if negative is not None else []
     W_U, b_U = ctx.weights.W_U, ctx.weights.b_U
     u = W_U[:, pos_ids].double().mean(1) - (W_U[:, neg_ids].double().mean(1) if neg_ids else 0)
     offset = float(b_U[pos_ids].double().mean() - (b_U[neg_ids].double().mean() if neg_ids else 0))
