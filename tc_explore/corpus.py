@@ -7,7 +7,9 @@ seed, so the same ``Corpus`` always yields the same sequences: a feature
 index can be resumed, or built in shards on several machines, and still point
 at the same tokens.
 
-    corpus = Corpus.from_hub("Skylion007/openwebtext", model, seq_len=128)  # streaming
+    corpus = Corpus.from_hub("Skylion007/openwebtext", model, seq_len=128,
+                             n_documents=2000)   # downloaded once, then read from disk
+    corpus = Corpus.from_hub("Skylion007/openwebtext", model, seq_len=128)  # streamed each pass
     corpus = Corpus.from_texts(["some text", ...], model, seq_len=64, seed=0)
     corpus = Corpus.from_files(["a.txt", "b.txt"], model, seq_len=64)
     tokens = corpus.take(100)            # [100, seq_len] int64
@@ -15,8 +17,11 @@ at the same tokens.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
+import re
+import shutil
 from contextlib import contextmanager
 import warnings
 from dataclasses import dataclass, field
@@ -26,7 +31,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .errors import InvalidInputError, TokenizationWarning
+from .errors import InvalidInputError, OfflineFileMissingError, TokenizationWarning
 
 # Documents are tokenized this many at a time (fast tokenizers batch well).
 _TOKENIZE_CHUNK = 256
@@ -161,17 +166,31 @@ class Corpus:
     @classmethod
     def from_hub(cls, path: str, model_or_tokenizer, seq_len: int, split: str = "train",
                  name: str | None = None, seed: int | None = 0, text_column: str = "text",
+                 n_documents: int | None = None, revision: str | None = None,
                  streaming: bool = True, shuffle_buffer: int = 10_000, **load_kwargs) -> "Corpus":
-        """A dataset on the Hub, streamed by default (e.g. ``"Skylion007/openwebtext"``
-        for GPT-2), so nothing larger than the shuffle buffer is held.
+        """A dataset on the Hub (e.g. ``"Skylion007/openwebtext"`` for GPT-2).
 
-        Streamed, the dataset is opened only when documents are first read, so
-        a corpus whose sequences are in the token cache (``cached``) needs no
-        network."""
+        With ``n_documents``, the first that many documents of the split are
+        downloaded once and kept on disk (``hub_slice``), and every later run,
+        offline too, reads them from there: the corpus is fixed and needs the
+        Hub once. Without it the split is streamed on every pass (nothing larger
+        than the shuffle buffer is held), or loaded whole through the
+        ``datasets`` cache with ``streaming=False``. Streamed, the dataset is
+        opened only when documents are first read, so a corpus whose sequences
+        are in the token cache (``cached``) needs no network."""
         import datasets
 
+        if n_documents is not None:
+            ds = hub_slice(path, n_documents, name=name, split=split, revision=revision,
+                           text_column=text_column, **load_kwargs)
+            corpus = cls.from_dataset(ds, model_or_tokenizer, seq_len, seed=seed,
+                                      text_column=text_column, name=path)
+            corpus.description.update({"name": path, "config": name, "split": split,
+                                       "revision": revision, "first_documents": int(n_documents)})
+            return corpus
         if not streaming:
-            ds = datasets.load_dataset(path, name, split=split, streaming=False, **load_kwargs)
+            ds = datasets.load_dataset(path, name, split=split, streaming=False, revision=revision,
+                                       **load_kwargs)
             corpus = cls.from_dataset(ds, model_or_tokenizer, seq_len, seed=seed,
                                       text_column=text_column, shuffle_buffer=shuffle_buffer, name=path)
             corpus.description.update({"name": path, "config": name, "split": split})
@@ -180,9 +199,23 @@ class Corpus:
         bos, sep = _special_ids(tok, None, None)
 
         def documents():
-            ds = _shuffled(datasets.load_dataset(path, name, split=split, streaming=True, **load_kwargs),
-                           seed, shuffle_buffer)
-            return (row[text_column] for row in ds)
+            from .hub_access import hub_access
+            with hub_access() as access:
+                try:
+                    ds = datasets.load_dataset(path, name, split=split, streaming=True,
+                                               revision=revision, **load_kwargs)
+                except Exception as err:
+                    if access.mode == "online" or os.path.isdir(path):
+                        raise
+                    raise OfflineFileMissingError(
+                        f"Streaming dataset {path!r} needs the Hub, and " +
+                        ("HF_HUB_OFFLINE=1 is set" if access.mode == "offline" else
+                         f"the Hub cannot be reached from this machine ({access.reason})") +
+                        f" ({type(err).__name__}: {str(err)[:200]}). Use a fixed slice that is "
+                        "downloaded once and then read from disk: "
+                        f"Corpus.from_hub({path!r}, ..., n_documents=N), run once where the Hub "
+                        "is reachable.") from err
+            return (row[text_column] for row in _shuffled(ds, seed, shuffle_buffer))
 
         return cls(documents, tok, seq_len, bos, sep,
                    {"kind": "dataset", "name": path, "config": name, "split": split,
@@ -344,6 +377,71 @@ class Corpus:
                 f"The corpus yields only {start + got} sequences of {self.seq_len} tokens; "
                 f"{start + n_sequences} were asked for. Use fewer tokens or a larger corpus.")
         return torch.from_numpy(np.concatenate(parts))
+
+
+def hub_slice_directory(path: str, n_documents: int, name: str | None = None, split: str = "train",
+                        revision: str | None = None, text_column: str = "text") -> Path:
+    """Where ``hub_slice`` keeps a slice: under the ``datasets`` cache
+    (``HF_HOME/datasets`` by default), so copying the Hugging Face cache
+    carries it along."""
+    import hashlib
+
+    import datasets
+
+    source = str(Path(path).resolve()) if os.path.isdir(path) else path
+    key = json.dumps([source, name, split, revision, text_column, int(n_documents)])
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "--", source.strip("/"))[-80:]
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    return Path(datasets.config.HF_DATASETS_CACHE) / "tc_explore_slices" / \
+        f"{slug}-{split}-first{int(n_documents)}-{digest}"
+
+
+def hub_slice(path: str, n_documents: int, name: str | None = None, split: str = "train",
+              revision: str | None = None, text_column: str = "text", **load_kwargs):
+    """The first ``n_documents`` documents (column ``text_column``) of a Hub
+    dataset's split as a ``datasets.Dataset``: streamed from the Hub the first
+    time and saved with ``save_to_disk`` (see ``hub_slice_directory``); read
+    from disk, without any network access, every time after. Where the slice is
+    not cached and the Hub cannot be used, the error says so and how to fix it.
+
+        hub_slice("Skylion007/openwebtext", 2000)"""
+    import datasets
+
+    from .hub_access import hub_access
+
+    if isinstance(n_documents, bool) or not isinstance(n_documents, int) or n_documents < 1:
+        raise InvalidInputError(f"n_documents must be a positive integer, got {n_documents!r}.")
+    directory = hub_slice_directory(path, n_documents, name, split, revision, text_column)
+    if (directory / "dataset_info.json").is_file():
+        return datasets.load_from_disk(str(directory))
+    local = os.path.isdir(path)
+    with hub_access() as access:
+        if access.mode != "online" and not local:
+            command = (f"python -c \"from tc_explore.corpus import hub_slice; "
+                       f"hub_slice({path!r}, {n_documents}"
+                       + (f", name={name!r}" if name else "") + (f", split={split!r}" if split != "train" else "")
+                       + (f", revision={revision!r}" if revision else "") + ")\"")
+            raise OfflineFileMissingError(access.missing(
+                f"The first {n_documents} documents of dataset {path!r} ({split})", command,
+                cache=str(directory.parent)))
+        stream = datasets.load_dataset(path, name, split=split, streaming=True, revision=revision,
+                                       **load_kwargs)
+        columns = getattr(stream, "column_names", None)
+        if columns and text_column not in columns:
+            raise InvalidInputError(f"Dataset {path!r} has no column {text_column!r}; its columns "
+                                    f"are {columns}. Pass text_column=.")
+        texts = [row[text_column] for row in itertools.islice(stream, n_documents)]
+    if len(texts) < n_documents:
+        raise InvalidInputError(f"Dataset {path!r} ({split}) has only {len(texts)} documents; "
+                                f"{n_documents} were asked for.")
+    tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    datasets.Dataset.from_dict({text_column: texts}).save_to_disk(str(tmp))
+    try:
+        tmp.rename(directory)        # atomic: a half-written slice is never read
+    except OSError:                  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return datasets.load_from_disk(str(directory))
 
 
 def as_corpus(source, model, seq_len: int | None = None, seed: int | None = 0) -> Corpus:

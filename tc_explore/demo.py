@@ -222,8 +222,8 @@ def train_language_model(cfg: DemoConfig, out_dir: Path, log=print) -> Path:
         progress = (step - cfg.lm_warmup) / max(1, cfg.lm_steps - cfg.lm_warmup)
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
 
-    from tqdm.auto import tqdm
-    bar = tqdm(range(cfg.lm_steps), desc="language model", dynamic_ncols=True)
+    from .progress import progress_bar
+    bar = progress_bar(range(cfg.lm_steps), desc="language model", unit="step")
     running = None
     for step in bar:
         batch = data[step * cfg.lm_batch:(step + 1) * cfg.lm_batch]

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import to_tokens
+from .progress import progress_bar
 from .replacement import mlp_ablation_hooks, transcoder_hooks
 from .transcoder import TranscoderSet
 
@@ -83,9 +84,10 @@ def _batches(model, tokens, batch_size: int) -> Iterable[torch.Tensor]:
 @torch.no_grad()
 def evaluate_transcoders(model, transcoders: TranscoderSet, tokens,
                          layers: Sequence[int] | None = None, batch_size: int = 8,
-                         include_all: bool = True):
+                         include_all: bool = True, progress: bool | None = None):
     """Metrics of each chosen layer's transcoder (and of all replaced at once)
-    over ``tokens``: a [batch, pos] tensor, or an iterable of strings / token lists."""
+    over ``tokens``: a [batch, pos] tensor, or an iterable of strings / token lists.
+    ``progress``: a bar over the batches (default on, off in CI; see ``tc_explore.progress``)."""
     import pandas as pd
 
     layers = transcoders.select_layers(layers)
@@ -95,7 +97,12 @@ def evaluate_transcoders(model, transcoders: TranscoderSet, tokens,
     fired = {l: torch.zeros(transcoders.d_sae(l), dtype=torch.bool) for l in layers}
     io_names = {n for l in layers for n in (transcoders.input_hook(l), transcoders.output_hook(l))}
 
-    for batch in _batches(model, tokens, batch_size):
+    if isinstance(tokens, torch.Tensor):
+        n_batches = -(-(tokens.shape[0] if tokens.ndim == 2 else 1) // batch_size)
+    else:
+        n_batches = len(tokens) if hasattr(tokens, "__len__") else None
+    for batch in progress_bar(_batches(model, tokens, batch_size), total=n_batches,
+                              desc="evaluating", unit="batch", progress=progress):
         clean_logits, cache = model.run_with_cache(batch, names_filter=lambda n: n in io_names)
         n_pred = batch.shape[0] * (batch.shape[1] - 1)
         ce_clean = float(_ce(clean_logits, batch))

@@ -26,34 +26,30 @@ from .transcoder import LayerInfo, Transcoder, TranscoderSet
 # -- downloading ---------------------------------------------------------------------
 def download(repo_id: str, filename: str, revision: str | None = None) -> Path:
     """One file from the Hub into the standard cache (with a progress bar);
-    a clear error naming the repo and the command to fetch it where offline."""
+    a clear error naming the repo and the command to fetch it where it is not
+    cached and cannot be downloaded (offline, or the Hub unreachable)."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub import errors as hf_errors
 
-    try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision))
-    except hf_errors.LocalEntryNotFoundError as err:
-        rev = f" --revision {revision}" if revision else ""
-        raise OfflineFileMissingError(
-            f"{filename} of {repo_id}{'@' + revision if revision else ''} is not in the local "
-            f"Hugging Face cache ({_cache_dir()}) and cannot be downloaded now "
-            f"(offline: HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}). While online, "
-            f"run `hf download {repo_id} {filename}{rev}` (or call load_transcoders without "
-            "HF_HUB_OFFLINE=1) to put it in the cache.") from err
-    except hf_errors.RevisionNotFoundError as err:
-        raise OfflineFileMissingError(
-            f"Revision {revision!r} of {repo_id} does not exist on the Hub. Pass "
-            "revision='main' (or another commit) to load_transcoders.") from err
-    except (hf_errors.RepositoryNotFoundError, hf_errors.EntryNotFoundError) as err:
-        raise OfflineFileMissingError(
-            f"{filename} was not found in Hub repo {repo_id}"
-            f"{'@' + revision if revision else ''}: {type(err).__name__}. Check the repo id, "
-            "revision and file name (gated repos need `hf auth login`).") from err
+    from .hub_access import hub_access
 
-
-def _cache_dir() -> str:
-    from huggingface_hub import constants
-    return constants.HF_HUB_CACHE
+    with hub_access() as access:
+        try:
+            return Path(hf_hub_download(repo_id, filename, revision=revision))
+        except hf_errors.LocalEntryNotFoundError as err:
+            rev = f" --revision {revision}" if revision else ""
+            raise OfflineFileMissingError(access.missing(
+                f"{filename} of {repo_id}{'@' + revision if revision else ''}",
+                f"hf download {repo_id} {filename}{rev}")) from err
+        except hf_errors.RevisionNotFoundError as err:
+            raise OfflineFileMissingError(
+                f"Revision {revision!r} of {repo_id} does not exist on the Hub. Pass "
+                "revision='main' (or another commit) to load_transcoders.") from err
+        except (hf_errors.RepositoryNotFoundError, hf_errors.EntryNotFoundError) as err:
+            raise OfflineFileMissingError(
+                f"{filename} was not found in Hub repo {repo_id}"
+                f"{'@' + revision if revision else ''}: {type(err).__name__}. Check the repo id, "
+                "revision and file name (gated repos need `hf auth login`).") from err
 
 
 class _Files:

@@ -9,6 +9,7 @@ provide it, with the same processed weights.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 import weakref
@@ -133,7 +134,8 @@ def load_model(name_or_path: Any, device: str | torch.device | None = None,
             source, device=device, dtype=dtype))
 
     def boot():
-        bridge = TransformerBridge.boot_transformers(source, device=device, dtype=dtype)
+        with _quiet_weight_loading():
+            bridge = TransformerBridge.boot_transformers(source, device=device, dtype=dtype)
         process = process_weights
         if process is None:
             process = not str(getattr(bridge.cfg, "normalization_type", "LN")).startswith("RMS")
@@ -146,27 +148,45 @@ def load_model(name_or_path: Any, device: str | torch.device | None = None,
     return _with_offline_hint(source, boot)
 
 
-def _with_offline_hint(source: str, load):
+@contextlib.contextmanager
+def _quiet_weight_loading():
+    """No "Loading weights" bar from transformers while a model loads from disk
+    (it takes well under a second and would leave a widget in every notebook).
+    Download bars, which huggingface_hub draws, stay."""
     try:
+        from transformers.utils.logging import set_tqdm_hook
+    except ImportError:             # an older transformers without the hook
+        yield
+        return
+    previous = set_tqdm_hook(lambda factory, args, kwargs: factory(*args, **{**kwargs, "disable": True}))
+    try:
+        yield
+    finally:
+        set_tqdm_hook(previous)
+
+
+def hub_model_download_command(source: str) -> str:
+    """The command that puts a Hub model's files into the cache (weights as
+    safetensors, configs, tokenizer; not the repo's other weight formats)."""
+    return f'hf download {source} --include "*.json" "*.txt" "*.model" "*.safetensors"'
+
+
+def _with_offline_hint(source: str, load):
+    from .hub_access import hub_access
+
+    if os.path.isdir(source):
         return load()
-    except OSError as err:
-        if os.path.isdir(source):
-            raise
-        text = str(err)
-        if "offline" in text.lower() or "couldn't connect" in text.lower() or \
-                "cannot find the requested files" in text.lower() or "local_files_only" in text:
+    with hub_access() as access:
+        try:
+            return load()
+        except OSError as err:
+            text = str(err).lower()
+            if not any(s in text for s in ("offline", "couldn't connect", "cannot find the requested files",
+                                           "local_files_only", "not cached", "does not appear to have")):
+                raise
             raise OfflineFileMissingError(
-                f"Model {source!r} is not in the local Hugging Face cache "
-                f"({_hf_cache_dir()}) and cannot be downloaded now (HF_HUB_OFFLINE="
-                f"{os.environ.get('HF_HUB_OFFLINE', '0')}). Download it once while online "
-                f"with `hf download {source}` (or unset HF_HUB_OFFLINE), or pass a local "
-                f"directory saved with save_pretrained.") from err
-        raise
-
-
-def _hf_cache_dir() -> str:
-    from huggingface_hub import constants
-    return constants.HF_HUB_CACHE
+                access.missing(f"Model {source!r}", hub_model_download_command(source)) +
+                " A local directory saved with save_pretrained works too.") from err
 
 
 def default_device(device=None) -> str:

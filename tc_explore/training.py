@@ -88,6 +88,7 @@ import torch
 from .errors import InvalidInputError
 from .formats import write_gpt2_transcoder, write_log_feature_sparsity
 from .model import check_layer, check_model_surface, layer_hook, model_device
+from .progress import progress_bar
 from .transcoder import Transcoder, TranscoderSet
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -120,7 +121,7 @@ class TrainingConfig:
     checkpoint_every: int | None = None
     log_every: int = 10
     seed: int = 0
-    show_progress: bool = True
+    show_progress: bool | None = None            # None: on, off in CI (tc_explore.progress)
 
     def validate(self) -> None:
         for name in ("n_steps", "batch_size", "buffer_batches", "model_batch_size",
@@ -470,11 +471,8 @@ def train_transcoders(model, tokens: torch.Tensor | Iterable[torch.Tensor],
         since_fired = torch.zeros(n, d_sae, dtype=torch.long, device=device)
         step, history = 0, []
 
-    progress = None
-    if cfg.show_progress:
-        from tqdm.auto import tqdm
-        progress = tqdm(total=cfg.n_steps, initial=step, desc=f"transcoders L{layers}",
-                        dynamic_ncols=True)
+    progress = progress_bar(total=cfg.n_steps, initial=step, desc=f"transcoders L{layers}",
+                            unit="step", progress=cfg.show_progress)
 
     def save_checkpoint() -> None:
         if ckpt_path is None:
@@ -528,17 +526,14 @@ def train_transcoders(model, tokens: torch.Tensor | Iterable[torch.Tensor],
                       "loss": s[0].tolist(), "fvu": s[1].tolist(), "l0": s[2].tolist(),
                       "dead_fraction": dead.tolist()}
             history.append(record)
-            if progress is not None:
-                progress.set_postfix(loss=f"{s[0].mean():.4f}", L0=f"{s[2].mean():.1f}",
-                                     FVU=f"{s[1].mean():.4f}", dead=f"{dead.mean():.1%}")
+            progress.set_postfix(loss=f"{s[0].mean():.4f}", L0=f"{s[2].mean():.1f}",
+                                 FVU=f"{s[1].mean():.4f}", dead=f"{dead.mean():.1%}")
             stats.zero_()
             window = 0
-        if progress is not None:
-            progress.update(1)
+        progress.update(1)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             save_checkpoint()
-    if progress is not None:
-        progress.close()
+    progress.close()
     save_checkpoint()
 
     # Final measurements with the final weights, on the last buffer.

@@ -39,6 +39,7 @@ import torch
 from .errors import IncompatibleTranscoderError, InvalidInputError
 from .store import ParquetFiles, atomic_write_json, atomic_write_parquet, layer_name, read_manifest
 from .model import model_weights, token_strings
+from .progress import progress_bar
 from .transcoder import TranscoderSet
 
 FORMAT_VERSION = 1
@@ -135,16 +136,13 @@ class _Builder:
                                     tc.W_dec.detach().to(self.device, self.dtype))
         return self._weights[layer]
 
-    def run(self, progress: bool = False) -> dict:
+    def run(self, progress: bool | None = None) -> dict:
         layers = self.tcs.layers
         k = self.k
         down = {l: _empty_ranked(self.tcs.d_sae(l), self.device, self.dtype) for l in layers}
         per_layer = {}
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=sum(-(-self.tcs.d_sae(l) // self.chunk) for l in layers),
-                       desc="weight views", unit="chunk")
+        bar = progress_bar(total=sum(-(-self.tcs.d_sae(l) // self.chunk) for l in layers),
+                           desc="weight views", unit="chunk", progress=progress)
         for layer in layers:                                             # downstream layer, ascending
             W_enc, W_dec = self.weights(layer)
             cols = {name: [] for name in ("up_score", "up_layer", "up_feature", "logit_top_id",
@@ -179,11 +177,9 @@ class _Builder:
                 del deemb
                 for name, t in zip(("ov_norm", "ov_head", "ov_token", "ov_score"), self.ov(layer, enc)):
                     cols[name].append(t)
-                if bar is not None:
-                    bar.update(1)
+                bar.update(1)
             per_layer[layer] = {name: torch.cat(ts) for name, ts in cols.items()}
-        if bar is not None:
-            bar.close()
+        bar.close()
         for layer in layers:
             for name, t in zip(("down_score", "down_layer", "down_feature"), down[layer]):
                 per_layer[layer][name] = t
@@ -270,7 +266,7 @@ class WeightViews:
     @torch.no_grad()
     def build(cls, model, transcoders: TranscoderSet, out_dir: str | os.PathLike, k: int = 10,
               n_heads: int = 3, chunk_size: int = 1024, features_per_group: int = 128,
-              device=None, overwrite: bool = False, progress: bool = False) -> "WeightViews":
+              device=None, overwrite: bool = False, progress: bool | None = None) -> "WeightViews":
         """Compute and store the views of every feature of every layer of
         ``transcoders`` (connections need all layers, so there is no layer
         subset). ``device`` defaults to the transcoders' device. For GPT-2

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -165,3 +167,38 @@ def test_streamed_hub_corpus_opens_the_dataset_only_when_read(tiny_model, tmp_pa
     assert torch.equal(again.cached(6, cache_dir=tmp_path).take(6), expected)
     assert len(calls) == 1                               # served from the cache, no dataset opened
     assert corpus.description["streaming"] is True and corpus.description["name"] == "someone/texts"
+
+
+def test_hub_slice_is_downloaded_once_then_read_from_disk(tiny_model, tmp_path):
+    """A fixed slice goes through ``datasets`` (streamed, saved with
+    save_to_disk) and is read back without the source on later calls."""
+    import shutil
+
+    from tc_explore.corpus import hub_slice, hub_slice_directory
+    from tc_explore.testing import fixture_texts
+
+    source = tmp_path / "owt-like"
+    source.mkdir()
+    texts = fixture_texts(30, seed=3)
+    (source / "train.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    first = hub_slice(str(source), 12)
+    assert first["text"] == texts[:12]
+    assert (hub_slice_directory(str(source), 12) / "dataset_info.json").is_file()
+    shutil.rmtree(source)                 # the source is gone: the cached slice still loads
+    again = hub_slice(str(source), 12)
+    assert again["text"] == texts[:12]
+    corpus = Corpus.from_hub(str(source), tiny_model, seq_len=8, n_documents=12)
+    assert corpus.description["first_documents"] == 12
+    assert corpus.take(3).shape == (3, 8)
+    with pytest.raises(InvalidInputError, match="n_documents"):
+        hub_slice(str(source), 0)
+
+
+def test_uncached_hub_dataset_offline_says_what_to_do(offline_hub, tiny_model):
+    from tc_explore.corpus import hub_slice
+    from tc_explore.errors import OfflineFileMissingError
+
+    with pytest.raises(OfflineFileMissingError, match=r"HF_HUB_OFFLINE=1.*hub_slice\('nobody/no-such-corpus', 50\)"):
+        hub_slice("nobody/no-such-corpus", 50)
+    with pytest.raises(OfflineFileMissingError, match="n_documents=N"):
+        Corpus.from_hub("nobody/no-such-corpus", tiny_model, seq_len=8).take(1)

@@ -101,3 +101,61 @@ def test_load_model_accepts_existing_model(tiny_model):
     assert load_model(tiny_model) is tiny_model
     with pytest.raises(InvalidInputError, match="not a TransformerLens model"):
         load_model(object())
+
+
+UNREACHABLE_SCRIPT = """
+import json, sys, time, warnings
+import tc_explore as tcx
+from tc_explore.errors import OfflineFileMissingError
+from tc_explore.hub_access import HubUnreachableWarning
+out = {}
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    t = time.perf_counter()
+    model = tcx.load_model("gpt2", device="cpu")
+    tcs = tcx.load_transcoders("gpt2-small", layers=[0, 1], device="cpu")
+    out["cached_s"] = time.perf_counter() - t
+    out["n_layers"] = int(model.cfg.n_layers)
+    t = time.perf_counter()
+    try:
+        tcx.load_model("nobody/no-such-model", device="cpu")
+    except OfflineFileMissingError as err:
+        out["model_error"] = str(err)
+    try:
+        tcx.load_transcoders("gpt2-small", layers=[0], revision="0" * 40, device="cpu")
+    except OfflineFileMissingError as err:
+        out["transcoder_error"] = str(err)
+    try:
+        from tc_explore.corpus import hub_slice
+        hub_slice("Skylion007/openwebtext", 100)
+    except OfflineFileMissingError as err:
+        out["dataset_error"] = str(err)
+    out["missing_s"] = time.perf_counter() - t
+out["warnings"] = [str(w.message) for w in caught if issubclass(w.category, HubUnreachableWarning)]
+print(json.dumps(out))
+"""
+
+
+def test_unreachable_hub_reads_the_cache_at_once_and_says_so(offline_hub, tmp_path):
+    """No network and HF_HUB_OFFLINE unset: no retries for ~24 s per file, one
+    warning, cached files load, a missing one fails saying the Hub is unreachable."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_HOME=str(offline_hub.hf_home), HF_ENDPOINT="http://127.0.0.1:9")  # nothing listens
+    run = subprocess.run([sys.executable, "-c", UNREACHABLE_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["n_layers"] == offline_hub.n_layers
+    assert len(out["warnings"]) == 1 and "cannot be reached" in out["warnings"][0]
+    # huggingface_hub alone retries ~24 s per file (model, 2 transcoders, 2 frequencies)
+    assert out["cached_s"] < 60 and out["missing_s"] < 15
+    for key in ("model_error", "transcoder_error", "dataset_error"):
+        text = out[key]
+        assert "cannot be reached" in text and "http://127.0.0.1:9" in text
+        assert ("hf download" in text) if key != "dataset_error" else ("hub_slice(" in text)
+        assert "HF_HUB_OFFLINE=1" in text
