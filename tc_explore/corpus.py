@@ -311,7 +311,7 @@ class Corpus:
             yield np.stack(batch)
 
     def cached(self, n_sequences: int, cache_dir: str | os.PathLike | None = None,
-               progress: bool = False) -> "Corpus":
+               progress: bool | None = None) -> "Corpus":
         """This corpus's first ``n_sequences`` sequences, tokenized once into a
         cache file and served from there (memory-mapped) by every later call:
         a resumed build, the shards of a distributed build and a notebook run
@@ -341,22 +341,18 @@ class Corpus:
         return Corpus(self.documents, self.tokenizer, self.seq_len, self.bos_token_id,
                       self.separator_token_id, dict(self.description), fixed=tokens)
 
-    def _write_token_cache(self, directory: Path, n_sequences: int, progress: bool) -> np.ndarray:
+    def _write_token_cache(self, directory: Path, n_sequences: int, progress: bool | None) -> np.ndarray:
         tmp = directory / "tokens.tmp.npy"
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32, shape=(n_sequences, self.seq_len))
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=n_sequences * self.seq_len, desc="tokenizing corpus", unit="tok",
-                       unit_scale=True)
+        from .progress import progress_bar
+        bar = progress_bar(total=n_sequences * self.seq_len, desc="tokenizing corpus", unit="tok",
+                           unit_scale=True, progress=progress)
         got = 0
         for batch in self.batches(1024, n_sequences):
             out[got:got + len(batch)] = batch
             got += len(batch)
-            if bar is not None:
-                bar.update(batch.size)
-        if bar is not None:
-            bar.close()
+            bar.update(batch.size)
+        bar.close()
         out.flush()
         del out
         if got < n_sequences:                                       # the corpus is shorter: keep what it has

@@ -41,6 +41,7 @@ import torch
 
 from ..errors import InvalidInputError
 from ..model import Prompt, single_token_id
+from ..progress import progress_bar
 from .context import PromptContext, prompt_context, transcoder_reads_ln2
 from .contributions import Target
 from .influence import cumulative_influence, graph_scores, node_influence, prune_masks
@@ -436,7 +437,8 @@ def attribute(model, transcoders, prompt: Prompt | PromptContext, *, targets=Non
               max_n_logits: int = 10, desired_logit_prob: float = 0.95,
               max_feature_nodes: int | None = None, batch_size: int = 256, keep_bos: bool = False,
               device=None, dtype: torch.dtype = torch.float32,
-              max_matrix_bytes: int = DEFAULT_MAX_MATRIX_BYTES) -> AttributionGraph:
+              max_matrix_bytes: int = DEFAULT_MAX_MATRIX_BYTES,
+              progress: bool | None = None) -> AttributionGraph:
     """The attribution graph of ``prompt`` (a string, token ids, or a
     :class:`PromptContext` already built for it).
 
@@ -450,7 +452,8 @@ def attribute(model, transcoders, prompt: Prompt | PromptContext, *, targets=Non
     order of influence (logits first, then the most influential features not
     yet computed, ``batch_size`` at a time). ``keep_bos`` keeps the BOS
     position's features and errors as nodes. ``dtype`` of the computation
-    (float32; float64 for checks)."""
+    (float32; float64 for checks). ``progress``: a bar over the feature rows
+    (default on, off in CI; see ``tc_explore.progress``)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if max_feature_nodes is not None and (isinstance(max_feature_nodes, bool)
@@ -496,7 +499,8 @@ def attribute(model, transcoders, prompt: Prompt | PromptContext, *, targets=Non
         # Node order = row order: features, errors, embeddings, targets. Feature
         # rows come sorted by (layer, pos), so a block starts low and stops early.
         run(trows, torch.arange(n_src, n_src + T))
-        for a in range(0, N, batch_size):
+        for a in progress_bar(range(0, N, batch_size), desc="attribution", unit="block",
+                              progress=progress):
             which = torch.arange(a, min(a + batch_size, N))
             run(_feature_rows(ctx, lin, src, which), which)
         selected = torch.arange(N)
@@ -508,6 +512,7 @@ def attribute(model, transcoders, prompt: Prompt | PromptContext, *, targets=Non
         visited = torch.zeros(N, dtype=torch.bool)
         order: list[torch.Tensor] = []
         done = 0
+        bar = progress_bar(total=max_feature_nodes, desc="attribution", unit="feature", progress=progress)
         while done < max_feature_nodes:
             infl = _partial_influence(store[:T + done], torch.cat([torch.arange(n_src, n_src + T)] + order),
                                       weights, n_src, T)[:N].cpu()
@@ -519,6 +524,8 @@ def attribute(model, transcoders, prompt: Prompt | PromptContext, *, targets=Non
             visited[pick] = True
             order.append(pick)
             done += k
+            bar.update(k)
+        bar.close()
         picked = torch.cat(order) if order else torch.zeros(0, dtype=torch.long)
         selected = torch.sort(picked).values
         # Assemble [features kept, errors, embeddings, targets] x same, from the stored rows.

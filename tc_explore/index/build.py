@@ -21,6 +21,7 @@ import torch
 from ..corpus import Corpus, as_corpus
 from ..errors import InvalidInputError
 from ..model import check_context, model_device
+from ..progress import progress_bar
 from ..transcoder import TranscoderSet
 from .accumulator import _Best, _LayerAccumulator, _token_hash, histogram_edges
 from .storage import (FORMAT_VERSION, IndexManifest, _flat_windows,
@@ -57,7 +58,7 @@ class IndexSettings:
     max_batches: int | None = None
     features_per_group: int = 256
     overwrite: bool = False
-    progress: bool = False
+    progress: bool | None = None         # None: on, off in CI (tc_explore.progress)
     fuse_layers: bool | None = None
 
     @classmethod
@@ -206,13 +207,11 @@ def _run_batches(model, transcoders: TranscoderSet, out: Path, manifest: IndexMa
                 del acts
             del cache
         new_batches += 1
-        if bar is not None:
-            bar.update(1)
+        bar.update(1)
         if (b + 1) % s.checkpoint_every == 0 and b + 1 < n_batches:
             _save_checkpoint(out, b + 1, accs)
             last_saved = b + 1
-    if bar is not None:
-        bar.close()
+    bar.close()
     reached = done + new_batches
     if reached < n_batches and reached > last_saved:
         _save_checkpoint(out, reached, accs)
@@ -394,8 +393,5 @@ def _regroup(tables: Iterable, rows: int):
         yield pa.concat_tables(pending)
 
 
-def _progress(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, desc="indexing", unit="batch")
+def _progress(total: int, initial: int, enabled: bool | None):
+    return progress_bar(total=total, initial=initial, desc="indexing", unit="batch", progress=enabled)
