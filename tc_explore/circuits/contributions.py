@@ -435,8 +435,15 @@ def _warn_if_twin_predicted(ctx: PromptContext, text: str, token_id: int, positi
         twin_id = single_token_id(ctx.model, twin)
     except InvalidInputError:
         return
+    # The model's own next-token distribution at ``position``, from the frozen final norm.
+    arch, norm = ctx.arch, ctx.arch.ln_final
     x = ctx.resid[ctx.final_stage, position]
-    logits = (centre(x) / ctx.final_scale[position]) @ ctx.weights.W_U.double() + ctx.weights.b_U.double()
+    normed = arch.centre(x) / ctx.final_scale[position] * norm.gain.to(x) + norm.bias.to(x)
+    logits = normed @ ctx.weights.W_U.to(x)
+    if ctx.weights.b_U is not None:
+        logits = logits + ctx.weights.b_U.to(x)
+    if arch.logit_softcap:
+        logits = arch.logit_softcap * torch.tanh(logits / arch.logit_softcap)
     probs = torch.softmax(logits, -1)
     p_text, p_twin = float(probs[token_id]), float(probs[twin_id])
     if p_twin >= 0.01 and p_twin >= 10 * p_text:
