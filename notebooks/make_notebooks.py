@@ -287,7 +287,7 @@ def greater_than():
                           "(`positions='ranked'`). Dashed lines: the original model and the full "
                           "transcoder."),
         new_code_cell("import plotly.graph_objects as go\n"
-                      "from tc_explore.circuits.greater_than import feature_count_curve\n\n"
+                      "from tc_explore.tasks.greater_than import feature_count_curve\n\n"
                       "if DEMO:\n"
                       "    ablated = {l: gt.probability_difference(model, prompts, fwd_hooks=tcx.mlp_ablation_hooks(model, [l]))\n"
                       "               for l in range(model.cfg.n_layers)}\n"
@@ -347,7 +347,7 @@ def greater_than():
                           "year · encoder column): the first tells which years a feature promotes, "
                           "the second which start years excite an upstream feature directly."),
         new_code_cell("from tc_explore.circuits import logit_effects\n"
-                      "from tc_explore.circuits.greater_than import year_profile\n\n"
+                      "from tc_explore.tasks.greater_than import year_profile\n\n"
                       "for _, row in feats.head(3).iterrows():\n"
                       "    boosted, suppressed = logit_effects(model, transcoders, int(row.layer), int(row['index']), k=8)\n"
                       "    print(f'layer {int(row.layer)} feature {int(row[\"index\"])}: boosts', boosted.token.tolist(),\n"

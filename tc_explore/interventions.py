@@ -35,7 +35,8 @@ error) to the mode of the run:
   target by exactly minus the feature's contribution.
 
 A metric is a logit difference (:func:`logit_difference_metric`), the
-greater-than probability difference (:func:`probability_difference_metric`), a
+greater-than probability difference
+(:func:`tc_explore.tasks.greater_than.probability_difference_metric`), a
 :class:`~tc_explore.circuits.Target` of the decomposition (a linear readout of
 the residual stream, exact in constrained mode), or any callable from the
 prompt's logits ``[pos, d_vocab]`` to a float.
@@ -58,7 +59,7 @@ from .model import (Prompt, check_context, check_layer, model_device, single_tok
 from .transcoder import TranscoderSet
 
 __all__ = ["Intervention", "InterventionResult", "intervene", "intervention_hooks",
-           "Generation", "generate", "logit_difference_metric", "probability_difference_metric",
+           "Generation", "generate", "logit_difference_metric",
            "ablation_curve", "ablation_curve_figure", "ranking_from"]
 
 Hook = tuple[str, Callable]
@@ -301,22 +302,6 @@ def logit_difference_metric(model, positive: int | str, negative: int | str,
     def metric(logits: torch.Tensor) -> float:
         return float(logits[position, pos_id].double() - logits[position, neg_id].double())
     metric.__name__ = f"logit[{positive!r}] − logit[{negative!r}]"
-    return metric
-
-
-def probability_difference_metric(model, start_year: int, position: int = -1) -> Callable[[torch.Tensor], float]:
-    """The greater-than probability difference P(year > YY) − P(year ≤ YY) at
-    ``position`` (see :mod:`tc_explore.tasks.greater_than`)."""
-    from .tasks import greater_than as gt
-
-    if isinstance(start_year, bool) or not isinstance(start_year, int) or not 0 <= start_year <= 99:
-        raise InvalidInputError(f"start_year must be a two-digit year in 0..99, got {start_year!r}.")
-    years = gt.year_token_ids(model)
-
-    def metric(logits: torch.Tensor) -> float:
-        probs = gt.year_probabilities(logits[position][None], years)
-        return float(gt.probability_difference_from_probs(probs, torch.tensor([start_year]))[0])
-    metric.__name__ = f"probability difference (YY={start_year:02d})"
     return metric
 
 

@@ -5,7 +5,7 @@ import torch
 
 from tc_explore.circuits import decompose, feature_target
 from tc_explore.circuits.frozen import remove_feature_write_hook, run_frozen
-from tc_explore.circuits.greater_than import feature_count_curve, trace_greater_than, year_profile
+from tc_explore.tasks.greater_than import feature_count_curve, trace_greater_than, year_profile
 from tc_explore.tasks import greater_than as gt
 
 TOL = 1e-4

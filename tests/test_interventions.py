@@ -9,10 +9,10 @@ import torch
 from tc_explore.circuits import decompose, feature_target, logit_direction_target, prompt_context
 from tc_explore.errors import InvalidInputError
 from tc_explore.interventions import (Intervention, ablation_curve, ablation_curve_figure, generate,
-                                      intervene, intervention_hooks, logit_difference_metric,
-                                      probability_difference_metric, ranking_from)
+                                      intervene, intervention_hooks, logit_difference_metric, ranking_from)
 from tc_explore.replacement import transcoder_hooks
 from tc_explore.tasks import greater_than as gt
+from tc_explore.tasks.greater_than import probability_difference_metric
 from tc_explore.transcoder import TranscoderSet
 
 PROMPT = "The war lasted from the year 1735 to the year 17"
