@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="context activations stored around each example, BEFORE,AFTER (12,4)")
     b.add_argument("--seed", type=int, default=0, help="corpus shuffle and sampling seed (0)")
     b.add_argument("--checkpoint-every", type=_positive, default=25, help="batches between checkpoints (25)")
+    b.add_argument("--max-batches", type=_positive, default=None,
+                   help="stop (checkpointed) after this many new batches; run again to continue")
     b.add_argument("--shard", type=parse_shard, help="build only shard I/N (merge them with `index merge`)")
     b.add_argument("--overwrite", action="store_true", help="replace what is in --out")
     b.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -229,17 +231,38 @@ def _check_budget(args) -> None:
 
 def cmd_index_build(args) -> int:
     from .index import FeatureIndex
+    from .index.distributed import Launch, build_distributed, init_process_group
     _check_budget(args)
     settings = dict(layers=args.layers, k=args.k, n_samples=args.n_samples, batch_size=args.batch_size,
                     window=args.window, seed=args.seed, checkpoint_every=args.checkpoint_every,
-                    overwrite=args.overwrite, progress=args.progress)
-    model, transcoders = _load_weights(args, args.device)
-    # Tokenized once into the datasets cache: a resumed build and every shard
-    # read these same sequences without streaming the corpus again.
-    corpus = _corpus(args, model).cached(args.tokens // args.seq_len, progress=args.progress)
-    index = FeatureIndex.build(model, transcoders, corpus, args.tokens, args.out, shard=args.shard,
-                               **settings)
-    print(f"index ready: {index!r}")
+                    max_batches=args.max_batches, overwrite=args.overwrite, progress=args.progress)
+    launch = Launch.from_env()
+    if launch is None:
+        model, transcoders = _load_weights(args, args.device)
+        # Tokenized once into the datasets cache: a resumed build and every shard
+        # read these same sequences without streaming the corpus again.
+        corpus = _corpus(args, model).cached(args.tokens // args.seq_len, progress=args.progress)
+        index = FeatureIndex.build(model, transcoders, corpus, args.tokens, args.out, shard=args.shard,
+                                   **settings)
+        say = print
+    else:
+        if args.shard is not None:
+            raise TcExploreError("--shard cannot be used under torchrun: each rank builds shard "
+                                 "(rank, world size).")
+        import torch.distributed as dist
+        device = launch.device(args.device)
+        init_process_group(device)
+        try:
+            model, transcoders = _load_weights(args, device)
+            index = build_distributed(model, transcoders, _corpus(args, model), args.tokens, args.out,
+                                      **settings)
+        finally:
+            dist.destroy_process_group()
+        say = print if launch.rank == 0 else (lambda *a: None)
+    if index is None:
+        say(f"stopped after --max-batches {args.max_batches}; run the same command again to continue.")
+    else:
+        say(f"index ready: {index!r}")
     return 0
 
 

@@ -26,7 +26,7 @@ from ..transcoder import TranscoderSet
 from .accumulator import _Best, _LayerAccumulator, _token_hash, histogram_edges
 from .storage import (FORMAT_VERSION, IndexManifest, _flat_windows,
                       atomic_write_json, atomic_write_parquet, read_layer_state, read_manifest,
-                      write_layer)
+                      tokens_schema, write_layer)
 
 
 @dataclass(frozen=True)
@@ -261,13 +261,13 @@ def merge_indexes(shards: Sequence[tuple[Path, IndexManifest]], out_dir: str | o
         write_layer(out, layer, state, first.n_bins, first.seq_len, first.features_per_group)
 
     import pyarrow.parquet as pq
-    schema = pq.ParquetFile(first_dir / "tokens.parquet").schema_arrow
+    schema = tokens_schema(first.seq_len)
 
     def token_groups():
         for directory, _ in shards:
             f = pq.ParquetFile(directory / "tokens.parquet")
             for g in range(f.num_row_groups):
-                yield f.read_row_group(g)
+                yield f.read_row_group(g).cast(schema)
     atomic_write_parquet(out / "tokens.parquet", _regroup(token_groups(), first.tokens_rows_per_group),
                          schema)
 
@@ -279,7 +279,9 @@ def merge_indexes(shards: Sequence[tuple[Path, IndexManifest]], out_dir: str | o
     merged.n_batches = sum(m.n_batches for _, m in shards)
     whole = merged.sequence_start == 0 and merged.sequence_stop == first.total_sequences
     merged.shard = None if whole else [str(directory) for directory, _ in shards]
-    merged.merged_from, merged.complete = len(shards), True
+    # Merged shards of a whole build make the index a single build makes, to the
+    # byte (timestamp aside); a partial merge records its shards.
+    merged.merged_from, merged.complete = (None if whole else len(shards)), True
     merged.built_at = time.strftime("%Y-%m-%dT%H:%M:%S")
     atomic_write_json(out / "manifest.json", merged.to_json())
     return out
@@ -348,7 +350,7 @@ def _write_tokens(out: Path, corpus: Corpus, start: int, n_sequences: int, rows:
     path = out / "tokens.parquet"
     if path.is_file():
         return
-    schema = pa.schema([("sequence", pa.int64()), ("tokens", pa.list_(pa.int32(), corpus.seq_len))])
+    schema = tokens_schema(corpus.seq_len)
     got = [0]
 
     def blocks():

@@ -219,6 +219,14 @@ def _best_from_table(table, d_sae: int, k: int, width: int, seq_len: int, kind: 
     return best.state()
 
 
+def tokens_schema(seq_len: int):
+    """tokens.parquet: one row per sequence. Files read back name the list's
+    child "element", not "item": tables from them are cast to this schema
+    before being written again, so a merged file equals a built one."""
+    import pyarrow as pa
+    return pa.schema([("sequence", pa.int64()), ("tokens", pa.list_(pa.int32(), seq_len))])
+
+
 def _flat_windows(column, width: int) -> np.ndarray:
     """A fixed_size_list column (tokens) as ``[n, width]``."""
     values = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)

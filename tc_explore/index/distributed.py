@@ -1,0 +1,157 @@
+"""Index builds spread over processes, GPUs and machines with torch.distributed.
+
+Launched by ``torchrun`` (one process per device)::
+
+    torchrun --nproc-per-node 8 -m tc_explore.index build --model gpt2 \\
+        --transcoders gpt2-small --dataset Skylion007/openwebtext --tokens 100M --out idx/
+
+every rank builds shard ``(rank, world_size)`` of the index on its own device
+into ``<out>.shards/RRRRR-of-WWWWW/`` (an ordinary resumable build, with its
+checkpoints); when all ranks are done (a barrier through torch.distributed:
+gloo on CPU, NCCL on GPU), rank 0 merges the shards into ``<out>`` and removes
+them. The accumulators are order-independent, so the result is the index a
+single process would have built, byte for byte apart from its timestamp.
+
+The corpus is tokenized once, by the first rank to get there, into the token
+cache (``Corpus.cached``); the others wait for it and read their slices.
+
+If a rank fails, torchrun stops the others; every shard keeps its last
+checkpoint, and launching the same command again resumes each rank where it
+stopped (with the same number of ranks: shards are named by rank and world
+size). Ranks on several machines need ``<out>`` on a filesystem they share.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from ..corpus import as_corpus
+from ..errors import InvalidInputError
+from ..transcoder import TranscoderSet
+from .build import IndexSettings, _plan, _RESUME_KEYS, build_index, merge_indexes
+from .storage import IndexManifest, read_manifest
+
+# Ranks that finish early wait at the barrier for the slowest (after a resume,
+# ranks whose shard was already done wait for the whole remaining build).
+DEFAULT_TIMEOUT = timedelta(hours=48)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where this process sits in a torchrun launch."""
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @classmethod
+    def from_env(cls) -> "Launch | None":
+        """The launch torchrun describes in the environment, or None when this
+        process was not started by torchrun (or is alone)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return None
+        return cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+    def device(self, requested: str | None) -> str:
+        """This rank's device: ``cuda`` (or the default, with GPUs present)
+        becomes ``cuda:LOCAL_RANK``; an explicit ``cuda:N`` or ``cpu`` is kept."""
+        if requested is None:
+            requested = "cuda" if torch.cuda.is_available() else "cpu"
+        return f"cuda:{self.local_rank}" if requested == "cuda" else requested
+
+
+def init_process_group(device: str, timeout: timedelta = DEFAULT_TIMEOUT) -> None:
+    """Join torchrun's process group (from its environment) unless joined:
+    NCCL for CUDA devices, gloo otherwise."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        return
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(torch.device(device))
+        dist.init_process_group("nccl", timeout=timeout, device_id=torch.device(device))
+    else:
+        dist.init_process_group("gloo", timeout=timeout)
+
+
+def shard_directory(out_dir: str | os.PathLike, rank: int, world_size: int) -> Path:
+    out = Path(out_dir)
+    return out.with_name(out.name + ".shards") / f"{rank:05d}-of-{world_size:05d}"
+
+
+def _all_done(done: bool) -> bool:
+    """Whether every rank's shard is finished (doubles as a barrier)."""
+    import torch.distributed as dist
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([1 if done else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _finished(out: Path, manifest: IndexManifest) -> bool:
+    """Whether ``out`` already holds this very index, finished."""
+    if not (out / "manifest.json").is_file():
+        return False
+    old, new = read_manifest(out, ""), manifest.to_json()
+    if any(old.get(key) != new.get(key) for key in _RESUME_KEYS):
+        raise InvalidInputError(
+            f"{out} holds an index built with different settings; use another output directory, "
+            "the same arguments, or overwrite.")
+    return bool(old.get("complete"))
+
+
+def build_distributed(model, transcoders: TranscoderSet, corpus, n_tokens: int,
+                      out_dir: str | os.PathLike, settings: IndexSettings | None = None,
+                      keep_shards: bool = False, **options):
+    """This rank's part of a distributed build (see the module docstring); call
+    it on every rank of an initialised process group, each with the model and
+    transcoders on its own device. Returns the ``FeatureIndex`` on every rank
+    once rank 0 has merged, or None on every rank if a shard stopped early
+    (``max_batches``)."""
+    import torch.distributed as dist
+
+    from .reader import FeatureIndex
+
+    if not dist.is_initialized():
+        raise InvalidInputError("build_distributed needs torch.distributed initialised (run under "
+                                "torchrun; see tc_explore.index.distributed.init_process_group).")
+    s = IndexSettings.of(settings, options)
+    if s.shard is not None:
+        raise InvalidInputError("Under torch.distributed each rank builds shard (rank, world_size); "
+                                "do not pass shard.")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = Path(out_dir)
+    corpus = as_corpus(corpus, model)
+    if s.overwrite:
+        if rank == 0:
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(shard_directory(out, 0, 1).parent, ignore_errors=True)
+        _all_done(True)
+        s = replace(s, overwrite=False)
+    if _finished(out, _plan(model, transcoders, corpus, n_tokens, s)):
+        return FeatureIndex(out)
+    total_sequences = int(n_tokens) // corpus.seq_len
+    if corpus.fixed is None:
+        corpus = corpus.cached(total_sequences, progress=s.progress and rank == 0)
+    shard = shard_directory(out, rank, world)
+    done = build_index(model, transcoders, corpus, n_tokens, shard,
+                       replace(s, shard=(rank, world), progress=s.progress and rank == 0)) is not None
+    if not _all_done(done):
+        return None
+    if rank == 0:
+        shards = [shard_directory(out, r, world) for r in range(world)]
+        parts = [(d, IndexManifest.from_json(read_manifest(d, f"shard {d} has no manifest"), d))
+                 for d in shards]
+        merge_indexes(parts, out, overwrite=False)
+        if not keep_shards:
+            for d in shards:
+                shutil.rmtree(d, ignore_errors=True)
+            parent = shards[0].parent
+            if parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()
+    _all_done(True)                                                 # rank 0 has merged
+    return FeatureIndex(out)
