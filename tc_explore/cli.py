@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop (checkpointed) after this many new batches; run again to continue")
     b.add_argument("--shard", type=parse_shard, help="build only shard I/N (merge them with `index merge`)")
     b.add_argument("--overwrite", action="store_true", help="replace what is in --out")
-    b.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    b.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bars (default: on, off in CI)")
 
     m = cmds.add_parser("merge", help="merge finished shards into one index")
     m.add_argument("shards", nargs="+", help="shard directories")
@@ -198,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--n-heads", type=_positive, default=3, help="OV heads per feature (3)")
     v.add_argument("--chunk-size", type=_positive, default=1024, help="features per product block (1024)")
     v.add_argument("--overwrite", action="store_true", help="replace existing views")
-    v.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    v.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bars (default: on, off in CI)")
     return parser
 
 

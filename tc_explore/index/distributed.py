@@ -136,10 +136,10 @@ def build_distributed(model, transcoders: TranscoderSet, corpus, n_tokens: int,
         return FeatureIndex(out)
     total_sequences = int(n_tokens) // corpus.seq_len
     if corpus.fixed is None:
-        corpus = corpus.cached(total_sequences, progress=s.progress and rank == 0)
+        corpus = corpus.cached(total_sequences, progress=s.progress if rank == 0 else False)
     shard = shard_directory(out, rank, world)
-    done = build_index(model, transcoders, corpus, n_tokens, shard,
-                       replace(s, shard=(rank, world), progress=s.progress and rank == 0)) is not None
+    shard_settings = replace(s, shard=(rank, world), progress=s.progress if rank == 0 else False)
+    done = build_index(model, transcoders, corpus, n_tokens, shard, shard_settings) is not None
     if not _all_done(done):
         return None
     if rank == 0:
