@@ -45,8 +45,8 @@ print(transcoders)"""
 
 CORPUS = """# Text to evaluate on and to index: the demo's own held-out corpus, or OpenWebText for GPT-2.
 if DEMO:
-    from tc_explore.demo import Corpus as DemoCorpus
-    corpus_tokens = DemoCorpus(seed=1000).windows(model.tokenizer, 48, int(model.cfg.n_ctx))
+    from tc_explore.demo import SyntheticSentences
+    corpus_tokens = SyntheticSentences(seed=1000).windows(model.tokenizer, 48, int(model.cfg.n_ctx))
 else:
     from tc_explore.corpus import Corpus
     corpus_tokens = Corpus.from_hub("Skylion007/openwebtext", model, seq_len=128).take(256)

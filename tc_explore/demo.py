@@ -104,7 +104,7 @@ def held_out_prompts(n: int = 100, seed: int = 1) -> list[gt.GreaterThanPrompt]:
     return gt.prompts_from_pairs(pairs)
 
 
-class Corpus:
+class SyntheticSentences:
     """Sentences of the synthetic corpus, drawn with a seeded generator."""
     KINDS = ("years", "agreement", "counting", "names", "colours")
     WEIGHTS = (0.45, 0.14, 0.14, 0.13, 0.14)
@@ -209,7 +209,7 @@ def train_language_model(cfg: DemoConfig, out_dir: Path, log=print) -> Path:
                         eos_token_id=tok.bos_token_id, pad_token_id=tok.bos_token_id)
     model = GPT2LMHeadModel(config)
     model.train()
-    data = Corpus(cfg.seed + 1).windows(tok, cfg.lm_steps * cfg.lm_batch, cfg.n_ctx)
+    data = SyntheticSentences(cfg.seed + 1).windows(tok, cfg.lm_steps * cfg.lm_batch, cfg.n_ctx)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
@@ -264,7 +264,7 @@ def evaluate(model, transcoders, cfg: DemoConfig | None = None) -> dict:
         model, prompts, fwd_hooks=transcoder_hooks(model, transcoders, layers=[l]))
         for l in transcoders.layers}
     tok = model.tokenizer
-    windows = Corpus(cfg.seed + 1000).windows(tok, cfg.eval_windows, int(model.cfg.n_ctx))
+    windows = SyntheticSentences(cfg.seed + 1000).windows(tok, cfg.eval_windows, int(model.cfg.n_ctx))
     names = {transcoders.input_hook(l) for l in transcoders.layers} | \
         {transcoders.output_hook(l) for l in transcoders.layers}
     loss_orig, cache = model.run_with_cache(windows, names_filter=lambda n: n in names,
@@ -329,7 +329,7 @@ def _build(out_root: Path, cfg: DemoConfig, log) -> dict:
     log(f"language model trained in {t_lm:.0f} s")
 
     model = load_model(str(model_dir), device="cpu")
-    tokens = Corpus(cfg.seed + 2).windows(model.tokenizer, cfg.tc_steps * cfg.tc_batch //
+    tokens = SyntheticSentences(cfg.seed + 2).windows(model.tokenizer, cfg.tc_steps * cfg.tc_batch //
                                           cfg.n_ctx + 16 * cfg.tc_batch // cfg.n_ctx + 64,
                                           cfg.n_ctx)
     tcfg = TrainingConfig(n_steps=cfg.tc_steps, batch_size=cfg.tc_batch, lr=cfg.tc_lr,

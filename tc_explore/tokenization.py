@@ -91,4 +91,4 @@ def unknown_warning(tokenizer, pieces: list[str], where: str) -> str:
             f"its unknown token {tokenizer.unk_token!r} (id {tokenizer.unk_token_id}): "
             f"{', '.join(repr(p) for p in shown[:8])}{more}. The model reads that token instead "
             "of the words; use words the tokenizer knows (for the demo model, those of its "
-            "synthetic corpus: `tc_explore.demo.Corpus().sentence()` shows some).")
+            "synthetic corpus: `tc_explore.demo.SyntheticSentences(0).sentence()` shows some).")

@@ -139,8 +139,8 @@ def served(tmp_path_factory):
                TOKENIZERS_PARALLELISM="false", JUPYTER_PLATFORM_DIRS="1")
     if _demo_available():
         model_name, tc_name = "tiny-years", "tiny-years"
-        from tc_explore.demo import Corpus as DemoCorpus
-        texts = [" ".join(DemoCorpus(seed=7).sentence() for _ in range(6)) for _ in range(40)]
+        from tc_explore.demo import SyntheticSentences
+        texts = [" ".join(SyntheticSentences(seed=7).sentence() for _ in range(6)) for _ in range(40)]
     else:
         from tc_explore.testing import FIXTURE_WORDS, build_offline_hub
         build_offline_hub(os.environ["HF_HOME"])      # conftest points HF_HOME at a temp cache

@@ -76,7 +76,7 @@ def test_prediction_depends_on_the_start_year(demo_model):
 
 
 def test_held_out_pairs_never_in_training_text():
-    corpus = demo.Corpus(123)
+    corpus = demo.SyntheticSentences(123)
     seen = 0
     for _ in range(3000):
         s = corpus.sentence()
@@ -92,11 +92,11 @@ def test_held_out_pairs_never_in_training_text():
 
 def test_corpus_is_deterministic_and_has_every_kind():
     tok = demo.tokenizer()
-    a = demo.Corpus(5).windows(tok, 8, 64)
-    b = demo.Corpus(5).windows(tok, 8, 64)
+    a = demo.SyntheticSentences(5).windows(tok, 8, 64)
+    b = demo.SyntheticSentences(5).windows(tok, 8, 64)
     assert torch.equal(a, b) and a.shape == (8, 64)
     assert (a[:, 0] == tok.bos_token_id).all() and (a[:, 1:] != tok.bos_token_id).all()
-    corpus = demo.Corpus(5)
+    corpus = demo.SyntheticSentences(5)
     text = " ".join(corpus.sentence() for _ in range(300))
     for marker in ("lasted from", " counted ", " gave a ", " is ", " in the "):
         assert marker in text
