@@ -36,7 +36,8 @@ from ..errors import InvalidInputError
 from ..widgets import widget_asset
 from .graph_view import _as_graph_dict, _check_threshold, _node_summary_html, graph_view_data, visible_elements
 
-__all__ = ["CircuitGraphWidget", "circuit_graph_widget", "feature_dashboard_html", "export_html"]
+__all__ = ["CircuitGraphWidget", "circuit_graph_widget", "feature_dashboard_html", "export_html",
+           "graph_page_html"]
 
 
 def _widget_css() -> str:
@@ -217,12 +218,11 @@ class CircuitGraphWidget(anywidget.AnyWidget):
         the dashboards of every feature node pre-rendered; works with no Python.
         Writes it to ``path`` when given; returns the HTML."""
         dashboards = {nid: self.dashboard_for(nid) for nid in self.node_ids}
-        page = export_html(self.graph_data, dashboards, threshold=self.threshold,
-                           selected=self.selected_node,
-                           title=title or self.graph_data.get("title") or "circuit graph")
+        page = graph_page_html(self.graph_data, dashboards, threshold=self.threshold,
+                               selected=self.selected_node,
+                               title=title or self.graph_data.get("title") or "circuit graph")
         if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(page, encoding="utf-8")
+            _write_page(path, page)
         return page
 
 
@@ -232,8 +232,22 @@ def _script_json(obj) -> str:
             .replace("&", "\\u0026").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
 
 
-def export_html(view: Mapping, dashboards: Mapping[str, Mapping] | None = None,
-                threshold: float = 0.0, selected: str = "", title: str = "circuit graph") -> str:
+def export_html(view: Mapping, path: str | os.PathLike, dashboards: Mapping[str, Mapping] | None = None,
+                threshold: float = 0.0, selected: str = "", title: str = "circuit graph") -> Path:
+    """Write the standalone page of :func:`graph_page_html` to ``path`` (as
+    ``tc_explore.dashboard.export_html`` does for dashboards); returns the path."""
+    return _write_page(path, graph_page_html(view, dashboards, threshold, selected, title))
+
+
+def _write_page(path: str | os.PathLike, page: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def graph_page_html(view: Mapping, dashboards: Mapping[str, Mapping] | None = None,
+                    threshold: float = 0.0, selected: str = "", title: str = "circuit graph") -> str:
     """A standalone page for ``view`` (from :func:`graph_view_data`) with the
     given per-node dashboards ``{node_id: {node_id, layer, feature, html}}``:
     ``widgets/circuit_graph_page.html`` with its ``@@name@@`` slots filled."""
