@@ -8,10 +8,11 @@ import torch
 from tc_explore.circuits import invariant
 from tc_explore.corpus import Corpus
 from tc_explore.dashboard import (dashboard_html, export_html, feature_dashboard, histogram_figure,
-                                  logit_figure, ov_norms_figure, search_features)
+                                  logit_figure, ov_norms_figure)
 from tc_explore.errors import IncompatibleTranscoderError, InvalidInputError
 from tc_explore.index import FeatureIndex
 from tc_explore.prompt_features import feature_activations, run_prompt, top_features_per_token
+from tc_explore.search import search_features
 from tc_explore.testing import fixture_texts
 from tc_explore.transcoder import TranscoderSet
 

@@ -24,11 +24,11 @@ import html
 
 import ipywidgets as widgets
 
-from ..dashboard import (dashboard_html, feature_dashboard, search_features,
-                         tokens_html, widget_css)
+from ..dashboard import dashboard_html, feature_dashboard, tokens_html, widget_css
 from ..errors import TcExploreError
 from ..index import FeatureIndex
 from ..prompt_features import PromptActivations, run_prompt
+from ..search import search_features
 from ..transcoder import TranscoderSet
 
 
