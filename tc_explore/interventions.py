@@ -560,10 +560,11 @@ def ablation_curve(model, transcoders: TranscoderSet, ranking, score: Callable[[
 
 
 def ablation_curve_figure(curve: pd.DataFrame, references: Sequence[str] = ("original", "full transcoder"),
-                          title: str | None = None, log_x: bool | None = None, height: int = 380):
+                          title: str | None = None, log_x: bool | None = None, height: int = 380,
+                          dash: dict[str, str] | None = None):
     """One plotly figure of a curve (columns kind, k and one value column):
-    a line per kind, and a dashed horizontal line for each reference kind
-    present (e.g. the original model)."""
+    a line per kind (``dash[kind]`` sets its plotly dash style), and a dashed
+    horizontal line for each reference kind present (e.g. the original model)."""
     import plotly.graph_objects as go
 
     value = [c for c in curve.columns if c not in ("kind", "k")]
@@ -575,7 +576,8 @@ def ablation_curve_figure(curve: pd.DataFrame, references: Sequence[str] = ("ori
         if kind in references:
             continue
         part = part.sort_values("k")
-        fig.add_trace(go.Scatter(x=part.k, y=part[value], mode="lines+markers", name=str(kind)))
+        fig.add_trace(go.Scatter(x=part.k, y=part[value], mode="lines+markers", name=str(kind),
+                                 line_dash=(dash or {}).get(kind, "solid")))
     for dash, kind in zip(("dash", "dot", "dashdot", "longdash"), [r for r in references if r in set(curve.kind)]):
         fig.add_hline(y=float(curve[curve.kind == kind][value].iloc[0]), line_dash=dash, annotation_text=kind)
     if log_x is None:
