@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .errors import InvalidInputError, OfflineFileMissingError, TokenizationWarning
+from .model import token_id_tensor
 
 # Documents are tokenized this many at a time (fast tokenizers batch well).
 _TOKENIZE_CHUNK = 256
@@ -46,6 +47,20 @@ def _tokenizer_of(model_or_tokenizer):
     raise InvalidInputError(
         f"Expected a model with a tokenizer or a Hugging Face tokenizer, got "
         f"{type(model_or_tokenizer).__name__}.")
+
+
+def vocab_size(model_or_tokenizer) -> int | None:
+    """The number of token ids a model embeds (or a tokenizer knows); None if unknown."""
+    if model_or_tokenizer is None:
+        return None
+    cfg = getattr(model_or_tokenizer, "cfg", None)
+    if cfg is not None and getattr(cfg, "d_vocab", None):
+        return int(cfg.d_vocab)
+    tok = getattr(model_or_tokenizer, "tokenizer", model_or_tokenizer)
+    try:
+        return len(tok)
+    except TypeError:
+        return None
 
 
 def _special_ids(tokenizer, bos_token_id: int | None, separator_token_id: int | None) -> tuple[int, int]:
@@ -227,11 +242,10 @@ class Corpus:
                        model_or_tokenizer=None, name: str = "tokens", bos_token_id: int | None = None) -> "Corpus":
         """Sequences already tokenized, ``[n_seq, seq_len]``; they are used as
         they are (the first column should be BOS)."""
-        arr = np.asarray(sequences.cpu() if isinstance(sequences, torch.Tensor) else sequences)
+        arr = token_id_tensor(sequences, vocab_size(model_or_tokenizer), "corpus token ids").numpy()
         if arr.ndim != 2 or arr.shape[0] == 0:
             raise InvalidInputError(
                 f"from_token_ids needs a non-empty [n_seq, seq_len] array, got shape {arr.shape}.")
-        arr = arr.astype(np.int64)
         tok = None if model_or_tokenizer is None else _tokenizer_of(model_or_tokenizer)
         bos = int(bos_token_id if bos_token_id is not None else arr[0, 0])
         digest = _digest(arr)
@@ -266,8 +280,10 @@ class Corpus:
         if len(texts) == len(docs):
             out = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         else:
+            d_vocab = vocab_size(self.tokenizer)
             out = [self.tokenizer(d, add_special_tokens=False)["input_ids"] if isinstance(d, str)
-                   else [int(t) for t in d] for d in docs]
+                   else token_id_tensor(d, d_vocab, "corpus document's token ids").tolist()
+                   for d in docs]
         if not self._warned_unknown:
             self._warn_unknown(docs, out)
         return out

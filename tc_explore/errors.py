@@ -40,3 +40,26 @@ class IndexIncompleteError(TcExploreError):
 class TokenizationWarning(UserWarning):
     """Text that does not tokenize the way it reads: words the tokenizer does not
     know, or a target string whose token is not the one the model predicts there."""
+
+
+class CorruptFileError(TcExploreError, ValueError):
+    """A file whose bytes are damaged (truncated, flipped, not the format it
+    claims); the message names the file and how to get a good copy."""
+
+
+class StorageError(TcExploreError, OSError):
+    """A write that failed (disk full, read-only folder, quota); the file it
+    was meant to replace still holds its previous content."""
+
+
+def as_integer(value, what: str) -> int:
+    """``value`` as an int if it is an integer (Python, numpy or a 0-d integer
+    tensor); floats are refused rather than truncated, and so are bools."""
+    import operator
+    if isinstance(value, bool):
+        raise InvalidInputError(f"{what} must be an integer, got {value!r}.")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise InvalidInputError(f"{what} must be an integer, got {value!r:.80} "
+                                f"({type(value).__name__}).") from None

@@ -15,10 +15,11 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import (IncompatibleTranscoderError, InvalidInputError, OfflineFileMissingError,
-                     UnknownTranscoderSetError)
+                     TcExploreError, UnknownTranscoderSetError)
 from .formats import (parse_hf_uri, read_circuit_tracer_config, read_circuit_tracer_safetensors,
                       read_gemma_scope_2_safetensors, read_gemma_scope_npz, read_gpt2_transcoder,
                       read_log_feature_sparsity)
+from .integrity import reading, verify_hub_file
 from .model import as_dtype, default_device, layer_hook
 from .registry import RegistryEntry, registry, resolve
 from .transcoder import LayerInfo, Transcoder, TranscoderSet
@@ -53,28 +54,66 @@ def download(repo_id: str, filename: str, revision: str | None = None) -> Path:
 
 
 class _Files:
-    """Where a set's files come from: a Hub repo at a revision, or a directory."""
+    """Where a set's files come from: a Hub repo at a revision, or a directory.
+    Files from the Hub are checked against the cache's content hash when first
+    read (``verify``), not when listed: loading a set reads only the layers used."""
 
     def __init__(self, repo_id: str | None = None, revision: str | None = None,
                  directory: str | Path | None = None):
         self.repo_id, self.revision = repo_id, revision
         self.directory = Path(directory) if directory is not None else None
+        self._origins: dict[Path, tuple[str, str, str | None]] = {}
 
     def get(self, filename: str) -> Path:
         if self.directory is not None:
-            path = self.directory / filename
+            path = self._inside_directory(filename)
             if not path.is_file():
                 raise OfflineFileMissingError(f"{path} does not exist.")
             return path
-        return download(self.repo_id, filename, self.revision)
+        _check_repo_filename(filename, self.repo_id)
+        return self._download(self.repo_id, filename, self.revision)
 
     def get_uri(self, uri: str) -> Path:
         if uri.startswith("hf://"):
             parsed = parse_hf_uri(uri)
+            _check_repo_filename(parsed.filename, parsed.repo_id)
             # A URI into this set's own repo inherits its revision unless it pins one.
             inherited = self.revision if parsed.repo_id == self.repo_id else None
-            return download(parsed.repo_id, parsed.filename, parsed.revision or inherited)
+            return self._download(parsed.repo_id, parsed.filename, parsed.revision or inherited)
         return self.get(uri)
+
+    def _download(self, repo_id: str, filename: str, revision: str | None) -> Path:
+        path = download(repo_id, filename, revision)
+        self._origins[path] = (repo_id, filename, revision)
+        return path
+
+    def verify(self, path: Path) -> None:
+        """Raise CorruptFileError if a file from the Hub no longer matches the
+        content hash its cache blob is named by (a damaged download or disk)."""
+        origin = self._origins.get(path)
+        if origin is not None:
+            verify_hub_file(path, *origin)
+
+    def _inside_directory(self, filename: str) -> Path:
+        """``directory / filename``, refusing a name (from a config file) that
+        points outside the set's directory."""
+        # Checked on the names, not resolved: a set may be a folder of symlinks.
+        root = Path(os.path.normpath(self.directory.absolute()))
+        path = Path(os.path.normpath(root / filename))
+        if Path(filename).is_absolute() or not path.is_relative_to(root) or path == root:
+            raise IncompatibleTranscoderError(
+                f"The transcoder set in {self.directory} names the file {filename!r}, which lies "
+                "outside its directory; a set may only read files inside its own directory "
+                "(or hf:// URIs). Fix the path in its config.")
+        return path
+
+
+def _check_repo_filename(filename: str, repo_id: str | None) -> None:
+    parts = filename.replace("\\", "/").split("/")
+    if filename.startswith("/") or ".." in parts or not filename.strip():
+        raise IncompatibleTranscoderError(
+            f"File name {filename!r} in Hub repo {repo_id} is not a path inside the repo "
+            "(absolute, empty or with '..'). Fix the path in the set's config.")
 
 
 # -- loading -------------------------------------------------------------------------
@@ -135,20 +174,30 @@ def _load_entry(entry: RegistryEntry, files: _Files, layers, device, dtype) -> T
         # d_in / d_sae document the published set, a local copy may differ.
         info[layer] = LayerInfo(layer, ih, oh)
         path = files.get(entry.file_pattern.replace("{L}", str(layer)))
-        loaders[layer] = _loader(reader, path, layer, ih, oh)
+        loaders[layer] = _loader(reader, path, layer, ih, oh, files)
         if entry.frequency_pattern:
             fpath = files.get(entry.frequency_pattern.replace("{L}", str(layer)))
-            freq[layer] = (lambda p=fpath: read_log_feature_sparsity(p))
+            freq[layer] = _loader(lambda p, layer: read_log_feature_sparsity(p), fpath, layer,
+                                  None, None, files)
     return TranscoderSet(entry.name, info, loaders, freq, model_name=entry.model,
                          repo_id=entry.repo_id or entry.local_dir, revision=files.revision,
                          device=device, dtype=dtype)
 
 
-def _loader(reader, path, layer, input_hook, output_hook) -> Callable[[], Transcoder]:
-    def load() -> Transcoder:
-        tc = reader(path, layer=layer)
-        tc.layer, tc.input_hook, tc.output_hook = layer, input_hook, output_hook
-        return tc
+def _loader(reader, path, layer, input_hook, output_hook, files: _Files) -> Callable[[], Transcoder]:
+    """Read one layer's file on first use: check it against the Hub's content
+    hash, then parse it; errors name the file."""
+    def load():
+        files.verify(path)
+        try:
+            loaded = reader(path, layer=layer)
+        except TcExploreError as err:
+            if str(path) in str(err):
+                raise
+            raise type(err)(f"{path}: {err}") from None
+        if isinstance(loaded, Transcoder):
+            loaded.layer, loaded.input_hook, loaded.output_hook = layer, input_hook, output_hook
+        return loaded
     return load
 
 
@@ -158,7 +207,7 @@ def _read_by_extension(path, layer=None):
         return read_gemma_scope_npz(path, layer=layer)
     if path.suffix == ".safetensors":
         from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
+        with reading(path, "safetensors file"), safe_open(str(path), framework="pt") as f:
             keys = set(f.keys())
         if "w_enc" in keys:
             return read_gemma_scope_2_safetensors(path, layer=layer)
@@ -178,6 +227,14 @@ def _load_circuit_tracer(name, config_path, files: _Files, layers, device, dtype
     of ``layer_{L}.safetensors`` files whose config.yaml does not list them."""
     cfg = read_circuit_tracer_config(config_path)
     uris = cfg.get("transcoders")
+    if uris is not None and not (isinstance(uris, list) and all(isinstance(u, str) for u in uris)):
+        raise IncompatibleTranscoderError(
+            f"{config_path}: 'transcoders' must be a list of file paths or hf:// URIs, one per "
+            f"layer; got {uris!r:.200}.")
+    for key in ("feature_input_hook", "feature_output_hook"):
+        if not isinstance(cfg[key], str):
+            raise IncompatibleTranscoderError(
+                f"{config_path}: {key!r} must be a hook name such as 'hook_mlp_out', got {cfg[key]!r:.100}.")
     if uris:
         available = list(range(len(uris)))
     elif files.directory is not None:
@@ -195,7 +252,7 @@ def _load_circuit_tracer(name, config_path, files: _Files, layers, device, dtype
         oh = layer_hook(cfg["feature_output_hook"], layer)
         info[layer] = LayerInfo(layer, ih, oh)
         path = files.get_uri(uris[layer]) if uris else files.get(f"layer_{layer}.safetensors")
-        loaders[layer] = _loader(_read_by_extension, path, layer, ih, oh)
+        loaders[layer] = _loader(_read_by_extension, path, layer, ih, oh, files)
     return TranscoderSet(name, info, loaders, model_name=model_name or cfg.get("model_name"),
                          repo_id=files.repo_id or str(files.directory), revision=files.revision,
                          device=device, dtype=dtype)

@@ -18,7 +18,7 @@ from typing import Any, Sequence, Union
 
 import torch
 
-from .errors import InvalidInputError, OfflineFileMissingError, TokenizationWarning
+from .errors import InvalidInputError, OfflineFileMissingError, TokenizationWarning, as_integer
 from .registry import local_model_path
 
 Prompt = Union[str, Sequence[int], torch.Tensor]
@@ -244,11 +244,7 @@ def model_dtype(model) -> torch.dtype:
 def check_layer(model_or_n_layers, layer: int, what: str = "layer") -> int:
     """Validate a layer index (negative indices count from the end)."""
     n = model_or_n_layers if isinstance(model_or_n_layers, int) else n_layers(model_or_n_layers)
-    if not isinstance(layer, (int,)) or isinstance(layer, bool):
-        try:
-            layer = int(layer)
-        except (TypeError, ValueError):
-            raise InvalidInputError(f"{what} must be an integer, got {layer!r}.") from None
+    layer = as_integer(layer, what)
     if not -n <= layer < n:
         raise InvalidInputError(
             f"{what} {layer} is out of range: the model has {n} layers (0..{n - 1}).")
@@ -263,19 +259,56 @@ def to_tokens(model, prompt: Prompt, prepend_bos: bool = True) -> torch.Tensor:
         tokens = model.to_tokens(prompt, prepend_bos=prepend_bos, truncate=False)
         warn_unknown_words(model.tokenizer, prompt, tokens[0].tolist(), "The prompt")
     else:
-        tokens = torch.as_tensor(prompt, dtype=torch.long, device=model_device(model))
+        tokens = token_id_tensor(prompt, int(model.cfg.d_vocab), "prompt")
         if tokens.ndim == 1:
             tokens = tokens[None]
         if tokens.ndim != 2:
             raise InvalidInputError(
                 f"Token input must have shape [pos] or [batch, pos], got {tuple(tokens.shape)}.")
-        d_vocab = int(model.cfg.d_vocab)
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= d_vocab):
-            raise InvalidInputError(
-                f"Token ids must lie in 0..{d_vocab - 1} (the model's vocabulary), "
-                f"got values from {int(tokens.min())} to {int(tokens.max())}.")
     check_context(model, tokens.shape[-1])
     return tokens.to(model_device(model))
+
+
+def token_id_tensor(ids, d_vocab: int | None, what: str = "token ids") -> torch.Tensor:
+    """``ids`` (a list, numpy array or tensor of token ids) as an int64 CPU
+    tensor, refusing what is not integer ids: None, dicts, bytes, strings
+    inside a list, floats (never truncated: ``[1.7, 2.2]`` is an error, not
+    ``[1, 2]``), bools, and ids outside ``0..d_vocab-1``."""
+    import numpy as np
+    if isinstance(ids, torch.Tensor):
+        arr = ids.detach().cpu()
+        integer = not arr.is_floating_point() and not arr.is_complex() and arr.dtype != torch.bool
+    elif isinstance(ids, (list, tuple, range, np.ndarray)):
+        try:
+            arr = np.asarray(ids)
+        except ValueError:           # ragged nesting
+            arr = np.asarray(ids, dtype=object)
+        if arr.size == 0:
+            return torch.zeros(arr.shape, dtype=torch.long)
+        integer = arr.dtype.kind in "iu"
+        if integer:
+            arr = torch.from_numpy(arr.astype(np.int64))
+    else:
+        raise InvalidInputError(
+            f"The {what} must be a string or a sequence of token ids, got "
+            f"{type(ids).__name__} {ids!r:.80}.")
+    if not integer:
+        raise InvalidInputError(
+            f"The {what} must be integer token ids, got {_preview(ids)} "
+            f"({getattr(arr, 'dtype', type(ids).__name__)}); ids are never rounded. Convert "
+            "them yourself (e.g. tensor.long()) if they are whole numbers.")
+    tokens = arr.to(torch.long)
+    if d_vocab is not None and tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= d_vocab):
+        bad = tokens[(tokens < 0) | (tokens >= d_vocab)].unique()[:5].tolist()
+        raise InvalidInputError(
+            f"The {what} contain ids outside the vocabulary 0..{d_vocab - 1}: {bad} "
+            f"(values from {int(tokens.min())} to {int(tokens.max())}).")
+    return tokens
+
+
+def _preview(x) -> str:
+    text = repr(x.tolist() if hasattr(x, "tolist") else x)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def check_context(model, length: int) -> None:

@@ -13,7 +13,7 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, as_integer
 from .model import Prompt, to_tokens, token_strings
 from .transcoder import TranscoderSet
 
@@ -31,15 +31,16 @@ class PromptActivations:
 
     def _layer(self, layer) -> torch.Tensor:
         try:
-            return self.acts[int(layer)]
-        except (KeyError, TypeError, ValueError):
+            return self.acts[as_integer(layer, "layer")]
+        except KeyError:
             raise InvalidInputError(
                 f"Layer {layer!r} was not run on this prompt; it has layers {self.layers}.") from None
 
     def feature(self, layer: int, feature: int) -> pd.DataFrame:
         """Per-token activations of one feature: DataFrame[position, token_id, token, activation]."""
         acts = self._layer(layer)
-        if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < acts.shape[-1]:
+        feature = as_integer(feature, "feature")
+        if not 0 <= feature < acts.shape[-1]:
             raise InvalidInputError(
                 f"feature {feature!r} is out of range for layer {layer}: it has "
                 f"{acts.shape[-1]} features (0..{acts.shape[-1] - 1}).")
@@ -54,7 +55,7 @@ class PromptActivations:
         features fire have fewer rows."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise InvalidInputError(f"k must be a positive integer, got {k!r}.")
-        layers = self.layers if layers is None else [int(layer) for layer in layers]
+        layers = self.layers if layers is None else [as_integer(layer, "layer") for layer in layers]
         blocks = [self._layer(layer) for layer in layers]             # each [pos, d_sae_l]
         widths = torch.tensor([b.shape[-1] for b in blocks])
         starts = torch.cumsum(widths, 0) - widths
@@ -97,6 +98,7 @@ def run_prompt(model, transcoders: TranscoderSet, prompt: Prompt,
     """One forward pass over ``prompt`` (a string or token ids), caching only
     the transcoders' input hooks, and every selected layer encoded."""
     layers = transcoders.select_layers(layers)
+    transcoders.check_fits(model, layers)
     tokens = to_tokens(model, prompt, prepend_bos=prepend_bos)        # [1, pos]
     if tokens.shape[0] != 1:
         raise InvalidInputError(f"run_prompt takes one prompt, got a batch of {tokens.shape[0]}.")

@@ -8,7 +8,7 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, as_integer
 from .index import FeatureIndex
 from .model import model_weights, single_token_id
 from .transcoder import TranscoderSet
@@ -22,10 +22,12 @@ def search_features(model, transcoders: TranscoderSet, token: str | int, by: str
     (``W_dec @ W_U[:, token]``, the logit-effect score, over all features at
     once); ``by="examples"`` by how many of its top indexed examples sit on
     the token (needs ``index``). DataFrame[layer, feature, score]."""
+    if by == "logits":
+        transcoders.check_fits(model, layers)
     if isinstance(token, str):
         token_id = single_token_id(model, token)
     else:
-        token_id = int(token)
+        token_id = as_integer(token, "token")
     if not 0 <= token_id < int(model.cfg.d_vocab):
         raise InvalidInputError(f"token id {token_id} is outside the vocabulary (0..{model.cfg.d_vocab - 1}).")
     if by == "logits":

@@ -87,6 +87,7 @@ import torch
 
 from .errors import InvalidInputError
 from .formats import write_gpt2_transcoder, write_log_feature_sparsity
+from .integrity import atomic_write, write_text_atomic
 from .model import check_layer, check_model_surface, layer_hook, model_device
 from .progress import progress_bar
 from .transcoder import Transcoder, TranscoderSet
@@ -385,10 +386,8 @@ def _l1_factor(step: int, cfg: TrainingConfig) -> float:
 
 # -- checkpoints -----------------------------------------------------------------------
 def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    torch.save(obj, str(tmp))
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        torch.save(obj, str(tmp))
 
 
 def _load_checkpoint(path: Path) -> dict:
@@ -667,10 +666,7 @@ def save_transcoder_set(result: TrainingResult | Mapping[int, Transcoder], direc
         write_gpt2_transcoder(tc, directory / pattern.replace("{L}", str(l)), l,
                               model_name=model_name, run_name=name, **overrides)
         if l in freqs:
-            path = directory / freq_pattern.replace("{L}", str(l))
-            tmp = path.with_name(path.name + ".tmp")
-            write_log_feature_sparsity(freqs[l], tmp)
-            os.replace(tmp, path)
+            write_log_feature_sparsity(freqs[l], directory / freq_pattern.replace("{L}", str(l)))
     entry = {"name": name, "description": description, "model": model_name,
              "format": "gpt2-pickle", "layers": layers, "file_pattern": pattern,
              "input_hook": in_template, "output_hook": out_template, "d_in": d_in, "d_sae": d_sae}
@@ -678,11 +674,7 @@ def save_transcoder_set(result: TrainingResult | Mapping[int, Transcoder], direc
         entry["frequency_pattern"] = freq_pattern
     if extra:
         entry.update(extra)
-    path = directory / "transcoders.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(entry, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(directory / "transcoders.json", json.dumps(entry, indent=2) + "\n")
 
 
 def _template(hook: str, layer: int) -> str:

@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from .errors import IncompatibleTranscoderError, InvalidInputError
+from .errors import IncompatibleTranscoderError, InvalidInputError, as_integer
 
 
 class Transcoder(nn.Module):
@@ -28,6 +28,12 @@ class Transcoder(nn.Module):
                  layer: int | None = None, input_hook: str | None = None,
                  output_hook: str | None = None):
         super().__init__()
+        where = "" if layer is None else f" (layer {layer})"
+        for name, t in (("W_enc", W_enc), ("W_dec", W_dec)):
+            if not isinstance(t, torch.Tensor) or t.ndim != 2:
+                raise IncompatibleTranscoderError(
+                    f"{name}{where} must be a 2-D tensor, got "
+                    f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}.")
         d_in, d_sae = W_enc.shape
         if W_dec.shape[0] != d_sae:
             raise IncompatibleTranscoderError(
@@ -35,16 +41,17 @@ class Transcoder(nn.Module):
                 "expected W_enc [d_in, d_sae] and W_dec [d_sae, d_out].")
         d_out = W_dec.shape[1]
         zeros = W_enc.new_zeros
-        self.W_enc = nn.Parameter(W_enc.detach().clone())
-        self.b_enc = nn.Parameter(_checked(b_enc, (d_sae,), "b_enc"))
-        self.W_dec = nn.Parameter(W_dec.detach().clone())
-        self.b_dec = nn.Parameter(_checked(b_dec if b_dec is not None else zeros(d_in), (d_in,), "b_dec"))
+        self.W_enc = nn.Parameter(_checked(W_enc, (d_in, d_sae), "W_enc", where))
+        self.b_enc = nn.Parameter(_checked(b_enc, (d_sae,), "b_enc", where))
+        self.W_dec = nn.Parameter(_checked(W_dec, (d_sae, d_out), "W_dec", where))
+        self.b_dec = nn.Parameter(
+            _checked(b_dec if b_dec is not None else zeros(d_in), (d_in,), "b_dec", where))
         self.b_dec_out = nn.Parameter(
-            _checked(b_dec_out if b_dec_out is not None else zeros(d_out), (d_out,), "b_dec_out"))
+            _checked(b_dec_out if b_dec_out is not None else zeros(d_out), (d_out,), "b_dec_out", where))
         self.threshold = None if threshold is None else nn.Parameter(
-            _checked(threshold, (d_sae,), "threshold"), requires_grad=False)
+            _checked(threshold, (d_sae,), "threshold", where), requires_grad=False)
         self.W_skip = None if W_skip is None else nn.Parameter(
-            _checked(W_skip, (d_in, d_out), "W_skip"))
+            _checked(W_skip, (d_in, d_out), "W_skip", where))
         self.layer = layer
         self.input_hook = input_hook if input_hook is not None else (
             None if layer is None else f"blocks.{layer}.ln2.hook_normalized")
@@ -107,11 +114,7 @@ class Transcoder(nn.Module):
 
     # -- checks ------------------------------------------------------------------------
     def check_feature(self, feature: int) -> int:
-        if isinstance(feature, bool) or not isinstance(feature, int):
-            try:
-                feature = int(feature)
-            except (TypeError, ValueError):
-                raise InvalidInputError(f"feature must be an integer, got {feature!r}.") from None
+        feature = as_integer(feature, "feature")
         if not 0 <= feature < self.d_sae:
             where = "" if self.layer is None else f" of layer {self.layer}"
             raise InvalidInputError(
@@ -132,11 +135,25 @@ class Transcoder(nn.Module):
                 f"in={self.input_hook!r}, out={self.output_hook!r}")
 
 
-def _checked(t: torch.Tensor, shape: tuple[int, ...], name: str) -> torch.Tensor:
+def _checked(t: torch.Tensor, shape: tuple[int, ...], name: str, where: str = "") -> torch.Tensor:
+    """A copy of weight ``t`` after checking its type, shape and values: NaN or
+    infinite weights would run and turn every activation downstream into NaN."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise IncompatibleTranscoderError(
+            f"{name}{where} must be a floating-point tensor, got "
+            f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}.")
     if tuple(t.shape) != shape:
         raise IncompatibleTranscoderError(
-            f"{name} has shape {tuple(t.shape)}, expected {shape}.")
-    return t.detach().clone()
+            f"{name}{where} has shape {tuple(t.shape)}, expected {shape}.")
+    t = t.detach()
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        n_nan, n_inf = int(torch.isnan(t).sum()), int((~finite).sum()) - int(torch.isnan(t).sum())
+        raise IncompatibleTranscoderError(
+            f"Transcoder weight {name}{where} holds {n_nan} NaN and {n_inf} infinite values "
+            f"(of {t.numel()}): the file is damaged or its training diverged. Use another copy "
+            "of the weights (re-download or retrain).")
+    return t.clone()
 
 
 @dataclass(frozen=True)
@@ -260,11 +277,7 @@ class TranscoderSet(Mapping[int, Transcoder]):
         return self
 
     def _check(self, layer) -> int:
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            try:
-                layer = int(layer)
-            except (TypeError, ValueError):
-                raise InvalidInputError(f"layer must be an integer, got {layer!r}.") from None
+        layer = as_integer(layer, "layer")
         if layer not in self.info:
             raise InvalidInputError(
                 f"Layer {layer} has no transcoder in set {self.name!r}; "
@@ -274,7 +287,8 @@ class TranscoderSet(Mapping[int, Transcoder]):
     def check_feature(self, layer: int, feature: int) -> int:
         layer = self._check(layer)
         d = self.d_sae(layer)
-        if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < d:
+        feature = as_integer(feature, "feature")
+        if not 0 <= feature < d:
             raise InvalidInputError(
                 f"feature {feature!r} is out of range for layer {layer} of {self.name!r}: "
                 f"it has {d} features (0..{d - 1}).")
@@ -283,6 +297,8 @@ class TranscoderSet(Mapping[int, Transcoder]):
     def check_fits(self, model, layers: Iterable[int] | None = None) -> "TranscoderSet":
         """Raise a clear error if this set (or the chosen layers of it) cannot be
         used with ``model``. Loads the layers it checks whose shapes are unknown."""
+        from .model import check_model_surface
+        check_model_surface(model)
         n_layers, d_model = int(model.cfg.n_layers), int(model.cfg.d_model)
         for layer in self.select_layers(layers):
             info = self.info[layer]

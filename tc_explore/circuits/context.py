@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..architecture import Architecture, architecture
-from ..errors import IncompatibleTranscoderError, InvalidInputError
+from ..errors import IncompatibleTranscoderError, InvalidInputError, as_integer
 from ..model import (HOOK_LN_FINAL_SCALE, ModelWeights, Prompt, hook_attn_pattern, hook_attn_v,
                      hook_ln1_post_scale, hook_ln1_scale, hook_ln2_normalized, hook_ln2_post_scale,
                      hook_ln2_scale, hook_mlp_out, hook_resid_mid, hook_resid_pre, model_weights,
@@ -150,11 +150,7 @@ class PromptContext:
 
     def check_token(self, token: int) -> int:
         """Validate a token position (negative counts from the end)."""
-        if isinstance(token, bool) or not isinstance(token, int):
-            try:
-                token = int(token)
-            except (TypeError, ValueError):
-                raise InvalidInputError(f"token position must be an integer, got {token!r}.") from None
+        token = as_integer(token, "token position")
         if not -self.n_pos <= token < self.n_pos:
             raise InvalidInputError(
                 f"token position {token} is out of range: the prompt has {self.n_pos} tokens "

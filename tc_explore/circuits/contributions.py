@@ -47,7 +47,7 @@ from typing import Collection, Sequence
 import pandas as pd
 import torch
 
-from ..errors import InvalidInputError, TokenizationWarning
+from ..errors import InvalidInputError, TokenizationWarning, as_integer
 from ..model import single_token_id
 from .context import PromptContext, prompt_context, stage_name, stage_of
 
@@ -110,6 +110,18 @@ class Target:
     offset: float
     value: float
     label: str = ""
+
+    def __post_init__(self):
+        # A NaN or infinite direction would decompose into NaN contributions and
+        # find no paths, silently; refuse it where it is made.
+        bad = [name for name, ok in (("direction", bool(torch.isfinite(self.direction).all())),
+                                     ("offset", _finite(self.offset)), ("value", _finite(self.value)))
+               if not ok]
+        if bad:
+            raise InvalidInputError(
+                f"Target {self.label or self.node.label()!r} has a NaN or infinite {' and '.join(bad)}"
+                f" (offset {self.offset}, value {self.value}). Give a finite vector; if the model "
+                "itself produced NaN on this prompt, check its weights and dtype.")
 
     def value_from_resid(self, ctx: PromptContext) -> float:
         return float(self.direction @ ctx.resid[self.stage, self.token]) + self.offset
@@ -253,26 +265,45 @@ class Decomposition:
         return c
 
     def contribution_of(self, node: Node, targets: bool = True) -> Contribution:
-        """The contribution of one node (e.g. a feature you care about)."""
+        """The contribution of one node (e.g. a feature you care about) at the
+        target's token (``node.token`` None means that token). Nodes write at
+        their own token: one at another token contributes only through heads,
+        and asking for it directly is an error, not a silent zero."""
         if node.kind == "feature":
             if node.layer not in self.features:
                 raise InvalidInputError(
                     f"Layer {node.layer}'s transcoder features are not upstream of this target "
                     f"(or the layer has no transcoder); upstream layers: {sorted(self.features)}.")
-            self.ctx.transcoders.check_feature(node.layer, node.index)
-            return self._feature_contribution(node.layer, node.index, targets)
+            self._check_node_token(node)
+            feature = self.ctx.transcoders.check_feature(node.layer, node.index)
+            return self._feature_contribution(node.layer, feature, targets)
         if node.kind == "head":
-            if not 0 <= (node.layer or 0) < self.heads.shape[0]:
+            if not 0 <= as_integer(node.layer, "head layer") < self.heads.shape[0]:
                 raise InvalidInputError(f"Attention layer {node.layer} is not upstream of this target.")
-            if not 0 <= (node.index or 0) < self.heads.shape[1]:
+            if not 0 <= as_integer(node.index, "head index") < self.heads.shape[1]:
                 raise InvalidInputError(f"head {node.index} is out of range (0..{self.heads.shape[1] - 1}).")
+            self._check_node_token(node)
             return self._head_contribution(node.layer, node.index,
                                            self.ctx.check_token(node.source), targets)
+        self._check_node_token(node)
+        t = self.target.token
+        node = Node(node.kind, node.layer, node.index, t, node.source)
         for n, v in self._scalars():
             if n == node:
                 return Contribution(n, v, next_target=next_target(self.ctx, self.target, n)
                                     if targets else None)
         raise InvalidInputError(f"{node} is not a contributor of this target.")
+
+    def _check_node_token(self, node: Node) -> None:
+        t = self.target.token
+        if node.token is None:
+            return
+        token = self.ctx.check_token(node.token)
+        if token != t:
+            raise InvalidInputError(
+                f"{node.label()} writes at token {token}, but this target reads token {t}: only "
+                f"nodes at the target's token contribute to it directly. Its effect reaches token "
+                f"{t} through attention heads: decompose a head's next_target, or use find_paths.")
 
     def to_pandas(self, k: int | None = None) -> pd.DataFrame:
         """One row per (non-zero) contribution: kind, layer, index, token,
@@ -292,6 +323,11 @@ class Decomposition:
         out["head"] = float(self.heads.double().sum())
         out["feature"] = sum(float(f.double().sum()) for f in self.features.values())
         return out
+
+
+def _finite(x) -> bool:
+    import math
+    return math.isfinite(float(x))
 
 
 # -- the decomposition --------------------------------------------------------------------
@@ -499,7 +535,15 @@ def residual_target(ctx: PromptContext, vector: torch.Tensor, layer: int, site: 
     ``ln_final`` (unembedding; ``layer`` ignored) through their frozen scales."""
     layer = ctx.check_layer(layer)
     token = ctx.check_token(token)
-    vector = torch.as_tensor(vector, dtype=ctx.resid.dtype, device=ctx.resid.device).reshape(-1)
+    try:
+        vector = torch.as_tensor(vector, dtype=ctx.resid.dtype, device=ctx.resid.device).reshape(-1)
+    except (TypeError, ValueError, RuntimeError):
+        raise InvalidInputError(f"vector must be a [d_model] tensor or list of numbers, got "
+                                f"{type(vector).__name__} {vector!r:.60}.") from None
+    if not bool(torch.isfinite(vector).all()):
+        raise InvalidInputError(
+            f"vector holds {int((~torch.isfinite(vector)).sum())} NaN or infinite values; a "
+            "target direction must be finite.")
     if vector.shape[0] != ctx.resid.shape[-1]:
         raise InvalidInputError(f"vector has size {vector.shape[0]}, the model's d_model is "
                                 f"{ctx.resid.shape[-1]}.")

@@ -26,13 +26,17 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from ..errors import IncompatibleTranscoderError
+from ..integrity import atomic_write, reading
 from ..transcoder import Transcoder
 
 THRESHOLD_KEY = "activation_function.threshold"
 
 
 def _load(path) -> dict[str, torch.Tensor]:
-    return {k: v.float() for k, v in load_file(str(path), device="cpu").items()}
+    # safetensors carry no checksum: a damaged header or a short file is caught
+    # here, flipped weight bytes only by the Hub cache's content hash.
+    with reading(path, "safetensors file"):
+        return {k: v.float() for k, v in load_file(str(path), device="cpu").items()}
 
 
 def _need(tensors: dict, keys, path) -> None:
@@ -82,8 +86,8 @@ def write_gemma_scope_2_safetensors(tc: Transcoder, path) -> Path:
 
 def _save(tensors: dict[str, torch.Tensor], path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().float().contiguous() for k, v in tensors.items()}, str(path))
+    with atomic_write(path) as tmp:
+        save_file({k: v.detach().cpu().float().contiguous() for k, v in tensors.items()}, str(tmp))
     return path
 
 
@@ -106,7 +110,7 @@ def parse_hf_uri(uri: str) -> HfUri:
 
 
 def read_circuit_tracer_config(path) -> dict:
-    with open(path, "r", encoding="utf-8") as f:
+    with reading(path, "config file"), open(path, "r", encoding="utf-8") as f:
         cfg = yaml.safe_load(f)
     if not isinstance(cfg, dict):
         raise IncompatibleTranscoderError(f"{path}: config.yaml must hold a mapping.")

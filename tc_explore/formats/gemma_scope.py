@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import IncompatibleTranscoderError
+from ..integrity import atomic_write, check_zip_crc, reading
 from ..transcoder import Transcoder
 
 KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
@@ -20,7 +21,8 @@ KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
 
 def read_gemma_scope_npz(path: str | Path, layer: int | None = None,
                          input_hook: str | None = None, output_hook: str | None = None) -> Transcoder:
-    with np.load(str(path), allow_pickle=False) as data:
+    check_zip_crc(path, "npz file")
+    with reading(path, "npz file"), np.load(str(path), allow_pickle=False) as data:
         missing = [k for k in KEYS if k not in data.files]
         if missing:
             raise IncompatibleTranscoderError(f"{path}: Gemma Scope params.npz lacks {missing}.")
@@ -35,8 +37,8 @@ def write_gemma_scope_npz(tc: Transcoder, path: str | Path) -> Path:
         raise IncompatibleTranscoderError(
             "The Gemma Scope format stores JumpReLU transcoders without input centring or skip.")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = dict(W_enc=tc.W_enc, W_dec=tc.W_dec, b_enc=tc.b_enc, b_dec=tc.b_dec_out,
                   threshold=tc.threshold)
-    np.savez(str(path), **{k: v.detach().cpu().float().numpy() for k, v in arrays.items()})
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:   # a file object: savez adds no suffix
+        np.savez(f, **{k: v.detach().cpu().float().numpy() for k, v in arrays.items()})
     return path

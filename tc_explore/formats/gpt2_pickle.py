@@ -10,7 +10,6 @@ package is never imported (nor needed).
 """
 from __future__ import annotations
 
-import pickle
 import sys
 import types
 from contextlib import contextmanager
@@ -19,7 +18,8 @@ from typing import Any
 
 import torch
 
-from ..errors import IncompatibleTranscoderError, UnsafeFileError
+from ..errors import CorruptFileError, IncompatibleTranscoderError
+from ..integrity import REPLACE_FILE, atomic_write, check_zip_crc, reading
 from ..transcoder import Transcoder
 
 CONFIG_CLASS_PATH = "sae_training.config.LanguageModelSAERunnerConfig"
@@ -46,31 +46,28 @@ class LanguageModelSAERunnerConfig:
 
 def safe_torch_load(path: str | Path, extra_classes: list | None = None) -> Any:
     """``torch.load`` restricted to tensors, containers and the classes named
-    (``(cls, "module.QualName")`` pairs). Raises UnsafeFileError otherwise."""
+    (``(cls, "module.QualName")`` pairs). Raises UnsafeFileError otherwise, and
+    CorruptFileError for a damaged file (checked against its zip CRCs first:
+    torch does not check them and would load flipped bytes as weights)."""
+    path = Path(path)
+    _check_torch_container(path)
     allowed = [(LanguageModelSAERunnerConfig, CONFIG_CLASS_PATH)] + list(extra_classes or [])
-    try:
+    with reading(path, "torch file"):
         with torch.serialization.safe_globals(allowed):
             return torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
-    except pickle.UnpicklingError as err:
-        raise UnsafeFileError(
-            f"Refused to load {path}: unpickling it would call code that is not part of a "
-            f"transcoder file ({_first_line(err)}). Nothing from the file was executed. "
-            "If you trust the file and know what it runs, convert it yourself; tc_explore "
-            "only reads tensors and the sae_training config.") from None
-    except RuntimeError as err:
-        if "Weights only load failed" in str(err):
-            raise UnsafeFileError(
-                f"Refused to load {path}: {_first_line(err)}. Nothing from the file was "
-                "executed.") from None
-        raise
 
 
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    for line in text.splitlines():
-        if "GLOBAL" in line or "Unsupported" in line:
-            return line.strip()
-    return text.splitlines()[0] if text else type(err).__name__
+def _check_torch_container(path: Path) -> None:
+    """A torch file is a zip archive (torch >= 1.6) or, in the legacy format,
+    a pickle (first byte 0x80, the protocol marker); anything else is damaged."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK"):
+        check_zip_crc(path, "torch file")
+    elif not head.startswith(b"\x80"):
+        raise CorruptFileError(
+            f"torch file {path} is corrupted or not a torch file: it starts with {head!r}, "
+            f"neither a zip archive nor a pickle. {REPLACE_FILE}")
 
 
 def read_gpt2_transcoder(path: str | Path, layer: int | None = None) -> Transcoder:
@@ -81,6 +78,9 @@ def read_gpt2_transcoder(path: str | Path, layer: int | None = None) -> Transcod
             f"'state_dict', got {type(obj).__name__} with keys "
             f"{list(obj) if isinstance(obj, dict) else '-'}.")
     sd, cfg = obj["state_dict"], obj.get("cfg")
+    if not isinstance(sd, dict):
+        raise IncompatibleTranscoderError(
+            f"{path}: 'state_dict' should be a dict of tensors, got {type(sd).__name__}.")
     missing = [k for k in STATE_KEYS if k not in sd]
     if missing:
         raise IncompatibleTranscoderError(f"{path}: state_dict lacks {missing}.")
@@ -148,19 +148,16 @@ def write_gpt2_transcoder(tc: Transcoder, path: str | Path, layer: int,
         raise IncompatibleTranscoderError(
             "The gpt2-small format stores plain ReLU transcoders only (no threshold, no skip).")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: getattr(tc, k).detach().cpu().contiguous().clone() for k in STATE_KEYS}
-    with _sae_training_module() as cls:
+    with _sae_training_module() as cls, atomic_write(path) as tmp:
         cfg = cls.__new__(cls)
         cfg.__dict__.update(default_config(tc, layer, model_name, **config))
-        tmp = path.with_suffix(path.suffix + ".tmp")
         torch.save({"cfg": cfg, "state_dict": sd}, str(tmp))
-    tmp.replace(path)
     return path
 
 
 def write_log_feature_sparsity(log10_freq: torch.Tensor, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(log10_freq.detach().cpu().float().contiguous().clone(), str(path))
+    with atomic_write(path) as tmp:
+        torch.save(log10_freq.detach().cpu().float().contiguous().clone(), str(tmp))
     return path

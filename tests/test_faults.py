@@ -1,0 +1,97 @@
+"""Faults on disk: damaged downloads and files, full disks. Files are damaged
+for real (bytes flipped in the Hugging Face cache's blobs), and read through
+the same loading code as users'."""
+import hashlib
+import os
+
+import pytest
+import torch
+import yaml
+
+from tc_explore import load_transcoders
+from tc_explore.errors import CorruptFileError, StorageError
+from tc_explore.formats import write_circuit_tracer_safetensors, write_gpt2_transcoder
+from tc_explore.integrity import atomic_write, verify_hub_file
+from tc_explore.testing import install_in_hf_cache, random_transcoder
+
+GPT2_NAME = "final_sparse_autoencoder_gpt2-small_blocks.0.ln2.hook_normalized_24576.pt"
+
+
+def _flip(path, n=64, at=None):
+    data = bytearray(path.read_bytes())
+    start = len(data) // 3 if at is None else at
+    for i in range(start, start + n):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _hub_set(hf_home, tmp_path, repo, filename, write):
+    """A circuit-tracer style set in the Hub cache whose layer 0 is ``filename``."""
+    work = tmp_path / repo.replace("/", "_")
+    work.mkdir()
+    write(work / "weights")
+    (work / "config.yaml").write_text(yaml.safe_dump({
+        "model_name": "gpt2", "model_kind": "transcoder_set", "feature_input_hook": "ln2.hook_normalized",
+        "feature_output_hook": "hook_mlp_out", "transcoders": [f"hf://{repo}/{filename}"]}))
+    snapshot = install_in_hf_cache(hf_home, repo, {filename: work / "weights",
+                                                   "config.yaml": work / "config.yaml"})
+    return snapshot / filename
+
+
+@pytest.mark.parametrize("filename,write", [
+    ("layer_0.safetensors", lambda p: write_circuit_tracer_safetensors(random_transcoder(32, 64, 0, centred=False), p)),
+    (GPT2_NAME, lambda p: write_gpt2_transcoder(random_transcoder(32, 64, 0), p, 0)),
+], ids=["safetensors", "gpt2-pickle"])
+def test_flipped_bytes_in_a_hub_download_are_caught(offline_hub, tmp_path, filename, write):
+    repo = f"h12/flip-{filename.split('.')[-1]}"
+    link = _hub_set(offline_hub.hf_home, tmp_path, repo, filename, write)
+    good = load_transcoders(repo, device="cpu")[0]            # intact: loads, verified
+    blob = link.resolve()
+    assert blob.name == hashlib.sha256(blob.read_bytes()).hexdigest()
+    _flip(blob)
+    with pytest.raises(CorruptFileError) as info:
+        load_transcoders(repo, device="cpu")[0]
+    text = str(info.value)
+    assert "corrupted" in text and f"hf download {repo} {filename}" in text and "--force-download" in text
+    assert good.W_enc.isfinite().all()
+
+
+def test_hub_file_verified_once_per_process(offline_hub, tmp_path):
+    link = _hub_set(offline_hub.hf_home, tmp_path, "h12/verify-once", "layer_0.safetensors",
+                    lambda p: write_circuit_tracer_safetensors(random_transcoder(32, 64, 0, centred=False), p))
+    assert verify_hub_file(link, "h12/verify-once", "layer_0.safetensors")
+    assert not verify_hub_file(tmp_path, "x/y", "z")           # not a cache blob: nothing to check
+
+
+def test_flipped_bytes_in_a_local_pt_file_are_caught(tmp_path):
+    """torch does not check the CRC-32 its zip archives carry: 64 flipped bytes in
+    W_enc would load as weights off by up to 1e24. We check it."""
+    directory = tmp_path / "set"
+    tc = random_transcoder(32, 64, 0)
+    path = write_gpt2_transcoder(tc, directory / GPT2_NAME, 0)
+    _flip(path)
+    with pytest.raises(CorruptFileError, match="does not match the checksum"):
+        load_transcoders(directory, device="cpu")[0]
+
+
+def test_failed_write_keeps_the_previous_file(tmp_path):
+    """A write that fails half-way (here: the temporary file is /dev/full, so
+    every write fails with ENOSPC) leaves the file it was replacing intact."""
+    path = write_gpt2_transcoder(random_transcoder(8, 16, 0), tmp_path / "tc.pt", 0)
+    before = path.read_bytes()
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    os.symlink("/dev/full", tmp)
+    with pytest.raises(StorageError, match="disk full") as info:
+        write_gpt2_transcoder(random_transcoder(8, 16, 1), path, 0)
+    assert "keeps its previous content" in str(info.value)
+    assert path.read_bytes() == before
+    assert not tmp.exists() and not tmp.is_symlink()
+
+
+def test_atomic_write_leaves_nothing_on_error(tmp_path):
+    path = tmp_path / "x.bin"
+    with pytest.raises(ZeroDivisionError):
+        with atomic_write(path) as tmp:
+            tmp.write_bytes(b"half")
+            1 / 0
+    assert list(tmp_path.iterdir()) == []
