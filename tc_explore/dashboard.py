@@ -34,7 +34,7 @@ from .errors import InvalidInputError
 from .index import FeatureIndex, TopExample
 from .model import token_strings
 from .transcoder import TranscoderSet
-from .weight_views import DIRECTORY, WeightViews
+from .weight_views import DIRECTORY, LiveWeightViews, WeightViews
 from .widgets import widget_asset
 
 
@@ -141,6 +141,18 @@ def add_weight_views(index: FeatureIndex, model, transcoders: TranscoderSet, k: 
     return views
 
 
+def _weight_source(index: FeatureIndex, model, transcoders: TranscoderSet | None, layer: int, k: int,
+                   n_heads: int) -> "WeightViews | LiveWeightViews | None":
+    """Stored views when the index has them (long enough, and checked against
+    the weights given), else views computed from ``transcoders``, else None."""
+    views = weight_views_of(index)
+    if views is not None and views.covers(k, n_heads) and (model is not None or transcoders is not None):
+        # Precomputed with the index: a few small Parquet reads instead of ~1 GB of weights.
+        views.verify(model, transcoders, layer)
+        return views
+    return LiveWeightViews(transcoders) if transcoders is not None else None
+
+
 def feature_dashboard(index: FeatureIndex, layer: int, feature: int, model=None,
                       transcoders: TranscoderSet | None = None, k: int = 10, n_bands: int = 5,
                       per_band: int = 5, n_heads: int = 3) -> FeatureDashboard:
@@ -149,8 +161,6 @@ def feature_dashboard(index: FeatureIndex, layer: int, feature: int, model=None,
     (``add_weight_views``; checked against ``model`` / ``transcoders`` if given),
     else are computed from ``transcoders`` (and ``model``) on the fly; with
     neither they are None."""
-    from .circuits import invariant
-
     layer, feature = index.check_feature(layer, feature)
     index.check_transcoders(transcoders)
     decode = _Decoder(model)
@@ -169,27 +179,10 @@ def feature_dashboard(index: FeatureIndex, layer: int, feature: int, model=None,
         log_freq = transcoders.log_feature_frequency(layer)
         if log_freq is not None:
             dash.published_log_frequency = float(log_freq[feature])
-    views = weight_views_of(index)
-    if views is not None and views.covers(k, n_heads) and (model is not None or transcoders is not None):
-        # Precomputed with the index: a few small Parquet reads instead of ~1 GB of weights.
-        views.verify(model, transcoders, layer)
-        dash.upstream = views.connections(layer, feature, "upstream", k)
-        dash.downstream = views.connections(layer, feature, "downstream", k)
-        if model is not None:
-            dash.logits_boosted, dash.logits_suppressed = views.logit_effects(model, layer, feature, k)
-            dash.de_embeddings = views.de_embeddings(model, layer, feature, k)
-            dash.ov_de_embeddings = views.ov_de_embeddings(model, layer, feature, k, n_heads)
-            dash.ov_norms = views.ov_norms(layer, feature)
-    elif transcoders is not None:
-        dash.upstream = invariant.feature_connections(transcoders, layer, feature, "upstream", k=k)
-        dash.downstream = invariant.feature_connections(transcoders, layer, feature, "downstream", k=k)
-        if model is not None:
-            dash.logits_boosted, dash.logits_suppressed = invariant.logit_effects(
-                model, transcoders, layer, feature, k=k)
-            dash.de_embeddings = invariant.de_embeddings(model, transcoders, layer, feature, k=k)
-            dash.ov_de_embeddings = invariant.ov_de_embeddings(model, transcoders, layer, feature,
-                                                               k=k, n_heads=n_heads)
-            dash.ov_norms = invariant.ov_norms(model, transcoders, layer, feature)
+    source = _weight_source(index, model, transcoders, layer, k, n_heads)
+    if source is not None:
+        for name, frame in source.sections(model, layer, feature, k, n_heads).items():
+            setattr(dash, name, frame)
     if stats["n_firing"] == 0:
         dash.notes.append("This feature never fired on the indexed tokens.")
     return dash

@@ -240,7 +240,8 @@ def _write_layer(path: Path, table_cols: dict, group: int) -> None:
 class WeightViews:
     """Stored weight-based views of every feature of a transcoder set, read
     one row group at a time. Build with ``WeightViews.build``; an index's
-    views live in ``<index>/weight_views`` (``WeightViews.of_index``)."""
+    views live in ``<index>/weight_views`` (``WeightViews.of_index``).
+    ``LiveWeightViews`` has the same ``sections`` interface without storage."""
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
@@ -403,6 +404,18 @@ class WeightViews:
         return pd.DataFrame({"layer": flat // H, "head": flat % H,
                              "norm": r["ov_norm"].astype(np.float64)})
 
+    def sections(self, model, layer: int, feature: int, k: int, n_heads: int) -> dict:
+        """The dashboard's weight-based sections of one feature (see
+        ``SECTIONS``); those that decode tokens only when ``model`` is given."""
+        out = {"upstream": self.connections(layer, feature, "upstream", k),
+               "downstream": self.connections(layer, feature, "downstream", k)}
+        if model is not None:
+            out["logits_boosted"], out["logits_suppressed"] = self.logit_effects(model, layer, feature, k)
+            out["de_embeddings"] = self.de_embeddings(model, layer, feature, k)
+            out["ov_de_embeddings"] = self.ov_de_embeddings(model, layer, feature, k, n_heads)
+            out["ov_norms"] = self.ov_norms(layer, feature)
+        return out
+
     def ov_de_embeddings(self, model, layer: int, feature: int, k: int | None = None,
                          n_heads: int | None = None) -> pd.DataFrame:
         r = self.row(layer, feature)
@@ -421,3 +434,29 @@ class WeightViews:
 def _token_frame(model, ids: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame({"token_id": ids.astype(np.int64), "token": token_strings(model, ids),
                          "score": scores.astype(np.float64)})
+
+
+class LiveWeightViews:
+    """The interface of ``WeightViews`` (``sections``), computed for one feature
+    at a time from the weights (``tc_explore.circuits.invariant``): nothing to
+    precompute, but each dashboard reads every layer's weights."""
+
+    def __init__(self, transcoders: TranscoderSet):
+        self.transcoders = transcoders
+
+    def covers(self, k: int, n_heads: int) -> bool:
+        return True
+
+    def sections(self, model, layer: int, feature: int, k: int, n_heads: int) -> dict:
+        from .circuits import invariant
+        tcs = self.transcoders
+        out = {"upstream": invariant.feature_connections(tcs, layer, feature, "upstream", k=k),
+               "downstream": invariant.feature_connections(tcs, layer, feature, "downstream", k=k)}
+        if model is not None:
+            out["logits_boosted"], out["logits_suppressed"] = invariant.logit_effects(
+                model, tcs, layer, feature, k=k)
+            out["de_embeddings"] = invariant.de_embeddings(model, tcs, layer, feature, k=k)
+            out["ov_de_embeddings"] = invariant.ov_de_embeddings(model, tcs, layer, feature, k=k,
+                                                                 n_heads=n_heads)
+            out["ov_norms"] = invariant.ov_norms(model, tcs, layer, feature)
+        return out
