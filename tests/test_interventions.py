@@ -244,3 +244,30 @@ def test_bad_settings_give_clear_errors(demo_model, demo_transcoders, ctx):
         intervene(demo_model, partial, ctx, [Intervention(0, 0, 1, 0.0)])
     with pytest.raises(InvalidInputError, match="position 40 is out of range"):
         generate(demo_model, demo_transcoders, "The dog", [Intervention(0, 40, 1, 0.0)], 3)
+
+
+def test_constrained_zero_ablation_changes_targets_by_minus_the_attribution_edge(demo_model, demo_transcoders,
+                                                                                ctx, target):
+    from tc_explore.circuits.attribution import attribute
+
+    graph = attribute(demo_model, demo_transcoders, ctx, targets=[target], dtype=torch.float64, progress=False)
+    nodes = graph.nodes
+    feats = nodes[nodes.kind == "feature"]
+    # rows: the logit-direction target and one layer-2 feature at the last position (its pre-activation)
+    last = feats[(feats.layer == 2) & (feats.pos == ctx.n_pos - 1)].iloc[0]
+    rows = [(graph.node_index(nodes[nodes.kind == "logit"].node_id.iloc[0]), target),
+            (graph.node_index(last.node_id), feature_target(ctx, 2, int(last["index"]), ctx.n_pos - 1))]
+    checked, through_attention = 0, 0
+    for row, tgt in rows:
+        weights = graph.adjacency[row].double()
+        sources = [i for i in torch.argsort(weights.abs(), descending=True).tolist()
+                   if nodes.kind.iloc[i] == "feature"][:6]
+        for i in sources:
+            src = nodes.iloc[i]
+            res = intervene(demo_model, demo_transcoders, ctx,
+                            [Intervention.ablate(int(src.layer), int(src["index"]), int(src.pos))],
+                            constrained=True, metric=tgt)
+            assert res.metric_change == pytest.approx(-float(weights[i]), abs=1e-5), src.node_id
+            checked += 1
+            through_attention += int(src.pos) != tgt.token
+    assert checked == 12 and through_attention > 0   # some edges run through attention's OV circuits
