@@ -303,6 +303,7 @@ def test_standalone_export_works_without_python(served, tmp_path):
     page = context.new_page()
     page.goto(page_src.as_uri())
     page.wait_for_function("document.body.dataset.ready === '1'", timeout=20_000)
+    assert page.locator(".tcx-dashboard-title").inner_text() == "Click a node to see its dashboard"
     node = page.locator(".tcx-node[data-kind='feature']").first
     layer, feature = node.get_attribute("data-layer"), node.get_attribute("data-feature")
     node.click()
@@ -310,4 +311,14 @@ def test_standalone_export_works_without_python(served, tmp_path):
                  f".tcx-dashboard[data-feature='{feature}']").wait_for(timeout=5000)
     assert page.locator(".tcx-expand").is_disabled()
     page.screenshot(path=str(SHOTS / "graph_export.png"), full_page=True)
+    page.close()
+    # the same page without dashboards promises none
+    bare = tmp_path / "bare.html"
+    text = page_src.read_text()
+    assert '"has_dashboards": true' in text
+    bare.write_text(text.replace('"has_dashboards": true', '"has_dashboards": false'))
+    page = context.new_page()
+    page.goto(bare.as_uri())
+    page.wait_for_function("document.body.dataset.ready === '1'", timeout=20_000)
+    assert page.locator(".tcx-dashboard-title").inner_text() == "Click a node to see its details"
     page.close()

@@ -172,3 +172,29 @@ def test_plain_json_graph_and_bad_input(tmp_path, search):
         PathGraphExpander({"nodes": []})
     view = graph_view_data(json.loads(text))
     assert visible_elements(view, 0.0)[0] == {n["id"] for n in view["nodes"]}
+
+
+def test_tooltips_say_what_each_node_kind_is(search):
+    from tc_explore.ui.graph_view import KIND_DESCRIPTIONS
+    w = circuit_graph_widget(search)
+    graph = w.expander.graph()
+    seen = set()
+    for n in w.graph_data["nodes"]:
+        kind = dict(n["tooltip"])["kind"]
+        tc_kind = graph.nodes[n["id"]].node.kind
+        assert kind == KIND_DESCRIPTIONS[tc_kind]
+        assert "cross layer" not in kind          # per-layer transcoders here
+        seen.add(tc_kind)
+    assert {"feature", "error", "remainder"} <= seen
+
+
+def test_panel_promises_dashboards_only_when_attached(search):
+    without = circuit_graph_widget(search)
+    assert without.has_dashboards is False
+    with_dash = circuit_graph_widget(search, dashboard=_dashboard)
+    assert with_dash.has_dashboards is True
+    for w, expected in ((without, False), (with_dash, True)):
+        state = json.loads(re.search(r'id="tcx-state">(.*?)</script>', w.to_html(), re.S).group(1))
+        assert state["has_dashboards"] is expected
+    js = widget_asset("circuit_graph.js")
+    assert 'model.get("has_dashboards")' in js and "Click a node to see its details" in js

@@ -248,3 +248,20 @@ def test_paper_and_magnitude_rankings_differ_and_the_paper_reading_does_not_cons
     assert float(emb @ v) == pytest.approx(float(emb @ centred), rel=1e-6, abs=1e-9)
     dec = decompose(ctx, feature_target(ctx, layer, f, token))
     assert dec.total == pytest.approx(dec.target.value, abs=1e-4)
+
+
+def test_graph_expansion_keeps_the_paper_ranking(setting):
+    from tc_explore.circuits import PathGraphExpander
+    ctx, _ = setting
+    layer, token = 1, ctx.n_pos - 1
+    f = int(ctx.feature_acts(layer)[token].argmax())
+    result = find_paths(ctx, feature_target(ctx, layer, f, token), iterations=1, branches=6, ranking="paper")
+    expander = PathGraphExpander(result)
+    graph = expander.graph()
+    node_id = next(nid for nid, n in graph.nodes.items()
+                   if not n.is_target and expander.expandable({"node_id": nid}))
+    before = len(expander.paths)
+    expander.expand(node_id)
+    new = expander.paths[before:]
+    assert new and all(c.node.kind in ("feature", "head", "embed") for p in new for c in p.contributions)
+    assert expander._result_for_graph().ranking == "paper"

@@ -143,7 +143,10 @@ function render({ model, el }) {
   const body = html("div", "tcx-graph-body");
   const canvas = html("div", "tcx-graph-canvas");
   const panel = html("div", "tcx-dashboard-panel");
-  const panelTitle = html("div", "tcx-dashboard-title", "Click a node to see its dashboard");
+  // Promise a dashboard only when dashboards are attached; otherwise the panel lists the node's fields.
+  const panelHint = () => (model.get("has_dashboards")
+    ? "Click a node to see its dashboard" : "Click a node to see its details");
+  const panelTitle = html("div", "tcx-dashboard-title", panelHint());
   const panelContent = html("div", "tcx-dashboard-content");
   panel.append(panelTitle, panelContent);
   body.append(canvas, panel);
@@ -210,7 +213,7 @@ function render({ model, el }) {
     if (d.feature !== undefined && d.feature !== null) panel.dataset.feature = String(d.feature);
     else delete panel.dataset.feature;
     const n = byId.get(d.node_id);
-    panelTitle.textContent = d.node_id ? (n ? n.label : d.node_id) : "Click a node to see its dashboard";
+    panelTitle.textContent = d.node_id ? (n ? n.label : d.node_id) : panelHint();
     panelContent.innerHTML = d.html || "";
   }
 
@@ -329,6 +332,7 @@ function render({ model, el }) {
     "change:selected_node": () => applySelection(),
     "change:threshold": () => applyPrune(),
     "change:dashboard": () => applyDashboard(),
+    "change:has_dashboards": () => applyDashboard(),
     "change:status": () => { status.textContent = model.get("status") || ""; },
     "change:can_expand": () => applySelection(),
   };

@@ -312,8 +312,11 @@ class Decomposition:
                      source=c.node.source, value=c.value, activation=c.activation,
                      connection=c.connection, label=c.node.label())
                 for c in self.contributions(k=k, targets=False)]
-        return pd.DataFrame(rows, columns=["kind", "layer", "index", "token", "source", "value",
-                                           "activation", "connection", "label"])
+        df = pd.DataFrame(rows, columns=["kind", "layer", "index", "token", "source", "value",
+                                         "activation", "connection", "label"])
+        for col in ("layer", "index", "token", "source"):
+            df[col] = df[col].astype("Int64")   # integers, blank (<NA>) where a kind has none
+        return df
 
     def by_kind(self) -> dict[str, float]:
         """Total contribution per node kind (features, heads, errors, ...)."""

@@ -49,7 +49,8 @@ class PathGraphExpander:
                  for p in self.paths]
         r = self.result
         return PathSearchResult(r.target, paths, big, r.branches, r.mode,
-                                n_decompositions=r.n_decompositions, ctx=r.ctx)
+                                n_decompositions=r.n_decompositions, ctx=r.ctx, ranking=r.ranking,
+                                root_cap=r.root_cap)
 
     def graph(self):
         """The current :class:`CircuitGraph`."""
@@ -83,7 +84,7 @@ class PathGraphExpander:
         ctx = self.result.ctx
         for p in todo:
             sub = find_paths(ctx, p.head.next_target, iterations=1, branches=self.branches,
-                             mode=self.result.mode)
+                             mode=self.result.mode, ranking=self.result.ranking)
             for q in sub.top():
                 self.paths.append(Path(p.target, p.contributions + q.contributions, p.iteration + 1))
             self._expanded_keys.add(p.key())

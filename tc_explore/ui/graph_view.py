@@ -36,6 +36,25 @@ _TC_KINDS = {"feature": "feature", "head": "head", "embed": "embed", "pos_embed"
              "direction": "logit"}
 
 
+# What each of tc_explore's node kinds is, for the tooltip (the graph JSON's feature_type
+# follows circuit-tracer's vocabulary, e.g. "cross layer transcoder" for every feature).
+KIND_DESCRIPTIONS = {
+    "feature": "transcoder feature",
+    "head": "attention head (destination ← source token)",
+    "embed": "token embedding",
+    "pos_embed": "position embedding",
+    "error": "transcoder error: true MLP output − transcoder output",
+    "mlp": "MLP without a transcoder (whole output)",
+    "skip": "skip term of a skip transcoder",
+    "attn_bias": "attention output bias (b_O)",
+    "dec_bias": "transcoder output bias (b_dec_out)",
+    "offset": "offset: the traced quantity's constant (a feature's encoder bias, the logits' bias)",
+    "remainder": "pruned remainder: what the contributors left out of the graph add up to",
+    "logit": "logit (target)",
+    "direction": "direction in the residual stream (target)",
+}
+
+
 def node_kind(node: Mapping) -> str:
     """The drawing kind of a graph JSON node: feature, head, embed, error, bias, logit or other."""
     if node.get("tc_kind") in _TC_KINDS:
@@ -221,7 +240,8 @@ def graph_view_data(graph: Any, expanded: set[str] | frozenset = frozenset(),
         feature = parsed[1] if parsed else None
         contribution = _contribution(n)
         label = str(n.get("clerp") or "").strip() or _default_label(n, kind, parsed, tokens, ctx)
-        tip: list[list] = [["kind", str(n.get("feature_type", kind))]]
+        described = KIND_DESCRIPTIONS.get(n.get("tc_kind"))
+        tip: list[list] = [["kind", described or str(n.get("feature_type", kind))]]
         if 0 <= ctx < len(tokens):
             tip.append(["token", f"{ctx} {tokens[ctx]!r}"])
         tip.append(["contribution" if not is_root else "value", contribution])

@@ -74,6 +74,7 @@ class CircuitGraphWidget(anywidget.AnyWidget):
     dashboard = traitlets.Dict().tag(sync=True)
     threshold = traitlets.Float(0.0).tag(sync=True)
     can_expand = traitlets.Bool(False).tag(sync=True)
+    has_dashboards = traitlets.Bool(False).tag(sync=True)
     status = traitlets.Unicode("").tag(sync=True)
 
     def __init__(self, graph: Any, dashboard: DashboardFn | None = None,
@@ -90,7 +91,7 @@ class CircuitGraphWidget(anywidget.AnyWidget):
         self._dashboard_cache: dict[tuple[int, int], str] = {}
         self._graph = _as_graph_dict(graph)
         super().__init__(graph_data=self._view(), threshold=_check_threshold(threshold),
-                         can_expand=expand is not None, **kwargs)
+                         can_expand=expand is not None, has_dashboards=dashboard is not None, **kwargs)
         self.on_msg(self._handle_message)
 
     # -- graph ---------------------------------------------------------------------
@@ -219,7 +220,7 @@ class CircuitGraphWidget(anywidget.AnyWidget):
         Writes it to ``path`` when given; returns the HTML."""
         dashboards = {nid: self.dashboard_for(nid) for nid in self.node_ids}
         page = graph_page_html(self.graph_data, dashboards, threshold=self.threshold,
-                               selected=self.selected_node,
+                               selected=self.selected_node, has_dashboards=self._dashboard_fn is not None,
                                title=title or self.graph_data.get("title") or "circuit graph")
         if path is not None:
             _write_page(path, page)
@@ -233,10 +234,11 @@ def _script_json(obj) -> str:
 
 
 def export_html(view: Mapping, path: str | os.PathLike, dashboards: Mapping[str, Mapping] | None = None,
-                threshold: float = 0.0, selected: str = "", title: str = "circuit graph") -> Path:
+                threshold: float = 0.0, selected: str = "", title: str = "circuit graph",
+                has_dashboards: bool = False) -> Path:
     """Write the standalone page of :func:`graph_page_html` to ``path`` (as
     ``tc_explore.dashboard.export_html`` does for dashboards); returns the path."""
-    return _write_page(path, graph_page_html(view, dashboards, threshold, selected, title))
+    return _write_page(path, graph_page_html(view, dashboards, threshold, selected, title, has_dashboards))
 
 
 def _write_page(path: str | os.PathLike, page: str) -> Path:
@@ -247,14 +249,18 @@ def _write_page(path: str | os.PathLike, page: str) -> Path:
 
 
 def graph_page_html(view: Mapping, dashboards: Mapping[str, Mapping] | None = None,
-                    threshold: float = 0.0, selected: str = "", title: str = "circuit graph") -> str:
+                    threshold: float = 0.0, selected: str = "", title: str = "circuit graph",
+                    has_dashboards: bool = False) -> str:
     """A standalone page for ``view`` (from :func:`graph_view_data`) with the
     given per-node dashboards ``{node_id: {node_id, layer, feature, html}}``:
-    ``widgets/circuit_graph_page.html`` with its ``@@name@@`` slots filled."""
+    ``widgets/circuit_graph_page.html`` with its ``@@name@@`` slots filled.
+    ``has_dashboards``: the entries include feature dashboards (the panel's hint
+    says so), not only the nodes' fields."""
     dashboards = dict(dashboards or {})
     state = dict(graph_data=dict(view), selected_node=selected or "",
                  dashboard=dashboards.get(selected, {}) if selected else {},
-                 threshold=_check_threshold(threshold), can_expand=False, status="")
+                 threshold=_check_threshold(threshold), can_expand=False, status="",
+                 has_dashboards=bool(has_dashboards))
     module = widget_asset("circuit_graph.js")
     if "</script" in module.lower():
         raise InvalidInputError("The widget module contains '</script' and cannot be inlined.")
