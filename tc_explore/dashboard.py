@@ -161,7 +161,8 @@ def feature_dashboard(index: FeatureIndex, layer: int, feature: int, model=None,
     (``add_weight_views``; checked against ``model`` / ``transcoders`` if given),
     else are computed from ``transcoders`` (and ``model``) on the fly; with
     neither they are None."""
-    layer, feature = index.check_feature(layer, feature)
+    layer = index.check_layer(layer)
+    feature = index.check_feature(layer, feature)
     index.check_transcoders(transcoders)
     decode = _Decoder(model)
     stats = index.feature_stats(layer, feature)

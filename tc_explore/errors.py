@@ -63,3 +63,14 @@ def as_integer(value, what: str) -> int:
     except TypeError:
         raise InvalidInputError(f"{what} must be an integer, got {value!r:.80} "
                                 f"({type(value).__name__}).") from None
+
+
+def check_feature(feature, d_sae: int, where: str) -> int:
+    """The one rule for a feature index: an integer (as ``as_integer``: Python,
+    numpy or 0-d tensor integers; not bools or floats) in ``0..d_sae - 1``.
+    ``where`` names what has the features ("layer 3 of 'gpt2-small'")."""
+    feature = as_integer(feature, "feature")
+    if not 0 <= feature < d_sae:
+        raise InvalidInputError(f"feature {feature} is out of range for {where}: it has {d_sae} "
+                                f"features (0..{d_sae - 1}).")
+    return feature

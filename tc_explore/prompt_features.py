@@ -13,7 +13,7 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from .errors import InvalidInputError, as_integer
+from .errors import InvalidInputError, as_integer, check_feature
 from .model import Prompt, to_tokens, token_strings
 from .transcoder import TranscoderSet
 
@@ -39,11 +39,7 @@ class PromptActivations:
     def feature(self, layer: int, feature: int) -> pd.DataFrame:
         """Per-token activations of one feature: DataFrame[position, token_id, token, activation]."""
         acts = self._layer(layer)
-        feature = as_integer(feature, "feature")
-        if not 0 <= feature < acts.shape[-1]:
-            raise InvalidInputError(
-                f"feature {feature!r} is out of range for layer {layer}: it has "
-                f"{acts.shape[-1]} features (0..{acts.shape[-1] - 1}).")
+        feature = check_feature(feature, acts.shape[-1], f"layer {layer}")
         return pd.DataFrame({"position": range(len(self.token_strs)),
                              "token_id": self.tokens.tolist(), "token": self.token_strs,
                              "activation": acts[:, feature].tolist()})
@@ -110,7 +106,7 @@ def feature_activations(model, transcoders: TranscoderSet, prompt: Prompt, layer
                         feature: int) -> pd.DataFrame:
     """Per-token activations of one feature on a prompt:
     DataFrame[position, token_id, token, activation]."""
-    layer = transcoders._check(layer)
+    layer = transcoders.check_layer(layer)
     transcoders.check_feature(layer, feature)
     return run_prompt(model, transcoders, prompt, layers=[layer]).feature(layer, feature)
 

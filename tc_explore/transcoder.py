@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from .errors import IncompatibleTranscoderError, InvalidInputError, as_integer
+from .errors import IncompatibleTranscoderError, InvalidInputError, as_integer, check_feature
 
 
 class Transcoder(nn.Module):
@@ -114,13 +114,9 @@ class Transcoder(nn.Module):
 
     # -- checks ------------------------------------------------------------------------
     def check_feature(self, feature: int) -> int:
-        feature = as_integer(feature, "feature")
-        if not 0 <= feature < self.d_sae:
-            where = "" if self.layer is None else f" of layer {self.layer}"
-            raise InvalidInputError(
-                f"feature {feature} is out of range: the transcoder{where} has "
-                f"{self.d_sae} features (0..{self.d_sae - 1}).")
-        return feature
+        """``feature`` as an int, if it is one of this transcoder's features."""
+        where = "the transcoder" if self.layer is None else f"the transcoder of layer {self.layer}"
+        return check_feature(feature, self.d_sae, where)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.d_in:
@@ -210,7 +206,7 @@ class TranscoderSet(Mapping[int, Transcoder]):
 
     # -- Mapping -----------------------------------------------------------------------
     def __getitem__(self, layer: int) -> Transcoder:
-        layer = self._check(layer)
+        layer = self.check_layer(layer)
         if layer not in self._loaded:
             tc = self._loaders[layer]()
             tc.requires_grad_(False)
@@ -237,29 +233,29 @@ class TranscoderSet(Mapping[int, Transcoder]):
             return self.layers
         if isinstance(layers, int):
             layers = [layers]
-        return [self._check(layer) for layer in layers]
+        return [self.check_layer(layer) for layer in layers]
 
     def loaded_layers(self) -> list[int]:
         return sorted(self._loaded)
 
     def input_hook(self, layer: int) -> str:
-        return self.info[self._check(layer)].input_hook
+        return self.info[self.check_layer(layer)].input_hook
 
     def output_hook(self, layer: int) -> str:
-        return self.info[self._check(layer)].output_hook
+        return self.info[self.check_layer(layer)].output_hook
 
     def d_sae(self, layer: int) -> int:
-        info = self.info[self._check(layer)]
+        info = self.info[self.check_layer(layer)]
         return info.d_sae if info.d_sae is not None else self[layer].d_sae
 
     def d_in(self, layer: int) -> int:
-        info = self.info[self._check(layer)]
+        info = self.info[self.check_layer(layer)]
         return info.d_in if info.d_in is not None else self[layer].d_in
 
     def log_feature_frequency(self, layer: int) -> torch.Tensor | None:
         """log10 of each feature's firing frequency, as published with the set
         (the ``_log_feature_sparsity`` files); None where the set has none."""
-        layer = self._check(layer)
+        layer = self.check_layer(layer)
         if layer not in self._frequencies:
             loader = self._frequency_loaders.get(layer)
             if loader is None:
@@ -276,7 +272,8 @@ class TranscoderSet(Mapping[int, Transcoder]):
             self._loaded[layer] = tc.to(device=self.device, dtype=self.dtype)
         return self
 
-    def _check(self, layer) -> int:
+    def check_layer(self, layer) -> int:
+        """``layer`` as an int, if this set has a transcoder for it."""
         layer = as_integer(layer, "layer")
         if layer not in self.info:
             raise InvalidInputError(
@@ -284,15 +281,12 @@ class TranscoderSet(Mapping[int, Transcoder]):
                 f"its layers are {self.layers}.")
         return layer
 
+    _check = check_layer      # the old private name, still used by branches in flight
+
     def check_feature(self, layer: int, feature: int) -> int:
-        layer = self._check(layer)
-        d = self.d_sae(layer)
-        feature = as_integer(feature, "feature")
-        if not 0 <= feature < d:
-            raise InvalidInputError(
-                f"feature {feature!r} is out of range for layer {layer} of {self.name!r}: "
-                f"it has {d} features (0..{d - 1}).")
-        return feature
+        """``feature`` as an int, if it is one of layer ``layer``'s features."""
+        layer = self.check_layer(layer)
+        return check_feature(feature, self.d_sae(layer), f"layer {layer} of {self.name!r}")
 
     def check_fits(self, model, layers: Iterable[int] | None = None) -> "TranscoderSet":
         """Raise a clear error if this set (or the chosen layers of it) cannot be

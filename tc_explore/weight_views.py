@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .errors import IncompatibleTranscoderError, InvalidInputError
+from .errors import IncompatibleTranscoderError, InvalidInputError, as_integer, check_feature
 from .store import ParquetFiles, atomic_write_json, atomic_write_parquet, layer_name, read_manifest
 from .model import model_weights, token_strings
 from .progress import progress_bar
@@ -326,15 +326,18 @@ class WeightViews:
     def n_heads(self) -> int:
         return int(self.manifest["n_heads"])
 
-    def check_feature(self, layer, feature) -> tuple[int, int]:
+    def check_layer(self, layer) -> int:
+        """``layer`` as an int, if these views cover it."""
+        layer = as_integer(layer, "layer")
         if str(layer) not in self.manifest["d_sae"]:
             raise InvalidInputError(
                 f"Layer {layer!r} has no weight views; they cover layers {self.manifest['layers']}.")
-        d = int(self.manifest["d_sae"][str(layer)])
-        if isinstance(feature, bool) or not isinstance(feature, (int, np.integer)) or not 0 <= feature < d:
-            raise InvalidInputError(f"feature {feature!r} is out of range for layer {layer} "
-                                    f"(0..{d - 1}).")
-        return int(layer), int(feature)
+        return layer
+
+    def check_feature(self, layer, feature) -> int:
+        """``feature`` as an int, if it is one of layer ``layer``'s features."""
+        layer = self.check_layer(layer)
+        return check_feature(feature, int(self.manifest["d_sae"][str(layer)]), f"layer {layer}")
 
     def covers(self, k: int, n_heads: int) -> bool:
         """Whether the stored top lists are long enough for a request."""
@@ -368,7 +371,8 @@ class WeightViews:
     # -- reading -------------------------------------------------------------------------
     def _decode_row(self, layer: int, feature: int) -> dict:
         """Every stored column of one feature, as numpy arrays (``row``, cached)."""
-        layer, feature = self.check_feature(layer, feature)
+        layer = self.check_layer(layer)
+        feature = self.check_feature(layer, feature)
         group = int(self.manifest["features_per_group"])
         table = self._files.row_group(f"{layer_name(layer)}.parquet", feature // group)
         i = feature - (feature // group) * group

@@ -72,7 +72,7 @@ def feature_connections(transcoders: TranscoderSet, layer: int, feature: int,
     that f's write excites. Columns: layer, feature, score.
     """
     _check_k(k)
-    layer = transcoders._check(layer)
+    layer = transcoders.check_layer(layer)
     transcoders.check_feature(layer, feature)
     rows: list[tuple[int, int, float]] = []
     if direction == "upstream":
@@ -103,7 +103,7 @@ def feature_connection_matrix(transcoders: TranscoderSet, up_layer: int, down_la
     transcoders' device, so the device holds one chunk, not the full matrix
     (24576² float32 is 2.4 GB: pass ``up_features`` / ``down_features`` index
     lists, or ``out_dtype=torch.float16``, to keep the result small)."""
-    up_layer, down_layer = transcoders._check(up_layer), transcoders._check(down_layer)
+    up_layer, down_layer = transcoders.check_layer(up_layer), transcoders.check_layer(down_layer)
     if up_layer >= down_layer:
         raise InvalidInputError(f"up_layer ({up_layer}) must come before down_layer ({down_layer}): "
                                 "a feature only writes to later layers.")
@@ -152,7 +152,7 @@ def de_embeddings(model, transcoders: TranscoderSet, layer: int, feature: int,
 
 def _ov_pullbacks(model, transcoders: TranscoderSet, layer: int, feature: int) -> torch.Tensor:
     """[layer+1, H, d_model]: ``OV_h @ W_enc[:, f]`` for every head of layers ≤ layer."""
-    layer = transcoders._check(layer)
+    layer = transcoders.check_layer(layer)
     check_layer(model, layer)
     w_enc = _encoder(transcoders, layer, feature)
     w = model_weights(model)

@@ -10,7 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import IncompatibleTranscoderError, IndexIncompleteError, InvalidInputError
+from ..errors import (IncompatibleTranscoderError, IndexIncompleteError, InvalidInputError, as_integer,
+                      check_feature)
 from ..transcoder import TranscoderSet
 from .build import IndexSettings, build_index, merge_indexes
 from .storage import (FORMAT_VERSION, TABLES, IndexManifest, ParquetFiles, _flat_windows,
@@ -76,23 +77,17 @@ class FeatureIndex:
         return int(self.manifest.d_sae[self.check_layer(layer)])
 
     def check_layer(self, layer) -> int:
-        try:
-            layer = int(layer)
-        except (TypeError, ValueError):
-            raise InvalidInputError(f"layer must be an integer, got {layer!r}.") from None
+        """``layer`` as an int, if this index covers it."""
+        layer = as_integer(layer, "layer")
         if layer not in self.manifest.layers:
             raise InvalidInputError(
                 f"Layer {layer} is not in this index; it covers layers {self.layers}.")
         return layer
 
-    def check_feature(self, layer, feature) -> tuple[int, int]:
+    def check_feature(self, layer, feature) -> int:
+        """``feature`` as an int, if it is one of layer ``layer``'s features."""
         layer = self.check_layer(layer)
-        d = int(self.manifest.d_sae[layer])
-        if isinstance(feature, bool) or not isinstance(feature, (int, np.integer)) or not 0 <= feature < d:
-            raise InvalidInputError(
-                f"feature {feature!r} is out of range for layer {layer}: the index covers "
-                f"{d} features (0..{d - 1}).")
-        return layer, int(feature)
+        return check_feature(feature, int(self.manifest.d_sae[layer]), f"layer {layer} of this index")
 
     def check_transcoders(self, transcoders: TranscoderSet | None) -> None:
         """Refuse to mix this index with a transcoder set it was not built from
@@ -115,7 +110,8 @@ class FeatureIndex:
         return layer_path(self.directory, layer, name)
 
     def _feature_rows(self, layer: int, feature: int, name: str):
-        layer, feature = self.check_feature(layer, feature)
+        layer = self.check_layer(layer)
+        feature = self.check_feature(layer, feature)
         block = self._files.row_group(f"{layer_name(layer)}/{name}.parquet",
                                       feature // int(self.manifest.features_per_group))
         feats = block.column("feature").to_numpy()

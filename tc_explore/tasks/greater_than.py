@@ -420,7 +420,7 @@ def feature_count_curve(model, transcoders, prompts, layer: int,
     if positions not in ("ranked", "all"):
         raise InvalidInputError(f"positions must be 'ranked' or 'all', got {positions!r}.")
     tp = _as_tokenized(model, prompts)
-    layer = transcoders._check(layer)
+    layer = transcoders.check_layer(layer)
     d_sae = transcoders.d_sae(layer)
     where = position if positions == "ranked" else None
     ranking = rank_features_by_variance(model, transcoders, tp, layers=[layer], position=position,
