@@ -107,3 +107,17 @@ def test_sum_over_tokens_merges_positions(tiny_model, tiny_transcoders):
     assert all("_all" in nid or n.node.kind in ("logit", "direction") for nid, n in s.nodes.items()
                if n.node.kind not in ("embed",))
     assert CircuitGraph.from_json(s.to_json()).nodes == s.nodes
+
+
+def test_every_node_kind_has_an_entry_in_every_table():
+    from tc_explore.circuits.contributions import KIND_ORDER, Node, NodeKind
+    from tc_explore.errors import InvalidInputError
+    from tc_explore.circuits.graph import FEATURE_TYPES
+    from tc_explore.ui.graph_view import _TC_KINDS, KIND_DESCRIPTIONS
+    for table in (FEATURE_TYPES, _TC_KINDS, KIND_DESCRIPTIONS):
+        assert set(table) == set(NodeKind)
+        assert all(table[k.value] == table[k] for k in NodeKind)      # plain strings look up too
+    assert list(KIND_ORDER) == list(NodeKind)
+    assert Node("head", 1, 2, 3, 0).kind is NodeKind.HEAD and f"{NodeKind.HEAD}" == "head"
+    with pytest.raises(InvalidInputError, match="Unknown node kind"):
+        Node("neuron", 0, 1)

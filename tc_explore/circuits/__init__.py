@@ -6,8 +6,9 @@ grown one node at a time (``expansion``), attribution graphs (``attribution``,
 and frozen forward passes for brute-force checks (``frozen``)."""
 from .attribution import AttributionGraph, attribute
 from .context import PromptContext, prompt_context
-from .contributions import (Contribution, Decomposition, Node, Target, decompose, feature_target,
-                            logit_diff_target, logit_direction_target, next_target, residual_target)
+from .contributions import (Contribution, Decomposition, Node, NodeKind, Target, decompose,
+                            feature_target, logit_diff_target, logit_direction_target, next_target,
+                            residual_target)
 from .expansion import PathGraphExpander
 from .graph import CircuitGraph, GraphEdge, GraphNode
 from .invariant import (de_embeddings, feature_connection_matrix, feature_connections, logit_effects,
@@ -16,7 +17,7 @@ from .paths import Path, PathSearchResult, find_paths
 
 __all__ = [
     "attribute", "AttributionGraph",
-    "PromptContext", "prompt_context", "Node", "Target", "Contribution", "Decomposition",
+    "PromptContext", "prompt_context", "Node", "NodeKind", "Target", "Contribution", "Decomposition",
     "decompose", "next_target", "feature_target", "logit_diff_target", "logit_direction_target",
     "residual_target", "Path", "PathSearchResult", "find_paths", "PathGraphExpander",
     "CircuitGraph", "GraphNode",

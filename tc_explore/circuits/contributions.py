@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Collection, Sequence
 
 import pandas as pd
@@ -53,11 +54,33 @@ from .context import PromptContext, prompt_context, stage_name, stage_of
 
 __all__ = ["Node", "Target", "Contribution", "Decomposition", "decompose", "feature_target",
            "logit_diff_target", "logit_direction_target", "residual_target", "PromptContext",
-           "prompt_context", "KIND_ORDER"]
+           "prompt_context", "KIND_ORDER", "NodeKind"]
 
-# Fixed order of node kinds, used to break ties deterministically.
-KIND_ORDER = ("feature", "head", "skip", "error", "mlp", "embed", "pos_embed", "attn_bias",
-              "dec_bias", "offset", "remainder", "logit", "direction")
+
+class NodeKind(str, Enum):
+    """What a ``Node`` is (see ``Node``). A str: members equal their names as
+    written in graph JSON (``tc_kind``) and in tables, and print as them."""
+    FEATURE = "feature"
+    HEAD = "head"
+    SKIP = "skip"
+    ERROR = "error"
+    MLP = "mlp"
+    EMBED = "embed"
+    POS_EMBED = "pos_embed"
+    ATTN_BIAS = "attn_bias"
+    DEC_BIAS = "dec_bias"
+    OFFSET = "offset"
+    REMAINDER = "remainder"
+    LOGIT = "logit"
+    DIRECTION = "direction"
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+    __hash__ = str.__hash__       # so {NodeKind.HEAD: ...}["head"] finds it
+
+
+# Fixed order of node kinds (the enum's), used to break ties deterministically.
+KIND_ORDER = tuple(NodeKind)
 
 
 @dataclass(frozen=True, order=True)
@@ -73,11 +96,19 @@ class Node:
     (what a graph's pruning left out), and the root kinds ``logit`` and
     ``direction`` (a feature target is a ``feature`` node).
     """
-    kind: str
+    kind: NodeKind
     layer: int | None = None
     index: int | None = None
     token: int | None = None
     source: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.kind, NodeKind):
+            try:
+                object.__setattr__(self, "kind", NodeKind(self.kind))
+            except ValueError:
+                raise InvalidInputError(f"Unknown node kind {self.kind!r}; the kinds are "
+                                        f"{[k.value for k in NodeKind]}.") from None
 
     def sort_key(self) -> tuple:
         rank = KIND_ORDER.index(self.kind) if self.kind in KIND_ORDER else len(KIND_ORDER)

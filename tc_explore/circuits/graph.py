@@ -64,17 +64,19 @@ from typing import Any
 import pandas as pd
 import torch
 
-from .contributions import Node
+from .contributions import Node, NodeKind
 from .paths import PathSearchResult
 
 __all__ = ["GraphNode", "GraphEdge", "CircuitGraph", "cantor"]
 
 SCHEMA_VERSION = 1
+K = NodeKind
+# graph JSON's feature_type of each node kind (circuit-tracer's vocabulary where it has one)
 FEATURE_TYPES = {
-    "feature": "cross layer transcoder", "error": "mlp reconstruction error", "embed": "embedding",
-    "logit": "logit", "head": "attention head", "pos_embed": "position embedding", "mlp": "mlp",
-    "skip": "transcoder skip", "attn_bias": "bias", "dec_bias": "bias", "offset": "bias",
-    "direction": "residual direction", "remainder": "pruned remainder",
+    K.FEATURE: "cross layer transcoder", K.ERROR: "mlp reconstruction error", K.EMBED: "embedding",
+    K.LOGIT: "logit", K.HEAD: "attention head", K.POS_EMBED: "position embedding", K.MLP: "mlp",
+    K.SKIP: "transcoder skip", K.ATTN_BIAS: "bias", K.DEC_BIAS: "bias", K.OFFSET: "bias",
+    K.DIRECTION: "residual direction", K.REMAINDER: "pruned remainder",
 }
 
 

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from ..circuits.contributions import NodeKind
 from ..errors import InvalidInputError
 
 __all__ = ["graph_view_data", "visible_elements", "node_kind", "parse_feature_node"]
@@ -30,28 +31,29 @@ _BOILERPLATE = {"node_id", "jsNodeId", "feature", "layer", "ctx_idx", "feature_t
 
 
 # tc_explore's own node kinds (the ``tc_kind`` field CircuitGraph writes) -> drawing kind
-_TC_KINDS = {"feature": "feature", "head": "head", "embed": "embed", "pos_embed": "embed",
-             "error": "error", "mlp": "other", "skip": "bias", "attn_bias": "bias",
-             "dec_bias": "bias", "offset": "bias", "remainder": "bias", "logit": "logit",
-             "direction": "logit"}
+K = NodeKind
+_TC_KINDS = {K.FEATURE: "feature", K.HEAD: "head", K.EMBED: "embed", K.POS_EMBED: "embed",
+             K.ERROR: "error", K.MLP: "other", K.SKIP: "bias", K.ATTN_BIAS: "bias",
+             K.DEC_BIAS: "bias", K.OFFSET: "bias", K.REMAINDER: "bias", K.LOGIT: "logit",
+             K.DIRECTION: "logit"}
 
 
 # What each of tc_explore's node kinds is, for the tooltip (the graph JSON's feature_type
 # follows circuit-tracer's vocabulary, e.g. "cross layer transcoder" for every feature).
 KIND_DESCRIPTIONS = {
-    "feature": "transcoder feature",
-    "head": "attention head (destination ← source token)",
-    "embed": "token embedding",
-    "pos_embed": "position embedding",
-    "error": "transcoder error: true MLP output − transcoder output",
-    "mlp": "MLP without a transcoder (whole output)",
-    "skip": "skip term of a skip transcoder",
-    "attn_bias": "attention output bias (b_O)",
-    "dec_bias": "transcoder output bias (b_dec_out)",
-    "offset": "offset: the traced quantity's constant (a feature's encoder bias, the logits' bias)",
-    "remainder": "pruned remainder: what the contributors left out of the graph add up to",
-    "logit": "logit (target)",
-    "direction": "direction in the residual stream (target)",
+    K.FEATURE: "transcoder feature",
+    K.HEAD: "attention head (destination ← source token)",
+    K.EMBED: "token embedding",
+    K.POS_EMBED: "position embedding",
+    K.ERROR: "transcoder error: true MLP output − transcoder output",
+    K.MLP: "MLP without a transcoder (whole output)",
+    K.SKIP: "skip term of a skip transcoder",
+    K.ATTN_BIAS: "attention output bias (b_O)",
+    K.DEC_BIAS: "transcoder output bias (b_dec_out)",
+    K.OFFSET: "offset: the traced quantity's constant (a feature's encoder bias, the logits' bias)",
+    K.REMAINDER: "pruned remainder: what the contributors left out of the graph add up to",
+    K.LOGIT: "logit (target)",
+    K.DIRECTION: "direction in the residual stream (target)",
 }
 
 
