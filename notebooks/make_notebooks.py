@@ -405,7 +405,11 @@ def greater_than():
                       "display(paper.to_pandas()[show].head(10).style.hide(axis='index').format(escape='html'))"),
         new_markdown_cell("## The circuit as a graph\n\nThe default path search from the same target, "
                           "drawn as an interactive graph: click a node for its factors, *expand "
-                          "selected* to trace it further, the slider to prune. The graph is also "
+                          "selected* to trace it further, the slider to prune. To intervene, select a "
+                          "feature node, press *ablate / scale selected* (repeat for more nodes) and move "
+                          "the × slider (0 ablates, 2 doubles, −1 inverts): the panel beside the graph "
+                          "shows the traced target before and after and the most probable next tokens, "
+                          "computed by the library's `intervene`. The graph is also "
                           "saved as a standalone HTML file."),
         new_code_cell("from tc_explore.circuits import find_paths\n"
                       "from tc_explore.ui.graph_widget import circuit_graph_widget\n\n"

@@ -60,7 +60,7 @@ from .transcoder import TranscoderSet
 
 __all__ = ["Intervention", "InterventionResult", "intervene", "intervention_hooks",
            "Generation", "generate", "logit_difference_metric",
-           "ablation_curve", "ablation_curve_figure", "ranking_from"]
+           "ablation_curve", "ablation_curve_figure", "ranking_from", "feature_scaling"]
 
 Hook = tuple[str, Callable]
 Positions = Union[int, Sequence[int], None]
@@ -353,9 +353,10 @@ class InterventionResult:
                                  prob_before=p_before[ids].tolist(), logit=after[ids].tolist(),
                                  logit_before=before[ids].tolist()))
 
-    def summary(self) -> dict:
-        """A small JSON-ready dict (what the graph widget shows)."""
-        top = self.top_tokens(5)
+    def summary(self, k: int = 5) -> dict:
+        """A small JSON-ready dict (what the graph widget shows), with the ``k``
+        most probable next tokens after the intervention."""
+        top = self.top_tokens(k)
         return dict(interventions=[iv.label() for iv in self.interventions], constrained=self.constrained,
                     metric=self.metric_name, metric_before=self.metric_before, metric_after=self.metric_after,
                     metric_change=self.metric_change,
@@ -416,6 +417,28 @@ def intervene(model, transcoders: TranscoderSet, prompt: Prompt | PromptContext,
     return InterventionResult([iv for iv, _ in checked], tokens.cpu(), token_strings(model, tokens), clean.float().cpu(),
                               logits.float().cpu(), bool(constrained), _metric_name(metric),
                               before, after, model=model)
+
+
+FeatureAt = tuple[int, int, Union[int, None]]     # (layer, feature, position or None = every position)
+
+
+def feature_scaling(model, transcoders: TranscoderSet, prompt: Prompt | PromptContext, *,
+                    metric: Metric | None = None, constrained: bool = False, k: int = 5,
+                    prepend_bos: bool = True) -> Callable[[Sequence[FeatureAt], float], dict]:
+    """``fn(features, factor) -> summary`` for interactive use (the graph
+    widget's intervention controls): scales each ``(layer, feature, position)``
+    by ``factor`` on ``prompt`` (0 ablates, 1 changes nothing) with
+    :func:`intervene` and returns :meth:`InterventionResult.summary` with the
+    ``k`` most probable next tokens. The prompt is encoded once (one
+    :class:`PromptContext`), so each call costs two forward passes."""
+    ctx = prompt if isinstance(prompt, PromptContext) else \
+        prompt_context(model, transcoders, prompt, prepend_bos=prepend_bos)
+
+    def fn(features: Sequence[FeatureAt], factor: float) -> dict:
+        ivs = [Intervention(int(layer), position, int(feature), factor, "scale")
+               for layer, feature, position in features]
+        return intervene(model, transcoders, ctx, ivs, constrained=constrained, metric=metric).summary(k)
+    return fn
 
 
 # -- steered generation -------------------------------------------------------------------------

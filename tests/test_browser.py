@@ -268,6 +268,31 @@ def test_prune_and_expand_in_the_browser(served):
     page.locator(".tcx-circuit-graph").screenshot(path=str(SHOTS / "graph_expanded.png"))
 
 
+def test_ablate_and_scale_nodes_in_the_browser(served):
+    page = served["page"]
+    node = page.locator(".tcx-node[data-kind='feature']").first
+    node_id = node.get_attribute("data-node-id")
+    node.click()
+    page.wait_for_function("!document.querySelector('.tcx-intervene-toggle').disabled", timeout=10_000)
+    page.locator(".tcx-intervene-toggle").click()       # the slider starts at 0: ablation
+    result = page.locator(f".tcx-intervention[data-nodes='{node_id}'] .tcx-intervention-metric")
+    result.wait_for(timeout=60_000)
+    ablated = float(result.get_attribute("data-metric-after"))
+    assert "→" in result.inner_text()
+    assert page.locator(".tcx-intervention-tokens tr").count() == 6      # header + top 5 tokens
+    assert page.locator(f".tcx-node.tcx-intervened[data-node-id='{node_id}']").count() == 1
+    # factor 1 leaves the feature as it is: the metric goes back to its clean value
+    page.evaluate("""() => { const s = document.querySelector('.tcx-intervene-scale');
+        s.value = '1'; s.dispatchEvent(new Event('change', {bubbles: true})); }""")
+    page.wait_for_function(f"(() => {{ const m = document.querySelector('.tcx-intervention-metric');"
+                           f" return m && Number(m.dataset.metricAfter) !== {ablated}; }})()", timeout=60_000)
+    text = page.locator(".tcx-intervention-metric").inner_text()
+    assert "(+0)" in text or "(0)" in text, text
+    page.locator(".tcx-circuit-graph").screenshot(path=str(SHOTS / "graph_intervention.png"))
+    page.locator(".tcx-intervene-clear").click()
+    page.wait_for_function("document.querySelectorAll('.tcx-node.tcx-intervened').length === 0", timeout=30_000)
+
+
 def test_explorer_highlights_prompt_tokens(served):
     page, work = served["page"], served["work"]
     from tc_explore import load_model, load_transcoders

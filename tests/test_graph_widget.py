@@ -198,3 +198,39 @@ def test_panel_promises_dashboards_only_when_attached(search):
         assert state["has_dashboards"] is expected
     js = widget_asset("circuit_graph.js")
     assert 'model.get("has_dashboards")' in js and "Click a node to see its details" in js
+
+
+def test_intervention_controls_call_the_library(search):
+    from tc_explore.interventions import Intervention, intervene
+    w = circuit_graph_widget(search)
+    assert w.can_intervene and w.intervention == {}
+    feats = [n for n in w.graph_data["nodes"] if n["kind"] == "feature"]
+    a, b = feats[0], feats[-1]
+    shown = w.set_intervention([a["id"]], 0.0)
+    ctx = search.ctx
+    ref = intervene(ctx.model, ctx.transcoders, ctx, [Intervention.ablate(a["layer"], a["feature"], a["ctx"])],
+                    metric=search.target)
+    assert shown["metric_after"] == pytest.approx(ref.metric_after, abs=1e-9)
+    assert shown["metric_change"] != 0 and shown["nodes"] == [a["id"]] and shown["scale"] == 0.0
+    assert [t["token"] for t in shown["top_tokens"]] == ref.top_tokens(5).token.tolist()
+    w.intervention_scale = 1.0                          # the slider: factor 1 changes nothing
+    assert w.intervention["metric_change"] == 0.0
+    # the buttons: toggle the selected node in and out, clear
+    w.select(b["id"])
+    w._handle_message(w, {"type": "intervene_toggle", "node_id": b["id"]}, [])
+    assert w.intervention_nodes == [a["id"], b["id"]] and len(w.intervention["interventions"]) == 2
+    w._handle_message(w, {"type": "intervene_toggle", "node_id": a["id"]}, [])
+    assert w.intervention_nodes == [b["id"]]
+    root = next(n for n in w.graph_data["nodes"] if n["is_root"])
+    w._handle_message(w, {"type": "intervene_toggle", "node_id": root["id"]}, [])
+    assert "not a transcoder feature" in w.status and w.intervention_nodes == [b["id"]]
+    w._handle_message(w, {"type": "intervene_clear"}, [])
+    assert w.intervention_nodes == [] and w.intervention == {}
+    with pytest.raises(InvalidInputError, match="not a transcoder feature"):
+        w.set_intervention([root["id"]], 0.0)
+    page = w.to_html()
+    assert '"can_intervene": false' in page
+    plain = CircuitGraphWidget(w.graph)
+    assert not plain.can_intervene
+    with pytest.raises(InvalidInputError, match="without an intervene function"):
+        plain.set_intervention([a["id"]], 0.0)

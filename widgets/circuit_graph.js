@@ -11,7 +11,12 @@
 // functions; this module only draws, and reports clicks back:
 //   - clicking a node sets `selected_node` (synced to Python),
 //   - the prune slider sets `threshold` (fraction of the largest |value|),
-//   - the expand button sends {type: "expand", node_id} to Python.
+//   - the expand button sends {type: "expand", node_id} to Python,
+//   - the intervention controls send {type: "intervene_toggle", node_id} and
+//     {type: "intervene_clear"} and set `intervention_scale`; Python runs the
+//     library's intervention and sends the result back in `intervention`
+//     ({interventions, metric, metric_before, metric_after, metric_change,
+//       top_tokens: [{token, prob, prob_before}], nodes, scale}).
 // The same module runs in a standalone exported HTML file, where `model` is a
 // small in-page object with the same get/set/on/save_changes/send methods.
 
@@ -109,6 +114,88 @@ function layout(data) {
   return { pos, width, height, colW, rowH, left, top, nRows, nCols, rowIndex };
 }
 
+// Intervention controls: toggle the selected feature node in or out of the
+// intervened set, a slider for the factor every intervened feature is scaled
+// by (0 ablates, 1 leaves it, negative inverts), and the result beside the
+// graph: the metric before -> after and the top next tokens.
+function interventionControls(model) {
+  const controls = html("span", "tcx-intervene-controls");
+  const toggle = html("button", "tcx-intervene-toggle", "ablate / scale selected");
+  toggle.type = "button";
+  const scaleLabel = html("label", "tcx-intervene-label", "× ");
+  const scale = html("input", "tcx-intervene-scale");
+  scale.type = "range";
+  scale.min = "-2";
+  scale.max = "3";
+  scale.step = "0.05";
+  scale.title = "Scale the intervened features' activations by this factor (0 ablates them)";
+  const scaleValue = html("span", "tcx-intervene-value");
+  scaleLabel.append(scale, scaleValue);
+  const clear = html("button", "tcx-intervene-clear", "clear");
+  clear.type = "button";
+  controls.append(toggle, scaleLabel, clear);
+  const result = html("div", "tcx-intervention");
+
+  toggle.addEventListener("click", () => {
+    const sel = model.get("selected_node");
+    if (sel) model.send({ type: "intervene_toggle", node_id: sel });
+  });
+  clear.addEventListener("click", () => model.send({ type: "intervene_clear" }));
+  scale.addEventListener("input", () => { scaleValue.textContent = Number(scale.value).toFixed(2); });
+  scale.addEventListener("change", () => {
+    model.set("intervention_scale", Number(scale.value));
+    model.save_changes();
+  });
+
+  function update(node) {
+    const can = Boolean(model.get("can_intervene"));
+    const marked = model.get("intervention_nodes") || [];
+    toggle.disabled = !(can && node && node.kind === "feature");
+    toggle.textContent = node && marked.includes(node.id) ? "release selected" : "ablate / scale selected";
+    toggle.title = can ? "Add the selected feature to the intervened set (or remove it)"
+      : "Interventions need the Python kernel and an intervene function";
+    scale.disabled = !can;
+    clear.disabled = !(can && marked.length);
+  }
+
+  function showScale() {
+    const v = Number(model.get("intervention_scale")) || 0;
+    scale.value = String(v);
+    scaleValue.textContent = v.toFixed(2);
+  }
+
+  function showResult() {
+    const r = model.get("intervention") || {};
+    result.innerHTML = "";
+    result.dataset.nodes = (r.nodes || []).join(" ");
+    if (!r.nodes || !r.nodes.length) {
+      result.style.display = "none";
+      return;
+    }
+    result.style.display = "block";
+    result.appendChild(html("div", "tcx-intervention-title",
+      `${(r.interventions || []).join(", ")}${r.constrained ? " (constrained)" : ""}`));
+    if (r.metric_before !== null && r.metric_before !== undefined) {
+      const m = html("div", "tcx-intervention-metric",
+        `${r.metric || "metric"}: ${fmt(r.metric_before)} → ${fmt(r.metric_after)} (${r.metric_change >= 0 ? "+" : ""}${fmt(r.metric_change)})`);
+      m.dataset.metricAfter = String(r.metric_after);
+      result.appendChild(m);
+    }
+    const table = html("table", "tcx-intervention-tokens");
+    const head = html("tr");
+    head.append(html("th", "", "next token"), html("th", "", "p before"), html("th", "", "p after"));
+    table.appendChild(head);
+    for (const t of r.top_tokens || []) {
+      const tr = html("tr");
+      tr.append(html("td", "", JSON.stringify(t.token)), html("td", "", fmt(t.prob_before)), html("td", "", fmt(t.prob)));
+      table.appendChild(tr);
+    }
+    result.appendChild(table);
+  }
+
+  return { controls, result, update, showScale, showResult };
+}
+
 function render({ model, el }) {
   el.classList.add("tcx-circuit-graph");
   el.innerHTML = "";
@@ -126,7 +213,8 @@ function render({ model, el }) {
   const expand = html("button", "tcx-expand", "expand selected");
   expand.type = "button";
   const status = html("span", "tcx-graph-status");
-  toolbar.append(pruneLabel, expand, status);
+  const iv = interventionControls(model);
+  toolbar.append(pruneLabel, expand, iv.controls, status);
 
   const legend = html("div", "tcx-legend");
   for (const [kind, name] of Object.entries(KIND_LABELS)) {
@@ -148,7 +236,7 @@ function render({ model, el }) {
     ? "Click a node to see its dashboard" : "Click a node to see its details");
   const panelTitle = html("div", "tcx-dashboard-title", panelHint());
   const panelContent = html("div", "tcx-dashboard-content");
-  panel.append(panelTitle, panelContent);
+  panel.append(iv.result, panelTitle, panelContent);
   body.append(canvas, panel);
   const tooltip = html("div", "tcx-tooltip");
   tooltip.style.display = "none";
@@ -188,6 +276,9 @@ function render({ model, el }) {
       p.classList.toggle("tcx-edge-highlight", Boolean(on));
     }
     const n = byId.get(sel);
+    iv.update(n);
+    const marked = new Set(model.get("intervention_nodes") || []);
+    for (const [id, g] of nodeEls) g.classList.toggle("tcx-intervened", marked.has(id));
     expand.disabled = !(n && n.expandable && model.get("can_expand"));
     expand.title = model.get("can_expand")
       ? (n ? (n.expandable ? `Trace ${n.label} one step further` : `${n.label} cannot be traced further`) : "Select a node first")
@@ -335,9 +426,15 @@ function render({ model, el }) {
     "change:has_dashboards": () => applyDashboard(),
     "change:status": () => { status.textContent = model.get("status") || ""; },
     "change:can_expand": () => applySelection(),
+    "change:intervention_nodes": () => applySelection(),
+    "change:can_intervene": () => applySelection(),
+    "change:intervention_scale": () => iv.showScale(),
+    "change:intervention": () => iv.showResult(),
   };
   for (const [event, fn] of Object.entries(handlers)) model.on(event, fn);
   draw();
+  iv.showScale();
+  iv.showResult();
   handlers["change:status"]();
   return () => {
     for (const [event, fn] of Object.entries(handlers)) model.off(event, fn);

@@ -5,6 +5,7 @@
     w.selected_node            # the node clicked in the browser ("" for none)
     w.threshold = 0.1          # prune: hide what is below 10% of the largest value
     w.expand_node(node_id)     # what the "expand selected" button does
+    w.set_intervention([node_id], 0.0)   # what the intervention controls do (needs intervene=...)
     w.to_html("graph.html")    # standalone file: graph + pre-rendered dashboards, no Python
 
 ``graph`` is an attribution graph in the graph JSON layout (``docs/graph_json.md``;
@@ -14,7 +15,11 @@ The widget computes nothing: the view model (``graph_view``) turns the graph
 into what the browser draws, and the widget calls the functions it was given —
 ``dashboard(layer, feature) -> html`` and ``expand(node_id) -> graph`` —
 which are library functions (:func:`circuit_graph_widget` wires them to
-``tc_explore.dashboard`` and :class:`tc_explore.circuits.PathGraphExpander`).
+``tc_explore.dashboard`` and :class:`tc_explore.circuits.PathGraphExpander`),
+and ``intervene(features, factor) -> summary`` for the intervention controls
+(:func:`tc_explore.interventions.feature_scaling`): pick feature nodes, scale
+them with a slider (0 ablates), and the top tokens and the metric beside the
+graph update.
 
 The browser side is ``widgets/circuit_graph.js`` and ``.css``, and the
 standalone page ``widgets/circuit_graph_page.html`` (package data
@@ -49,6 +54,8 @@ def _widget_css() -> str:
 # -- the widget ---------------------------------------------------------------------------
 DashboardFn = Callable[[int, int], str]
 ExpandFn = Callable[[str], Any]
+# ([(layer, feature, position or None)], factor) -> summary dict (InterventionResult.summary)
+InterveneFn = Callable[[list, float], Mapping]
 
 
 
@@ -65,6 +72,10 @@ class CircuitGraphWidget(anywidget.AnyWidget):
         step further (e.g. wrapping ``tc_explore.circuits``' path search);
         without it the expand button is disabled.
     threshold : initial prune threshold, a fraction in [0, 1].
+    intervene : ``(features, factor) -> summary`` scaling the given
+        ``(layer, feature, position)`` triples by ``factor`` and returning the
+        result (:func:`tc_explore.interventions.feature_scaling`); without it the
+        intervention controls are disabled.
     """
     _esm = widget_asset("circuit_graph.js")
     _css = _widget_css()
@@ -76,14 +87,23 @@ class CircuitGraphWidget(anywidget.AnyWidget):
     can_expand = traitlets.Bool(False).tag(sync=True)
     has_dashboards = traitlets.Bool(False).tag(sync=True)
     status = traitlets.Unicode("").tag(sync=True)
+    intervention_nodes = traitlets.List(traitlets.Unicode()).tag(sync=True)
+    intervention_scale = traitlets.Float(0.0).tag(sync=True)
+    intervention = traitlets.Dict().tag(sync=True)
+    can_intervene = traitlets.Bool(False).tag(sync=True)
 
     def __init__(self, graph: Any, dashboard: DashboardFn | None = None,
                  expand: ExpandFn | None = None, threshold: float = 0.0,
-                 expandable: Callable[[Mapping], bool] | None = None, **kwargs):
+                 expandable: Callable[[Mapping], bool] | None = None,
+                 intervene: InterveneFn | None = None, **kwargs):
         if dashboard is not None and not callable(dashboard):
             raise InvalidInputError("dashboard must be a function (layer, feature) -> HTML string.")
         if expand is not None and not callable(expand):
             raise InvalidInputError("expand must be a function (node_id) -> graph.")
+        if intervene is not None and not callable(intervene):
+            raise InvalidInputError("intervene must be a function (features, factor) -> summary, "
+                                    "e.g. tc_explore.interventions.feature_scaling(model, transcoders, prompt).")
+        self._intervene_fn = intervene
         self._dashboard_fn = dashboard
         self._expand_fn = expand
         self._expandable_fn = expandable
@@ -91,7 +111,8 @@ class CircuitGraphWidget(anywidget.AnyWidget):
         self._dashboard_cache: dict[tuple[int, int], str] = {}
         self._graph = _as_graph_dict(graph)
         super().__init__(graph_data=self._view(), threshold=_check_threshold(threshold),
-                         can_expand=expand is not None, has_dashboards=dashboard is not None, **kwargs)
+                         can_expand=expand is not None, has_dashboards=dashboard is not None,
+                         can_intervene=intervene is not None, **kwargs)
         self.on_msg(self._handle_message)
 
     # -- graph ---------------------------------------------------------------------
@@ -106,6 +127,9 @@ class CircuitGraphWidget(anywidget.AnyWidget):
         self.graph_data = self._view()
         if self.selected_node and self.node(self.selected_node) is None:
             self.selected_node = ""
+        kept = [n for n in self.intervention_nodes if self.node(n) is not None]
+        if kept != list(self.intervention_nodes):
+            self.intervention_nodes = kept
 
     def _view(self) -> dict:
         return graph_view_data(self._graph, expanded=self._expanded, expandable=self._expandable_fn)
@@ -204,14 +228,82 @@ class CircuitGraphWidget(anywidget.AnyWidget):
         self.status = f"expanded {node['label']}: {added} new node{'s' if added != 1 else ''}"
         return self._graph
 
+    # -- interventions -------------------------------------------------------------
+    def _intervention_target(self, node_id: str) -> tuple[int, int, int | None]:
+        """(layer, feature, position) of a feature node; position None for a node
+        summed over tokens (it stands for the feature at every position)."""
+        node = self.node(node_id)
+        if node is None:
+            raise InvalidInputError(f"No node {node_id!r} in this graph.")
+        if node["kind"] != "feature" or node["layer"] is None or node["feature"] is None:
+            raise InvalidInputError(f"{node['label']} is not a transcoder feature: only features "
+                                    "can be ablated or scaled.")
+        raw = next((n for n in self._graph["nodes"] if str(n["node_id"]) == node_id), {})
+        summed = "tc_token" in raw and raw["tc_token"] is None or str(node_id).endswith("_all")
+        return int(node["layer"]), int(node["feature"]), None if summed else int(node["ctx"])
+
+    @traitlets.validate("intervention_nodes")
+    def _valid_intervention_nodes(self, proposal):
+        nodes = list(dict.fromkeys(proposal["value"]))
+        for node_id in nodes:
+            self._intervention_target(node_id)
+        return nodes
+
+    @traitlets.observe("intervention_nodes", "intervention_scale")
+    def _on_intervention(self, change) -> None:
+        self.intervention = self._run_intervention()
+
+    def _run_intervention(self) -> dict:
+        if not self.intervention_nodes:
+            return {}
+        if self._intervene_fn is None:
+            raise InvalidInputError("This widget was made without an intervene function, so it cannot "
+                                    "intervene; pass intervene=feature_scaling(model, transcoders, prompt).")
+        features = [self._intervention_target(n) for n in self.intervention_nodes]
+        try:
+            result = dict(self._intervene_fn(features, float(self.intervention_scale)))
+        except Exception as err:  # shown in the widget; re-raised in Python use
+            self.status = f"intervention failed: {err}"
+            raise
+        result["nodes"] = list(self.intervention_nodes)
+        result["scale"] = float(self.intervention_scale)
+        return result
+
+    def set_intervention(self, node_ids, scale: float | None = None) -> dict:
+        """Scale the feature nodes ``node_ids`` by ``scale`` (0 ablates; default:
+        the slider's value) as the controls do; returns the result shown."""
+        if scale is not None:
+            self.intervention_scale = float(scale)
+        self.intervention_nodes = [str(n) for n in node_ids]
+        return self.intervention
+
+    def toggle_intervention(self, node_id: str | None = None) -> dict:
+        """Add ``node_id`` (default: the selected node) to the intervened nodes,
+        or remove it if it is there; returns the result shown."""
+        node_id = node_id or self.selected_node
+        if not node_id:
+            raise InvalidInputError("Select a feature node first.")
+        nodes = list(self.intervention_nodes)
+        self.intervention_nodes = [n for n in nodes if n != node_id] if node_id in nodes else nodes + [node_id]
+        return self.intervention
+
+    def clear_interventions(self) -> None:
+        self.intervention_nodes = []
+
     def _handle_message(self, _widget, content, _buffers) -> None:
-        if not isinstance(content, dict) or content.get("type") != "expand":
+        if not isinstance(content, dict):
+            return
+        actions = {"expand": lambda: self.expand_node(str(content.get("node_id") or "")),
+                   "intervene_toggle": lambda: self.toggle_intervention(str(content.get("node_id") or "")),
+                   "intervene_clear": self.clear_interventions}
+        action = actions.get(content.get("type"))
+        if action is None:
             return
         self.status = ""
         try:
-            self.expand_node(str(content.get("node_id") or ""))
+            action()
         except Exception as err:  # reported in the widget; the kernel keeps running
-            self.status = f"expand failed: {err}"
+            self.status = f"{content.get('type').replace('_', ' ')} failed: {err}"
 
     # -- export --------------------------------------------------------------------
     def to_html(self, path: str | os.PathLike | None = None, title: str | None = None) -> str:
@@ -260,7 +352,8 @@ def graph_page_html(view: Mapping, dashboards: Mapping[str, Mapping] | None = No
     state = dict(graph_data=dict(view), selected_node=selected or "",
                  dashboard=dashboards.get(selected, {}) if selected else {},
                  threshold=_check_threshold(threshold), can_expand=False, status="",
-                 has_dashboards=bool(has_dashboards))
+                 has_dashboards=bool(has_dashboards),
+                 intervention_nodes=[], intervention_scale=0.0, intervention={}, can_intervene=False)
     module = widget_asset("circuit_graph.js")
     if "</script" in module.lower():
         raise InvalidInputError("The widget module contains '</script' and cannot be inlined.")
@@ -286,12 +379,21 @@ def feature_dashboard_html(index, model=None, transcoders=None, **options) -> Da
 
 
 def circuit_graph_widget(result, dashboard: DashboardFn | None = None, branches: int | None = None,
-                         threshold: float = 0.0, slug: str = "tc-explore-graph") -> CircuitGraphWidget:
+                         threshold: float = 0.0, slug: str = "tc-explore-graph", metric=None,
+                         constrained: bool = False) -> CircuitGraphWidget:
     """A :class:`CircuitGraphWidget` over a path search (``find_paths``) whose
-    expand button traces further with :class:`tc_explore.circuits.PathGraphExpander`."""
+    expand button traces further with :class:`tc_explore.circuits.PathGraphExpander`
+    and whose intervention controls scale features on the search's prompt with
+    :func:`tc_explore.interventions.feature_scaling` (``metric``: shown before and
+    after; default the search's target)."""
     from ..circuits import PathGraphExpander
+    from ..interventions import feature_scaling
     expander = PathGraphExpander(result, branches=branches, slug=slug)
+    ctx = result.ctx
+    scaling = None if ctx is None else feature_scaling(
+        ctx.model, ctx.transcoders, ctx, metric=result.target if metric is None else metric,
+        constrained=constrained)
     w = CircuitGraphWidget(expander.graph(), dashboard=dashboard, expand=expander.expand,
-                           expandable=expander.expandable, threshold=threshold)
+                           expandable=expander.expandable, threshold=threshold, intervene=scaling)
     w.expander = expander
     return w
