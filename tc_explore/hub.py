@@ -20,7 +20,7 @@ from .formats import (parse_hf_uri, read_circuit_tracer_config, read_circuit_tra
                       read_gemma_scope_2_safetensors, read_gemma_scope_npz, read_gpt2_transcoder,
                       read_log_feature_sparsity)
 from .integrity import reading, verify_hub_file
-from .model import as_dtype, default_device, layer_hook
+from .model import as_dtype, default_device, hook_ln2_normalized, hook_mlp_out, layer_hook
 from .registry import RegistryEntry, registry, resolve
 from .transcoder import LayerInfo, Transcoder, TranscoderSet
 
@@ -285,8 +285,8 @@ def _load_directory(directory: Path, layers, device, dtype) -> TranscoderSet:
         freq = pattern.replace(".pt", "_log_feature_sparsity.pt")
         entry = RegistryEntry(
             name=directory.name, model="unknown", format="gpt2-pickle",
-            layers=tuple(sorted(matches)), input_hook="blocks.{L}.ln2.hook_normalized",
-            output_hook="blocks.{L}.hook_mlp_out", file_pattern=pattern,
+            layers=tuple(sorted(matches)), input_hook=hook_ln2_normalized("{L}"),
+            output_hook=hook_mlp_out("{L}"), file_pattern=pattern,
             frequency_pattern=freq if all((directory / freq.replace("{L}", str(l))).is_file()
                                           for l in matches) else None)
         return _load_entry(entry, _Files(directory=directory), layers, device, dtype)

@@ -25,6 +25,13 @@ Prompt = Union[str, Sequence[int], torch.Tensor]
 
 
 # -- hook names: the public contract -------------------------------------------------
+# The one place hook names are spelt. Each helper also takes the placeholder
+# "{L}" for a layer, giving the template a registry entry stores
+# (hook_ln2_normalized("{L}") == "blocks.{L}.ln2.hook_normalized").
+HOOK_EMBED = "hook_embed"
+HOOK_POS_EMBED = "hook_pos_embed"
+
+
 def hook_resid_pre(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_pre"
 
@@ -51,6 +58,26 @@ def hook_ln1_scale(layer: int) -> str:
 
 def hook_mlp_out(layer: int) -> str:
     return f"blocks.{layer}.hook_mlp_out"
+
+
+def hook_mlp_in(layer: int) -> str:
+    """The MLP's input (the norm's whole output, gain and bias applied)."""
+    return f"blocks.{layer}.mlp.hook_in"
+
+
+def hook_mlp_post(layer: int) -> str:
+    """The MLP's hidden activations (its neurons)."""
+    return f"blocks.{layer}.mlp.hook_post"
+
+
+def hook_mlp_block_out(layer: int) -> str:
+    """The MLP's output inside the block: before Gemma 2's post-MLP norm, else
+    the same activation as ``hook_mlp_out``."""
+    return f"blocks.{layer}.mlp.hook_out"
+
+
+def hook_ln2_out(layer: int) -> str:
+    return f"blocks.{layer}.ln2.hook_out"
 
 
 def hook_attn_pattern(layer: int) -> str:

@@ -88,7 +88,8 @@ import torch
 from .errors import InvalidInputError
 from .formats import write_gpt2_transcoder, write_log_feature_sparsity
 from .integrity import atomic_write, write_text_atomic
-from .model import check_layer, check_model_surface, layer_hook, model_device
+from .model import (check_layer, check_model_surface, hook_ln2_normalized, hook_mlp_out, layer_hook,
+                    model_device)
 from .progress import progress_bar
 from .transcoder import Transcoder, TranscoderSet
 
@@ -103,8 +104,8 @@ class TrainingConfig:
     layers: Sequence[int] | None = None          # None: every layer of the model
     d_sae: int | None = None                     # default expansion_factor * d_in
     expansion_factor: int = 8
-    input_hook: str = "blocks.{L}.ln2.hook_normalized"
-    output_hook: str = "blocks.{L}.hook_mlp_out"
+    input_hook: str = hook_ln2_normalized("{L}")
+    output_hook: str = hook_mlp_out("{L}")
     n_steps: int = 2000
     batch_size: int = 1024
     lr: float = 1e-3

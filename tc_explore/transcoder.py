@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import IncompatibleTranscoderError, InvalidInputError, as_integer, check_feature
+from .model import hook_ln2_normalized, hook_mlp_out
 
 
 class Transcoder(nn.Module):
@@ -54,9 +55,9 @@ class Transcoder(nn.Module):
             _checked(W_skip, (d_in, d_out), "W_skip", where))
         self.layer = layer
         self.input_hook = input_hook if input_hook is not None else (
-            None if layer is None else f"blocks.{layer}.ln2.hook_normalized")
+            None if layer is None else hook_ln2_normalized(layer))
         self.output_hook = output_hook if output_hook is not None else (
-            None if layer is None else f"blocks.{layer}.hook_mlp_out")
+            None if layer is None else hook_mlp_out(layer))
 
     # -- facts -------------------------------------------------------------------------
     @property

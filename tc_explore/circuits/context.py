@@ -27,10 +27,11 @@ import torch
 
 from ..architecture import Architecture, architecture
 from ..errors import IncompatibleTranscoderError, InvalidInputError, as_integer
-from ..model import (HOOK_LN_FINAL_SCALE, ModelWeights, Prompt, hook_attn_pattern, hook_attn_v,
-                     hook_ln1_post_scale, hook_ln1_scale, hook_ln2_normalized, hook_ln2_post_scale,
-                     hook_ln2_scale, hook_mlp_out, hook_resid_mid, hook_resid_pre, model_weights,
-                     to_tokens, token_strings)
+from ..model import (HOOK_EMBED, HOOK_LN_FINAL_SCALE, HOOK_POS_EMBED, ModelWeights, Prompt,
+                     hook_attn_pattern, hook_attn_v, hook_ln1_post_scale, hook_ln1_scale,
+                     hook_ln2_normalized, hook_ln2_out, hook_ln2_post_scale, hook_ln2_scale,
+                     hook_mlp_block_out, hook_mlp_in, hook_mlp_out, hook_resid_mid, hook_resid_post,
+                     hook_resid_pre, model_weights, to_tokens, token_strings)
 from ..transcoder import Transcoder, TranscoderSet
 
 
@@ -44,7 +45,7 @@ def stage_of(layer: int, site: str) -> int:
 
 def stage_name(stage: int, n_layers: int) -> str:
     if stage == 2 * n_layers:
-        return f"blocks.{n_layers - 1}.hook_resid_post"
+        return hook_resid_post(n_layers - 1)
     return hook_resid_pre(stage // 2) if stage % 2 == 0 else hook_resid_mid(stage // 2)
 
 
@@ -67,8 +68,8 @@ def transcoder_input_kind(tc: Transcoder, layer: int) -> str:
     ``INPUT_*`` constants); a clear error for an input hook we cannot trace."""
     hook = tc.input_hook or hook_ln2_normalized(layer)
     kinds = {hook_ln2_normalized(layer): INPUT_NORMALIZED,
-             f"blocks.{layer}.ln2.hook_out": INPUT_NORM_OUT,
-             f"blocks.{layer}.mlp.hook_in": INPUT_NORM_OUT,
+             hook_ln2_out(layer): INPUT_NORM_OUT,
+             hook_mlp_in(layer): INPUT_NORM_OUT,
              hook_resid_mid(layer): INPUT_RESID}
     if hook not in kinds:
         raise IncompatibleTranscoderError(
@@ -91,11 +92,11 @@ def transcoder_writes_before_post_norm(tc: Transcoder, layer: int, arch: Archite
     hook = tc.output_hook or hook_mlp_out(layer)
     if hook == hook_mlp_out(layer):
         return False
-    if hook == f"blocks.{layer}.mlp.hook_out":
+    if hook == hook_mlp_block_out(layer):
         return arch.has_post_norms
     raise IncompatibleTranscoderError(
         f"The transcoder of layer {layer} writes {hook!r}; circuit attribution supports "
-        f"transcoders writing {hook_mlp_out(layer)!r} or 'blocks.{layer}.mlp.hook_out'.")
+        f"transcoders writing {hook_mlp_out(layer)!r} or {hook_mlp_block_out(layer)!r}.")
 
 
 @dataclass
@@ -255,7 +256,7 @@ def prompt_context(model, transcoders: TranscoderSet, prompt: Prompt, prepend_bo
     for layer in transcoders.layers:
         transcoder_input_kind(transcoders[layer], layer)
         transcoder_writes_before_post_norm(transcoders[layer], layer, arch)
-    names = {"hook_embed", "hook_pos_embed", HOOK_LN_FINAL_SCALE, f"blocks.{L - 1}.hook_resid_post"}
+    names = {HOOK_EMBED, HOOK_POS_EMBED, HOOK_LN_FINAL_SCALE, hook_resid_post(L - 1)}
     for l in range(L):
         names |= {hook_resid_pre(l), hook_resid_mid(l), hook_ln1_scale(l), hook_ln2_scale(l),
                   hook_attn_pattern(l), hook_attn_v(l), hook_mlp_out(l), hook_ln2_normalized(l)}
@@ -271,13 +272,13 @@ def prompt_context(model, transcoders: TranscoderSet, prompt: Prompt, prepend_bo
         return torch.stack([cache[fn(l)][0].detach() for l in range(L)]).double()
 
     resid = [cache[h][0] for l in range(L) for h in (hook_resid_pre(l), hook_resid_mid(l))]
-    resid.append(cache[f"blocks.{L - 1}.hook_resid_post"][0])
+    resid.append(cache[hook_resid_post(L - 1)][0])
     mlp_in = [cache[transcoders[l].input_hook if l in transcoders else hook_ln2_normalized(l)][0]
               for l in range(L)]
     mlp_target = [cache[transcoders[l].output_hook if l in transcoders else hook_mlp_out(l)][0]
                   for l in range(L)]
-    embed = cache["hook_embed"][0].detach().double()
-    pos_embed = cache["hook_pos_embed"][0].detach().double() if "hook_pos_embed" in cache \
+    embed = cache[HOOK_EMBED][0].detach().double()
+    pos_embed = cache[HOOK_POS_EMBED][0].detach().double() if HOOK_POS_EMBED in cache \
         else torch.zeros_like(embed)                      # rotary models add no position vector
     v_cache = stack(hook_attn_v)                          # [L, pos, H_kv, d_head]
     v = v_cache.repeat_interleave(arch.heads_per_kv, dim=2) if arch.heads_per_kv > 1 else v_cache

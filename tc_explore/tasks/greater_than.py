@@ -38,7 +38,7 @@ from ..circuits.contributions import Target, logit_direction_target
 from ..circuits.paths import Mode, PathSearchResult, find_paths
 from ..errors import InvalidInputError
 from ..interventions import ablation_curve
-from ..model import check_context, model_device, model_weights
+from ..model import check_context, hook_mlp_post, model_device, model_weights
 from ..prompt_features import encode_layers
 from ..replacement import transcoder_hooks
 
@@ -350,7 +350,7 @@ def neuron_variance(model, prompts, layer: int, position: int = -1) -> torch.Ten
     """[d_mlp] variance across prompts of each MLP neuron's activation
     (``blocks.L.mlp.hook_post``) at ``position``."""
     tp = _as_tokenized(model, prompts)
-    name = f"blocks.{layer}.mlp.hook_post"
+    name = hook_mlp_post(layer)
     _, cache = model.run_with_cache(tp.stacked().to(model_device(model)),
                                     names_filter=lambda n: n == name)
     return cache[name][:, position].float().var(0, unbiased=False).cpu()
@@ -365,7 +365,7 @@ def _neuron_keep_hook(layer: int, keep: torch.Tensor, position: int | None):
         post = post.clone()
         post[:, position] = post[:, position] * mask
         return post
-    return f"blocks.{layer}.mlp.hook_post", fn
+    return hook_mlp_post(layer), fn
 
 
 def _at_position_only(transcoders, layer: int, hooks: list, position: int | None) -> list:
