@@ -1,5 +1,5 @@
 """CircuitGraph: built from a path search, conserved at expanded nodes,
-FORMATS.md §4 fields, JSON round trip, token merging, networkx."""
+graph JSON fields (docs/graph_json.md), JSON round trip, token merging, networkx."""
 import json
 
 import pytest

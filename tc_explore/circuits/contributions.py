@@ -1,22 +1,16 @@
-"""The exact decomposition of a target into contributions (DESIGN.md, "The
-exact decomposition").
+"""The exact decomposition of a target into contributions (why it is exact:
+``docs/design.md``).
 
-With every LayerNorm scale and attention pattern frozen at its value on the
-prompt, the residual stream at (stage, token) is an exact sum of parts:
-token embedding + position embedding + Σ heads Σ source tokens (pattern ×
-value vector's OV image) + attention output biases + Σ earlier MLP outputs, and
-each MLP output = Σ features (activation × W_dec row) + b_dec_out (+ skip term)
-+ error. A target reads the residual stream along a direction ``v`` (through a
-frozen LayerNorm scale where there is one), plus a constant offset, so its value
-on the prompt splits exactly into contributions — the sum is checked in tests.
+With every norm scale and attention pattern frozen at its value on the prompt,
+a target (``v · resid + offset``) splits exactly into contributions of
+embeddings, heads per source token, biases, transcoder features, skip terms,
+errors and whole MLPs without a transcoder; the sum is checked in tests.
 
 Each traceable contribution carries the ``Target`` one step further upstream
 whose value equals the contribution itself (the path-attribution view of
 Dunefsky, Chlenski & Nanda 2024):
 
-* feature g of layer l at token t: ``a_g × c`` with ``c = W_dec[g] · v``
-  (input-dependent × input-invariant). Since an active feature's activation is
-  its pre-activation, ``c × a_g = c × (W_enc[:, g] · ln2(x) + offset_g)``: the
+* feature g of layer l at token t: ``a_g × c`` with ``c = W_dec[g] · v``; the
   next target reads stage ``2l+1`` at token t along ``c × centre(W_enc[:, g]) /
   ln2_scale[l, t]`` with offset ``c × (b_enc[g] − b_dec · W_enc[:, g])``.
 * head h of layer l, destination t, source s: ``pattern[l,h,t,s] × (v_s W_O[h]) · v``;
@@ -24,20 +18,8 @@ Dunefsky, Chlenski & Nanda 2024):
   W_O[h] v) / ln1_scale[l, s]`` with offset ``pattern × b_V[h] · (W_O[h] v)``.
 * the skip term of a skip transcoder: ``ln2(x) W_skip · v``, traced like a feature's input.
 
-Embeddings, biases, offsets, transcoder errors and whole MLPs of layers without
-a transcoder are leaves.
-
-The formulas above are GPT-2's (processed weights: LayerNorm centres, gains
-folded). On other blocks (:mod:`tc_explore.architecture`) the same steps run
-through the model's own norms, all scales frozen: RMSNorm does not centre;
-unfolded gains multiply the reading direction (``ln1`` before ``W_V``; ``ln2``
-for transcoders reading ``ln2.hook_out`` / ``mlp.hook_in``; ``ln_final`` for
-logits); Gemma 2's post-attention norm maps ``v`` to ``gain ⊙ v / scale``
-before it meets ``W_O``; grouped-query heads each use their key/value head's
-``W_V``. Logit targets are the logits *before* Gemma 2's final softcap
-(``unembed.hook_out``); softcapped attention and QK-norm only shape the
-patterns, which are frozen.
-"""
+These are GPT-2's formulas; other blocks run the same steps through the
+model's own norms (:mod:`tc_explore.architecture`)."""
 from __future__ import annotations
 
 import warnings

@@ -15,43 +15,9 @@ attribution.
 ``sum_over_tokens=True`` merges nodes that differ only in token position (and a
 head's source), summing their weights.
 
-JSON schema (``to_json``), following circuit-tracer / Neuronpedia's attribution
-graph JSON (FORMATS.md §4) with every field it lists, so their viewers open it:
-
-* ``metadata``: slug, scan (transcoder set name), transcoder_list, prompt_tokens,
-  prompt, node_threshold (null), schema_version (1), and ``tc_explore``: our own
-  block — target label and value, search settings (iterations, branches, mode),
-  sum_over_tokens, ``weight_units`` ("target").
-* ``qParams``: pinnedIds, supernodes, linkType ("both"), clickedId, sg_pos.
-* ``nodes``: node_id, feature, layer (str), ctx_idx, feature_type, token_prob,
-  is_target_logit, run_idx (0), reverse_ctx_idx (0), jsNodeId, clerp, influence,
-  activation — plus ours: ``tc_kind``, ``tc_layer``, ``tc_index``, ``tc_token``,
-  ``tc_source`` (the node's identity, null where not applicable), and for heads
-  ``head`` and ``source_ctx_idx``.
-
-  ===================  ==========================  =========================  ==========
-  node                 feature_type                node_id                    feature
-  ===================  ==========================  =========================  ==========
-  transcoder feature   "cross layer transcoder"    "{layer}_{f}_{pos}"        Cantor(l, f)
-  transcoder error     "mlp reconstruction error"  "0_{layer}_{pos}" ¹        -1
-  token embedding      "embedding" (layer "E")     "E_{token_id}_{pos}"       token_id
-  logit target         "logit" (layer n_layers+1)  "{n_layers+1}_{tid}_{pos}" token_id
-  attention head       "attention head"            "A_{layer}_{head}_{dst}_{src}"  head
-  position embedding   "position embedding" ("E")  "P_{pos}"                  -1
-  MLP w/o transcoder   "mlp"                       "M_{layer}_{pos}"          -1
-  skip term            "transcoder skip"           "S_{layer}_{pos}"          -1
-  bias / offset        "bias"                      "B_{kind}_{layer}_{index}_{pos}"  -1
-  residual direction   "residual direction"        "D_{layer}_{pos}"          -1
-  pruned remainder     "pruned remainder"          "R_{node_id of its parent}"  -1
-  ===================  ==========================  =========================  ==========
-
-  ``influence`` is the node's total attribution to the target along the kept
-  paths; ``activation`` a feature's activation, a head's attention weight, or
-  the target's value. With ``sum_over_tokens`` the ``pos`` part of ids is
-  ``all`` and ``ctx_idx`` is the position of the merged node's largest member.
-  ¹ As circuit-tracer writes it; if that id collides with a layer-0 feature's,
-  the error node is written ``"{layer}_-1_{pos}"``.
-* ``links``: ``{"source", "target", "weight"}``, source upstream of target.
+``to_json`` writes the graph JSON of circuit-tracer / Neuronpedia's viewer,
+with every field it reads, plus our own node kinds and ``tc_*`` fields; the
+layout, node ids and weight units are in ``docs/graph_json.md``.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ An index directory::
     tokens.parquet                      sequence, tokens (fixed_size_list<int32>[seq_len])
     layer_{LL}/stats.parquet            feature, n_firing, act_sum, max, histogram
     layer_{LL}/top.parquet              feature, rank, sequence, position, activation, window
-    layer_{LL}/samples.parquet          feature, sequence, position, activation, priority, window
+    layer_{LL}/samples.parquet          feature, rank, sequence, position, activation, priority, window
     weight_views/                       optional, see tc_explore.weight_views
     checkpoint.pt                       only while a build is unfinished
 
