@@ -22,7 +22,7 @@ from .formats import (parse_hf_uri, read_circuit_tracer_config, read_circuit_tra
 from .integrity import reading, verify_hub_file
 from .model import as_dtype, default_device, hook_ln2_normalized, hook_mlp_out, layer_hook
 from .registry import RegistryEntry, registry, resolve
-from .transcoder import LayerInfo, Transcoder, TranscoderSet
+from .transcoder import CrossLayerTranscoderSet, LayerInfo, Transcoder, TranscoderSet
 
 # -- downloading ---------------------------------------------------------------------
 def download(repo_id: str, filename: str, revision: str | None = None) -> Path:
@@ -72,6 +72,23 @@ class _Files:
             return path
         _check_repo_filename(filename, self.repo_id)
         return self._download(self.repo_id, filename, self.revision)
+
+    def matching(self, pattern: str) -> list[str]:
+        """Names of the files matching a glob ``pattern``: in the directory, or
+        in the repo (the matching files are downloaded into the cache, or
+        found there when offline)."""
+        if self.directory is not None:
+            return sorted(p.name for p in self.directory.glob(pattern))
+        from huggingface_hub import snapshot_download
+        try:
+            root = Path(snapshot_download(self.repo_id, revision=self.revision,
+                                          allow_patterns=[pattern]))
+        except Exception as err:   # huggingface_hub raises several kinds here
+            raise OfflineFileMissingError(
+                f"Could not list or fetch {pattern} of {self.repo_id}"
+                f"{'@' + self.revision if self.revision else ''} ({type(err).__name__}: {err}). "
+                f"While online, run `hf download {self.repo_id} --include '{pattern}'`.") from err
+        return sorted(p.name for p in root.glob(pattern))
 
     def get_uri(self, uri: str) -> Path:
         if uri.startswith("hf://"):
@@ -226,6 +243,8 @@ def _load_circuit_tracer(name, config_path, files: _Files, layers, device, dtype
     """``known_layers``: the layers a registry entry documents, for a Hub repo
     of ``layer_{L}.safetensors`` files whose config.yaml does not list them."""
     cfg = read_circuit_tracer_config(config_path)
+    if cfg.get("model_kind") == "cross_layer_transcoder":
+        return _load_clt(name, cfg, files, layers, device, dtype, model_name)
     uris = cfg.get("transcoders")
     if uris is not None and not (isinstance(uris, list) and all(isinstance(u, str) for u in uris)):
         raise IncompatibleTranscoderError(
@@ -256,6 +275,37 @@ def _load_circuit_tracer(name, config_path, files: _Files, layers, device, dtype
     return TranscoderSet(name, info, loaders, model_name=model_name or cfg.get("model_name"),
                          repo_id=files.repo_id or str(files.directory), revision=files.revision,
                          device=device, dtype=dtype)
+
+
+def _load_clt(name, cfg: dict, files: _Files, layers, device, dtype, model_name=None) -> TranscoderSet:
+    """A cross-layer transcoder: ``W_enc_{L}`` / ``W_dec_{L}.safetensors`` for every
+    layer, fetched on first use (a decoder file only when its rows are read)."""
+    from .formats.clt import decoder_file, encoder_file
+    found = sorted(int(m[1]) for f in files.matching("W_enc_*.safetensors")
+                   if (m := re.fullmatch(r"W_enc_(\d+)\.safetensors", f)))
+    if not found or found != list(range(len(found))):
+        raise IncompatibleTranscoderError(
+            f"Cross-layer transcoder {name!r}: expected W_enc_0..W_enc_{{n-1}}.safetensors, "
+            f"found layers {found}.")
+    if layers is not None and sorted(_select_layers(found, layers, name)) != found:
+        raise InvalidInputError(
+            f"{name!r} is a cross-layer transcoder: every layer's features write to the later "
+            "layers' MLP outputs, so it loads whole (pass layers=None).")
+
+    def fetch(filename):
+        cache = {}
+
+        def get():
+            if "path" not in cache:
+                cache["path"] = files.get(filename)
+            return cache["path"]
+        return get
+    return CrossLayerTranscoderSet(
+        name, len(found), cfg["feature_input_hook"], cfg["feature_output_hook"],
+        {l: fetch(encoder_file(l)) for l in found}, {l: fetch(decoder_file(l)) for l in found},
+        model_name=model_name or cfg.get("model_name"),
+        repo_id=files.repo_id or str(files.directory), revision=files.revision,
+        device=device, dtype=dtype)
 
 
 def _layers_in_directory(files: _Files) -> list[int]:

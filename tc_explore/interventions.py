@@ -204,8 +204,7 @@ def _feature_writes(transcoders: TranscoderSet, layer: int, index: torch.Tensor)
     to its own MLP output only; a cross-layer transcoder's feature writes to
     every layer from its own on, one decoder per layer, and an intervention
     changes all those writes."""
-    tc = transcoders[layer]
-    return [(tc.output_hook, tc.W_dec.index_select(0, index))]
+    return transcoders.feature_writes(layer, index)
 
 
 def intervention_hooks(model, transcoders: TranscoderSet, interventions: Sequence[Intervention],

@@ -405,8 +405,10 @@ def single_token_id(model, text: str) -> int:
 class ModelWeights:
     """Detached weights, fetched once per model (see ``model_weights``).
 
-    ``W_E`` is the embedding as written to the residual stream (Gemma's
-    sqrt(d_model) scale included). Grouped-query attention is expanded: ``W_V``
+    ``W_E`` is the embedding matrix; what a token writes to the residual
+    stream is ``embed_scale × W_E[token]`` (Gemma multiplies by sqrt(d_model);
+    the scale is kept apart so that a 256k-token vocabulary is not copied).
+    Grouped-query attention is expanded: ``W_V``
     and ``b_V`` hold one slice per *query* head (heads sharing a key/value head
     share it), so every head has its own OV circuit ``W_V[h] @ W_O[h]``.
     Absent parameters (no positional embedding matrix under rotary embeddings,
@@ -419,6 +421,7 @@ class ModelWeights:
     b_V: torch.Tensor     # [n_layers, n_heads, d_head]
     W_O: torch.Tensor     # [n_layers, n_heads, d_head, d_model]
     b_O: torch.Tensor     # [n_layers, d_model]
+    embed_scale: float = 1.0
 
     @classmethod
     @torch.no_grad()
@@ -426,8 +429,6 @@ class ModelWeights:
         from .architecture import architecture
         arch = architecture(model)
         W_E = model.W_E.detach()
-        if arch.embed_scale != 1.0:
-            W_E = W_E * torch.tensor(arch.embed_scale, dtype=W_E.dtype, device=W_E.device)
         W_U = model.W_U.detach()
         W_O = model.W_O.detach()
         L, H, d_head, d = W_O.shape
@@ -443,7 +444,7 @@ class ModelWeights:
         return cls(W_E=W_E, W_pos=W_pos if W_pos is not None else W_E.new_zeros(n_ctx(model), d),
                    W_U=W_U, b_U=b_U if b_U is not None else W_U.new_zeros(W_U.shape[1]),
                    W_V=W_V, b_V=b_V, W_O=W_O,
-                   b_O=b_O if b_O is not None else W_O.new_zeros(L, d))
+                   b_O=b_O if b_O is not None else W_O.new_zeros(L, d), embed_scale=arch.embed_scale)
 
 
 def _optional(model, name: str) -> torch.Tensor | None:

@@ -45,6 +45,8 @@ def transcoder_hooks(model, transcoders: TranscoderSet, layers: Sequence[int] | 
     """
     layers = transcoders.select_layers(layers)
     transcoders.check_fits(model, layers)
+    if transcoders.is_cross_layer:
+        return _cross_layer_hooks(transcoders, layers, keep_features, ablate_features, keep_error, store)
     hooks: list[Hook] = []
     for layer in layers:
         tc = transcoders[layer]
@@ -72,6 +74,42 @@ def transcoder_hooks(model, transcoders: TranscoderSet, layers: Sequence[int] | 
 
         hooks.append((tc.input_hook, read_input))
         hooks.append((tc.output_hook, write_output))
+    return hooks
+
+
+def _cross_layer_hooks(transcoders: TranscoderSet, layers: Sequence[int], keep_features,
+                       ablate_features, keep_error: bool, store: dict | None) -> list[Hook]:
+    """:func:`transcoder_hooks` for a cross-layer transcoder: every layer's
+    features are encoded at its input hook (all layers, since each writes to the
+    later ones); each chosen layer's output becomes the sum of the writes of
+    the features of layers ≤ it, plus its bias (plus its error, kept)."""
+    acts: dict[int, torch.Tensor] = {}
+    clean: dict[int, torch.Tensor] = {}
+    hooks: list[Hook] = []
+    for layer in transcoders.layers:
+        tc = transcoders[layer]
+        keep = _feature_mask(tc, (keep_features or {}).get(layer), keep=True)
+        drop = _feature_mask(tc, (ablate_features or {}).get(layer), keep=False)
+
+        def read_input(x, hook, tc=tc, keep=keep, drop=drop, layer=layer):
+            a = tc.encode(x)
+            clean[layer] = a
+            if keep is not None:
+                a = a * keep
+            if drop is not None:
+                a = a * drop
+            acts[layer] = a
+            if store is not None:
+                store[layer] = a
+            return x
+        hooks.append((tc.input_hook, read_input))
+    for layer in layers:
+        def write_output(mlp_out, hook, layer=layer):
+            out = transcoders.reconstruct(layer, acts)
+            if keep_error:
+                out = out + (mlp_out.to(out.dtype) - transcoders.reconstruct(layer, clean))
+            return out.to(mlp_out.dtype)
+        hooks.append((transcoders.output_hook(layer), write_output))
     return hooks
 
 

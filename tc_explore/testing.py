@@ -276,3 +276,50 @@ def build_architecture_hub(hf_home: str | Path, arch: str, n_layers: int = 3, d_
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return ArchitectureHub(arch, model_repo, set_name, n_layers, d_model, d_sae, written, where)
+
+
+# arch -> the registry name of its cross-layer transcoder
+CLT_FIXTURES = {"gemma2": "clt-gemma-2-2b-426k", "llama": "clt-llama-3.2-1b-524k"}
+
+
+def random_clt(d_model: int, d_sae: int, n_layers: int, seed: int = 0, jumprelu: bool = False,
+               enc_scale: float = 1.0) -> dict[str, list[torch.Tensor]]:
+    """Random cross-layer transcoder weights (``write_clt``'s arguments): each
+    layer's features decode into every later layer, with negative encoder
+    biases so that a fraction of the features fire."""
+    g = torch.Generator().manual_seed(seed + 7)
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}
+    for layer in range(n_layers):
+        out["W_enc"].append(enc_scale * torch.randn(d_model, d_sae, generator=g) / d_model ** 0.5)
+        out["b_enc"].append(0.3 * torch.randn(d_sae, generator=g) - 1.0)
+        out["W_dec"].append(torch.randn(d_sae, n_layers - layer, d_model, generator=g) / d_sae ** 0.5)
+        out["b_dec"].append(0.1 * torch.randn(d_model, generator=g))
+        out["threshold"].append(0.2 * torch.rand(d_sae, generator=g))
+    if not jumprelu:
+        del out["threshold"]
+    return out
+
+
+def build_clt_hub(hf_home: str | Path, arch: str, n_layers: int = 3, d_model: int = 64,
+                  d_sae: int = 200, seed: int = 0) -> dict[str, list[torch.Tensor]]:
+    """The registry CLT of ``arch`` (``CLT_FIXTURES``) in circuit-tracer's layout
+    (``config.yaml`` + ``W_enc_{L}`` / ``W_dec_{L}.safetensors``) in the cache
+    under ``hf_home``; the tiny model comes from :func:`build_architecture_hub`.
+    Returns the weights written."""
+    from .formats.clt import write_clt
+    from .hub import registry
+
+    entry = registry()[CLT_FIXTURES[arch]]
+    # It reads the raw residual stream: small for Llama, large (scaled embeddings) for Gemma.
+    weights = random_clt(d_model, d_sae, n_layers, seed, jumprelu=(arch == "gemma2"),
+                         enc_scale=4.0 if arch == "llama" else 0.5)
+    work = Path(tempfile.mkdtemp(prefix=f"tc_explore_clt_{arch}_"))
+    try:
+        files = {p.name: p for p in write_clt(work, **weights)}
+        files["config.yaml"] = _write_yaml(work / "config.yaml", dict(
+            model_name=entry.model, model_kind="cross_layer_transcoder",
+            feature_input_hook="hook_resid_mid", feature_output_hook="hook_mlp_out"))
+        install_in_hf_cache(hf_home, entry.repo_id, files)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return weights

@@ -120,6 +120,8 @@ class _Builder:
         self.dtype = transcoders.dtype
         w = model_weights(model)
         self.W_E = w.W_E.to(device, self.dtype)                          # [vocab, d_model]
+        if w.embed_scale != 1.0:                                         # Gemma: sqrt(d_model)
+            self.W_E = self.W_E * w.embed_scale
         self.W_U = w.W_U.to(device, self.dtype)                          # [d_model, vocab]
         self.W_V = w.W_V.to(device, self.dtype)                          # [L, H, d_model, d_head]
         self.W_O = w.W_O.to(device, self.dtype)                          # [L, H, d_head, d_model]
@@ -136,6 +138,14 @@ class _Builder:
                                     tc.W_dec.detach().to(self.device, self.dtype))
         return self._weights[layer]
 
+    def up_decoder(self, up_layer: int, layer: int) -> torch.Tensor:
+        """What the features of ``up_layer`` write that a reader at ``layer``
+        sees: their decoders (a cross-layer transcoder's summed over the target
+        layers before ``layer``, read per layer pair; its W_dec is the total write)."""
+        if not self.tcs.is_cross_layer:
+            return self.weights(up_layer)[1]
+        return self.tcs.decoder_sum(up_layer, before=layer).detach().to(self.device, self.dtype)
+
     def run(self, progress: bool | None = None) -> dict:
         layers = self.tcs.layers
         k = self.k
@@ -145,6 +155,7 @@ class _Builder:
                            desc="weight views", unit="chunk", progress=progress)
         for layer in layers:                                             # downstream layer, ascending
             W_enc, W_dec = self.weights(layer)
+            up_decs = {l: self.up_decoder(l, layer) for l in layers if l < layer}
             cols = {name: [] for name in ("up_score", "up_layer", "up_feature", "logit_top_id",
                                           "logit_top", "logit_bottom_id", "logit_bottom",
                                           "deemb_id", "deemb", "ov_norm", "ov_head", "ov_token",
@@ -155,7 +166,7 @@ class _Builder:
                 c = stop - start
                 up = _empty_ranked(c, self.device, self.dtype)
                 for up_layer in [l for l in layers if l < layer]:        # ascending
-                    _, up_dec = self.weights(up_layer)
+                    up_dec = up_decs[up_layer]
                     conn = up_dec @ enc                                  # [d_up, c] W_dec[l'] · W_enc[l]
                     idx, val = top_along_rows(conn.T, k)                 # [c, k] best upstream g per f
                     up = _merge_ranked(up, (val, torch.full_like(idx, up_layer), idx), k)

@@ -14,9 +14,12 @@ from tc_explore import load_model, load_transcoders, registry
 from tc_explore.architecture import architecture
 from tc_explore.circuits import (decompose, feature_target, logit_diff_target, logit_direction_target,
                                  next_target, prompt_context, residual_target)
-from tc_explore.circuits.frozen import remove_feature_write_hook, remove_head_value_hook, run_frozen
+from tc_explore.circuits.frozen import (remove_feature_write_hook, remove_feature_write_hooks,
+                                        remove_head_value_hook, run_frozen)
+from tc_explore.circuits.invariant import feature_connection_matrix, feature_connections, logit_effects
+from tc_explore.model import model_weights
 from tc_explore.replacement import run_with_transcoders
-from tc_explore.testing import ARCH_FIXTURES, build_architecture_hub
+from tc_explore.testing import ARCH_FIXTURES, CLT_FIXTURES, build_architecture_hub, build_clt_hub
 
 PROMPT = "The war lasted from 1735 to 17 when the cat sat on a mat"
 TOL = 1e-4
@@ -205,3 +208,122 @@ def test_replaced_model_with_errors_equals_the_original(setup):
         replaced = run_with_transcoders(model, tokens, tcs)
     assert torch.allclose(kept, clean, atol=1e-4)
     assert not torch.allclose(replaced, clean, atol=1e-2)     # the transcoders do change it
+
+
+# -- cross-layer transcoders ---------------------------------------------------------------
+CLT_ARCHS = sorted(CLT_FIXTURES)
+
+
+@pytest.fixture(scope="module", params=CLT_ARCHS)
+def clt_setup(request, offline_hub):
+    hub = build_architecture_hub(offline_hub.hf_home, request.param)
+    weights = build_clt_hub(offline_hub.hf_home, request.param, n_layers=hub.n_layers, d_model=hub.d_model)
+    model = load_model(hub.model_repo, device="cpu")
+    clt = load_transcoders(CLT_FIXTURES[request.param], device="cpu")
+    ctx = prompt_context(model, clt, PROMPT)
+    return hub, weights, model, clt, ctx
+
+
+def test_clt_registry_resolves_to_the_published_layout(clt_setup):
+    hub, w, _, clt, ctx = clt_setup
+    entry = registry()[CLT_FIXTURES[hub.arch]]
+    assert clt.is_cross_layer and clt.repo_id == entry.repo_id and clt.layers == [0, 1, 2]
+    assert clt.input_hook(1) == "blocks.1.hook_resid_mid" and clt.output_hook(1) == "blocks.1.hook_mlp_out"
+    for s in range(3):
+        assert torch.equal(clt[s].W_enc, w["W_enc"][s]) and torch.equal(clt[s].b_enc, w["b_enc"][s])
+        assert torch.equal(clt.output_bias(s), w["b_dec"][s])
+        assert (clt[s].threshold is not None) == (hub.arch == "gemma2")
+        assert clt.target_layers(s) == list(range(s, 3))
+        for t in range(s, 3):
+            assert torch.equal(clt.decoder_to(s, t), w["W_dec"][s][:, t - s])
+        assert torch.allclose(clt[s].W_dec, w["W_dec"][s].sum(1), atol=1e-6)   # total write
+        assert torch.allclose(clt.decoder_sum(s, before=2), w["W_dec"][s][:, :max(0, 2 - s)].sum(1),
+                              atol=1e-6)
+        rows = clt.decoder_rows(s, [5, 1, 5])
+        assert torch.equal(rows, w["W_dec"][s][[5, 1, 5]])
+    with pytest.raises(Exception, match="cross-layer"):
+        clt[0].decode(ctx.feature_acts(0))
+    with pytest.raises(Exception, match="cross-layer"):
+        load_transcoders(CLT_FIXTURES[hub.arch], layers=[0, 1], device="cpu")
+
+
+def test_clt_reconstruction_and_replacement(clt_setup):
+    """Layer l's output is the sum of the writes of every layer ≤ l's features
+    (checked against a dense reference); the replaced model with errors kept
+    equals the original."""
+    _, w, model, clt, ctx = clt_setup
+    for l in range(3):
+        ref = w["b_dec"][l] + sum(ctx.feature_acts(s) @ w["W_dec"][s][:, l - s] for s in range(l + 1))
+        assert torch.allclose(ctx.transcoder_out(l).float(), ref, atol=1e-5)
+        # only the active features' decoder rows were read
+        idx, rows = ctx.active_decoder_rows(l)
+        assert 0 < idx.numel() < clt.d_sae(l) and rows.shape == (idx.numel(), 3 - l, 64)
+    tokens = ctx.tokens[None]
+    with torch.no_grad():
+        clean = model(tokens)
+        assert torch.allclose(run_with_transcoders(model, tokens, clt, keep_error=True), clean, atol=1e-4)
+        assert not torch.allclose(run_with_transcoders(model, tokens, clt), clean, atol=1e-2)
+
+
+def test_clt_conservation_recursion_and_brute_force(clt_setup):
+    hub, w, model, clt, ctx = clt_setup
+    ia, ib = (int(model.to_tokens(s, prepend_bos=False)[0, 0]) for s in (" war", " cat"))
+    targets = [logit_diff_target(ctx, " war", " cat")]
+    targets += [feature_target(ctx, 2, f, -1) for f in _active(ctx, 2, -1)[:2]]
+    targets += [residual_target(ctx, torch.randn(hub.d_model, generator=torch.Generator().manual_seed(3)),
+                                1, "resid_post", 4)]
+    for t in targets:
+        d = decompose(ctx, t)
+        assert d.total == pytest.approx(t.value, abs=TOL)
+    # A feature's connection to the logit target sums its decoders over all target layers.
+    t = targets[0]
+    d = decompose(ctx, t)
+    feats = [c for c in d.contributions(targets=False) if c.node.kind == "feature"]
+    c0 = feats[0]
+    s, g = c0.node.layer, c0.node.index
+    assert c0.connection == pytest.approx(float(w["W_dec"][s][g].sum(0).double() @ t.direction), rel=1e-5)
+    for c in feats[:4] + [c for c in d.contributions(targets=False) if c.node.kind == "head"][:2]:
+        nt = d.contribution_of(c.node).next_target
+        assert nt.value_from_resid(ctx) == pytest.approx(c.value, abs=TOL)
+        assert decompose(ctx, nt).total == pytest.approx(c.value, abs=TOL)
+    # Brute force: removing a feature's writes to every later layer (values, MLP outputs frozen).
+    names = {"unembed.hook_out"}
+    _, base_cache = run_frozen(ctx, names=names, values=True, mlps=True)
+    base = float(_unembed(base_cache)[-1, ia] - _unembed(base_cache)[-1, ib])
+    assert base == pytest.approx(t.value, abs=1e-5)
+    for c in feats[:4]:
+        hooks = remove_feature_write_hooks(ctx, c.node.layer, c.node.index, c.node.token)
+        assert len(hooks) == 3 - c.node.layer
+        _, cache = run_frozen(ctx, hooks, names, values=True, mlps=True)
+        new = float(_unembed(cache)[-1, ia] - _unembed(cache)[-1, ib])
+        assert base - new == pytest.approx(c.value, abs=1e-4), c.node
+    # and on a feature target: only the writes to layers before it count
+    ft = targets[1]
+    name = clt.input_hook(2)
+    _, base_cache = run_frozen(ctx, names={name}, values=True, mlps=True)
+    base_val = float(clt[2].pre_activation(base_cache[name][0, -1])[ft.node.index])
+    for c in [c for c in decompose(ctx, ft).contributions(targets=False) if c.node.kind == "feature"][:3]:
+        hooks = remove_feature_write_hooks(ctx, c.node.layer, c.node.index, c.node.token)
+        _, cache = run_frozen(ctx, hooks, {name}, values=True, mlps=True)
+        new = float(clt[2].pre_activation(cache[name][0, -1])[ft.node.index])
+        assert base_val - new == pytest.approx(c.value, abs=1e-4), c.node
+
+
+def test_clt_invariant_connections_sum_over_target_layers(clt_setup):
+    _, w, model, clt, _ = clt_setup
+    up = feature_connections(clt, 2, 7, "upstream", k=5)
+    for _, row in up.iterrows():
+        s, g = int(row.layer), int(row.feature)
+        expected = float(w["W_dec"][s][g, :2 - s].sum(0) @ w["W_enc"][2][:, 7])
+        assert row.score == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    down = feature_connections(clt, 0, 3, "downstream", k=5)
+    for _, row in down.iterrows():
+        l, f = int(row.layer), int(row.feature)
+        expected = float(w["W_dec"][0][3, :l].sum(0) @ w["W_enc"][l][:, f])
+        assert row.score == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    m = feature_connection_matrix(clt, 0, 2)
+    assert torch.allclose(m, w["W_dec"][0][:, :2].sum(1) @ w["W_enc"][2], atol=1e-5)
+    boosted, _ = logit_effects(model, clt, 1, 4, k=3)
+    W_U = model_weights(model).W_U
+    scores = w["W_dec"][1][4].sum(0) @ W_U
+    assert boosted.token_id.tolist() == torch.topk(scores, 3).indices.tolist()

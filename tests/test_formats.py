@@ -100,11 +100,11 @@ def test_gemma_scope_2_safetensors(tmp_path):
     assert torch.allclose(out, ref_out, atol=1e-5) and torch.allclose(acts, ref_acts, atol=1e-6)
 
 
-def test_cross_layer_transcoders_refused_clearly(tmp_path):
+def test_cross_layer_transcoder_without_its_files_refused_clearly(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({
         "model_name": "x", "model_kind": "cross_layer_transcoder",
         "feature_input_hook": "hook_resid_mid", "feature_output_hook": "hook_mlp_out"}))
-    with pytest.raises(IncompatibleTranscoderError, match="cross-layer"):
+    with pytest.raises(IncompatibleTranscoderError, match="W_enc_0"):
         load_transcoders(tmp_path)
 
 

@@ -131,6 +131,8 @@ class PromptContext:
     n_encodings: int = 0            # how many times a transcoder was run on this prompt
     # layer -> (feature activations [pos, d_sae], transcoder output [pos, d_model])
     _encodings: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _clt_out: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    _rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     # -- facts -------------------------------------------------------------------------
     @property
@@ -167,11 +169,13 @@ class PromptContext:
 
     # -- transcoder encodings, once per prompt ------------------------------------------
     @torch.no_grad()
-    def _encode(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         tc = self.transcoders[layer]
         x = self.mlp_in[layer].to(tc.dtype)
         acts = tc.encode(x)                       # [pos, d_sae]
-        out = tc.decode(acts, x)                  # [pos, d_model]
+        # A cross-layer transcoder's output at a layer needs every earlier
+        # layer's features: it is assembled in transcoder_out.
+        out = None if self.transcoders.is_cross_layer else tc.decode(acts, x)  # [pos, d_model]
         self.n_encodings += 1
         return acts, out
 
@@ -187,8 +191,35 @@ class PromptContext:
         return self._encoded(layer)[0]
 
     def transcoder_out(self, layer: int) -> torch.Tensor:
-        """[pos, d_model] transcoder output (reconstruction of the MLP output)."""
-        return self._encoded(layer)[1]
+        """[pos, d_model] transcoder output (reconstruction of the MLP output;
+        for a cross-layer transcoder, the writes of every layer ≤ ``layer``)."""
+        if not self.transcoders.is_cross_layer:
+            return self._encoded(layer)[1]
+        if layer not in self._clt_out:
+            out = self.transcoders.output_bias(layer).expand(self.n_pos, -1)
+            for s in self.transcoders.sources(layer):
+                idx, rows = self.active_decoder_rows(s)
+                acts = self.feature_acts(s).index_select(1, idx.to(self.feature_acts(s).device))
+                out = out + acts.to(rows.dtype) @ rows[:, layer - s]               # [pos, d_model]
+            self._clt_out[layer] = out
+        return self._clt_out[layer]
+
+    def active_decoder_rows(self, source: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(feature ids [k], decoder rows [k, n_targets, d_model]) of the features
+        of layer ``source`` active anywhere on the prompt, read once per prompt
+        (for a CLT, only these rows of its decoders are ever read for a prompt)."""
+        if source not in self._rows:
+            idx = torch.nonzero(self.feature_acts(source).abs().sum(0) > 0).flatten()
+            self._rows[source] = (idx, self.transcoders.decoder_rows(source, idx))
+        return self._rows[source]
+
+    def feature_decoder(self, source: int, feature: int) -> torch.Tensor:
+        """[n_targets, d_model]: one feature's decoder rows, one per layer it writes to."""
+        idx, rows = self.active_decoder_rows(source)
+        hit = torch.nonzero(idx == feature).flatten()
+        if hit.numel():
+            return rows[int(hit[0])]
+        return self.transcoders.decoder_rows(source, [feature])[0]
 
     def transcoder_error(self, layer: int) -> torch.Tensor:
         """[pos, d_model] true MLP output minus transcoder output (at the

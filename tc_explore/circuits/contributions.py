@@ -366,7 +366,9 @@ def decompose(ctx: PromptContext, target: Target) -> Decomposition:
     attn_bias = (w.b_O[:n_attn].double() * v_attn).sum(-1)                     # [n_attn]
 
     features, connections, acts_at, dec_bias, error, skip, mlp = {}, {}, {}, {}, {}, {}, {}
-    for l in range(n_mlp):
+    if ctx.transcoders.is_cross_layer:
+        _decompose_clt(ctx, t, v, n_mlp, features, connections, acts_at, dec_bias, error, mlp)
+    for l in range(n_mlp if not ctx.transcoders.is_cross_layer else 0):
         true_out = float(ctx.mlp_out[l, t] @ v)
         if not ctx.has_transcoder(l):
             mlp[l] = true_out
@@ -392,6 +394,37 @@ def decompose(ctx: PromptContext, target: Target) -> Decomposition:
                          skip=skip, mlp=mlp, offset=float(target.offset))
 
 
+def _decompose_clt(ctx: PromptContext, t: int, v: torch.Tensor, n_mlp: int, features, connections,
+                   acts_at, dec_bias, error, mlp) -> None:
+    """The MLP part of :func:`decompose` for a cross-layer transcoder: feature g
+    of layer s writes to every MLP l with s ≤ l < n_mlp, so its connection is
+    ``Σ_l W_dec_s[g, l − s] · v_l`` (v_l: v through layer l's output norm,
+    if any), and layer l's error is its true write minus the writes of all
+    features of layers ≤ l and its bias. Connections are computed for the
+    features active on the prompt (only their decoder rows are read); the
+    others are zero."""
+    tcs = ctx.transcoders
+    v_out = {l: ctx.mlp_write_reading(l, t, v) for l in range(n_mlp)}       # layer -> [d_model]
+    written = {l: 0.0 for l in range(n_mlp)}                              # Σ feature writes · v_l
+    for s in [s for s in tcs.layers if s < n_mlp]:
+        idx, rows = ctx.active_decoder_rows(s)                            # [k], [k, n_targets, d_model]
+        acts = ctx.feature_acts(s)[t]                                     # [d_sae]
+        a_k = acts.index_select(0, idx.to(acts.device)).double()          # [k]
+        conn_k = torch.zeros(idx.numel(), dtype=torch.float64, device=a_k.device)
+        for l in range(s, n_mlp):
+            c = rows[:, l - s].double() @ v_out[l].to(rows.device)        # [k]
+            conn_k += c
+            written[l] += float(a_k @ c)
+        conn = torch.zeros(acts.shape[0], dtype=torch.float64, device=a_k.device)
+        conn[idx.to(conn.device)] = conn_k
+        connections[s], acts_at[s] = conn, acts
+        features[s] = acts.double() * conn
+    for l in range(n_mlp):
+        true_out = float(ctx.mlp_out[l, t] @ v)
+        dec_bias[l] = float(tcs.output_bias(l).double() @ v_out[l])
+        error[l] = true_out - (written[l] + dec_bias[l])
+
+
 @torch.no_grad()
 def next_target(ctx: PromptContext, target: Target, node: Node,
                 value: float | None = None) -> Target | None:
@@ -403,7 +436,12 @@ def next_target(ctx: PromptContext, target: Target, node: Node,
     if node.kind == "feature":
         l, g, t = node.layer, node.index, node.token
         tc = ctx.transcoders[l]
-        conn = float(tc.W_dec[g] @ ctx.mlp_write_reading(l, t, v).to(tc.dtype))
+        if ctx.transcoders.is_cross_layer:                 # writes to every MLP before the target
+            rows = ctx.feature_decoder(l, g).double()                          # [n_targets, d_model]
+            conn = sum(float(rows[j] @ ctx.mlp_write_reading(l + j, t, v).to(rows.device))
+                       for j in range(max(0, target.stage // 2 - l)))
+        else:
+            conn = float(tc.W_dec[g] @ ctx.mlp_write_reading(l, t, v).to(tc.dtype))
         direction, offset = _encoder_reading(ctx, l, g, t)
         if value is None:
             value = conn * float(ctx.feature_acts(l)[t, g])

@@ -53,6 +53,25 @@ def _mlp_write_hook(ctx: PromptContext, layer: int) -> str:
     return ctx.transcoders[layer].output_hook if layer in ctx.transcoders else hook_mlp_out(layer)
 
 
+def remove_feature_write_hooks(ctx: PromptContext, layer: int, feature: int, token: int) -> list[Hook]:
+    """Hooks that subtract feature ``feature`` of ``layer``'s decoder writes
+    (activation × W_dec row) at ``token`` from every output hook it writes to:
+    its own layer's for a per-layer transcoder, every later layer's too for a
+    cross-layer transcoder."""
+    tcs = ctx.transcoders
+    a = ctx.feature_acts(layer)[token, feature]
+    hooks = []
+    for out_hook, rows in tcs.feature_writes(layer, [feature]):
+        write = a * rows[0]                                                   # [d_model]
+
+        def fn(out, hook, write=write):
+            out = out.clone()
+            out[:, token] -= write.to(out.dtype)
+            return out
+        hooks.append((out_hook, fn))
+    return hooks
+
+
 def remove_feature_write_hook(ctx: PromptContext, layer: int, feature: int, token: int) -> Hook:
     """A hook on the transcoder's output hook (``blocks.{layer}.hook_mlp_out``)
     that subtracts feature ``feature``'s decoder write (activation × W_dec row) at ``token``."""

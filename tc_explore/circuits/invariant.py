@@ -6,9 +6,11 @@ Conventions (plain weights, as in Dunefsky et al. 2024; no LayerNorm scale,
 since that depends on the input):
 
 * connection of upstream feature g (layer l' < l) to downstream feature f
-  (layer l): ``W_dec[l'][g] · W_enc[l][:, f]``;
-* logit effect of f: ``W_dec[f] @ W_U``;
-* direct de-embedding of f: ``W_E @ W_enc[:, f]``;
+  (layer l): ``W_dec[l'][g] · W_enc[l][:, f]``; for a cross-layer transcoder,
+  g's decoders summed over the target layers l' ≤ l'' < l that f reads;
+* logit effect of f: ``W_dec[f] @ W_U`` (a CLT feature's decoders summed over all its target layers);
+* direct de-embedding of f: ``W_E @ W_enc[:, f]`` (``W_E`` as written to the
+  residual stream: times sqrt(d_model) on Gemma);
 * OV de-embedding through head h of layer l' ≤ l: ``W_E @ OV_h @ W_enc[:, f]``
   with ``OV_h = W_V[h] @ W_O[h]`` (d_model × d_model, TransformerLens' row-vector
   convention: a residual vector x moves to ``x @ OV_h``). Heads of layers up to
@@ -78,12 +80,16 @@ def feature_connections(transcoders: TranscoderSet, layer: int, feature: int,
     if direction == "upstream":
         w_enc = _encoder(transcoders, layer, feature)                 # [d_model]
         for l in [l for l in transcoders.layers if l < layer]:
-            scores = transcoders[l].W_dec @ w_enc                     # [d_sae_l]
+            # a cross-layer transcoder's feature: its writes to the layers before `layer`
+            scores = transcoders.decoder_sum(l, before=layer) @ w_enc   # [d_sae_l]
             idx, val = _top(scores, k)
             rows += [(l, i, v) for i, v in zip(idx, val)]
     elif direction == "downstream":
-        w_dec = transcoders[layer].W_dec[feature]                     # [d_model]
+        dec = transcoders.decoder_rows(layer, [feature])[0]           # [n_targets, d_model]
+        targets = transcoders.target_layers(layer)
         for l in [l for l in transcoders.layers if l > layer]:
+            # the writes a reader at layer l sees: to the target layers before l
+            w_dec = dec[[i for i, t in enumerate(targets) if t < l]].sum(0)    # [d_model]
             scores = w_dec @ transcoders[l].W_enc                     # [d_sae_l]
             idx, val = _top(scores, k)
             rows += [(l, i, v) for i, v in zip(idx, val)]
@@ -107,7 +113,7 @@ def feature_connection_matrix(transcoders: TranscoderSet, up_layer: int, down_la
     if up_layer >= down_layer:
         raise InvalidInputError(f"up_layer ({up_layer}) must come before down_layer ({down_layer}): "
                                 "a feature only writes to later layers.")
-    W_dec, W_enc = transcoders[up_layer].W_dec, transcoders[down_layer].W_enc
+    W_dec, W_enc = transcoders.decoder_sum(up_layer, before=down_layer), transcoders[down_layer].W_enc
     if up_features is not None:
         up = torch.as_tensor([transcoders.check_feature(up_layer, int(f)) for f in up_features],
                              dtype=torch.long, device=W_dec.device)
@@ -145,7 +151,8 @@ def de_embeddings(model, transcoders: TranscoderSet, layer: int, feature: int,
     ``W_E @ W_enc[:, f]``, largest first. Columns token_id, token, score."""
     _check_k(k)
     w_enc = _encoder(transcoders, layer, feature)
-    scores = model_weights(model).W_E.to(w_enc.dtype) @ w_enc         # [d_vocab]
+    w = model_weights(model)
+    scores = (w.W_E.to(w_enc.dtype) @ w_enc) * w.embed_scale         # [d_vocab]
     idx, val = _top(scores, k)
     return pd.DataFrame({"token_id": idx, "token": token_strings(model, idx), "score": val})
 
@@ -187,10 +194,11 @@ def ov_de_embeddings(model, transcoders: TranscoderSet, layer: int, feature: int
     pulled = _ov_pullbacks(model, transcoders, layer, feature)        # [l, H, d_model]
     H = pulled.shape[1]
     head_idx, _ = _top(pulled.norm(dim=-1).reshape(-1), n_heads)
-    W_E = model_weights(model).W_E.to(pulled.dtype)
+    w = model_weights(model)
+    W_E = w.W_E.to(pulled.dtype)
     heads = [divmod(i, H) for i in head_idx]
     # One pass over W_E for all chosen heads: [d_vocab, d_model] @ [d_model, n_heads].
-    scores = W_E @ torch.stack([pulled[l, h] for l, h in heads], dim=1)
+    scores = (W_E @ torch.stack([pulled[l, h] for l, h in heads], dim=1)) * w.embed_scale
     rows = []
     for j, (l, h) in enumerate(heads):
         idx, val = _top(scores[:, j], k)

@@ -1,7 +1,7 @@
 """circuit-tracer transcoder sets: ``config.yaml`` plus per-layer safetensors.
 
 ``config.yaml`` (read with ``yaml.safe_load``): ``model_name``, ``model_kind``
-(``transcoder_set``), ``feature_input_hook`` / ``feature_output_hook`` (hook
+(``transcoder_set``; ``cross_layer_transcoder`` sets are read by :mod:`.clt`), ``feature_input_hook`` / ``feature_output_hook`` (hook
 suffixes such as ``ln2.hook_normalized`` / ``hook_mlp_out``, or
 ``hook_resid_mid`` / ``mlp.hook_out``), optionally ``transcoders``: one
 ``hf://REPO/PATH[?revision=REV]`` URI per layer; else files ``layer_{L}.safetensors``.
@@ -115,9 +115,9 @@ def read_circuit_tracer_config(path) -> dict:
     if not isinstance(cfg, dict):
         raise IncompatibleTranscoderError(f"{path}: config.yaml must hold a mapping.")
     kind = cfg.get("model_kind", "transcoder_set")
-    if kind != "transcoder_set":
+    if kind not in ("transcoder_set", "cross_layer_transcoder"):
         raise IncompatibleTranscoderError(
-            f"{path}: model_kind {kind!r} is not supported yet (only per-layer "
-            "'transcoder_set'; cross-layer transcoders are out of scope).")
+            f"{path}: model_kind {kind!r} is not supported (per-layer 'transcoder_set' or "
+            "'cross_layer_transcoder').")
     _need(cfg, ("feature_input_hook", "feature_output_hook"), path)
     return cfg

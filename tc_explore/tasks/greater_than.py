@@ -457,7 +457,7 @@ def year_profile(model, transcoders, features: Sequence[tuple[int, int]]) -> pd.
     years = year_token_ids(model)
     w = model_weights(model)
     W_U = w.W_U[:, years]                                 # [d_model, 100]
-    W_E = w.W_E[years]                                    # [100, d_model]
+    W_E = w.W_E[years] * w.embed_scale                    # [100, d_model]
     frames = []
     for layer, f in features:
         transcoders.check_feature(layer, f)
