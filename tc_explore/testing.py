@@ -109,6 +109,15 @@ def build_tiny_model(directory: str | Path, arch: str, n_layers: int = 2, d_mode
     return directory
 
 
+def mlp_io(model, tokens: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MLP of ``layer``'s input (``ln2.hook_normalized``) and output
+    (``hook_mlp_out``) on ``tokens``, from one cached forward pass."""
+    from .model import hook_ln2_normalized, hook_mlp_out
+    names = [hook_ln2_normalized(layer), hook_mlp_out(layer)]
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+    return cache[names[0]], cache[names[1]]
+
+
 def random_transcoder(d_model: int, d_sae: int, layer: int, seed: int = 0,
                       jumprelu: bool = False, skip: bool = False, centred: bool = True) -> Transcoder:
     """Random weights scaled so that a fraction of features fire on unit-RMS inputs."""

@@ -3,7 +3,6 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from tc_explore.circuits import invariant
 from tc_explore.corpus import Corpus
@@ -98,25 +97,6 @@ def test_standalone_export_inlines_plotly(index, tiny_model, tiny_transcoders, t
         assert fig.data
     with pytest.raises(InvalidInputError):
         export_html([], tmp_path / "empty.html")
-
-
-def test_prompt_feature_activations_equal_direct_encoding(tiny_model, tiny_transcoders):
-    tokens = tiny_model.to_tokens(PROMPT)
-    hooks = [tiny_transcoders.input_hook(layer) for layer in LAYERS]
-    _, cache = tiny_model.run_with_cache(tokens, names_filter=hooks)
-    acts = {layer: tiny_transcoders[layer].encode(cache[h][0]).detach() for layer, h in zip(LAYERS, hooks)}
-    df = feature_activations(tiny_model, tiny_transcoders, PROMPT, 5, 9)
-    assert df["token_id"].tolist() == tokens[0].tolist()
-    np.testing.assert_allclose(df["activation"], acts[5][:, 9].numpy(), rtol=1e-5, atol=1e-6)
-
-    top = top_features_per_token(tiny_model, tiny_transcoders, PROMPT, k=3, layers=LAYERS)
-    stacked = torch.cat([acts[layer] for layer in LAYERS], dim=-1)
-    for pos in range(tokens.shape[1]):
-        vals, idx = torch.topk(stacked[pos], 3)
-        want = [(LAYERS[int(i) // 64], int(i) % 64) for v, i in zip(vals, idx) if v > 0]
-        got = top[top["position"] == pos]
-        assert list(zip(got["layer"], got["feature"])) == want
-        assert got["rank"].tolist() == list(range(len(want)))
 
 
 def test_search_by_logits_and_examples(index, tiny_model, tiny_transcoders):
