@@ -327,3 +327,52 @@ def test_clt_invariant_connections_sum_over_target_layers(clt_setup):
     W_U = model_weights(model).W_U
     scores = w["W_dec"][1][4].sum(0) @ W_U
     assert boosted.token_id.tolist() == torch.topk(scores, 3).indices.tolist()
+
+
+# -- attribution graphs on the other blocks ---------------------------------------------------
+def test_attribution_graph_conserves_and_reads_pre_softcap_logits(setup):
+    from tc_explore.circuits import attribute
+    hub, model, tcs, ctx = setup
+    g = attribute(model, tcs, ctx, max_n_logits=3, dtype=torch.float64)
+    c = g.constants
+    scale = c[["edge_sum", "constant"]].abs().max(axis=1).clip(lower=1.0)
+    assert ((c.value - c.edge_sum - c.constant).abs() / scale).max() < 1e-6
+    _, cache = model.run_with_cache(ctx.tokens[None])
+    raw = _unembed(cache)[-1].double()                      # before Gemma 2's softcap
+    with torch.no_grad():
+        probs = torch.softmax(model(ctx.tokens[None])[0, -1].double(), -1)
+    by_id = c.set_index("node_id")
+    logit_rows = g.nodes[g.nodes.kind == "logit"]
+    assert len(logit_rows)
+    for r in logit_rows.itertuples():
+        assert by_id.loc[r.node_id, "value"] == pytest.approx(float(raw[r.index] - raw.mean()), abs=1e-4)
+        assert r.weight == pytest.approx(float(probs[r.index]), abs=1e-5)
+
+
+def test_attribution_edges_are_decompose_summed_over_paths(setup):
+    """Every edge into a feature target equals the sum over all paths (through
+    frozen heads, grouped-query heads and post-norms included) of decompose's
+    contributions of that source."""
+    from test_attribution import _expand, _src
+
+    from tc_explore.circuits import attribute
+    _, model, tcs, _ = setup
+    short = prompt_context(model, tcs, "The war lasted")
+    f = _active(short, 1, -1)[0]
+    target = feature_target(short, 1, f, -1)
+    g = attribute(model, tcs, short, dtype=torch.float64, targets=[target])
+    acc = {}
+    _expand(short, target, acc)
+    row = len(g) - 1
+    assert sum(1 for v in acc.values() if abs(v) > 1e-6) > 5
+    for j in range(len(g.nodes) - 1):
+        key = _src(g, j)
+        assert float(g.adjacency[row, j]) == pytest.approx(acc.get(key, 0.0), abs=1e-6), key
+
+
+def test_attribution_refuses_cross_layer_transcoders_clearly(clt_setup):
+    from tc_explore.circuits import attribute
+    from tc_explore.errors import InvalidInputError
+    _, _, model, clt, ctx = clt_setup
+    with pytest.raises(InvalidInputError, match="cross-layer"):
+        attribute(model, clt, ctx)

@@ -42,7 +42,7 @@ import torch
 from ..errors import InvalidInputError
 from ..model import Prompt, single_token_id
 from ..progress import progress_bar
-from .context import PromptContext, prompt_context, transcoder_reads_ln2
+from .context import INPUT_NORMALIZED, INPUT_RESID, PromptContext, prompt_context, transcoder_input_kind
 from .contributions import Target
 from .influence import cumulative_influence, graph_scores, node_influence, prune_masks
 from .linear import LinearisedModel
@@ -151,9 +151,14 @@ def _error64(ctx: PromptContext, layer: int) -> torch.Tensor:
 def _mlp_input64(ctx: PromptContext, layer: int) -> torch.Tensor:
     """[P, d_in] the transcoder's input recomputed from the float64 residual."""
     x = ctx.resid[2 * layer + 1]
-    if transcoder_reads_ln2(ctx.transcoders[layer], layer):
-        return (x - x.mean(-1, keepdim=True)) / ctx.ln2_scale[layer][:, None]
-    return x
+    kind = transcoder_input_kind(ctx.transcoders[layer], layer)
+    if kind == INPUT_RESID:
+        return x
+    x = ctx.arch.centre(x) / ctx.ln2_scale[layer][:, None]
+    if kind == INPUT_NORMALIZED:
+        return x
+    norm = ctx.arch.ln2[layer]
+    return x * norm.gain.to(x) + norm.bias.to(x)
 
 
 # -- the row computation ----------------------------------------------------------------------
@@ -178,7 +183,7 @@ def _compute_rows(lin: LinearisedModel, src: _Sources, rows: _Rows, out: torch.T
         if s >= 2 and s % 2 == 0:                    # writes of MLP l = s/2 - 1 land here
             _mlp_sources(s // 2 - 1, g, src, out, terms)
         elif s % 2 == 1:                             # attention l = (s-1)/2 wrote here
-            terms["attn_bias"] += (g.sum(1) @ lin.attn_bias[s // 2]).double()
+            terms["attn_bias"] += torch.einsum("bpd,pd->b", g, lin.attn_bias[s // 2, :P]).double()
         if s == 0:
             out[:, src.embed_col0:src.embed_col0 + P] = torch.einsum("bpd,pd->bp", g, src.embed[:P])
             terms["pos_embed"] += torch.einsum("bpd,pd->b", g, src.pos_embed[:P]).double()
@@ -221,11 +226,9 @@ class _TargetSpec:
 
 
 def _final_logits(ctx: PromptContext) -> torch.Tensor:
-    """[d_vocab] logits at the last position from the cached final residual."""
-    w = ctx.weights
-    x = ctx.resid[ctx.final_stage, -1]
-    x = (x - x.mean()) / ctx.final_scale[-1]
-    return x.to(w.W_U.dtype) @ w.W_U + w.b_U
+    """[d_vocab] logits at the last position from the cached final residual
+    (after any final softcap: they give the probabilities)."""
+    return ctx.logits_at(ctx.n_pos - 1)
 
 
 def _target_specs(ctx: PromptContext, targets, max_n_logits: int, desired_logit_prob: float
@@ -281,10 +284,12 @@ def _target_rows(ctx: PromptContext, lin: LinearisedModel, specs: list[_TargetSp
     for s in specs:
         if s.kind == "logit":
             u = W_U[:, s.index] - mean_u                       # demeaned unembedding column
-            v = u - u.mean()
+            # through the frozen final norm (its gain and centring, if any); the
+            # logit before any final softcap
+            v, ln_offset = ctx.arch.read_norm_out(ctx.arch.ln_final, u, ctx.final_scale[last])
             stage.append(ctx.final_stage), pos.append(last)
-            vecs.append(v / ctx.final_scale[last])            # float64 here; cast below
-            offset.append(float(w.b_U[s.index].double() - w.b_U.double().mean()))
+            vecs.append(v)                                     # float64 here; cast below
+            offset.append(float(w.b_U[s.index].double() - w.b_U.double().mean()) + ln_offset)
             value.append(float(vecs[-1] @ ctx.resid[ctx.final_stage, last]) + offset[-1])
         else:
             t = s.target
@@ -460,6 +465,11 @@ def attribute(model, transcoders, prompt: Prompt | PromptContext, *, targets=Non
                                           or not isinstance(max_feature_nodes, int) or max_feature_nodes < 0):
         raise InvalidInputError(f"max_feature_nodes must be None or a non-negative integer, "
                                 f"got {max_feature_nodes!r}.")
+    if getattr(transcoders, "is_cross_layer", False) or (
+            isinstance(prompt, PromptContext) and prompt.transcoders.is_cross_layer):
+        raise InvalidInputError(
+            "Attribution graphs do not handle cross-layer transcoders yet; use decompose / "
+            "find_paths (exact for CLTs) or a per-layer transcoder set.")
     ctx = prompt if isinstance(prompt, PromptContext) else prompt_context(model, transcoders, prompt)
     if device is None:
         device = transcoders.device if transcoders is not None else ctx.resid.device

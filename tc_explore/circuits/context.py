@@ -226,6 +226,18 @@ class PromptContext:
         transcoder's output hook)."""
         return self.mlp_target[layer] - self.transcoder_out(layer).double()
 
+    def logits_at(self, token: int) -> torch.Tensor:
+        """[d_vocab] the model's logits at ``token`` (after any final softcap),
+        from the cached final residual stream."""
+        w, arch = self.weights, self.arch
+        norm = arch.ln_final
+        x = arch.centre(self.resid[self.final_stage, token]) / self.final_scale[token]
+        x = x * norm.gain.to(x) + norm.bias.to(x)
+        logits = x.to(w.W_U.dtype) @ w.W_U + w.b_U
+        if arch.logit_softcap is not None:
+            logits = arch.logit_softcap * torch.tanh(logits / arch.logit_softcap)
+        return logits
+
     # -- reading directions through the frozen norms --------------------------------------
     def attn_write_reading(self, layer: int, token: int, v: torch.Tensor) -> torch.Tensor:
         """Direction on attention ``layer``'s raw output (heads + b_O) at

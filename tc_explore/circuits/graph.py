@@ -157,7 +157,7 @@ class CircuitGraph:
 
         probs = None
         if target.node.kind == "logit":
-            logits = _logits_at(ctx, target.token)
+            logits = ctx.logits_at(target.token)
             probs = torch.softmax(logits, -1)
         nodes: dict[str, GraphNode] = {}
         ids: dict[Node, str] = {}
@@ -307,18 +307,6 @@ def _node_from_record(rec: dict) -> tuple[Node, int | None]:
     if ftype == "logit":
         return Node("logit", None, int(rec["feature"]), pos), int(rec["feature"])
     return Node(ftype or "unknown", None, None, pos), None
-
-
-def _logits_at(ctx, token: int) -> torch.Tensor:
-    """The model's logits at ``token`` (after any final softcap), from the cached residual."""
-    w, arch = ctx.weights, ctx.arch
-    norm = arch.ln_final
-    x = arch.centre(ctx.resid[ctx.final_stage, token]) / ctx.final_scale[token]
-    x = x * norm.gain.to(x) + norm.bias.to(x)
-    logits = x.to(w.W_U.dtype) @ w.W_U + w.b_U
-    if arch.logit_softcap is not None:
-        logits = arch.logit_softcap * torch.tanh(logits / arch.logit_softcap)
-    return logits
 
 
 def _clerp(ctx, k: Node, member: Node, target) -> str:
