@@ -22,7 +22,8 @@ from .formats import (parse_hf_uri, read_circuit_tracer_config, read_circuit_tra
 from .integrity import reading, verify_hub_file
 from .model import as_dtype, default_device, hook_ln2_normalized, hook_mlp_out, layer_hook
 from .registry import RegistryEntry, registry, resolve
-from .transcoder import CrossLayerTranscoderSet, LayerInfo, Transcoder, TranscoderSet
+from .cross_layer import CrossLayerTranscoderSet
+from .transcoder import LayerInfo, Transcoder, TranscoderSet
 
 # -- downloading ---------------------------------------------------------------------
 def download(repo_id: str, filename: str, revision: str | None = None) -> Path:

@@ -155,10 +155,10 @@ def download_index(repo_id: str, revision: str | None = None, cache_dir: str | o
         path = snapshot_download(repo_id, repo_type=REPO_TYPE, revision=revision, cache_dir=cache_dir,
                                  token=token, local_files_only=local_files_only)
     except LocalEntryNotFoundError as err:
-        from huggingface_hub import constants
+        from ..hub_access import cache_dir as default_cache_dir
         raise OfflineFileMissingError(
             f"The index {repo_id!r}{f' at revision {revision!r}' if revision else ''} is not in "
-            f"the local Hugging Face cache ({cache_dir or constants.HF_HUB_CACHE}) and cannot be "
+            f"the local Hugging Face cache ({cache_dir or default_cache_dir()}) and cannot be "
             f"downloaded now (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}). Download "
             f"it once while online (`tc-explore index pull {repo_id}`), or open a local copy "
             "with FeatureIndex.load.") from err
