@@ -7,6 +7,7 @@ registry resolves to the right files, conservation for every target kind,
 brute-force frozen-forward checks of individual contributions (features and
 grouped-query heads), recursion, and the replaced model with errors kept equal
 to the original."""
+import numpy as np
 import pytest
 import torch
 
@@ -376,3 +377,55 @@ def test_attribution_refuses_cross_layer_transcoders_clearly(clt_setup):
     _, _, model, clt, ctx = clt_setup
     with pytest.raises(InvalidInputError, match="cross-layer"):
         attribute(model, clt, ctx)
+
+
+# -- index, dashboards and weight views on the other blocks and on CLTs ----------------------
+def _index_and_views(model, tcs, tmp_path):
+    from tc_explore.corpus import Corpus
+    from tc_explore.index import FeatureIndex
+    from tc_explore.testing import fixture_texts
+    from tc_explore.weight_views import WeightViews
+    corpus = Corpus.from_texts(fixture_texts(30, seed=2), model, 12, seed=0)
+    index = FeatureIndex.build(model, tcs, corpus, 12 * 12, tmp_path / "idx", k=4, n_samples=6,
+                               batch_size=6, window=(3, 1))
+    views = WeightViews.build(model, tcs, tmp_path / "views", k=4, n_heads=2, chunk_size=32)
+    return index, views
+
+
+def _check_dashboard_and_views(model, tcs, index, views, layer):
+    from tc_explore.dashboard import feature_dashboard
+    from tc_explore.circuits import invariant
+    stats = index.table(layer, "stats")
+    f = int(stats.sort_values("n_firing", ascending=False)["feature"].iloc[0])
+    d = feature_dashboard(index, layer, f, model, tcs, k=4)
+    assert d.n_firing > 0 and d.top_examples
+    live = {"upstream": invariant.feature_connections(tcs, layer, f, "upstream", k=4),
+            "downstream": invariant.feature_connections(tcs, layer, f, "downstream", k=4)}
+    for name in ("upstream", "downstream"):
+        got = views.connections(layer, f, name, 4)
+        assert got.layer.tolist() == live[name].layer.tolist()
+        assert got.feature.tolist() == live[name].feature.tolist()
+        assert np.allclose(got.score.to_numpy(float), live[name].score.to_numpy(float), rtol=1e-4, atol=1e-5)
+    boosted, _ = invariant.logit_effects(model, tcs, layer, f, k=4)
+    assert views.logit_effects(model, layer, f, 4)[0].token_id.tolist() == boosted.token_id.tolist()
+    de = invariant.de_embeddings(model, tcs, layer, f, k=4)
+    w = model_weights(model)
+    scores = (w.W_E.double() * w.embed_scale) @ tcs[layer].W_enc[:, f].double()   # what a token writes
+    assert de.token_id.tolist() == torch.topk(scores, 4).indices.tolist()
+    assert np.allclose(de.score.to_numpy(float), torch.topk(scores, 4).values.numpy(), rtol=1e-4)
+    assert views.de_embeddings(model, layer, f, 4).token_id.tolist() == de.token_id.tolist()
+    norms = invariant.ov_norms(model, tcs, layer, f)
+    assert len(norms) == (layer + 1) * 4                     # one OV circuit per query head
+    assert np.allclose(views.ov_norms(layer, f).norm.to_numpy(float), norms.norm.to_numpy(float), rtol=1e-4)
+
+
+def test_index_dashboards_and_weight_views(setup, tmp_path):
+    _, model, tcs, _ = setup
+    index, views = _index_and_views(model, tcs, tmp_path)
+    _check_dashboard_and_views(model, tcs, index, views, 2)
+
+
+def test_clt_index_dashboards_and_weight_views(clt_setup, tmp_path):
+    _, _, model, clt, _ = clt_setup
+    index, views = _index_and_views(model, clt, tmp_path)
+    _check_dashboard_and_views(model, clt, index, views, 2)
