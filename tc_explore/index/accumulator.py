@@ -10,6 +10,8 @@ Memory is O(d_sae * (k + n_samples)) per layer plus one batch of activations.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import math
 from typing import Sequence
 
@@ -96,6 +98,34 @@ def _ranks_in_segments(sorted_keys: torch.Tensor) -> torch.Tensor:
     i = torch.arange(sorted_keys.numel(), device=sorted_keys.device)
     first = torch.where(_segment_starts(sorted_keys), i, 0).cummax(0).values
     return i - first
+
+
+def _argsort_small(key: torch.Tensor, bound: int) -> torch.Tensor:
+    """Stable ascending argsort of a 1-D integer tensor with values in
+    [0, bound): on CPU, below 2**16, numpy's radix sort on uint16 (O(n),
+    several times faster than a comparison sort)."""
+    if key.device.type == "cpu" and bound <= 2 ** 16:
+        return torch.from_numpy(np.argsort(key.numpy().astype(np.uint16), kind="stable"))
+    return _argsort(key, stable=True)
+
+
+@dataclass
+class Entries:
+    """The nonzero activations of one layer on a batch, token-major (row-major
+    over ``[n_tok, d_sae]``): token row, feature, value. The sparse form a
+    fused accumulator gathers layer by layer, so all layers' dense
+    activations are never held at once."""
+    row: torch.Tensor             # [nnz] int64 token index in the batch
+    feature: torch.Tensor         # [nnz] int64
+    value: torch.Tensor           # [nnz]
+
+    @classmethod
+    def of(cls, acts: torch.Tensor) -> "Entries":
+        """The nonzeros of ``acts [n_seq, seq_len, d_sae]`` (contiguous)."""
+        d_sae = acts.shape[-1]
+        flat = acts.reshape(-1, d_sae)
+        row, f = _nonzero_2d(flat)
+        return cls(row, f, flat.reshape(-1).index_select(0, row * d_sae + f))
 
 
 def _nonzero_2d(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,8 +313,8 @@ class _LayerAccumulator:
     while it streams.
 
     Fused (``layer`` and ``d_sae`` sequences), the layers' features are rows
-    of one set of tensors, and ``update`` takes their activations concatenated
-    along the feature axis. Every statistic is per feature, so the result is the
+    of one set of tensors, and ``update`` takes one activation tensor (or its
+    ``Entries``) per layer. Every statistic is per feature, so the result is the
     same as separate accumulators'; on CUDA, where an update is bound by its
     ~400 kernel launches rather than by arithmetic, one update for all layers
     instead of one per layer removes most of the index's overhead."""
@@ -308,19 +338,35 @@ class _LayerAccumulator:
         self.feature_key = torch.as_tensor(np.concatenate(
             [_feature_hash(l, n, seed) for l, n in zip(layers, sizes)]), device=device)
 
-    def update(self, acts: torch.Tensor, token_key: torch.Tensor, first_token: int) -> None:
-        """Fold in ``acts [n_seq, seq_len, d_sae]`` of consecutive sequences whose
-        first token has global index ``first_token``; ``token_key [n_seq, seq_len]``
-        is the hash of each token's global index."""
-        n_seq, seq_len, d_sae = acts.shape
+    def update(self, acts: torch.Tensor | Sequence, token_key: torch.Tensor, first_token: int) -> None:
+        """Fold in the activations of consecutive sequences whose first token has
+        global index ``first_token``: ``acts [n_seq, seq_len, d_sae]``, or for a
+        fused accumulator one such tensor (or its ``Entries``) per layer, in
+        layer order; ``token_key [n_seq, seq_len]`` is the hash of each
+        token's global index."""
+        parts = [acts] if isinstance(acts, (torch.Tensor, Entries)) else list(acts)
+        if len(parts) != len(self.rows):
+            raise ValueError(f"expected activations of {len(self.rows)} layer(s), got {len(parts)}")
+        n_seq, seq_len = token_key.shape
         n_tok = n_seq * seq_len
-        flat = acts.reshape(-1)                                     # a view: acts is contiguous
+        entries = [p if isinstance(p, Entries) else Entries.of(p) for p in parts]
+        offsets = [r.start for r in self.rows.values()]
+        if len(entries) == 1:
+            row, f, vals = entries[0].row, entries[0].feature, entries[0].value
+        else:
+            row = torch.cat([e.row for e in entries])
+            f = torch.cat([e.feature + o for e, o in zip(entries, offsets)])
+            vals = torch.cat([e.value for e in entries])
+        del entries, parts
+        d_sae = self.n_firing.shape[0]                              # rows of all layers
         # Every nonzero activation once, feature-major (a feature's entries
         # contiguous and in token order): the order of a batch's candidates.
-        row, f = _nonzero_2d(acts.reshape(n_tok, d_sae))            # [nnz] row-major
-        vals = flat.index_select(0, row * d_sae + f)                # [nnz]
         fr = f * n_tok + row                                        # [nnz] distinct
-        order = _argsort(fr)
+        if f.device.type == "cpu" and d_sae <= 2 ** 16:
+            # Entries are token-major: a stable radix sort by feature alone does it.
+            order = _argsort_small(f, d_sae)
+        else:
+            order = _argsort(fr)
         fr, row, f, vals = (t.index_select(0, order) for t in (fr, row, f, vals))
         # Position in the sequence by table look-up (integer division is slow on CPU).
         pos = (torch.arange(n_tok, device=row.device) % seq_len).index_select(0, row)

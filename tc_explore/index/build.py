@@ -23,7 +23,7 @@ from ..errors import InvalidInputError
 from ..model import check_context, model_device
 from ..progress import progress_bar
 from ..transcoder import TranscoderSet
-from .accumulator import _Best, _LayerAccumulator, _token_hash, histogram_edges
+from .accumulator import Entries, _Best, _LayerAccumulator, _token_hash, histogram_edges
 from .storage import (FORMAT_VERSION, IndexManifest, _flat_windows,
                       atomic_write_json, atomic_write_parquet, read_layer_state, read_manifest,
                       tokens_schema, write_layer)
@@ -184,6 +184,7 @@ def _run_batches(model, transcoders: TranscoderSet, out: Path, manifest: IndexMa
     stop_at = None if stop_at >= int(model.cfg.n_layers) else stop_at
     tokens_file = pq.ParquetFile(out / "tokens.parquet")
     bar = _progress(n_batches, done, s.progress)
+    updates = _Background()
     new_batches = 0
     last_saved = done
     for b in range(done, n_batches):
@@ -200,22 +201,62 @@ def _run_batches(model, transcoders: TranscoderSet, out: Path, manifest: IndexMa
             _, cache = model.run_with_cache(toks.to(device), names_filter=lambda n: n in hooks,
                                             stop_at_layer=stop_at)
             for group in groups:
-                acts = [transcoders[l].encode(cache[transcoders.input_hook(l)].to(transcoders.device))
-                        for l in group]
-                acts = acts[0] if len(acts) == 1 else torch.cat(acts, dim=-1)  # [n_seq, seq_len, features]
-                accs[group[0]].update(acts, token_key, first_token)
+                acts = []                                       # [n_seq, seq_len, d_sae] per layer
+                for l in group:
+                    a = transcoders[l].encode(cache[transcoders.input_hook(l)].to(transcoders.device))
+                    # Fused, each layer is cut to its nonzeros at once: all layers'
+                    # dense activations would be gigabytes at GPU batch sizes.
+                    acts.append(a if len(group) == 1 else Entries.of(a))
+                    del a
+                updates.submit(accs[group[0]].update, acts, token_key, first_token)
                 del acts
             del cache
         new_batches += 1
         bar.update(1)
         if (b + 1) % s.checkpoint_every == 0 and b + 1 < n_batches:
+            updates.wait()
             _save_checkpoint(out, b + 1, accs)
             last_saved = b + 1
+    updates.close()
     bar.close()
     reached = done + new_batches
     if reached < n_batches and reached > last_saved:
         _save_checkpoint(out, reached, accs)
     return reached
+
+
+class _Background:
+    """Accumulator updates on a worker thread, one at a time, so that a layer's
+    update overlaps the next layer's (or batch's) forward and encoding: on a
+    CPU the update is mostly single-threaded numpy and torch work that leaves
+    the other cores idle; on a GPU its launches and host syncs overlap the
+    next kernels being queued. Updates still run in order, and ``wait``
+    returns once the last has finished (and re-raises its error)."""
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tc-index-update")
+        self._pending = None
+
+    @staticmethod
+    def _run(fn, args):
+        with torch.inference_mode():                            # grad mode is per thread
+            fn(*args)
+
+    def submit(self, fn, *args) -> None:
+        self.wait()
+        self._pending = self._pool.submit(self._run, fn, args)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 # -- merging -----------------------------------------------------------------------------
