@@ -1,77 +1,10 @@
-"""Training transcoders for a model's MLP sublayers.
+"""Training transcoders for a model's MLP sublayers: ``train_transcoders``
+(all layers in one pass over the data, resumable from checkpoints) and
+``save_transcoder_set`` (the gpt2-small file layout plus a registry entry, so
+``load_transcoders(directory)`` reads the set).
 
-A transcoder for layer L reads the MLP's input hook (default
-``blocks.L.ln2.hook_normalized``) and learns to predict its output hook
-(default ``blocks.L.hook_mlp_out``) through a wide, sparsely active ReLU layer::
-
-    acts = relu((x - b_dec) @ W_enc + b_enc)      out = acts @ W_dec + b_dec_out
-
-One forward pass of the model over a batch of token sequences feeds the
-activation buffer of *every* selected layer, so all layers train in a single
-pass over the data.
-
-Loss (per layer, then summed over layers)::
-
-    loss = E ||out - y||^2 / sigma^2  +  l1 * E[ sum_f acts_f * ||W_dec[f]|| ] / sigma
-
-where ``y`` is the true MLP output, ``mu`` its mean and ``sigma^2 = E ||y - mu||^2``
-(both measured on the first buffer fill and fixed afterwards).
-
-Which normalisation, and why:
-
-* The reconstruction term is the squared error divided by the target's
-  variance, i.e. a running estimate of the fraction of variance unexplained
-  (FVU). Layers whose MLP writes large vectors and layers that write small ones
-  get the same weight, and one ``l1_coefficient`` means the same trade-off in
-  every layer and every model.
-* The sparsity term weights each activation by the L2 norm of that feature's
-  decoder row and divides by ``sigma`` (the scale of the target), which makes
-  it dimensionless like the first term. Weighting by the decoder norm makes the
-  penalty invariant to the rescaling ``W_enc[:, f] *= c, b_enc[f] *= c,
-  W_dec[f] /= c``, which leaves the transcoder's function unchanged: without it
-  the optimiser could shrink activations and grow decoder rows to dodge the
-  penalty. So the decoder rows need no projection onto the unit sphere during
-  training (we leave them free).
-
-Units: internally the transcoder works on ``x / rms(x)`` and predicts ``y /
-sigma`` (both scales measured on the first buffer fill), so that Adam's step
-sizes mean the same for a model whose MLPs write vectors of norm 0.01 and one
-whose MLPs write norm 100; the scales are folded back into the weights on
-export. In these units the loss above is exactly ``E||out' - y'||^2 + l1 *
-E[sum_f acts_f ||W_dec'[f]||]``.
-
-Decoder-norm handling: at the end (and in every file written) the decoder
-rows are rescaled to unit L2 norm with the inverse scale folded into the
-encoder column and encoder bias, so the function is exactly preserved and a
-feature's activation equals the norm of what it writes into the residual
-stream, the convention of the published gpt2-small transcoders.
-
-Dead features: each layer counts, per feature, the steps since it last fired;
-a feature that has not fired for ``dead_window`` steps is dead. With
-``resample_every`` set, dead features are re-initialised every so many steps
-(during the first ``resample_until`` fraction of training): the encoder column
-points at the centred input, and the decoder row at the reconstruction error,
-of a training vector drawn with probability proportional to its squared error;
-their Adam moments are reset.
-
-Learning rate: linear warm-up over ``warmup_steps``, constant, then linear decay
-to zero over the last ``decay_frac`` of the steps. The L1 coefficient can be
-warmed up too (``l1_warmup_steps``), which keeps features alive early on.
-
-Checkpoints (``checkpoint_dir``, every ``checkpoint_every`` steps and at the
-end) hold the transcoders, the optimiser, counters and the number of token
-sequences consumed; they are written to a temporary file and renamed, so a
-crash never leaves half a checkpoint. ``train_transcoders(..., resume=True)``
-continues from one: it skips the token sequences already read and refills the
-buffer from there (activations that sat in the buffer unused at checkpoint time
-are not revisited).
-
-Output (:func:`save_transcoder_set`): one ``torch.save`` file per layer in the
-gpt2-small layout (``write_gpt2_transcoder``), one file of log10 firing
-frequencies per layer (``write_log_feature_sparsity``, the meaning of the
-published ``_log_feature_sparsity`` files, measured over the final buffer with
-the final weights), and a ``transcoders.json`` registry entry, so that
-``load_transcoders(directory)`` reads the set.
+The loss, its normalisation and why, the units, decoder norms, dead-feature
+resampling, schedules and checkpoints are described in ``docs/training.md``.
 """
 from __future__ import annotations
 
@@ -81,7 +14,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -90,6 +23,7 @@ from .formats import write_gpt2_transcoder, write_log_feature_sparsity
 from .integrity import atomic_write, write_text_atomic
 from .model import (check_layer, check_model_surface, hook_ln2_normalized, hook_mlp_out, layer_hook,
                     model_device)
+from .activation_buffer import ActivationBuffer
 from .progress import progress_bar
 from .transcoder import Transcoder, TranscoderSet
 
@@ -184,138 +118,6 @@ class TrainingResult:
         ts = TranscoderSet.from_transcoders(self.transcoders, name=name, model_name=model_name)
         ts._frequency_loaders = {l: (lambda t=freqs[l]: t) for l in freqs}
         return ts
-
-
-# -- the token stream and the activation buffer -------------------------------------------
-def _sequence_batches(tokens, batch_size: int, skip: int) -> Iterator[torch.Tensor]:
-    """Batches of token sequences from a [n, ctx] tensor or an iterable of
-    [b, ctx] tensors, after skipping ``skip`` sequences."""
-    if isinstance(tokens, torch.Tensor):
-        if tokens.ndim != 2 or tokens.dtype not in (torch.long, torch.int32, torch.int64):
-            raise InvalidInputError(f"tokens must be an integer tensor [n_sequences, ctx], got "
-                                    f"{tuple(tokens.shape)} {tokens.dtype}.")
-        for start in range(skip, tokens.shape[0], batch_size):
-            yield tokens[start:start + batch_size]
-        return
-    pending = skip
-    for batch in tokens:
-        batch = torch.as_tensor(batch)
-        if batch.ndim == 1:
-            batch = batch[None]
-        if batch.ndim != 2:
-            raise InvalidInputError(f"Each token batch must be [batch, ctx], got "
-                                    f"{tuple(batch.shape)}.")
-        if pending >= batch.shape[0]:
-            pending -= batch.shape[0]
-            continue
-        batch, pending = batch[pending:], 0
-        for start in range(0, batch.shape[0], batch_size):
-            yield batch[start:start + batch_size]
-
-
-class ActivationBuffer:
-    """Shuffled (input, output) activation pairs of every layer, filled by one
-    model forward per token batch. Half the buffer is served, refilled with
-    fresh activations, and the whole buffer reshuffled."""
-
-    def __init__(self, model, tokens, layers: list[int], in_hooks: list[str],
-                 out_hooks: list[str], capacity: int, model_batch_size: int,
-                 seed: int, skip_sequences: int = 0):
-        self.model, self.layers = model, layers
-        self.in_hooks, self.out_hooks = in_hooks, out_hooks
-        self.names = set(in_hooks) | set(out_hooks)
-        self.capacity = capacity
-        self.stream = _sequence_batches(tokens, model_batch_size, skip_sequences)
-        self.sequences_consumed = skip_sequences
-        self.generator = torch.Generator().manual_seed(seed)
-        self.stop_layer = self._stop_layer()
-        self.x: torch.Tensor | None = None
-        self.y: torch.Tensor | None = None
-        self.size = 0          # valid rows
-        self.served = 0
-        self.exhausted = False
-        self._pending_x: list[torch.Tensor] = []
-        self._pending_y: list[torch.Tensor] = []
-        self._pending_n = 0
-
-    def _stop_layer(self) -> int | None:
-        n = int(self.model.cfg.n_layers)
-        deepest = -1
-        for name in self.names:
-            parts = name.split(".")
-            if parts[0] != "blocks":
-                return None
-            deepest = max(deepest, int(parts[1]))
-        return deepest + 1 if deepest + 1 < n else None
-
-    @torch.no_grad()
-    def _activations(self, n_needed: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``n_needed`` fresh rows (fewer if the stream ends): x [n, L, d_in], y [n, L, d_out]."""
-        while self._pending_n < n_needed and not self.exhausted:
-            try:
-                batch = next(self.stream)
-            except StopIteration:
-                self.exhausted = True
-                break
-            kwargs = {"names_filter": lambda n: n in self.names}
-            if self.stop_layer is not None:
-                kwargs["stop_at_layer"] = self.stop_layer
-            _, cache = self.model.run_with_cache(batch.to(model_device(self.model)), **kwargs)
-            xs = torch.stack([cache[h].reshape(-1, cache[h].shape[-1]) for h in self.in_hooks], 1)
-            ys = torch.stack([cache[h].reshape(-1, cache[h].shape[-1]) for h in self.out_hooks], 1)
-            self._pending_x.append(xs.float())
-            self._pending_y.append(ys.float())
-            self._pending_n += xs.shape[0]
-            self.sequences_consumed += batch.shape[0]
-        if self._pending_n == 0:
-            return None
-        x, y = torch.cat(self._pending_x), torch.cat(self._pending_y)
-        take = min(n_needed, x.shape[0])
-        self._pending_x, self._pending_y = [x[take:]], [y[take:]]
-        self._pending_n = x.shape[0] - take
-        return x[:take], y[:take]
-
-    def _shuffle(self) -> None:
-        perm = torch.randperm(self.size, generator=self.generator)
-        self.x[:self.size] = self.x[:self.size][perm]
-        self.y[:self.size] = self.y[:self.size][perm]
-
-    def fill(self) -> None:
-        got = self._activations(self.capacity)
-        if got is None:
-            raise InvalidInputError("The token stream is empty: no activations to train on.")
-        self.x, self.y = got[0].clone(), got[1].clone()
-        self.size = self.x.shape[0]
-        self.served = 0
-        self._shuffle()
-
-    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self.x is None:
-            self.fill()
-        if self.served + batch_size > self.size // 2 or self.served + batch_size > self.size:
-            self._refill_half()
-            if self.served + batch_size > self.size:
-                return None
-        start = self.served
-        self.served += batch_size
-        return self.x[start:start + batch_size], self.y[start:start + batch_size]
-
-    def _refill_half(self) -> None:
-        used = self.served
-        got = self._activations(used) if used else None
-        if got is not None:
-            n = got[0].shape[0]
-            self.x[:n], self.y[:n] = got
-            if n < used:  # the stream ended: drop the served rows we could not replace
-                keep = torch.cat([torch.arange(n), torch.arange(used, self.size)])
-                self.x, self.y = self.x[keep], self.y[keep]
-                self.size = self.x.shape[0]
-        elif used:
-            self.x, self.y = self.x[used:self.size], self.y[used:self.size]
-            self.size = self.x.shape[0]
-        self.served = 0
-        if self.size:
-            self._shuffle()
 
 
 # -- the trainable transcoders --------------------------------------------------------
