@@ -429,3 +429,46 @@ def test_clt_index_dashboards_and_weight_views(clt_setup, tmp_path):
     _, _, model, clt, _ = clt_setup
     index, views = _index_and_views(model, clt, tmp_path)
     _check_dashboard_and_views(model, clt, index, views, 2)
+
+
+# -- path search, and loading in half precision ------------------------------------------------
+def _check_paths(ctx):
+    from tc_explore.circuits import find_paths
+    t = logit_diff_target(ctx, " war", " cat")
+    search = find_paths(ctx, t, iterations=3, branches=6,
+                        exclude_kinds=("error", "embed", "pos_embed", "attn_bias", "dec_bias", "offset"))
+    deepest = max(p.iteration for p in search.paths)
+    assert deepest >= 2
+    for p in [p for p in search.paths if p.iteration == deepest][:3]:
+        # each step's value is the contribution of its node to the previous step's next target
+        prev = t
+        for c in p.contributions:
+            assert decompose(ctx, prev).contribution_of(c.node).value == pytest.approx(c.value, abs=1e-6)
+            prev = c.next_target
+        assert decompose(ctx, p.contributions[-2].next_target).total == \
+            pytest.approx(p.contributions[-2].value, abs=TOL)
+
+
+def test_path_search(setup):
+    _check_paths(setup[3])
+
+
+def test_clt_path_search(clt_setup):
+    _check_paths(clt_setup[4])
+
+
+def test_bfloat16_loading_of_model_and_transcoders(setup, offline_hub):
+    hub, model32, _, _ = setup
+    model = load_model(hub.model_repo, device="cpu", dtype="bfloat16")
+    tcs = load_transcoders(hub.set_name, layers=list(range(hub.n_layers)), device="cpu", dtype=torch.bfloat16)
+    assert model.W_E.dtype == torch.bfloat16 and tcs[0].W_enc.dtype == torch.bfloat16
+    ctx = prompt_context(model, tcs, PROMPT)
+    t = logit_diff_target(ctx, " war", " cat")
+    assert decompose(ctx, t).total == pytest.approx(t.value, abs=0.05 * max(1.0, abs(t.value)))
+    with torch.no_grad():
+        a, b = model(ctx.tokens[None]).float(), model32(ctx.tokens[None])
+    assert torch.allclose(a, b, atol=0.1)
+    if hub.arch in CLT_FIXTURES:
+        build_clt_hub(offline_hub.hf_home, hub.arch, n_layers=hub.n_layers, d_model=hub.d_model)
+        clt16 = load_transcoders(CLT_FIXTURES[hub.arch], device="cpu", dtype="float16")
+        assert clt16[0].W_enc.dtype == torch.float16 and clt16.decoder_rows(0, [1]).dtype == torch.float16
