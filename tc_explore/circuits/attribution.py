@@ -44,7 +44,8 @@ from ..model import Prompt, single_token_id
 from ..progress import progress_bar
 from .context import INPUT_NORMALIZED, INPUT_RESID, PromptContext, prompt_context, transcoder_input_kind
 from .contributions import Target
-from .influence import cumulative_influence, graph_scores, node_influence, prune_masks
+from .influence import (_influence_by_levels, _inverse_row_sums, cumulative_influence, graph_scores,
+                        node_influence, prune_masks)
 from .linear import LinearisedModel
 
 __all__ = ["attribute", "AttributionGraph", "NODE_KINDS", "CONSTANT_TERMS"]
@@ -67,6 +68,17 @@ class _Rows:
 
 
 @dataclass
+class _LayerWrites:
+    """One layer's feature writes, padded per position for one batched matmul:
+    ``padded[p - first, k]`` is the k-th active feature at position p (zeros
+    past ``counts[p]``); ``valid`` picks the real entries, in column order."""
+    padded: torch.Tensor     # [P - first, n_max, d]
+    valid: torch.Tensor      # [n_layer] flat indices into [P - first, n_max]
+    counts: torch.Tensor     # [P - first] active features per position
+    col0: int
+
+
+@dataclass
 class _Sources:
     """Every source's write, grouped as the backward pass meets them."""
     n_features: int
@@ -74,7 +86,7 @@ class _Sources:
     feat_pos: torch.Tensor          # [N]
     feat_index: torch.Tensor        # [N]
     feat_act: torch.Tensor          # [N]
-    writes: dict[int, list[tuple[int, int, int, torch.Tensor]]]   # layer -> (pos, col0, col1, [n, d])
+    writes: dict[int, _LayerWrites]
     err_layers: list[int]
     err_pos: list[int]
     errors: torch.Tensor            # [n_err_layers, P, d]
@@ -101,35 +113,34 @@ def _collect_sources(ctx: PromptContext, lin: LinearisedModel, keep_bos: bool) -
     col = 0
     for l in tc_layers:
         a = ctx.feature_acts(l)                                         # [P, d_sae]
-        nz = torch.nonzero(a[first:]).to(a.device)
+        nz = torch.nonzero(a[first:])                                   # sorted by (pos, feature)
         p, f = nz[:, 0] + first, nz[:, 1]
         v = a[p, f]
+        counts = torch.bincount(p - first, minlength=P - first).cpu()
+        n_max = int(counts.max()) if counts.numel() else 0
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(len(p)) - starts[(p - first).cpu()]         # rank within its position
+        flat = (p - first).cpu() * n_max + slot
         W_dec = ctx.transcoders[l].W_dec
-        groups = []
-        for pp in range(first, P):
-            sel = p == pp
-            n = int(sel.sum())
-            if n:
-                w = (v[sel, None].double() * W_dec[f[sel]].double()).to(device=dev, dtype=dt)
-                groups.append((pp, col, col + n, w))
-                col += n
-        writes[l] = groups
+        padded = torch.zeros((P - first) * n_max, W_dec.shape[1], device=dev, dtype=dt)
+        padded[flat.to(dev)] = (v[:, None].double() * W_dec[f].double()).to(device=dev, dtype=dt)
+        writes[l] = _LayerWrites(padded.reshape(P - first, n_max, -1), flat.to(dev), counts, col)
+        col += len(p)
         layers.append(torch.full_like(f, l)), poss.append(p), idxs.append(f), acts.append(v.float())
     cat = lambda xs, dtype: torch.cat(xs).cpu() if xs else torch.zeros(0, dtype=dtype)  # noqa: E731
     feat_layer, feat_pos = cat(layers, torch.long), cat(poss, torch.long)
     feat_index, feat_act = cat(idxs, torch.long), cat(acts, torch.float32)
     N = col
     err_pos = list(range(first, P))
-    errors = torch.stack([_error64(ctx, l) for l in tc_layers]).to(device=dev, dtype=dt) \
+    errors64 = {l: _error64(ctx, l) for l in tc_layers}
+    errors = torch.stack([errors64[l] for l in tc_layers]).to(device=dev, dtype=dt) \
         if tc_layers else torch.zeros(0, P, lin.W_O.shape[-1], device=dev, dtype=dt)
     n_err = len(tc_layers) * len(err_pos)
     dec_bias = {l: ctx.transcoders[l].b_dec_out.to(device=dev, dtype=dt) for l in tc_layers}
     bos_write = {}
     if not keep_bos:
         for l in tc_layers:
-            tc = ctx.transcoders[l]
-            feats = ctx.feature_acts(l)[0].double() @ tc.W_dec.double()
-            bos_write[l] = (feats + _error64(ctx, l)[0]).to(device=dev, dtype=dt)
+            bos_write[l] = (_decoded64(ctx, l, 0) + errors64[l][0]).to(device=dev, dtype=dt)
     mlp_out = {l: ctx.mlp_out[l].to(device=dev, dtype=dt) for l in range(ctx.n_layers)
                if not ctx.has_transcoder(l)}
     return _Sources(N, feat_layer, feat_pos, feat_index, feat_act, writes, tc_layers, err_pos, errors,
@@ -137,15 +148,28 @@ def _collect_sources(ctx: PromptContext, lin: LinearisedModel, keep_bos: bool) -
                     bos_write, mlp_out, ctx.pos_embed.to(device=dev, dtype=dt))
 
 
+def _decoded64(ctx: PromptContext, layer: int, pos: int | None = None) -> torch.Tensor:
+    """Σ_f activation × W_dec[f] in float64 over the active features only, at
+    every position ([P, d]) or at ``pos`` ([d])."""
+    tc = ctx.transcoders[layer]
+    a = ctx.feature_acts(layer)
+    if pos is not None:
+        f = torch.nonzero(a[pos]).flatten()
+        return a[pos, f].double() @ tc.W_dec[f].double()
+    p, f = torch.nonzero(a, as_tuple=True)
+    out = torch.zeros(a.shape[0], tc.W_dec.shape[1], dtype=torch.float64, device=a.device)
+    return out.index_add_(0, p, a[p, f].double()[:, None] * tc.W_dec[f].double())
+
+
 def _error64(ctx: PromptContext, layer: int) -> torch.Tensor:
     """[P, d] MLP output − transcoder output, in float64 from the same terms
     the graph uses (float64 writes, the skip term read off the float64
     residual), so that conservation holds to float64 rounding."""
     tc = ctx.transcoders[layer]
-    out = ctx.feature_acts(layer).double() @ tc.W_dec.double() + tc.b_dec_out.double()
+    out = _decoded64(ctx, layer) + tc.b_dec_out.double()
     if tc.W_skip is not None:
         out = out + _mlp_input64(ctx, layer) @ tc.W_skip.double()
-    return ctx.mlp_out[layer] - out
+    return ctx.mlp_out[layer].to(out.device) - out
 
 
 def _mlp_input64(ctx: PromptContext, layer: int) -> torch.Tensor:
@@ -162,56 +186,77 @@ def _mlp_input64(ctx: PromptContext, layer: int) -> torch.Tensor:
 
 
 # -- the row computation ----------------------------------------------------------------------
-def _compute_rows(lin: LinearisedModel, src: _Sources, rows: _Rows, out: torch.Tensor
+def _compute_rows(lin: LinearisedModel, src: _Sources, rows: _Rows, out_t: torch.Tensor
                   ) -> dict[str, torch.Tensor]:
-    """Fill ``out`` [B, n_src] with the rows' edges from every source; return
-    the constant terms, each [B] float64."""
+    """Fill ``out_t`` [n_src, B] (transposed: one column per row) with the
+    rows' edges from every source; return the constant terms, each [B] float64.
+
+    Rows are walked highest stage first; at stage s only the rows reading at
+    stage ≥ s have a gradient yet, so the work at s runs on that prefix of
+    the rows (sorted by stage), and on positions up to the last one read."""
     B = rows.stage.shape[0]
     d = rows.vec.shape[1]
     dev, dt = lin.device, lin.dtype
+    order = torch.argsort(rows.stage, descending=True, stable=True)
+    stage = rows.stage[order]
+    pos = rows.pos[order].to(dev)
+    vec = rows.vec.to(device=dev, dtype=dt)[order.to(dev)]
     P = int(rows.pos.max()) + 1                      # nothing later reaches these targets
-    top = int(rows.stage.max())
+    top = int(stage[0])
     g = torch.zeros(B, P, d, device=dev, dtype=dt)
     terms = {k: torch.zeros(B, dtype=torch.float64, device=dev) for k in CONSTANT_TERMS}
-    terms["offset"] += rows.offset.to(dev)
-    stage, pos, vec = rows.stage.to(dev), rows.pos.to(dev), rows.vec.to(device=dev, dtype=dt)
-    out.zero_()
+    out_t.zero_()
+    n_live = 0
     for s in range(top, -1, -1):
-        sel = torch.nonzero(stage == s).flatten()
-        if sel.numel():
-            g[sel, pos[sel]] += vec[sel]
+        k = int((stage >= s).sum())
+        if k > n_live:
+            live = torch.arange(n_live, k, device=dev)
+            g[live, pos[live]] += vec[live]
+            n_live = k
+        gl = g[:k]
+        ol = out_t[:, :k]
         if s >= 2 and s % 2 == 0:                    # writes of MLP l = s/2 - 1 land here
-            _mlp_sources(s // 2 - 1, g, src, out, terms)
+            _mlp_sources(s // 2 - 1, gl, src, ol, terms, k)
         elif s % 2 == 1:                             # attention l = (s-1)/2 wrote here
-            terms["attn_bias"] += torch.einsum("bpd,pd->b", g, lin.attn_bias[s // 2, :P]).double()
+            terms["attn_bias"][:k] += torch.einsum("bpd,pd->b", gl, lin.attn_bias[s // 2, :P]).double()
         if s == 0:
-            out[:, src.embed_col0:src.embed_col0 + P] = torch.einsum("bpd,pd->bp", g, src.embed[:P])
-            terms["pos_embed"] += torch.einsum("bpd,pd->b", g, src.pos_embed[:P]).double()
+            ol[src.embed_col0:src.embed_col0 + P] = torch.einsum("bpd,pd->pb", gl, src.embed[:P])
+            terms["pos_embed"][:k] += torch.einsum("bpd,pd->b", gl, src.pos_embed[:P]).double()
         else:
-            g = lin.backward(s, s - 1, g)
+            g[:k] = lin.backward(s, s - 1, gl)
+    # back to the caller's row order
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(B)
+    out_t[:] = out_t[:, inv.to(dev)]
+    terms = {name: t[inv.to(dev)] for name, t in terms.items()}
+    terms["offset"] += rows.offset.to(dev)
     return terms
 
 
-def _mlp_sources(layer: int, g: torch.Tensor, src: _Sources, out: torch.Tensor,
-                 terms: dict[str, torch.Tensor]) -> None:
+def _mlp_sources(layer: int, g: torch.Tensor, src: _Sources, out_t: torch.Tensor,
+                 terms: dict[str, torch.Tensor], k: int) -> None:
     P = g.shape[1]
     if layer in src.mlp_out:
-        terms["mlp"] += torch.einsum("bpd,pd->b", g, src.mlp_out[layer][:P]).double()
+        terms["mlp"][:k] += torch.einsum("bpd,pd->b", g, src.mlp_out[layer][:P]).double()
         return
     if layer not in src.writes:
         return
-    for p, c0, c1, w in src.writes[layer]:
-        if p >= P:
-            break
-        out[:, c0:c1] = g[:, p] @ w.T
+    w = src.writes[layer]
+    first = src.first_pos
+    if P > first and w.padded.shape[1]:
+        # edges = write · gradient at the write's position: one matmul per position, batched
+        e = torch.bmm(w.padded[:P - first], g[:, first:].permute(1, 2, 0))      # [P', n_max, k]
+        n_here = int(w.counts[:P - first].sum())
+        ol = out_t[w.col0:w.col0 + n_here]
+        ol.copy_(e.reshape(-1, g.shape[0])[w.valid[:n_here]])
     li = src.err_layers.index(layer)
-    if P > src.first_pos:
-        e = torch.einsum("bpd,pd->bp", g[:, src.first_pos:], src.errors[li, src.first_pos:P])
-        c0 = src.error_col(li, src.first_pos)
-        out[:, c0:c0 + e.shape[1]] = e
-    terms["dec_bias"] += (g.sum(1) @ src.dec_bias[layer]).double()
+    if P > first:
+        e = torch.einsum("bpd,pd->pb", g[:, first:], src.errors[li, first:P])
+        c0 = src.error_col(li, first)
+        out_t[c0:c0 + e.shape[0]] = e
+    terms["dec_bias"][:k] += (g.sum(1) @ src.dec_bias[layer]).double()
     if layer in src.bos_write:
-        terms["bos_mlp"] += (g[:, 0] @ src.bos_write[layer]).double()
+        terms["bos_mlp"][:k] += (g[:, 0] @ src.bos_write[layer]).double()
 
 
 # -- targets ---------------------------------------------------------------------------------
@@ -380,9 +425,14 @@ class AttributionGraph:
                              "weight": A[t, s].double().cpu().numpy()})
 
     # -- influence, pruning, scores ------------------------------------------------------
+    @property
+    def levels(self) -> torch.Tensor:
+        """[n] each node's level: edges only go from lower to higher levels."""
+        return _levels(self.nodes).to(self.adjacency.device)
+
     def influence(self) -> torch.Tensor:
         """Node influence on the weighted targets (recomputed on this graph)."""
-        return node_influence(self.adjacency, self.target_weights)
+        return node_influence(self.adjacency, self.target_weights, self.levels)
 
     def prune(self, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> "AttributionGraph":
         """A new graph with the nodes that cover ``node_threshold`` of the
@@ -391,7 +441,7 @@ class AttributionGraph:
         ``cumulative`` stay those of the unpruned graph."""
         always = self._mask("logit") | self._mask("embedding")
         masks = prune_masks(self.adjacency, self.target_weights, always, self._mask("feature"),
-                            node_threshold, edge_threshold)
+                            node_threshold, edge_threshold, self.levels)
         keep = torch.nonzero(masks.node_mask).flatten()
         A = (self.adjacency * masks.edge_mask.to(self.adjacency.dtype))[keep][:, keep]
         nodes = self.nodes.iloc[keep.cpu().numpy()].reset_index(drop=True)
@@ -405,7 +455,7 @@ class AttributionGraph:
         embeddings and errors; ``completeness``: the influence-weighted share of
         the nodes' inputs that do not come from errors."""
         r, c = graph_scores(self.adjacency, self.target_weights, self._mask("error"),
-                            self._mask("embedding"))
+                            self._mask("embedding"), self.levels)
         return {"replacement": r, "completeness": c}
 
     # -- views ---------------------------------------------------------------------------
@@ -498,9 +548,9 @@ def attribute(model, transcoders, prompt: Prompt | PromptContext, *, targets=Non
         for a in range(0, len(at), batch_size):
             sl = slice(a, a + batch_size)
             part = _Rows(rows.stage[sl], rows.pos[sl], rows.vec[sl], rows.offset[sl], rows.value[sl])
-            buf = torch.empty(len(part.stage), n_src, device=lin.device, dtype=dtype)
+            buf = torch.empty(n_src, len(part.stage), device=lin.device, dtype=dtype)
             terms = _compute_rows(lin, src, part, buf)
-            store[at[sl].to(lin.device), :n_src] = buf
+            store[at[sl].to(lin.device), :n_src] = buf.T
             for k, v in terms.items():
                 row_terms[k][at[sl]] = v.cpu()
             row_value[at[sl]] = part.value
@@ -524,8 +574,12 @@ def attribute(model, transcoders, prompt: Prompt | PromptContext, *, targets=Non
         done = 0
         bar = progress_bar(total=max_feature_nodes, desc="attribution", unit="feature", progress=progress)
         while done < max_feature_nodes:
-            infl = _partial_influence(store[:T + done], torch.cat([torch.arange(n_src, n_src + T)] + order),
-                                      weights, n_src, T)[:N].cpu()
+            rows = store[:T + done]
+            row_node = torch.cat([torch.arange(n_src, n_src + T)] + order).to(lin.device)
+            row_level = torch.cat([torch.full((T,), math.inf)] +
+                                  [2.0 * src.feat_layer[o] + 1 for o in order]).to(lin.device)
+            w = torch.cat([torch.zeros(n_src, dtype=torch.float64), weights]).to(lin.device)
+            infl = _influence_by_levels(rows, _inverse_row_sums(rows), w, row_level, row_node)[:N].cpu()
             infl[visited] = -math.inf
             k = min(batch_size, max_feature_nodes - done)
             pick = torch.topk(infl, k).indices
@@ -566,7 +620,7 @@ def attribute(model, transcoders, prompt: Prompt | PromptContext, *, targets=Non
                               **{k: v.numpy() for k, v in row_terms.items()}})
     constants["constant"] = constants[list(CONSTANT_TERMS)].sum(axis=1)
     infl = node_influence(A, torch.tensor(nodes["weight"].fillna(0.0).to_numpy(), dtype=torch.float64,
-                                             device=A.device))
+                                          device=A.device), _levels(nodes).to(A.device))
     nodes["influence"] = infl.cpu().numpy()
     nodes["cumulative"] = cumulative_influence(infl).cpu().numpy()
     meta = dict(prompt="".join(ctx.token_strs), n_active_features=N, max_feature_nodes=max_feature_nodes,
@@ -577,26 +631,17 @@ def attribute(model, transcoders, prompt: Prompt | PromptContext, *, targets=Non
                             ctx.transcoders.name, meta)
 
 
-def _partial_influence(rows: torch.Tensor, row_node: torch.Tensor, weights: torch.Tensor,
-                       n_src: int, T: int) -> torch.Tensor:
-    """Influence over every node [n_src + T] from the rows computed so far
-    (``row_node[r]``: the node row r belongs to)."""
-    dev = rows.device
-    s = rows.abs().sum(1, dtype=torch.float64)
-    inv = torch.where(s > 0, 1.0 / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
-    x = torch.zeros(n_src + T, dtype=torch.float64, device=dev)
-    x[n_src:] = weights.to(dev)
-    row_node = row_node.to(dev)
-    total = torch.zeros_like(x)
-    for _ in range(rows.shape[0] + 1):
-        y = x[row_node] * inv
-        nxt = torch.zeros_like(x)
-        nxt[:rows.shape[1]] = (y.to(rows.dtype) @ rows.abs()).double()
-        if not nxt.any():
-            break
-        total += nxt
-        x = nxt
-    return total
+def _levels(nodes: pd.DataFrame) -> torch.Tensor:
+    """Each node's level for one-pass influence: a feature's reading stage
+    (2 layer + 1), +inf for targets (nothing reads them), -1 for errors and
+    embeddings (they read nothing)."""
+    kind = nodes["kind"].to_numpy()
+    layer = torch.tensor(nodes["layer"].to_numpy().astype("float64"))
+    lv = torch.full((len(nodes),), -1.0, dtype=torch.float64)
+    feat = torch.tensor(kind == "feature")
+    lv[feat] = 2 * layer[feat] + 1
+    lv[torch.tensor(kind == "logit")] = math.inf
+    return lv
 
 
 def _node_table(ctx: PromptContext, src: _Sources, specs: list[_TargetSpec], selected: torch.Tensor,

@@ -123,6 +123,8 @@ class Target:
     offset: float
     value: float
     label: str = ""
+    # (positive, negative) token ids of a logit target, None for other targets
+    logit_tokens: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
     def __post_init__(self):
         # A NaN or infinite direction would decompose into NaN contributions and
@@ -569,7 +571,8 @@ def logit_direction_target(ctx: PromptContext, positive: int | str | Sequence[in
         show = lambda ids: "+".join(repr(ctx.model.tokenizer.decode([i])) for i in ids[:3]) + \
             ("…" if len(ids) > 3 else "")  # noqa: E731
         label = f"logit {show(pos_ids)}" + (f" − {show(neg_ids)}" if neg_ids else "") + f"@{token}"
-    return Target(node, ctx.final_stage, token, direction, offset, value, label=label)
+    return Target(node, ctx.final_stage, token, direction, offset, value, label=label,
+                  logit_tokens=(tuple(pos_ids), tuple(neg_ids)))
 
 
 def logit_diff_target(ctx: PromptContext, positive: int | str, negative: int | str,

@@ -31,6 +31,8 @@ import pandas as pd
 import torch
 
 from .contributions import Node, NodeKind
+from .graph_json import (cantor, embedding_node_id, error_node_id, feature_node_id, load_graph_dict,
+                         logit_clerp)
 from .paths import PathSearchResult
 
 __all__ = ["GraphNode", "GraphEdge", "CircuitGraph", "cantor"]
@@ -46,11 +48,6 @@ FEATURE_TYPES = {
 }
 
 
-def cantor(layer: int, feature: int) -> int:
-    """circuit-tracer's unique integer for (layer, feature)."""
-    return (layer + feature) * (layer + feature + 1) // 2 + feature
-
-
 @dataclass
 class GraphNode:
     id: str
@@ -61,6 +58,9 @@ class GraphNode:
     token_id: int | None = None     # embeddings and logits: the vocabulary id
     is_target: bool = False
     token_prob: float = 0.0
+    # Cumulative fraction of influence, as graph viewers read ``influence``
+    # (set when read from a file; smaller = more important).
+    cumulative: float | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -129,19 +129,21 @@ class CircuitGraph:
         def pos_str(node: Node) -> str:
             return "all" if sum_over_tokens else str(node.token)
 
-        feature_ids = {f"{k.layer}_{k.index}_{pos_str(k)}" for k in influence if k.kind == "feature"}
+        custom_logit = target.node.kind == "logit" and not (
+            target.logit_tokens is not None and len(target.logit_tokens[0]) == 1
+            and not target.logit_tokens[1])
+        d_vocab = int(ctx.weights.W_U.shape[1])
 
         def node_id(k: Node) -> str:
             p = pos_str(k)
             if k.kind == "feature":
-                return f"{k.layer}_{k.index}_{p}"
+                return feature_node_id(k.layer, k.index, p)
             if k.kind == "error":
-                nid = f"0_{k.layer}_{p}"
-                return nid if nid not in feature_ids else f"{k.layer}_-1_{p}"
+                return error_node_id(k.layer, p)
             if k.kind == "embed":
-                return f"E_{k.index}_{p}"
+                return embedding_node_id(k.index, p)
             if k.kind == "logit":
-                return f"{n_layers + 1}_{k.index}_{p}"
+                return f"{n_layers + 1}_{d_vocab if custom_logit and k == key(target.node) else k.index}_{p}"
             if k.kind == "head":
                 src = "all" if sum_over_tokens else str(k.source)
                 return f"A_{k.layer}_{k.index}_{p}_{src}"
@@ -170,11 +172,14 @@ class CircuitGraph:
                            label=_clerp(ctx, k, member, target))
             if k.kind == "embed":
                 gn.token_id = k.index
-            if k.kind == "logit":
+            if k.kind == "logit" and custom_logit:
+                # circuit-tracer's custom target: a virtual token id, the label as its "token"
+                gn.token_id, gn.token_prob = d_vocab, 1.0
+                gn.label = logit_clerp(target.label, 1.0)
+            elif k.kind == "logit":
                 gn.token_id = k.index
                 gn.token_prob = float(probs[k.index])
-                gn.label = f'Output {ctx.model.tokenizer.decode([k.index])!r} ' \
-                           f'(p={gn.token_prob:.3f}); target {target.label}'
+                gn.label = logit_clerp(ctx.model.tokenizer.decode([k.index]), gn.token_prob)
             nodes[nid] = gn
         tid = ids[key(target.node)]
         nodes[tid].is_target = True
@@ -225,26 +230,30 @@ class CircuitGraph:
 
     # -- JSON ------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        nodes = []
-        for n in self.nodes.values():
+        mags = torch.tensor([abs(n.influence) for n in self.nodes.values()], dtype=torch.float64)
+        from .influence import cumulative_influence
+        cum = cumulative_influence(mags).tolist() if len(mags) else []
+        nodes, own = [], -1
+        for n, c in zip(self.nodes.values(), cum):
             k = n.node
             if k.kind == "feature":
-                feature, layer, js = cantor(k.layer, k.index), str(k.layer), f"{k.layer}_{k.index}-0"
+                feature, js = cantor(k.layer, k.index), f"{k.layer}_{k.index}-0"
+            elif k.kind == "error":
+                feature, js = -1, f"{k.layer}_-1-{k.token}"
             elif k.kind in ("embed", "logit"):
-                feature = n.token_id
-                layer = "E" if k.kind == "embed" else str(self.n_layers + 1)
+                feature = k.token if k.kind == "embed" else n.token_id
                 js = f"{'E' if k.kind == 'embed' else 'L'}_{n.token_id}-{k.token}"
             else:
-                feature = k.index if k.kind == "head" else -1
-                layer = "E" if k.kind == "pos_embed" else str(k.layer if k.layer is not None else "")
-                js = f"{n.id}-{k.token}"
-            rec = dict(node_id=n.id, feature=feature, layer=layer, ctx_idx=k.token,
-                       feature_type=FEATURE_TYPES[k.kind], token_prob=n.token_prob,
+                own -= 1
+                feature, js = own, f"{n.id}-{k.token}"
+            rec = dict(node_id=n.id, feature=feature, layer=self._viewer_layer(k), ctx_idx=k.token or 0,
+                       feature_type=FEATURE_TYPES.get(k.kind, k.kind), token_prob=n.token_prob,
                        is_target_logit=bool(n.is_target and k.kind == "logit"), run_idx=0,
-                       reverse_ctx_idx=0, jsNodeId=js, clerp=n.label, influence=_num(n.influence),
+                       reverse_ctx_idx=0, jsNodeId=js, clerp=n.label, influence=_num(c),
                        activation=_num(n.activation), tc_kind=k.kind, tc_layer=k.layer,
                        tc_index=k.index, tc_token=k.token, tc_source=k.source,
-                       tc_is_target=n.is_target, tc_token_id=n.token_id)
+                       tc_is_target=n.is_target, tc_token_id=n.token_id,
+                       tc_attribution=_num(n.influence))
             if k.kind == "head":
                 rec.update(head=k.index, source_ctx_idx=k.source)
             nodes.append(rec)
@@ -253,6 +262,17 @@ class CircuitGraph:
                                  clickedId=self.target_id, sg_pos=""),
                     nodes=nodes,
                     links=[dict(source=e.source, target=e.target, weight=e.weight) for e in self.edges])
+
+    def _viewer_layer(self, k: Node) -> str:
+        """The viewer's row: "E" for embeddings and layer-less constants, the
+        layer otherwise, n_layers + 1 for targets (never empty)."""
+        if k.kind in ("embed", "pos_embed"):
+            return "E"
+        if k.kind in ("logit", "direction"):
+            return str(self.n_layers + 1)
+        if k.layer is None:
+            return "E" if k.kind != "remainder" else str(self.n_layers + 1)
+        return str(k.layer)
 
     def to_json(self, path: str | FilePath | None = None, indent: int | None = None) -> str:
         """The graph as a JSON string (and written to ``path`` if given)."""
@@ -264,49 +284,70 @@ class CircuitGraph:
     @classmethod
     def from_json(cls, source: str | FilePath | dict) -> "CircuitGraph":
         """Read a graph written by ``to_json`` (a JSON string, a file path or a
-        parsed dict). Graphs from circuit-tracer read too: their nodes' kinds
-        are taken from ``feature_type``."""
-        if isinstance(source, dict):
-            data = source
-        else:
-            text = str(source)
-            if not text.lstrip().startswith("{"):
-                text = FilePath(source).read_text()
-            data = json.loads(text)
-        meta = data.get("metadata", {})
+        parsed dict), validated first (a clear error names the field at fault).
+        Graphs from circuit-tracer read too: kinds come from ``feature_type``,
+        an embedding's token id from its node id (its ``feature`` is the
+        position), and since their ``influence`` is a cumulative fraction
+        (smaller = more important), it is kept as ``cumulative`` and
+        ``influence`` is set to ``1 - cumulative`` (an importance, not target units)."""
+        data = load_graph_dict(source)
+        meta = data.get("metadata") or {}
         nodes: dict[str, GraphNode] = {}
-        target_id = data.get("qParams", {}).get("clickedId", "")
+        target_id = (data.get("qParams") or {}).get("clickedId", "") or ""
         n_layers = 0
-        for rec in data["nodes"]:
-            node, token_id = _node_from_record(rec)
+        for i, rec in enumerate(data["nodes"]):
+            node, token_id = _node_from_record(rec, i)
             is_target = bool(rec.get("tc_is_target", rec.get("is_target_logit", False)))
-            if node.kind == "logit":
+            if node.kind == "logit" and str(rec.get("layer", "")).isdigit():
                 n_layers = int(rec["layer"]) - 1
+            cum = _float(rec.get("influence"))
+            ours = "tc_attribution" in rec
+            influence = _float(rec.get("tc_attribution")) if ours else (1.0 - cum if cum is not None else 0.0)
             nodes[rec["node_id"]] = GraphNode(
-                rec["node_id"], node, influence=_float(rec.get("influence")) or 0.0,
-                activation=_float(rec.get("activation")), label=rec.get("clerp", ""),
-                token_id=token_id, is_target=is_target, token_prob=float(rec.get("token_prob") or 0.0))
+                rec["node_id"], node, influence=influence or 0.0,
+                activation=_float(rec.get("activation")), label=rec.get("clerp") or "",
+                token_id=token_id, is_target=is_target, token_prob=float(rec.get("token_prob") or 0.0),
+                cumulative=cum)
             if is_target and not target_id:
                 target_id = rec["node_id"]
-        edges = [GraphEdge(e["source"], e["target"], float(e["weight"])) for e in data["links"]]
+        edges = [GraphEdge(e["source"], e["target"], float(e.get("weight", 0.0))) for e in data["links"]]
         return cls(nodes, edges, target_id, list(meta.get("prompt_tokens", [])), n_layers, meta)
 
 
-def _node_from_record(rec: dict) -> tuple[Node, int | None]:
+def _node_from_record(rec: dict, i: int) -> tuple[Node, int | None]:
+    from ..errors import InvalidInputError
+    pos = rec.get("ctx_idx")
     if "tc_kind" in rec:
         return (Node(rec["tc_kind"], rec.get("tc_layer"), rec.get("tc_index"), rec.get("tc_token"),
                      rec.get("tc_source")), rec.get("tc_token_id"))
-    ftype, pos = rec.get("feature_type"), rec.get("ctx_idx")
-    if ftype == "cross layer transcoder":
-        layer, feat = rec["node_id"].split("_")[:2]
-        return Node("feature", int(layer), int(feat), pos), None
-    if ftype == "mlp reconstruction error":
-        return Node("error", int(rec["layer"]), None, pos), None
-    if ftype == "embedding":
-        return Node("embed", None, None, pos), int(rec["feature"])
-    if ftype == "logit":
-        return Node("logit", None, int(rec["feature"]), pos), int(rec["feature"])
-    return Node(ftype or "unknown", None, None, pos), None
+    ftype = rec.get("feature_type")
+    parts = rec["node_id"].split("_")
+
+    def part(j: int) -> int:
+        try:
+            return int(parts[j])
+        except (IndexError, ValueError):
+            raise InvalidInputError(f"nodes[{i}].node_id {rec['node_id']!r} does not follow the "
+                                    f"{ftype!r} id convention.") from None
+    try:
+        if ftype == "cross layer transcoder":
+            return Node("feature", part(0), part(1), pos), None
+        if ftype == "mlp reconstruction error":
+            return Node("error", int(rec["layer"]), None, pos), None
+        if ftype == "embedding":
+            return Node("embed", None, part(1), pos), part(1)   # ``feature`` holds the position
+        if ftype == "logit":
+            return Node("logit", None, int(rec["feature"]), pos), int(rec["feature"])
+    except InvalidInputError:
+        raise
+    except KeyError as err:
+        raise InvalidInputError(f"nodes[{i}] ({ftype}) has no {err.args[0]!r} field.") from None
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"nodes[{i}].layer {rec.get('layer')!r} must be a layer number for "
+                                f"a {ftype!r} node.") from None
+    raise InvalidInputError(f"nodes[{i}].feature_type {ftype!r} (node {rec['node_id']!r}) is not a node "
+                            f"type of this graph format: expected one of {sorted(set(FEATURE_TYPES.values()))} "
+                            f"(files written by tc_explore also carry tc_kind).")
 
 
 def _clerp(ctx, k: Node, member: Node, target) -> str:

@@ -10,7 +10,8 @@ probability), zero elsewhere.
   each source provides.
 * A node's **influence** is the weighted total of its normalised effect on the
   outputs over every path: ``w (Â + Â² + …) = w ((I − Â)⁻¹ − I)``, computed by
-  power iteration (the graph is acyclic, so the series ends).
+  power iteration (the graph is acyclic, so the series ends), or in one pass
+  over the rows when each node's level (its layer) is known.
 * **Pruning** keeps the nodes covering ``node_threshold`` of the total
   influence (outputs and embeddings always kept), then the edges covering
   ``edge_threshold`` of the total edge influence among the kept nodes, then
@@ -52,19 +53,24 @@ def normalized_adjacency(A: torch.Tensor) -> torch.Tensor:
     return (A.abs().double() / torch.where(s > 0, s, torch.ones_like(s))[:, None]).to(A.dtype)
 
 
-def node_influence(A: torch.Tensor, target_weights: torch.Tensor, max_iter: int | None = None
-                   ) -> torch.Tensor:
+def node_influence(A: torch.Tensor, target_weights: torch.Tensor, levels: torch.Tensor | None = None,
+                   max_iter: int | None = None) -> torch.Tensor:
     """Influence of every node on the weighted outputs: ``w (Â + Â² + …)``, [n].
 
-    ``Â`` is applied block by block as ``(x / rowsum) @ |A|`` so the
-    normalised matrix is never stored."""
+    With ``levels`` [n] (any numbers such that every edge goes from a lower
+    level to a strictly higher one, as layers do in an attribution graph),
+    one pass over the rows from the highest level down gives the exact sum;
+    without, power iteration (one pass per path length). Either way ``Â`` is
+    applied block by block as ``(x / rowsum) @ |A|``, never stored."""
     n = A.shape[0]
     if A.shape != (n, n) or target_weights.shape != (n,):
         raise InvalidInputError(f"Expected a square adjacency and one weight per node, got "
                                 f"{tuple(A.shape)} and {tuple(target_weights.shape)}.")
-    s = _row_sums(A)
-    inv = torch.where(s > 0, 1.0 / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
-    x = target_weights.to(device=A.device, dtype=torch.float64)
+    inv = _inverse_row_sums(A)
+    w = target_weights.to(device=A.device, dtype=torch.float64)
+    if levels is not None:
+        return _influence_by_levels(A, inv, w, levels.to(A.device), torch.arange(n, device=A.device))
+    x = w
     total = torch.zeros(n, dtype=torch.float64, device=A.device)
     max_iter = max_iter if max_iter is not None else n + 1
     for _ in range(max_iter):
@@ -80,9 +86,41 @@ def node_influence(A: torch.Tensor, target_weights: torch.Tensor, max_iter: int 
                             "An attribution graph's edges must all point from earlier nodes.")
 
 
-def edge_influence(A: torch.Tensor, target_weights: torch.Tensor) -> torch.Tensor:
+def _inverse_row_sums(rows: torch.Tensor) -> torch.Tensor:
+    s = _row_sums(rows)
+    return torch.where(s > 0, 1.0 / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
+
+
+def _influence_by_levels(rows: torch.Tensor, inv: torch.Tensor, w: torch.Tensor, row_level: torch.Tensor,
+                         row_node: torch.Tensor) -> torch.Tensor:
+    """One pass over ``rows`` (row r belongs to node ``row_node[r]`` and sits at
+    ``row_level[r]``), highest level first: when a row is reached, every row
+    that can feed its node has been, so its node's influence is final.
+    ``w`` [n_nodes] holds the output weights; returns influence [n_nodes]
+    (output weights not included)."""
+    x = w.clone()                                  # a node's weight + influence so far
+    total = torch.zeros_like(w)
+    order = torch.argsort(row_level, descending=True, stable=True)
+    lv = row_level[order]
+    bounds = torch.nonzero(lv[1:] != lv[:-1]).flatten() + 1
+    groups = torch.tensor_split(order, bounds.cpu()) if order.numel() else ()
+    n_cols = rows.shape[1]
+    for group in groups:
+        for r in group.split(_ROW_BLOCK):
+            y = x[row_node[r]] * inv[r]
+            keep = y != 0
+            if not keep.any():
+                continue
+            add = (y[keep].to(rows.dtype) @ rows[r[keep]].abs()).double()
+            x[:n_cols] += add
+            total[:n_cols] += add
+    return total
+
+
+def edge_influence(A: torch.Tensor, target_weights: torch.Tensor, levels: torch.Tensor | None = None
+                   ) -> torch.Tensor:
     """Each edge's share of influence: ``Â[t, s] × (influence[t] + w[t])``, [n, n]."""
-    infl = node_influence(A, target_weights) + target_weights.double().to(A.device)
+    infl = node_influence(A, target_weights, levels) + target_weights.double().to(A.device)
     return normalized_adjacency(A) * infl.to(A.dtype)[:, None]
 
 
@@ -122,7 +160,7 @@ class PruneMasks(NamedTuple):
 
 def prune_masks(A: torch.Tensor, target_weights: torch.Tensor, always_keep: torch.Tensor,
                 is_feature: torch.Tensor, node_threshold: float = 0.8,
-                edge_threshold: float = 0.98) -> PruneMasks:
+                edge_threshold: float = 0.98, levels: torch.Tensor | None = None) -> PruneMasks:
     """Masks of the nodes and edges to keep (see the module docstring).
 
     ``always_keep`` [n] bool: outputs and embeddings; ``is_feature`` [n] bool:
@@ -130,12 +168,12 @@ def prune_masks(A: torch.Tensor, target_weights: torch.Tensor, always_keep: torc
     for name, t in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
             raise InvalidInputError(f"{name} must be a fraction in [0, 1], got {t!r}.")
-    infl = node_influence(A, target_weights)
+    infl = node_influence(A, target_weights, levels)
     node_mask = infl >= coverage_threshold(infl, node_threshold)
     node_mask &= infl > 0
     node_mask |= always_keep.to(node_mask.device)
     pruned = A * (node_mask[:, None] & node_mask[None, :]).to(A.dtype)
-    scores = edge_influence(pruned, target_weights)
+    scores = edge_influence(pruned, target_weights, levels)
     edge_mask = (scores >= coverage_threshold(scores, edge_threshold)) & (scores > 0)
     del scores, pruned
     droppable = ~always_keep.to(node_mask.device)
@@ -152,9 +190,9 @@ def prune_masks(A: torch.Tensor, target_weights: torch.Tensor, always_keep: torc
 
 
 def graph_scores(A: torch.Tensor, target_weights: torch.Tensor, is_error: torch.Tensor,
-                 is_embedding: torch.Tensor) -> tuple[float, float]:
+                 is_embedding: torch.Tensor, levels: torch.Tensor | None = None) -> tuple[float, float]:
     """(replacement score, completeness score) of a graph."""
-    infl = node_influence(A, target_weights)
+    infl = node_influence(A, target_weights, levels)
     emb = float(infl[is_embedding].sum())
     err = float(infl[is_error].sum())
     replacement = emb / (emb + err) if emb + err > 0 else float("nan")

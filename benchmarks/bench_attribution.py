@@ -1,0 +1,113 @@
+"""Benchmark of ``tc_explore.circuits.attribute`` (a script, not a test).
+
+    python benchmarks/bench_attribution.py [--lengths 16 64] [--caps none 4096 2048] [--device cuda]
+
+On a GPT-2-small-shaped model (12 layers, d_model 768, 12 heads, vocab 50257;
+random weights, saved with save_pretrained and loaded through
+tc_explore.load_model) and 12 full-width (d_sae 24576) random transcoders
+whose encoder biases are shifted so that about ``--l0`` features fire per token
+(as trained GPT-2 transcoders do; zero-centred random biases would fire ~40%),
+it times ``attribute`` on random-token prompts of each length, for the full
+graph and for each ``max_feature_nodes`` cap, and prints: seconds, peak
+resident memory of the process (sampled every 20 ms), peak CUDA memory, the
+number of active features, nodes and non-zero edges. A full graph whose dense
+matrix would exceed ``--max-matrix-gib`` is refused by ``attribute`` with its
+size; the refusal is printed.
+
+The reference figures the issue gives (circuit-tracer 0.5.0 on the same
+2-core CPU, 16-token prompt, 18,019 active features, batch size 256): full
+graph 460.7 s / 5.95 GB peak RSS; max_feature_nodes=2048: 62.9 s / 4.9 GB.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_index import PeakMemory, build_model, build_transcoders, gib  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--caps", nargs="+", default=["none", "4096", "2048"],
+                   help="max_feature_nodes values; 'none' for the full graph")
+    p.add_argument("--d-sae", type=int, default=24576)
+    p.add_argument("--l0", type=float, default=100.0)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-matrix-gib", type=float, default=8.0)
+    p.add_argument("--prune", action="store_true", help="also time prune() + scores() on each graph")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from tc_explore import load_model
+    from tc_explore.circuits import attribute, prompt_context
+    from tc_explore.errors import InvalidInputError
+
+    work = tempfile.mkdtemp(prefix="tc_bench_attr_")
+    try:
+        t = time.perf_counter()
+        vocab = build_model(os.path.join(work, "model"))
+        model = load_model(os.path.join(work, "model"), device=args.device)
+        transcoders = build_transcoders(768, args.d_sae, 12, args.l0).to(device=args.device)
+        for layer in transcoders.layers:
+            transcoders[layer]
+        print(f"setup: GPT-2-small-shaped model (vocab {model.cfg.d_vocab}), 12 x d_sae {args.d_sae} "
+              f"transcoders, {time.perf_counter() - t:.1f} s; {args.threads} threads, device {args.device}; "
+              f"batch_size {args.batch_size}")
+        cuda = args.device.startswith("cuda")
+        g = torch.Generator().manual_seed(0)
+        print(f"{'tokens':>6} {'cap':>6} {'active':>7} {'nodes':>7} {'edges':>11} {'seconds':>8} "
+              f"{'peak RSS':>10} {'peak CUDA':>10}  notes")
+        for n in args.lengths:
+            tokens = torch.randint(1, vocab, (n,), generator=g)
+            tokens[0] = model.tokenizer.bos_token_id
+            ctx = prompt_context(model, transcoders, tokens, prepend_bos=False)     # warm-up and L0
+            active = sum(int((ctx.feature_acts(l)[1:] != 0).sum()) for l in transcoders.layers)
+            del ctx
+            for cap in args.caps:
+                mfn = None if cap == "none" else int(cap)
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                note = ""
+                with PeakMemory() as mem:
+                    t = time.perf_counter()
+                    try:
+                        graph = attribute(model, transcoders, tokens, max_feature_nodes=mfn,
+                                          batch_size=args.batch_size,
+                                          max_matrix_bytes=int(args.max_matrix_gib * 2 ** 30))
+                    except InvalidInputError as err:
+                        graph, note = None, f"refused: {err}"
+                    if cuda:
+                        torch.cuda.synchronize()
+                    secs = time.perf_counter() - t
+                cuda_peak = gib(torch.cuda.max_memory_allocated()) if cuda else "-"
+                if graph is None:
+                    print(f"{n:>6} {cap:>6} {active:>7} {'-':>7} {'-':>11} {secs:>8.1f} {gib(mem.peak):>10} "
+                          f"{cuda_peak:>10}  {note}")
+                    continue
+                if args.prune:
+                    t = time.perf_counter()
+                    pruned = graph.prune()
+                    scores = graph.scores()
+                    note = (f"prune+scores {time.perf_counter() - t:.1f} s -> {len(pruned)} nodes, "
+                            f"{pruned.n_edges} edges; replacement {scores['replacement']:.3f}, "
+                            f"completeness {scores['completeness']:.3f}")
+                print(f"{n:>6} {cap:>6} {active:>7} {len(graph):>7} {graph.n_edges:>11} {secs:>8.1f} "
+                      f"{gib(mem.peak):>10} {cuda_peak:>10}  {note}", flush=True)
+                del graph
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
