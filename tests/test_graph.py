@@ -168,7 +168,7 @@ def test_reads_circuit_tracer_files():
     (lambda d: d.update(nodes={}), "'nodes' must be a list"),
     (lambda d: d["nodes"].append(dict(d["nodes"][0])), r"nodes\[4\].node_id 'E_50_1' is a duplicate"),
     (lambda d: d["links"].append({"source": "E_50_1", "target": "nope", "weight": 1.0}),
-     r"links\[2\].target refers to 'nope'.*dangling"),
+     r"links\[2\].target refers to an unknown node 'nope'.*dangling"),
     (lambda d: d["links"].append({"target": "E_50_1"}), r"links\[2\].source is missing"),
     (lambda d: d["links"][0].update(weight="x"), r"links\[0\].weight must be a finite number"),
     (lambda d: d["nodes"][1].update(ctx_idx="2"), r"nodes\[1\].ctx_idx.*non-negative integer"),

@@ -131,8 +131,8 @@ def validate_graph_dict(data: Any) -> dict:
             if end not in l:
                 raise InvalidInputError(f"links[{i}].{end} is missing.")
             if not isinstance(l[end], str) or l[end] not in seen:
-                raise InvalidInputError(f"links[{i}].{end} refers to {l[end]!r}, which is not a node "
-                                        f"of this graph (a dangling link).")
+                raise InvalidInputError(f"links[{i}].{end} refers to an unknown node {l[end]!r}: no node "
+                                        f"of this graph has that node_id (a dangling link).")
         if "weight" in l and not (_is_num(l["weight"]) and math.isfinite(l["weight"])):
             raise InvalidInputError(f"links[{i}].weight must be a finite number, got {l['weight']!r}.")
     return dict(data)

@@ -8,13 +8,12 @@ standalone page export and the tests all call these functions.
 from __future__ import annotations
 
 import html as _html
-import json
 import math
 import os
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..circuits.contributions import NodeKind
+from ..circuits.graph_json import load_graph_dict
 from ..errors import InvalidInputError
 
 __all__ = ["graph_view_data", "visible_elements", "node_kind", "parse_feature_node"]
@@ -117,55 +116,34 @@ def _number(v) -> float | None:
 
 
 def _as_graph_dict(graph: Any) -> dict:
-    """Accept a graph JSON dict, a JSON string, a path, or an object with to_json()/to_dict()."""
-    if isinstance(graph, Mapping):
-        data = dict(graph)
-    elif isinstance(graph, (str, os.PathLike)):
-        text = str(graph)
-        if isinstance(graph, os.PathLike) or (not text.lstrip().startswith("{") and
-                                              Path(text).suffix == ".json"):
-            path = Path(text)
-            if not path.is_file():
-                raise InvalidInputError(f"No graph file at {path}.")
-            text = path.read_text(encoding="utf-8")
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise InvalidInputError(f"The graph is not valid JSON: {err}.") from None
-    elif hasattr(graph, "to_dict"):
-        data = graph.to_dict()
-    elif hasattr(graph, "to_json"):
-        out = graph.to_json()
-        data = json.loads(out) if isinstance(out, str) else dict(out)
-    else:
-        raise InvalidInputError(
-            f"Expected an attribution graph (a dict in the graph JSON layout of docs/graph_json.md, JSON text, a "
-            f".json path, or a CircuitGraph), got {type(graph).__name__}.")
-    if not isinstance(data, dict) or not isinstance(data.get("nodes"), list) or \
-            not isinstance(data.get("links", []), list):
-        raise InvalidInputError("An attribution graph needs a 'nodes' list and a 'links' list "
-                                "(docs/graph_json.md).")
-    for i, n in enumerate(data["nodes"]):
-        if not isinstance(n, Mapping) or "node_id" not in n:
-            raise InvalidInputError(f"Graph node {i} has no 'node_id'.")
-    ids = {str(n["node_id"]) for n in data["nodes"]}
-    if len(ids) != len(data["nodes"]):
-        raise InvalidInputError("The graph has two nodes with the same node_id.")
-    for l in data.get("links", []):
-        if not isinstance(l, Mapping) or "source" not in l or "target" not in l:
-            raise InvalidInputError(f"Graph link {l!r} needs 'source' and 'target'.")
-        for end in ("source", "target"):
-            if str(l[end]) not in ids:
-                raise InvalidInputError(f"Graph link {l!r} refers to an unknown node {l[end]!r}.")
-    return data
+    """Accept a graph JSON dict, a JSON string, a path, or an object with
+    to_dict()/to_json() (a CircuitGraph or AttributionGraph); validated by the
+    one graph-file validator (``circuits.graph_json.validate_graph_dict``)."""
+    if not isinstance(graph, (Mapping, str, bytes, os.PathLike)):
+        if hasattr(graph, "to_dict"):
+            graph = graph.to_dict()
+        elif hasattr(graph, "to_json"):
+            graph = graph.to_json()
+        else:
+            raise InvalidInputError(
+                f"Expected an attribution graph (a dict in the graph JSON layout of docs/graph_json.md, "
+                f"JSON text, a .json path, a CircuitGraph or an AttributionGraph), got {type(graph).__name__}.")
+    return load_graph_dict(graph)
 
 
 def _contribution(node: Mapping) -> float:
-    for key in ("contribution", "value", "influence", "activation"):
+    """A node's signed size: its attribution where the file has one; else, for
+    graph files whose ``influence`` is the viewers' cumulative fraction
+    (smaller = more important), ``1 - influence``."""
+    for key in ("contribution", "value", "tc_attribution"):
         v = _number(node.get(key))
         if v is not None:
             return v
-    return 0.0
+    cum = _number(node.get("influence"))
+    if cum is not None:
+        return 1.0 - cum
+    v = _number(node.get("activation"))
+    return v if v is not None else 0.0
 
 
 def graph_view_data(graph: Any, expanded: set[str] | frozenset = frozenset(),
