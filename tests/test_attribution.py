@@ -214,7 +214,7 @@ def test_zero_edges_where_nothing_flows(graph):
     assert float(A[i][torch.tensor(f2.to_numpy())].abs().sum()) == 0.0
     later = torch.tensor(((n.pos > n.pos[i]) & n.kind.isin(["feature", "error", "embedding"])).to_numpy())
     assert float(A[i][later].abs().sum()) == 0.0
-    assert float(A[:, torch.as_tensor((n.kind == "logit").to_numpy())].abs().sum()) == 0.0
+    assert float(A[:, torch.tensor((n.kind == "logit").to_numpy())].abs().sum()) == 0.0
 
 
 def _expand(ctx, target, acc, depth=0):
