@@ -233,7 +233,8 @@ def _check_budget(args) -> None:
 
 def cmd_index_build(args) -> int:
     from .index import FeatureIndex
-    from .index.distributed import Launch, build_distributed, init_process_group
+    from .distributed import Launch, init_process_group
+    from .index.distributed import build_distributed
     _check_budget(args)
     settings = dict(layers=args.layers, k=args.k, n_samples=args.n_samples, batch_size=args.batch_size,
                     window=args.window, seed=args.seed, checkpoint_every=args.checkpoint_every,
@@ -337,12 +338,29 @@ def cmd_index_pull(args) -> int:
 
 def cmd_views_build(args) -> int:
     from .dashboard import add_weight_views
+    from .distributed import Launch, init_process_group
     from .index import FeatureIndex
     index = FeatureIndex.load(args.index)
-    model, transcoders = _load_weights(args, args.device)
-    views = add_weight_views(index, model, transcoders, k=args.k, n_heads=args.n_heads,
-                             chunk_size=args.chunk_size, overwrite=args.overwrite, progress=args.progress)
-    print(f"weight views ready: {views!r}")
+    options = dict(k=args.k, n_heads=args.n_heads, chunk_size=args.chunk_size, overwrite=args.overwrite,
+                   progress=args.progress)
+    launch = Launch.from_env()
+    if launch is None:
+        model, transcoders = _load_weights(args, args.device)
+        views = add_weight_views(index, model, transcoders, **options)
+        print(f"weight views ready: {views!r}")
+        return 0
+    # Under torchrun every rank computes every world_size-th chunk of features.
+    import torch.distributed as dist
+    device = launch.device(args.device)
+    init_process_group(device)
+    try:
+        model, transcoders = _load_weights(args, device)
+        views = add_weight_views(index, model, transcoders, distributed=True,
+                                 **{**options, "progress": args.progress if launch.rank == 0 else False})
+    finally:
+        dist.destroy_process_group()
+    if launch.rank == 0:
+        print(f"weight views ready: {views!r}")
     return 0
 
 

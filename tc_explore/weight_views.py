@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .distributed import all_done
 from .errors import IncompatibleTranscoderError, InvalidInputError, as_integer, check_feature
 from .store import ParquetFiles, atomic_write_json, atomic_write_parquet, layer_name, read_manifest
 from .model import model_weights, token_strings
@@ -146,22 +147,33 @@ class _Builder:
             return self.weights(up_layer)[1]
         return self.tcs.decoder_sum(up_layer, before=layer).detach().to(self.device, self.dtype)
 
-    def run(self, progress: bool | None = None) -> dict:
+    def run(self, progress: bool | None = None, part: tuple[int, int] | None = None) -> dict:
+        """Every layer's view columns. With ``part=(i, n)`` only every n-th
+        chunk of features, from the i-th (the work of rank i of n): the layers'
+        columns hold those chunks' rows (``rows`` gives their features), and
+        the downstream lists only those chunks' candidates (``merge_parts``
+        joins the parts into what one run computes)."""
         layers = self.tcs.layers
         k = self.k
+        chunks = [(l, start) for l in layers for start in range(0, self.tcs.d_sae(l), self.chunk)]
+        mine = set(chunks if part is None else chunks[part[0]::part[1]])
         down = {l: _empty_ranked(self.tcs.d_sae(l), self.device, self.dtype) for l in layers}
         per_layer = {}
-        bar = progress_bar(total=sum(-(-self.tcs.d_sae(l) // self.chunk) for l in layers),
-                           desc="weight views", unit="chunk", progress=progress)
+        bar = progress_bar(total=len(mine), desc="weight views", unit="chunk", progress=progress)
         for layer in layers:                                             # downstream layer, ascending
+            if not any((layer, start) in mine for start in range(0, self.tcs.d_sae(layer), self.chunk)):
+                continue
             W_enc, W_dec = self.weights(layer)
             up_decs = {l: self.up_decoder(l, layer) for l in layers if l < layer}
             cols = {name: [] for name in ("up_score", "up_layer", "up_feature", "logit_top_id",
                                           "logit_top", "logit_bottom_id", "logit_bottom",
                                           "deemb_id", "deemb", "ov_norm", "ov_head", "ov_token",
-                                          "ov_score")}
+                                          "ov_score", "rows")}
             for start in range(0, W_enc.shape[1], self.chunk):
+                if (layer, start) not in mine:
+                    continue
                 stop = min(start + self.chunk, W_enc.shape[1])
+                cols["rows"].append(torch.arange(start, stop, device=self.device))
                 enc = W_enc[:, start:stop]                               # [d_model, c]
                 c = stop - start
                 up = _empty_ranked(c, self.device, self.dtype)
@@ -192,9 +204,12 @@ class _Builder:
             per_layer[layer] = {name: torch.cat(ts) for name, ts in cols.items()}
         bar.close()
         for layer in layers:
+            if part is None:
+                del per_layer[layer]["rows"]
             for name, t in zip(("down_score", "down_layer", "down_feature"), down[layer]):
-                per_layer[layer][name] = t
+                per_layer.setdefault(layer, {})[name] = t
         return per_layer
+
 
     def ov(self, layer: int, enc: torch.Tensor) -> tuple:
         """OV norms of every head of layers <= ``layer`` and, for each feature's
@@ -247,6 +262,60 @@ def _write_layer(path: Path, table_cols: dict, group: int) -> None:
     atomic_write_parquet(path, blocks(), compression="zstd", use_dictionary=True)
 
 
+def merge_parts(parts: list[dict], d_sae: dict, k: int) -> dict:
+    """The columns one ``_Builder.run`` computes, from the runs of its parts
+    (``run(part=(i, n))`` for every i): rows placed by feature, and each
+    downstream list re-ranked over all parts' candidates by score, ties to
+    the lower (layer, feature), which is the order one run's merges leave.
+    Exact: a candidate a part dropped had k better ones in that part."""
+    tables = {}
+    for layer, n in d_sae.items():
+        cols = {}
+        for p in parts:
+            got = p.get(layer, {})
+            if "rows" not in got:
+                continue
+            rows = got["rows"]
+            for name, t in got.items():
+                if name == "rows" or name.startswith("down_"):
+                    continue
+                if name not in cols:
+                    cols[name] = torch.zeros((n, *t.shape[1:]), dtype=t.dtype)
+                cols[name][rows] = t
+        score, lay, feat = (torch.cat([p[layer][name] for p in parts], dim=1)
+                            for name in ("down_score", "down_layer", "down_feature"))
+        by_key = torch.argsort(lay * (1 << 32) + feat, dim=1, stable=True)
+        score, lay, feat = (t.gather(1, by_key) for t in (score, lay, feat))
+        order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]
+        cols.update(down_score=score.gather(1, order), down_layer=lay.gather(1, order),
+                    down_feature=feat.gather(1, order))
+        tables[layer] = cols
+    return tables
+
+
+
+def _run_distributed(builder: _Builder, out: Path, transcoders: TranscoderSet, k: int,
+                     progress: bool | None) -> dict | None:
+    """This rank's part of the views; on rank 0 all parts joined, elsewhere None."""
+    import torch.distributed as dist
+    rank, world = dist.get_rank(), dist.get_world_size()
+    parts_dir = out.with_name(out.name + ".parts")
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    part = builder.run(progress if rank == 0 else False, part=(rank, world))
+    part = {layer: {name: t.cpu() for name, t in cols.items()} for layer, cols in part.items()}
+    tmp = parts_dir / f"{rank:05d}-of-{world:05d}.pt.tmp"
+    torch.save(part, tmp)
+    os.replace(tmp, tmp.with_suffix(""))
+    all_done(True)                                                       # every part is written
+    if rank != 0:
+        return None
+    files = [parts_dir / f"{r:05d}-of-{world:05d}.pt" for r in range(world)]
+    parts = [torch.load(f, weights_only=True) for f in files]
+    tables = merge_parts(parts, {l: transcoders.d_sae(l) for l in transcoders.layers}, k)
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    return tables
+
+
 # -- the stored views -------------------------------------------------------------------
 class WeightViews:
     """Stored weight-based views of every feature of a transcoder set, read
@@ -278,13 +347,20 @@ class WeightViews:
     @torch.no_grad()
     def build(cls, model, transcoders: TranscoderSet, out_dir: str | os.PathLike, k: int = 10,
               n_heads: int = 3, chunk_size: int = 1024, features_per_group: int = 128,
-              device=None, overwrite: bool = False, progress: bool | None = None) -> "WeightViews":
+              device=None, overwrite: bool = False, progress: bool | None = None,
+              distributed: bool = False) -> "WeightViews":
         """Compute and store the views of every feature of every layer of
         ``transcoders`` (connections need all layers, so there is no layer
         subset). ``device`` defaults to the transcoders' device. For GPT-2
         small's 12 x 24576 features the work is about 110 TFLOP (the 66
         layer-pair products and the vocabulary-sized ones): 27 s on an H200,
-        41 minutes on 2 CPU cores (``benchmarks/bench_index.py``)."""
+        41 minutes on 2 CPU cores (``benchmarks/bench_index.py``).
+
+        ``distributed=True``, on every rank of an initialised torch.distributed
+        group (torchrun, ``tc-explore views build``): each rank computes every
+        world_size-th chunk of features on its own device, and rank 0 joins
+        the parts (exchanged as files beside ``out_dir``, so ranks on several
+        machines need a shared filesystem) into the views one process builds."""
         for name, value in (("k", k), ("n_heads", n_heads), ("chunk_size", chunk_size),
                             ("features_per_group", features_per_group)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -295,7 +371,14 @@ class WeightViews:
             raise InvalidInputError(f"{out} already holds weight views; pass overwrite=True to rebuild.")
         device = torch.device(device) if device is not None else transcoders.device
         t0 = time.perf_counter()
-        tables = _Builder(model, transcoders, k, n_heads, chunk_size, device).run(progress)
+        builder = _Builder(model, transcoders, k, n_heads, chunk_size, device)
+        if not distributed:
+            tables = builder.run(progress)
+        else:
+            tables = _run_distributed(builder, out, transcoders, k, progress)
+            if tables is None:                                           # not rank 0: wait for it
+                all_done(True)
+                return cls(out)
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -319,6 +402,8 @@ class WeightViews:
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
+        if distributed:
+            all_done(True)                                               # rank 0 has written them
         return cls(out)
 
     def __repr__(self) -> str:

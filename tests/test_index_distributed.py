@@ -87,3 +87,29 @@ def test_stopped_ranks_resume_where_each_stopped(text_files, single, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     _assert_identical(single, out)
     assert FeatureIndex(out).manifest["n_batches"] == 5
+
+
+@pytest.mark.slow
+def test_weight_views_split_across_two_ranks_equal_one_process(single, tmp_path, tiny_model, tiny_transcoders):
+    import shutil
+
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from tc_explore.weight_views import WeightViews
+    idx = Path(shutil.copytree(single, tmp_path / "idx"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                          "2", "-m", "tc_explore.cli", "views", "build", str(idx), "--model", "gpt2",
+                          "--transcoders", "gpt2-small", "--device", "cpu", "--k", "4", "--n-heads", "2",
+                          "--chunk-size", "24", "--no-progress"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("weight views ready") == 1
+    one = WeightViews.build(tiny_model, tiny_transcoders, tmp_path / "one", k=4, n_heads=2, chunk_size=24)
+    two = idx / "weight_views"
+    assert not (idx / "weight_views.parts").exists()
+    for layer in tiny_transcoders.layers:
+        name = f"layer_{layer:02d}.parquet"
+        pd.testing.assert_frame_equal(pq.read_table(two / name).to_pandas(),
+                                      pq.read_table(one.directory / name).to_pandas())

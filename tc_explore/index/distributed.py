@@ -24,72 +24,19 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass, replace
-from datetime import timedelta
+from dataclasses import replace
 from pathlib import Path
-
-import torch
 
 from ..corpus import as_corpus
 from ..errors import InvalidInputError
+from ..distributed import all_done
 from ..transcoder import TranscoderSet
 from .build import IndexSettings, _plan, _RESUME_KEYS, build_index, merge_indexes
 from .storage import IndexManifest, read_manifest
 
-# Ranks that finish early wait at the barrier for the slowest (after a resume,
-# ranks whose shard was already done wait for the whole remaining build).
-DEFAULT_TIMEOUT = timedelta(hours=48)
-
-
-@dataclass(frozen=True)
-class Launch:
-    """Where this process sits in a torchrun launch."""
-    rank: int
-    world_size: int
-    local_rank: int
-
-    @classmethod
-    def from_env(cls) -> "Launch | None":
-        """The launch torchrun describes in the environment, or None when this
-        process was not started by torchrun (or is alone)."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return None
-        return cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-
-    def device(self, requested: str | None) -> str:
-        """This rank's device: ``cuda`` (or the default, with GPUs present)
-        becomes ``cuda:LOCAL_RANK``; an explicit ``cuda:N`` or ``cpu`` is kept."""
-        if requested is None:
-            requested = "cuda" if torch.cuda.is_available() else "cpu"
-        return f"cuda:{self.local_rank}" if requested == "cuda" else requested
-
-
-def init_process_group(device: str, timeout: timedelta = DEFAULT_TIMEOUT) -> None:
-    """Join torchrun's process group (from its environment) unless joined:
-    NCCL for CUDA devices, gloo otherwise."""
-    import torch.distributed as dist
-    if dist.is_initialized():
-        return
-    if torch.device(device).type == "cuda":
-        torch.cuda.set_device(torch.device(device))
-        dist.init_process_group("nccl", timeout=timeout, device_id=torch.device(device))
-    else:
-        dist.init_process_group("gloo", timeout=timeout)
-
-
 def shard_directory(out_dir: str | os.PathLike, rank: int, world_size: int) -> Path:
     out = Path(out_dir)
     return out.with_name(out.name + ".shards") / f"{rank:05d}-of-{world_size:05d}"
-
-
-def _all_done(done: bool) -> bool:
-    """Whether every rank's shard is finished (doubles as a barrier)."""
-    import torch.distributed as dist
-    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
-    flag = torch.tensor([1 if done else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 def _finished(out: Path, manifest: IndexManifest) -> bool:
@@ -130,7 +77,7 @@ def build_distributed(model, transcoders: TranscoderSet, corpus, n_tokens: int,
         if rank == 0:
             shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(shard_directory(out, 0, 1).parent, ignore_errors=True)
-        _all_done(True)
+        all_done(True)
         s = replace(s, overwrite=False)
     if _finished(out, _plan(model, transcoders, corpus, n_tokens, s)):
         return FeatureIndex(out)
@@ -140,7 +87,7 @@ def build_distributed(model, transcoders: TranscoderSet, corpus, n_tokens: int,
     shard = shard_directory(out, rank, world)
     shard_settings = replace(s, shard=(rank, world), progress=s.progress if rank == 0 else False)
     done = build_index(model, transcoders, corpus, n_tokens, shard, shard_settings) is not None
-    if not _all_done(done):
+    if not all_done(done):
         return None
     if rank == 0:
         shards = [shard_directory(out, r, world) for r in range(world)]
@@ -153,5 +100,5 @@ def build_distributed(model, transcoders: TranscoderSet, corpus, n_tokens: int,
             parent = shards[0].parent
             if parent.is_dir() and not any(parent.iterdir()):
                 parent.rmdir()
-    _all_done(True)                                                 # rank 0 has merged
+    all_done(True)                                                 # rank 0 has merged
     return FeatureIndex(out)
