@@ -34,7 +34,8 @@ import pandas as pd
 import torch
 
 from ..circuits.context import PromptContext, prompt_context
-from ..circuits.contributions import Target, logit_direction_target
+from ..circuits.contributions import Target
+from ..circuits.targets import logit_direction_target
 from ..circuits.paths import Mode, PathSearchResult, find_paths
 from ..errors import InvalidInputError
 from ..interventions import ablation_curve
