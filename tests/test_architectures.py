@@ -371,12 +371,28 @@ def test_attribution_edges_are_decompose_summed_over_paths(setup):
         assert float(g.adjacency[row, j]) == pytest.approx(acc.get(key, 0.0), abs=1e-6), key
 
 
-def test_attribution_refuses_cross_layer_transcoders_clearly(clt_setup):
+def test_clt_attribution_graph(clt_setup):
+    """A CLT feature's edge sums its writes into every later layer: conservation
+    on every row, and each edge into a feature target equals decompose's
+    contributions summed over all paths."""
+    from test_attribution import _expand, _src
+
     from tc_explore.circuits import attribute
-    from tc_explore.errors import InvalidInputError
     _, _, model, clt, ctx = clt_setup
-    with pytest.raises(InvalidInputError, match="cross-layer"):
-        attribute(model, clt, ctx)
+    g = attribute(model, clt, ctx, max_n_logits=3, dtype=torch.float64)
+    c = g.constants
+    scale = c[["edge_sum", "constant"]].abs().max(axis=1).clip(lower=1.0)
+    assert ((c.value - c.edge_sum - c.constant).abs() / scale).max() < 1e-6
+    short = prompt_context(model, clt, "The war lasted")
+    target = feature_target(short, 2, _active(short, 2, -1)[0], -1)
+    g = attribute(model, clt, short, dtype=torch.float64, targets=[target])
+    acc = {}
+    _expand(short, target, acc)
+    row = len(g) - 1
+    assert sum(1 for k, v in acc.items() if k[0] == "feature" and abs(v) > 1e-6) > 3
+    for j in range(len(g.nodes) - 1):
+        key = _src(g, j)
+        assert float(g.adjacency[row, j]) == pytest.approx(acc.get(key, 0.0), abs=1e-6), key
 
 
 # -- index, dashboards and weight views on the other blocks and on CLTs ----------------------

@@ -6,7 +6,9 @@ fixed) every target is an affine function of the writes into the residual
 stream. The graph's nodes are those writes and the targets:
 
 * ``feature``: every active transcoder feature at (layer, position ≥ 1);
-  it writes ``activation × W_dec[f]`` and, as a target, reads its
+  it writes ``activation × W_dec[f]`` (a cross-layer transcoder's feature:
+  one such write into every MLP output from its layer on, so its edge sums
+  them) and, as a target, reads its
   pre-activation minus ``b_enc`` along its encoder vector;
 * ``error``: per (layer, position ≥ 1), true MLP output − transcoder output;
 * ``embedding``: per position, the token embedding ``W_E[token]``;
@@ -86,7 +88,7 @@ class _Sources:
     feat_pos: torch.Tensor          # [N]
     feat_index: torch.Tensor        # [N]
     feat_act: torch.Tensor          # [N]
-    writes: dict[int, _LayerWrites]
+    writes: dict[int, list[_LayerWrites]]   # target layer -> the writes of each source layer
     err_layers: list[int]
     err_pos: list[int]
     errors: torch.Tensor            # [n_err_layers, P, d]
@@ -110,6 +112,7 @@ def _collect_sources(ctx: PromptContext, lin: LinearisedModel, keep_bos: bool) -
     P = ctx.n_pos
     tc_layers = [l for l in range(ctx.n_layers) if ctx.has_transcoder(l)]
     layers, poss, idxs, acts, writes = [], [], [], [], {}
+    clt = ctx.transcoders.is_cross_layer
     col = 0
     for l in tc_layers:
         a = ctx.feature_acts(l)                                         # [P, d_sae]
@@ -121,10 +124,21 @@ def _collect_sources(ctx: PromptContext, lin: LinearisedModel, keep_bos: bool) -
         starts = torch.cumsum(counts, 0) - counts
         slot = torch.arange(len(p)) - starts[(p - first).cpu()]         # rank within its position
         flat = (p - first).cpu() * n_max + slot
-        W_dec = ctx.transcoders[l].W_dec
-        padded = torch.zeros((P - first) * n_max, W_dec.shape[1], device=dev, dtype=dt)
-        padded[flat.to(dev)] = (v[:, None].double() * W_dec[f].double()).to(device=dev, dtype=dt)
-        writes[l] = _LayerWrites(padded.reshape(P - first, n_max, -1), flat.to(dev), counts, col)
+        # decoder rows [n_active, n_targets, d]: one target (W_dec) for a per-layer
+        # transcoder; every later layer for a cross-layer transcoder (only the
+        # active features' rows are read)
+        if clt:
+            idx, rows = ctx.active_decoder_rows(l)
+            where = torch.full((a.shape[1],), -1, dtype=torch.long, device=a.device)
+            where[idx.to(a.device)] = torch.arange(idx.numel(), device=a.device)
+            r = rows[where[f]].double()                                 # [n, n_targets, d]
+        else:
+            r = ctx.transcoders[l].W_dec[f][:, None].double()           # [n, 1, d]
+        for j, t in enumerate(ctx.transcoders.target_layers(l)):
+            padded = torch.zeros((P - first) * n_max, r.shape[-1], device=dev, dtype=dt)
+            padded[flat.to(dev)] = (v[:, None].double() * r[:, j]).to(device=dev, dtype=dt)
+            writes.setdefault(t, []).append(
+                _LayerWrites(padded.reshape(P - first, n_max, -1), flat.to(dev), counts, col))
         col += len(p)
         layers.append(torch.full_like(f, l)), poss.append(p), idxs.append(f), acts.append(v.float())
     cat = lambda xs, dtype: torch.cat(xs).cpu() if xs else torch.zeros(0, dtype=dtype)  # noqa: E731
@@ -136,7 +150,7 @@ def _collect_sources(ctx: PromptContext, lin: LinearisedModel, keep_bos: bool) -
     errors = torch.stack([errors64[l] for l in tc_layers]).to(device=dev, dtype=dt) \
         if tc_layers else torch.zeros(0, P, lin.W_O.shape[-1], device=dev, dtype=dt)
     n_err = len(tc_layers) * len(err_pos)
-    dec_bias = {l: ctx.transcoders[l].b_dec_out.to(device=dev, dtype=dt) for l in tc_layers}
+    dec_bias = {l: ctx.transcoders.output_bias(l).to(device=dev, dtype=dt) for l in tc_layers}
     bos_write = {}
     if not keep_bos:
         for l in tc_layers:
@@ -150,7 +164,15 @@ def _collect_sources(ctx: PromptContext, lin: LinearisedModel, keep_bos: bool) -
 
 def _decoded64(ctx: PromptContext, layer: int, pos: int | None = None) -> torch.Tensor:
     """Σ_f activation × W_dec[f] in float64 over the active features only, at
-    every position ([P, d]) or at ``pos`` ([d])."""
+    every position ([P, d]) or at ``pos`` ([d]). For a cross-layer transcoder:
+    the writes into ``layer`` of the features of every layer up to it."""
+    if ctx.transcoders.is_cross_layer:
+        out = 0.0
+        for s in ctx.transcoders.sources(layer):
+            idx, rows = ctx.active_decoder_rows(s)
+            a = ctx.feature_acts(s).index_select(1, idx.to(ctx.feature_acts(s).device)).double()
+            out = out + a @ rows[:, layer - s].double().to(a.device)                  # [P, d]
+        return out if pos is None else out[pos]
     tc = ctx.transcoders[layer]
     a = ctx.feature_acts(layer)
     if pos is not None:
@@ -166,7 +188,7 @@ def _error64(ctx: PromptContext, layer: int) -> torch.Tensor:
     the graph uses (float64 writes, the skip term read off the float64
     residual), so that conservation holds to float64 rounding."""
     tc = ctx.transcoders[layer]
-    out = _decoded64(ctx, layer) + tc.b_dec_out.double()
+    out = _decoded64(ctx, layer) + ctx.transcoders.output_bias(layer).double()
     if tc.W_skip is not None:
         out = out + _mlp_input64(ctx, layer) @ tc.W_skip.double()
     return ctx.mlp_out[layer].to(out.device) - out
@@ -241,14 +263,14 @@ def _mlp_sources(layer: int, g: torch.Tensor, src: _Sources, out_t: torch.Tensor
         return
     if layer not in src.writes:
         return
-    w = src.writes[layer]
     first = src.first_pos
-    if P > first and w.padded.shape[1]:
-        # edges = write · gradient at the write's position: one matmul per position, batched
-        e = torch.bmm(w.padded[:P - first], g[:, first:].permute(1, 2, 0))      # [P', n_max, k]
-        n_here = int(w.counts[:P - first].sum())
-        ol = out_t[w.col0:w.col0 + n_here]
-        ol.copy_(e.reshape(-1, g.shape[0])[w.valid[:n_here]])
+    for w in src.writes[layer]:           # a CLT feature adds one term per layer it writes to
+        if P > first and w.padded.shape[1]:
+            # edges = write · gradient at the write's position: one matmul per position, batched
+            e = torch.bmm(w.padded[:P - first], g[:, first:].permute(1, 2, 0))      # [P', n_max, k]
+            n_here = int(w.counts[:P - first].sum())
+            ol = out_t[w.col0:w.col0 + n_here]
+            ol.add_(e.reshape(-1, g.shape[0])[w.valid[:n_here]])
     li = src.err_layers.index(layer)
     if P > first:
         e = torch.einsum("bpd,pd->pb", g[:, first:], src.errors[li, first:P])
