@@ -537,11 +537,6 @@ def attribute(model, transcoders, prompt: Prompt | PromptContext, *, targets=Non
                                           or not isinstance(max_feature_nodes, int) or max_feature_nodes < 0):
         raise InvalidInputError(f"max_feature_nodes must be None or a non-negative integer, "
                                 f"got {max_feature_nodes!r}.")
-    if getattr(transcoders, "is_cross_layer", False) or (
-            isinstance(prompt, PromptContext) and prompt.transcoders.is_cross_layer):
-        raise InvalidInputError(
-            "Attribution graphs do not handle cross-layer transcoders yet; use decompose / "
-            "find_paths (exact for CLTs) or a per-layer transcoder set.")
     ctx = prompt if isinstance(prompt, PromptContext) else prompt_context(model, transcoders, prompt)
     if device is None:
         device = transcoders.device if transcoders is not None else ctx.resid.device
