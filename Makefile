@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo demo-model benchmarks clean
+.PHONY: setup test demo gpt2 demo-model benchmarks clean
 
 # torch is installed first, pinned, so that installing tc_explore keeps it. Which
 # build pip picks depends on its configured indexes: from plain PyPI,
@@ -35,6 +35,13 @@ test: $(STAMP)
 # executed notebooks and their HTML land in artifacts/notebooks/.
 demo: $(STAMP)
 	$(BIN)/python scripts/run_notebooks.py --out artifacts/notebooks
+
+# The same three notebooks on GPT-2 small with the paper's gpt2-small transcoders.
+# The first run downloads GPT-2, the 12 transcoder files and an OpenWebText slice
+# into the Hugging Face cache (README: "GPT-2 small"); later runs read the cache.
+# Results land in artifacts/notebooks-gpt2/.
+gpt2: $(STAMP)
+	$(BIN)/python scripts/run_notebooks.py --gpt2
 
 demo-model: $(STAMP)
 	$(BIN)/python -m tc_explore.demo build

@@ -9,6 +9,7 @@ demo model ``tiny-years`` (offline, CPU, about a minute) with
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import nbformat
@@ -30,6 +31,9 @@ such.
 SETUP = """import os
 import torch
 import tc_explore as tcx
+from tc_explore.ui.figures import use_offline_plotly
+
+use_offline_plotly()   # figures also as self-contained HTML, so exported notebooks show them
 
 DEMO = os.environ.get("TC_EXPLORE_DEMO", "0") == "1"
 MODEL_NAME = "tiny-years" if DEMO else "gpt2"
@@ -49,7 +53,9 @@ if DEMO:
     corpus_tokens = SyntheticSentences(seed=1000).windows(model.tokenizer, 48, int(model.cfg.n_ctx))
 else:
     from tc_explore.corpus import Corpus
-    corpus_tokens = Corpus.from_hub("Skylion007/openwebtext", model, seq_len=128).take(256)
+    # The first 2000 OpenWebText documents, downloaded once and then read from the cache.
+    corpus_tokens = Corpus.from_hub("Skylion007/openwebtext", model, seq_len=128,
+                                    n_documents=2000).take(256)
 print("corpus:", tuple(corpus_tokens.shape), "(sequences, tokens)")"""
 
 
@@ -489,20 +495,44 @@ def greater_than():
     return cells
 
 
-def write(name: str, cells) -> Path:
+NOTEBOOKS = {"walkthrough.ipynb": walkthrough, "feature_dashboards.ipynb": feature_dashboards,
+             "greater_than.ipynb": greater_than}
+
+
+def cell_id(cell, seen: set[str]) -> str:
+    """A cell id that depends only on the cell's kind and text (nbformat's are
+    random): regenerating unchanged notebooks changes nothing, and editing one
+    cell changes that cell's id alone."""
+    digest = hashlib.sha1(f"{cell.cell_type}\n{cell.source}".encode()).hexdigest()
+    base, n = digest[:12], 0
+    while (cid := base if n == 0 else f"{base}-{n}") in seen:      # the same cell twice
+        n += 1
+    seen.add(cid)
+    return cid
+
+
+def build(name: str):
+    """The notebook ``name`` as the generator writes it (an nbformat node)."""
+    cells = NOTEBOOKS[name]()
+    seen: set[str] = set()
+    for cell in cells:
+        cell.id = cell_id(cell, seen)
     nb = new_notebook(cells=cells)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
-    path = HERE / name
     nbformat.validate(nb)
-    nbformat.write(nb, path)
+    return nb
+
+
+def write(name: str) -> Path:
+    path = HERE / name
+    nbformat.write(build(name), path)
     return path
 
 
 def main() -> None:
-    for name, make in (("walkthrough.ipynb", walkthrough), ("feature_dashboards.ipynb", feature_dashboards),
-                       ("greater_than.ipynb", greater_than)):
-        print("wrote", write(name, make()))
+    for name in NOTEBOOKS:
+        print("wrote", write(name))
 
 
 if __name__ == "__main__":

@@ -139,8 +139,8 @@ def test_export_html_is_standalone(search, tmp_path):
     assert (tmp_path / "graph.html").read_text() == page
     assert "<script src" not in page and "http://" not in page.replace("http://www.w3.org", "")
     assert "https://" not in page
-    state = json.loads(re.search(r'id="tcx-state">(.*?)</script>', page, re.S).group(1))
-    dashes = json.loads(re.search(r'id="tcx-dashboards">(.*?)</script>', page, re.S).group(1))
+    state = json.loads(re.search(r'class="tcx-state">(.*?)</script>', page, re.S).group(1))
+    dashes = json.loads(re.search(r'class="tcx-dashboards">(.*?)</script>', page, re.S).group(1))
     assert {n["id"] for n in state["graph_data"]["nodes"]} == set(w.node_ids)
     assert state["can_expand"] is False
     for n in w.graph_data["nodes"]:

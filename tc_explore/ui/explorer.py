@@ -212,7 +212,37 @@ class FeatureExplorer:
 
     # -- display -------------------------------------------------------------------------
     def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
+        """The widgets for a live kernel, plus ``text/html``: what the explorer
+        shows now (prompt view, top features per token, the open dashboard) as
+        static HTML, which exports of the notebook show offline."""
+        bundle = self.widget._repr_mimebundle_(**kwargs)
+        data, metadata = bundle if isinstance(bundle, tuple) else (bundle, None)
+        data = dict(data or {})
+        data["text/html"] = self.static_html()
+        return (data, metadata) if metadata is not None else data
+
+    def static_html(self) -> str:
+        """The explorer's current content as self-contained HTML (no widgets, no
+        JavaScript): the layer and feature, the prompt's tokens shaded by the
+        feature, the top features per token, and the feature's dashboard."""
+        parts = [f"<style>{widget_css()}</style>",
+                 '<div class="tcx-explorer tcx-explorer-static">',
+                 f'<p class="tcx-static-note">Feature explorer, layer {self.layer} feature '
+                 f"{self.feature} (a static copy: run the notebook to browse).</p>"]
+        if self.prompt is not None:
+            parts.append(f'<div class="tcx-prompt-tokens">{self.prompt_tokens.value}</div>')
+            top = self.prompt.top_features(self.top_k)
+            rows = []
+            for pos, tok in enumerate(self.prompt.token_strs):
+                feats = ", ".join(f"L{int(r.layer)}/{int(r.feature)} {r.activation:.2f}"
+                                  for r in top[top["position"] == pos].itertuples())
+                rows.append(f"<tr><td>{html.escape(repr(tok))}</td><td>{html.escape(feats)}</td></tr>")
+            parts.append('<table class="tcx-top-features"><tr><th>token</th><th>top features</th></tr>'
+                         + "".join(rows) + "</table>")
+        if self.dashboard is not None:
+            parts.append(f'<div class="tcx-dashboard-view">{dashboard_html(self.dashboard)}</div>')
+        parts.append("</div>")
+        return "".join(parts)
 
 
 def explore(index: FeatureIndex | str, model, transcoders: TranscoderSet, **kwargs) -> FeatureExplorer:

@@ -28,6 +28,7 @@ standalone page ``widgets/circuit_graph_page.html`` (package data
 from __future__ import annotations
 
 import html as _html
+import itertools
 import json
 import os
 import re
@@ -42,7 +43,7 @@ from ..widgets import widget_asset
 from .graph_view import _as_graph_dict, _check_threshold, _node_summary_html, graph_view_data, visible_elements
 
 __all__ = ["CircuitGraphWidget", "circuit_graph_widget", "feature_dashboard_html", "export_html",
-           "graph_page_html"]
+           "graph_page_html", "embed_html"]
 
 
 def _widget_css() -> str:
@@ -306,6 +307,25 @@ class CircuitGraphWidget(anywidget.AnyWidget):
             self.status = f"{content.get('type').replace('_', ' ')} failed: {err}"
 
     # -- export --------------------------------------------------------------------
+    def _repr_mimebundle_(self, **kwargs):
+        """The widget for a live kernel, plus ``text/html``: the graph and every
+        feature's dashboard as a self-contained fragment (:func:`embed_html`),
+        which static HTML exports of the notebook show offline."""
+        bundle = super()._repr_mimebundle_(**kwargs)
+        data, metadata = bundle if isinstance(bundle, tuple) else (bundle, None)
+        if data is None:
+            return bundle
+        data = dict(data)
+        data["text/html"] = self.embed_html()
+        return (data, metadata) if metadata is not None else data
+
+    def embed_html(self) -> str:
+        """The current graph, selection and prune threshold, with the
+        dashboards of every node pre-rendered, as a self-contained HTML fragment."""
+        dashboards = {nid: self.dashboard_for(nid) for nid in self.node_ids}
+        return embed_html(self.graph_data, dashboards, threshold=self.threshold,
+                          selected=self.selected_node, has_dashboards=self._dashboard_fn is not None)
+
     def to_html(self, path: str | os.PathLike | None = None, title: str | None = None) -> str:
         """A standalone HTML page with the graph, the browser module inlined and
         the dashboards of every feature node pre-rendered; works with no Python.
@@ -340,12 +360,14 @@ def _write_page(path: str | os.PathLike, page: str) -> Path:
     return path
 
 
-def graph_page_html(view: Mapping, dashboards: Mapping[str, Mapping] | None = None,
-                    threshold: float = 0.0, selected: str = "", title: str = "circuit graph",
-                    has_dashboards: bool = False) -> str:
-    """A standalone page for ``view`` (from :func:`graph_view_data`) with the
-    given per-node dashboards ``{node_id: {node_id, layer, feature, html}}``:
-    ``widgets/circuit_graph_page.html`` with its ``@@name@@`` slots filled.
+def embed_html(view: Mapping, dashboards: Mapping[str, Mapping] | None = None,
+               threshold: float = 0.0, selected: str = "", has_dashboards: bool = False,
+               element_id: str | None = None) -> str:
+    """The graph as a self-contained HTML fragment: its CSS, the browser module
+    inlined, and a stand-in for the widget model that serves the given per-node
+    dashboards ``{node_id: {node_id, layer, feature, html}}``. It needs no
+    Python and no network, and several fit in one page (each under its own
+    ``element_id``): ``widgets/circuit_graph_embed.html`` with its slots filled.
     ``has_dashboards``: the entries include feature dashboards (the panel's hint
     says so), not only the nodes' fields."""
     dashboards = dict(dashboards or {})
@@ -357,9 +379,23 @@ def graph_page_html(view: Mapping, dashboards: Mapping[str, Mapping] | None = No
     module = widget_asset("circuit_graph.js")
     if "</script" in module.lower():
         raise InvalidInputError("The widget module contains '</script' and cannot be inlined.")
-    slots = dict(title=_html.escape(title), css=_widget_css(), state=_script_json(state),
-                 dashboards=_script_json(dashboards), module=module)
+    slots = dict(id=element_id or f"tcx-graph-{os.getpid()}-{next(_EMBED_IDS)}", css=_widget_css(),
+                 state=_script_json(state), dashboards=_script_json(dashboards), module=module)
     # one pass: text put into a slot is never searched for slots itself
+    return re.sub(r"@@(\w+)@@", lambda m: slots[m.group(1)], widget_asset("circuit_graph_embed.html"))
+
+
+_EMBED_IDS = itertools.count()
+
+
+def graph_page_html(view: Mapping, dashboards: Mapping[str, Mapping] | None = None,
+                    threshold: float = 0.0, selected: str = "", title: str = "circuit graph",
+                    has_dashboards: bool = False) -> str:
+    """A standalone page for ``view`` (from :func:`graph_view_data`): the
+    :func:`embed_html` fragment in ``widgets/circuit_graph_page.html``."""
+    slots = dict(title=_html.escape(title),
+                 embed=embed_html(view, dashboards, threshold, selected, has_dashboards,
+                                  element_id="tcx-graph"))
     return re.sub(r"@@(\w+)@@", lambda m: slots[m.group(1)], widget_asset("circuit_graph_page.html"))
 
 
