@@ -194,7 +194,7 @@ def test_panel_promises_dashboards_only_when_attached(search):
     with_dash = circuit_graph_widget(search, dashboard=_dashboard)
     assert with_dash.has_dashboards is True
     for w, expected in ((without, False), (with_dash, True)):
-        state = json.loads(re.search(r'id="tcx-state">(.*?)</script>', w.to_html(), re.S).group(1))
+        state = json.loads(re.search(r'class="tcx-state">(.*?)</script>', w.to_html(), re.S).group(1))
         assert state["has_dashboards"] is expected
     js = widget_asset("circuit_graph.js")
     assert 'model.get("has_dashboards")' in js and "Click a node to see its details" in js
@@ -234,3 +234,24 @@ def test_intervention_controls_call_the_library(search):
     assert not plain.can_intervene
     with pytest.raises(InvalidInputError, match="without an intervene function"):
         plain.set_intervention([a["id"]], 0.0)
+
+
+def test_mimebundle_carries_a_self_contained_html_fallback(search):
+    """Static HTML (nbconvert, offline) shows the text/html rendering: the graph's
+    state, its browser module and every feature node's dashboard, no network."""
+    w = circuit_graph_widget(search, dashboard=_dashboard)
+    bundle = w._repr_mimebundle_()
+    data = bundle[0] if isinstance(bundle, tuple) else bundle
+    assert "application/vnd.jupyter.widget-view+json" in data
+    fragment = data["text/html"]
+    assert "<html" not in fragment and "https://" not in fragment and "<script src" not in fragment
+    state = json.loads(re.search(r'class="tcx-state">(.*?)</script>', fragment, re.S).group(1))
+    dashes = json.loads(re.search(r'class="tcx-dashboards">(.*?)</script>', fragment, re.S).group(1))
+    assert {n["id"] for n in state["graph_data"]["nodes"]} == set(w.node_ids)
+    for n in w.graph_data["nodes"]:
+        if n["kind"] == "feature":
+            assert f"Layer {n['layer']} feature {n['feature']}" in dashes[n["id"]]["html"]
+    assert widget_asset("circuit_graph.js") in fragment
+    # two graphs on one page do not share element ids
+    ids = {re.search(r'class="tcx-embed" id="([^"]+)"', w.embed_html()).group(1) for _ in range(2)}
+    assert len(ids) == 2
