@@ -468,7 +468,7 @@ def greater_than():
                       "    f'... and feature {PAPER_FEATURE} zero-ablated': gt.probability_difference(model, prompts, fwd_hooks=without)}}))\n\n"
                       "score = lambda hooks: gt.probability_difference(model, prompts, fwd_hooks=hooks)\n"
                       "by_variance = gt.rank_features_by_variance(model, transcoders, prompts, top_k=32).sort_values('variance', ascending=False)\n"
-                      "rankings = {'by attribution': dec, 'by path search': paths, 'by activation variance': by_variance}\n"
+                      "rankings = {'by attribution': dec, 'by path search': ours, 'by activation variance': by_variance}\n"
                       "KS = [0, 1, 2, 4, 8, 16, 32]\n"
                       "curves = pd.concat([ablation_curve(model, transcoders, r, score, KS, kind=name, value_name='prob_diff')\n"
                       "                    for name, r in rankings.items()]\n"
