@@ -163,7 +163,8 @@ def feature_dashboard(index: FeatureIndex, layer: int, feature: int, model=None,
     neither they are None."""
     layer = index.check_layer(layer)
     feature = index.check_feature(layer, feature)
-    index.check_transcoders(transcoders)
+    index.check_transcoders(transcoders, layers=[layer])
+    index.check_model(model)
     decode = _Decoder(model)
     stats = index.feature_stats(layer, feature)
     top = [_window(index, e, decode) for e in index.top_examples(layer, feature)]

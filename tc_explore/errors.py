@@ -74,3 +74,13 @@ def check_feature(feature, d_sae: int, where: str) -> int:
         raise InvalidInputError(f"feature {feature} is out of range for {where}: it has {d_sae} "
                                 f"features (0..{d_sae - 1}).")
     return feature
+
+
+class IndexLockedError(TcExploreError):
+    """An index folder that another live build or merge holds; the message
+    names the holder (pid, host, start time)."""
+
+
+class FingerprintMismatchError(IncompatibleTranscoderError):
+    """Weights, tokenizer or corpus other than those an index was built from;
+    the message says which differ."""

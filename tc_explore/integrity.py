@@ -12,7 +12,7 @@ an index was built from.
 * ``verify_hub_file(path, ...)``: a file in the Hugging Face cache is a link to
   ``blobs/<name>``, where an LFS file's name is the sha256 of its content and a
   small file's the git blob sha1. Recomputing it catches damaged downloads.
-* ``sha256_file``, ``transcoder_digest``, ``model_fingerprint``,
+* ``sha256_file``, ``transcoder_fingerprint``, ``model_fingerprint``,
   ``tokenizer_digest``: what an index manifest records to refuse a resume or a
   dashboard with other weights.
 """
@@ -249,22 +249,24 @@ def file_digest(path: str | os.PathLike) -> str:
 
 
 # -- fingerprints -------------------------------------------------------------------------
-_TRANSCODER_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec", "b_dec_out", "threshold", "W_skip")
-
-
 @torch.no_grad()
-def transcoder_digest(tc) -> str:
-    """sha256 of a transcoder's weights as float32 (name, shape and bytes of
-    each tensor), independent of the file format it came from."""
+def weights_digest(*tensors: torch.Tensor) -> str:
+    """A short digest of some weights, rounded to bfloat16 first: the same
+    weights held in float32, float16 or bfloat16, on any device, give the same
+    digest (rounding is idempotent), other weights a different one."""
     h = hashlib.sha256()
-    for name in _TRANSCODER_TENSORS:
-        t = getattr(tc, name, None)
-        if t is None:
-            continue
-        t = t.detach().to("cpu", torch.float32).contiguous()
-        h.update(f"{name}{tuple(t.shape)}".encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
+    for t in tensors:
+        t = t.detach().to("cpu", torch.float32).to(torch.bfloat16).contiguous()
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def transcoder_fingerprint(tc) -> str:
+    """A cheap digest of a few of a transcoder's weights (rows and columns of
+    both matrices, some biases): tells other weights apart without reading
+    whole matrices."""
+    return weights_digest(tc.W_enc[:, :8], tc.W_enc[:8], tc.W_dec[:8], tc.b_enc[:8], tc.W_dec[-8:])
 
 
 _SAMPLE = 4096

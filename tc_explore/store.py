@@ -6,12 +6,12 @@ never leaves a half-written file under a final name.
 from __future__ import annotations
 
 import json
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
 
-from .errors import InvalidInputError
+from .errors import CorruptFileError, InvalidInputError
+from .integrity import atomic_write, reading, write_text_atomic
 
 
 def layer_name(layer: int) -> str:
@@ -21,17 +21,20 @@ def layer_name(layer: int) -> str:
 
 def read_manifest(directory: Path, missing: str) -> dict:
     """The parsed ``manifest.json`` of ``directory``; ``missing`` is the error
-    message when there is none."""
+    message when there is none, CorruptFileError when it is not a JSON object."""
     path = Path(directory) / "manifest.json"
     if not path.is_file():
         raise InvalidInputError(missing)
-    return json.loads(path.read_text(encoding="utf-8"))
+    with reading(path, "manifest", "Rebuild the folder's contents (or restore the file from a copy)."):
+        data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise CorruptFileError(f"manifest {path} holds a JSON {type(data).__name__}, not an object; "
+                               "rebuild the folder's contents (or restore the file from a copy).")
+    return data
 
 
 def atomic_write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def atomic_write_parquet(path: Path, blocks: Iterable, schema=None, compression: str = "lz4",
@@ -45,30 +48,33 @@ def atomic_write_parquet(path: Path, blocks: Iterable, schema=None, compression:
     1.5x as fast)."""
     import pyarrow.parquet as pq
 
-    tmp = path.with_name(path.name + ".tmp")
-    writer = None
-    try:
-        for table in blocks:
-            if writer is None:
-                writer = pq.ParquetWriter(tmp, schema if schema is not None else table.schema,
-                                          compression=compression, use_dictionary=use_dictionary)
-            writer.write_table(table)
-        if writer is None:                                          # no blocks: an empty file
-            writer = pq.ParquetWriter(tmp, schema, compression=compression,
-                                      use_dictionary=use_dictionary)
-    finally:
-        if writer is not None:
-            writer.close()
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        writer = None
+        try:
+            for table in blocks:
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, schema if schema is not None else table.schema,
+                                              compression=compression, use_dictionary=use_dictionary)
+                writer.write_table(table)
+            if writer is None:                                      # no blocks: an empty file
+                writer = pq.ParquetWriter(tmp, schema, compression=compression,
+                                          use_dictionary=use_dictionary)
+        finally:
+            if writer is not None:
+                writer.close()
 
 
 class ParquetFiles:
     """Lazily opened Parquet files of one directory: each file's footer is
-    parsed once, and the last ``cache_size`` row groups read are kept."""
+    parsed once, and the last ``cache_size`` row groups read are kept.
+    ``verify(name)`` (optional) runs before a file is first opened; a file that
+    cannot be parsed raises CorruptFileError, with ``remedy(name)`` as advice."""
 
-    def __init__(self, directory: Path, cache_size: int):
+    def __init__(self, directory: Path, cache_size: int, verify=None, remedy=None):
         self.directory = Path(directory)
         self._files: dict = {}
+        self._verify = verify
+        self._remedy = remedy or (lambda name: "Rebuild it (or restore it from a copy).")
         self.row_group = lru_cache(maxsize=cache_size)(self._read_row_group)
 
     def file(self, name: str):
@@ -76,8 +82,25 @@ class ParquetFiles:
         file = self._files.get(name)
         if file is None:
             import pyarrow.parquet as pq
-            file = self._files[name] = pq.ParquetFile(self.directory / name)
+            if self._verify is not None:
+                self._verify(name)
+            with self.reading(name):
+                file = self._files[name] = pq.ParquetFile(self.directory / name)
         return file
 
+    def reading(self, name: str):
+        """Context that turns a parse error of file ``name`` into CorruptFileError."""
+        return reading(self.directory / name, "index file", self._remedy(name))
+
+    def read_table(self, name: str, **kwargs):
+        """The whole file ``name`` as an Arrow table (verified like ``file``)."""
+        import pyarrow.parquet as pq
+        if self._verify is not None:
+            self._verify(name)
+        with self.reading(name):
+            return pq.read_table(self.directory / name, **kwargs)
+
     def _read_row_group(self, name: str, group: int):
-        return self.file(name).read_row_group(group, use_threads=False)
+        file = self.file(name)
+        with self.reading(name):
+            return file.read_row_group(group, use_threads=False)

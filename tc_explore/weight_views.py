@@ -25,7 +25,6 @@ redone with a full stable sort, so the lower index wins as in ``invariant._top``
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
@@ -38,6 +37,7 @@ import torch
 
 from .distributed import all_done
 from .errors import IncompatibleTranscoderError, InvalidInputError, as_integer, check_feature
+from .integrity import transcoder_fingerprint, weights_digest
 from .store import ParquetFiles, atomic_write_json, atomic_write_parquet, layer_name, read_manifest
 from .model import model_weights, token_strings
 from .progress import progress_bar
@@ -91,23 +91,13 @@ def _empty_ranked(rows: int, device, dtype) -> tuple:
 
 
 # -- fingerprints -----------------------------------------------------------------------
-def _digest(*tensors: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def _layer_fingerprint(transcoders: TranscoderSet, layer: int) -> str:
-    """A cheap digest of a few weights: tells a set with other weights apart
-    without reading whole matrices."""
-    tc = transcoders[layer]
-    return _digest(tc.W_enc[:, :8], tc.W_enc[:8], tc.W_dec[:8], tc.b_enc[:8], tc.W_dec[-8:])
+    return transcoder_fingerprint(transcoders[layer])
 
 
 def _model_fingerprint(model) -> str:
     w = model_weights(model)
-    return _digest(w.W_E[:8], w.W_U[:, :8], w.W_V[:, :, :4, :4], w.W_O[:, :, :4, :4])
+    return weights_digest(w.W_E[:8], w.W_U[:, :8], w.W_V[:, :, :4, :4], w.W_O[:, :, :4, :4])
 
 
 # -- building ---------------------------------------------------------------------------

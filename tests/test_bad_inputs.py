@@ -21,6 +21,8 @@ from tc_explore.search import search_features
 from tc_explore.errors import (CorruptFileError, IncompatibleTranscoderError, InvalidInputError,
                                OfflineFileMissingError, StorageError, TcExploreError,
                                UnknownTranscoderSetError, UnsafeFileError)
+from tc_explore.demo import SyntheticSentences
+from tc_explore.index import FeatureIndex
 from tc_explore.formats import (read_circuit_tracer_config, read_circuit_tracer_safetensors,
                                 read_gemma_scope_npz, read_gpt2_transcoder,
                                 write_circuit_tracer_safetensors, write_gemma_scope_npz,
@@ -33,13 +35,65 @@ PROMPT = "The war lasted from 1735 to 17"
 GPT2_NAME = "final_sparse_autoencoder_gpt2-small_blocks.0.ln2.hook_normalized_24576.pt"
 
 
+INDEX = dict(k=3, n_samples=3, batch_size=4, window=(2, 1), features_per_group=128)
+
+
 @pytest.fixture(scope="module")
 def env(demo_model, demo_transcoders, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bad_inputs")
     other = load_model(str(build_tiny_gpt2(tmp / "other_model", n_layers=2, d_model=32)), device="cpu")
     ctx = prompt_context(demo_model, demo_transcoders, PROMPT)
+    index = FeatureIndex.build(demo_model, demo_transcoders, _texts(demo_model), 16 * 16, tmp / "index",
+                               **INDEX)
     return types.SimpleNamespace(model=demo_model, ts=demo_transcoders, ctx=ctx, other=other,
-                                 tmp=tmp)
+                                 tmp=tmp, index=index)
+
+
+def _texts(model):
+    gen = SyntheticSentences(0)
+    return Corpus.from_texts([gen.sentence() for _ in range(200)], model, 16)
+
+
+def _build(env, out="built", corpus=None, n_tokens=16 * 8, **kw):
+    return FeatureIndex.build(env.model, env.ts, corpus if corpus is not None else _texts(env.model),
+                              n_tokens, env.tmp / out, **{**INDEX, **kw})
+
+
+def _index_copy(env, name, edit) -> Path:
+    """A copy of the built index, with ``edit(folder)`` applied."""
+    import shutil
+    folder = env.tmp / name
+    if not folder.exists():
+        shutil.copytree(env.index.directory, folder)
+        edit(folder)
+    return folder
+
+
+def _set_manifest(folder, text=None, **changes):
+    path = folder / "manifest.json"
+    if text is None:
+        data = json.loads(path.read_text())
+        data.update(changes)
+        text = json.dumps(data)
+    path.write_text(text)
+
+
+def _break_parquet_unchecked(folder):
+    """Truncate a layer file and drop the manifest's checksums (an index from
+    before checksums): the Parquet reader itself meets the damage."""
+    data = json.loads((folder / "manifest.json").read_text())
+    del data["checksums"]
+    (folder / "manifest.json").write_text(json.dumps(data))
+    path = folder / "layer_01" / "top.parquet"
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+def _damaged_checkpoint(env):
+    out = "checkpoint"
+    assert _build(env, out, max_batches=1) is None
+    path = env.tmp / out / "checkpoint.pt"
+    path.write_bytes(path.read_bytes()[:100])
+    _build(env, out)
 
 
 # -- files written per case ---------------------------------------------------------------
@@ -280,7 +334,61 @@ CASES = [
     ("corpus-split", lambda e: Corpus.from_files([], e.model, 8, split="words"), InvalidInputError, "'words'"),
     ("corpus-unknown-source", lambda e: as_corpus(42, e.model), InvalidInputError, "int"),
     ("corpus-too-short", lambda e: Corpus.from_texts(["war"], e.model, 8).take(5), InvalidInputError, "5"),
+    # feature indexes: settings
+    ("index-window-negative", lambda e: _build(e, window=(-1, 2)), InvalidInputError, "(-1, 2)"),
+    ("index-window-shape", lambda e: _build(e, window=3), InvalidInputError, "3"),
+    ("index-window-float", lambda e: _build(e, window=(1.5, 2)), InvalidInputError, "1.5"),
+    ("index-k-zero", lambda e: _build(e, k=0), InvalidInputError, "k must be at least 1"),
+    ("index-batch-float", lambda e: _build(e, batch_size=2.5), InvalidInputError, "2.5"),
+    ("index-bins-nan", lambda e: _build(e, bins=[0.1, float("nan"), 1.0]), InvalidInputError, "nan"),
+    ("index-shard-bad", lambda e: _build(e, shard=(3, 2)), InvalidInputError, "(3, 2)"),
+    ("index-shard-not-pair", lambda e: _build(e, shard=1), InvalidInputError, "1"),
+    ("index-n-tokens-float", lambda e: _build(e, n_tokens=100.5), InvalidInputError, "100.5"),
+    ("index-unknown-setting", lambda e: _build(e, windw=(1, 1)), InvalidInputError, "windw"),
+    ("index-corpus-oov", lambda e: _build(e, "oov", corpus=Corpus.from_token_ids(
+        np.array([[0, 5, 9999]] * 40))), InvalidInputError, "[9999]"),
+    ("index-other-model", lambda e: FeatureIndex.build(e.other, e.ts, _texts(e.model), 128, e.tmp / "om"),
+     IncompatibleTranscoderError, "d_model is 32"),
+    # feature indexes: reading
+    ("index-layer-missing", lambda e: e.index.top_examples(7, 0), InvalidInputError, "Layer 7"),
+    ("index-feature-float", lambda e: e.index.top_examples(1, 2.5), InvalidInputError, "2.5"),
+    ("index-feature-range", lambda e: e.index.feature_stats(1, 512), InvalidInputError, "512"),
+    ("index-table-name", lambda e: e.index.table(1, "tops"), InvalidInputError, "'tops'"),
+    ("index-sequence-range", lambda e: e.index.sequence_tokens(99), InvalidInputError, "99"),
+    ("index-bands-zero", lambda e: e.index.interval_samples(1, 0, n_bands=0), InvalidInputError, "0"),
+    ("index-not-a-folder", lambda e: FeatureIndex(e.tmp / "nowhere"), InvalidInputError, "nowhere"),
+    ("index-manifest-not-json", lambda e: FeatureIndex(_index_copy(e, "badjson", lambda f: _set_manifest(
+        f, text="{not json"))), CorruptFileError, "manifest.json"),
+    ("index-manifest-list", lambda e: FeatureIndex(_index_copy(e, "listjson", lambda f: _set_manifest(
+        f, text="[1, 2]"))), CorruptFileError, "list"),
+    ("index-manifest-lacks", lambda e: FeatureIndex(_index_copy(e, "lacks", lambda f: _set_manifest(
+        f, text=json.dumps({"format_version": 2, "complete": True})))), InvalidInputError, "lacks"),
+    ("index-manifest-d-sae", lambda e: FeatureIndex(_index_copy(e, "dsae", lambda f: _set_manifest(
+        f, d_sae=[512]))), CorruptFileError, "d_sae"),
+    ("index-parquet-truncated", lambda e: FeatureIndex(_index_copy(e, "trunc", _break_parquet_unchecked))
+     .top_examples(1, 0), CorruptFileError, "layer_01/top.parquet"),
+    ("index-file-missing", lambda e: FeatureIndex(_index_copy(e, "missing", lambda f: (
+        f / "layer_00" / "stats.parquet").unlink())).feature_stats(0, 1), CorruptFileError,
+     "layer_00/stats.parquet"),
+    ("index-checkpoint-damaged", _damaged_checkpoint, CorruptFileError, "checkpoint.pt"),
+    ("index-settings-differ", lambda e: _build(e, "index", n_tokens=16 * 16, k=5), InvalidInputError, "k"),
+    ("index-other-weights", lambda e: e.index.check_transcoders(_other_weights(e)),
+     IncompatibleTranscoderError, "layer-2"),
+    ("index-other-model-dashboard", lambda e: e.index.check_model(e.other), IncompatibleTranscoderError,
+     "tokenizer"),
+    ("merge-into-input", lambda e: FeatureIndex.merge([e.index.directory], e.index.directory),
+     InvalidInputError, "one of its inputs"),
+    ("merge-inside-input", lambda e: FeatureIndex.merge([e.index.directory], e.index.directory / "m"),
+     InvalidInputError, "inside"),
+    ("merge-nothing", lambda e: FeatureIndex.merge([], e.tmp / "m0"), InvalidInputError, "at least one"),
 ]
+
+
+def _other_weights(env):
+    other = load_transcoders("tiny-years", device="cpu")
+    with torch.no_grad():
+        other[2].W_dec[0] *= 2
+    return other
 
 
 @pytest.mark.parametrize("call,error,names", [pytest.param(c, err, n, id=i) for i, c, err, n in CASES])

@@ -8,6 +8,7 @@ every feature's top-k with copies of one example.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
@@ -19,14 +20,17 @@ import numpy as np
 import torch
 
 from ..corpus import Corpus, as_corpus
-from ..errors import InvalidInputError
+from ..errors import FingerprintMismatchError, InvalidInputError, as_integer
+from ..integrity import (atomic_write, fingerprint_difference, model_fingerprint, reading,
+                         tokenizer_digest, transcoder_fingerprint)
 from ..model import check_context, model_device
 from ..progress import progress_bar
 from ..transcoder import TranscoderSet
 from .accumulator import Entries, _Best, _LayerAccumulator, _token_hash, histogram_edges
-from .storage import (FORMAT_VERSION, IndexManifest, _flat_windows,
-                      atomic_write_json, atomic_write_parquet, read_layer_state, read_manifest,
-                      tokens_schema, write_layer)
+from .lock import FolderLock
+from .storage import (FORMAT_VERSION, IndexManifest, _flat_windows, atomic_write_json,
+                      atomic_write_parquet, data_file_names, file_checksums, index_files,
+                      read_layer_state, read_manifest, tokens_schema, write_layer)
 
 
 @dataclass(frozen=True)
@@ -77,15 +81,30 @@ def build_index(model, transcoders: TranscoderSet, corpus, n_tokens: int, out_di
                 settings: IndexSettings) -> Path | None:
     """Index ``n_tokens`` tokens of ``corpus`` into ``out_dir`` (see
     ``FeatureIndex.build``). Returns the directory, or None if the build
-    stopped at ``max_batches`` before its end."""
+    stopped at ``max_batches`` before its end. Holds the folder's lock
+    throughout: a second build or merge into it is refused while this one lives."""
     corpus = as_corpus(corpus, model)
     out = Path(out_dir)
     manifest = _plan(model, transcoders, corpus, n_tokens, settings)
-    existing = _prepare_out_dir(out, manifest, settings.overwrite)
-    if existing == "complete":
-        return out
-    _write_tokens(out, corpus, manifest.sequence_start, manifest.n_sequences, manifest.batch_size)
-    s, layers = settings, manifest.layers
+    with FolderLock(out, "build") as lock:
+        _clean_after(lock, out)
+        created = not out.exists()
+        existing = _prepare_out_dir(out, manifest, settings.overwrite)
+        if existing == "complete":
+            return out
+        try:
+            _write_tokens(out, corpus, manifest.sequence_start, manifest.n_sequences,
+                          manifest.batch_size, int(model.cfg.d_vocab))
+        except BaseException:
+            if existing == "new":           # leave no half-made folder that looks like an index
+                _undo_new_folder(out, created)
+            raise
+        return _build_locked(model, transcoders, out, manifest, settings)
+
+
+def _build_locked(model, transcoders: TranscoderSet, out: Path, manifest: IndexManifest,
+                  s: IndexSettings) -> Path | None:
+    layers = manifest.layers
     fuse = transcoders.device.type == "cuda" if s.fuse_layers is None else s.fuse_layers
     groups = [layers] if fuse else [[layer] for layer in layers]
     accs = {}                                                   # layer -> its (shared) accumulator
@@ -97,10 +116,7 @@ def build_index(model, transcoders: TranscoderSet, corpus, n_tokens: int, out_di
     done = 0
     ckpt = out / "checkpoint.pt"
     if ckpt.is_file():
-        saved = torch.load(ckpt, map_location=transcoders.device, weights_only=True)
-        done = int(saved["batches_done"])
-        for layer in layers:
-            accs[layer].load(saved["layers"][layer], layer)
+        done = _load_checkpoint(ckpt, accs, layers, manifest.n_batches, transcoders.device)
     reached = _run_batches(model, transcoders, out, manifest, groups, accs, done, s)
     if reached < manifest.n_batches:
         return None
@@ -113,6 +129,7 @@ def build_index(model, transcoders: TranscoderSet, corpus, n_tokens: int, out_di
                               manifest.seq_len, manifest.features_per_group) for layer in layers]
         for w in writes:
             w.result()
+    manifest.checksums = file_checksums(out, data_file_names(manifest))
     manifest.complete = True
     manifest.built_at = time.strftime("%Y-%m-%dT%H:%M:%S")
     atomic_write_json(out / "manifest.json", manifest.to_json())
@@ -130,11 +147,14 @@ def _plan(model, transcoders: TranscoderSet, corpus: Corpus, n_tokens: int,
     transcoders.check_fits(model)
     check_context(model, corpus.seq_len)
     for name in ("k", "n_samples", "batch_size", "checkpoint_every", "features_per_group"):
-        value = getattr(s, name)
-        if int(value) < 1:
+        value = as_integer(getattr(s, name), name)
+        if value < 1:
             raise InvalidInputError(f"{name} must be at least 1, got {value}.")
-    seq_len, batch_size = corpus.seq_len, s.batch_size
-    total_sequences = int(n_tokens) // seq_len
+    if s.max_batches is not None and as_integer(s.max_batches, "max_batches") < 0:
+        raise InvalidInputError(f"max_batches must be at least 0, got {s.max_batches}.")
+    window = _check_window(s.window)
+    seq_len, batch_size = corpus.seq_len, int(s.batch_size)
+    total_sequences = as_integer(n_tokens, "n_tokens") // seq_len
     if total_sequences < 1:
         raise InvalidInputError(
             f"n_tokens={n_tokens} is less than one sequence of {seq_len} tokens.")
@@ -146,29 +166,71 @@ def _plan(model, transcoders: TranscoderSet, corpus: Corpus, n_tokens: int,
     if s.shard is None:
         first_batch, stop_batch = 0, n_batches_total
     else:
-        i, n = s.shard
+        i, n = s.shard if isinstance(s.shard, (tuple, list)) and len(s.shard) == 2 else (None, None)
         if not (isinstance(n, int) and n >= 1 and isinstance(i, int) and 0 <= i < n):
             raise InvalidInputError(f"shard must be (i, n) with 0 <= i < n, got {s.shard!r}.")
         first_batch, stop_batch = i * n_batches_total // n, (i + 1) * n_batches_total // n
     seq_start = first_batch * batch_size
     seq_stop = min(stop_batch * batch_size, total_sequences)
-    edges = histogram_edges() if s.bins is None else np.asarray(s.bins, dtype=np.float64)
-    if edges.ndim != 1 or len(edges) < 1 or np.any(np.diff(edges) <= 0) or edges[0] <= 0:
-        raise InvalidInputError("bins must be increasing positive bin edges.")
+    try:
+        edges = histogram_edges() if s.bins is None else np.asarray(s.bins, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"bins must be a list of numbers, got {s.bins!r:.80}.") from None
+    if edges.ndim != 1 or len(edges) < 1 or not np.all(np.isfinite(edges)) or \
+            np.any(np.diff(edges) <= 0) or edges[0] <= 0:
+        raise InvalidInputError(f"bins must be increasing, finite, positive bin edges; got {s.bins!r:.80}.")
     return IndexManifest(
         format_version=FORMAT_VERSION, model=_model_name(model), transcoder_set=transcoders.name,
         transcoder_repo=transcoders.repo_id, revision=transcoders.revision,
         corpus=corpus.description, seq_len=seq_len, layers=layers,
         d_sae={layer: transcoders.d_sae(layer) for layer in layers},
         k=int(s.k), n_samples=int(s.n_samples), batch_size=int(batch_size),
-        histogram_edges=[float(e) for e in edges], window=(int(s.window[0]), int(s.window[1])),
+        histogram_edges=[float(e) for e in edges], window=window,
         seed=int(s.seed), total_sequences=total_sequences, sequence_start=seq_start,
         sequence_stop=seq_stop, n_batches=stop_batch - first_batch,
         n_sequences=seq_stop - seq_start, n_tokens=(seq_stop - seq_start) * seq_len,
         n_tokens_counted=(seq_stop - seq_start) * (seq_len - 1),
         positions_counted="1..seq_len-1 (position 0, BOS, left out)",
         shard=list(s.shard) if s.shard is not None else None,
-        features_per_group=int(s.features_per_group), tokens_rows_per_group=int(batch_size))
+        features_per_group=int(s.features_per_group), tokens_rows_per_group=int(batch_size),
+        fingerprints=_fingerprints(model, transcoders, layers, corpus, min(batch_size, total_sequences)))
+
+
+def _check_window(window) -> tuple[int, int]:
+    if not (isinstance(window, (tuple, list)) and len(window) == 2):
+        raise InvalidInputError(f"window must be (before, after), two token counts; got {window!r:.80}.")
+    before, after = (as_integer(w, "window") for w in window)
+    if before < 0 or after < 0:
+        raise InvalidInputError(f"window must be (before, after) with both at least 0, got {window!r}.")
+    return before, after
+
+
+def _fingerprints(model, transcoders: TranscoderSet, layers: Sequence[int], corpus: Corpus,
+                  n_sequences: int) -> dict:
+    """What the index is built from (compared on resume, merge and dashboards)."""
+    first = corpus.take(n_sequences).numpy().astype(np.int64)
+    return {"transcoders": {str(layer): transcoder_fingerprint(transcoders[layer]) for layer in layers},
+            "model": model_fingerprint(model), "tokenizer": tokenizer_digest(getattr(model, "tokenizer", None)),
+            "corpus": hashlib.sha256(np.ascontiguousarray(first).tobytes()).hexdigest()[:16]}
+
+
+def fingerprint_mismatch(recorded: dict | None, current: dict | None) -> str | None:
+    """A sentence saying what differs between two indexes' fingerprints (None:
+    they match, or one predates fingerprints)."""
+    if not recorded or not current:
+        return None
+    old_tc, new_tc = recorded.get("transcoders") or {}, current.get("transcoders") or {}
+    for layer in sorted(set(old_tc) & set(new_tc), key=int):
+        if old_tc[layer] != new_tc[layer]:
+            return (f"the transcoder weights of layer {layer} differ (fingerprint {old_tc[layer]} "
+                    f"then, {new_tc[layer]} now)")
+    diff = fingerprint_difference(recorded.get("model"), current.get("model"))
+    if diff:
+        return diff
+    for key, what in (("tokenizer", "the model's tokenizer"), ("corpus", "the corpus's first sequences")):
+        if recorded.get(key) and current.get(key) and recorded[key] != current[key]:
+            return f"{what} differ ({str(recorded[key])[:16]} then, {str(current[key])[:16]} now)"
+    return None
 
 
 def _run_batches(model, transcoders: TranscoderSet, out: Path, manifest: IndexManifest,
@@ -282,18 +344,48 @@ def merge_indexes(shards: Sequence[tuple[Path, IndexManifest]], out_dir: str | o
             raise InvalidInputError(
                 f"Shard {directory} differs from {first_dir} in {diff}; only shards "
                 "of the same build settings can be merged.")
+        differs = fingerprint_mismatch(first.fingerprints, m.fingerprints)
+        if differs:
+            raise FingerprintMismatchError(
+                f"Shard {directory} was not built from what {first_dir} was: {differs}. Only shards "
+                "of one build can be merged.")
     for (a_dir, a), (b_dir, b) in zip(shards, shards[1:]):
         if a.sequence_stop != b.sequence_start:
             raise InvalidInputError(
                 f"Shards must cover contiguous sequence ranges: {a_dir} ends at sequence "
                 f"{a.sequence_stop} but {b_dir} starts at {b.sequence_start}.")
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
+    out = Path(os.path.abspath(out_dir))
+    inputs = [Path(os.path.abspath(d)) for d, _ in shards]
+    for d in inputs:
+        if out == d and not overwrite:
+            raise InvalidInputError(
+                f"out_dir {out} is one of its inputs of the merge; pass overwrite=True to replace that "
+                "shard by the merged index once the merge is complete, or choose another folder.")
+        if out != d and (out.is_relative_to(d) or d.is_relative_to(out)):
+            inner, outer = (out, d) if out.is_relative_to(d) else (d, out)
+            raise InvalidInputError(
+                f"The merge's out_dir {out} and its input {d} lie one inside the other ({inner} is "
+                f"inside {outer}); choose an out_dir outside every input.")
+    with FolderLock(out, "merge") as lock:
+        _clean_after(lock, out)
+        if out.exists() and any(out.iterdir()) and not overwrite:
             raise InvalidInputError(f"{out} is not empty; pass overwrite=True to replace it.")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+        # Written elsewhere and swapped in when complete: out (possibly one of the
+        # inputs) keeps its content until the merged index is whole.
+        staging = _merge_staging(out, os.getpid())
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        try:
+            _write_merged(shards, first_json, staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _swap_in(staging, out)
+    return out
 
+
+def _write_merged(shards, first_json: dict, out: Path) -> None:
+    _, first = shards[0]
     for layer in first.layers:
         state = None
         for directory, m in shards:
@@ -301,14 +393,16 @@ def merge_indexes(shards: Sequence[tuple[Path, IndexManifest]], out_dir: str | o
             state = st if state is None else _merge_states(state, st)
         write_layer(out, layer, state, first.n_bins, first.seq_len, first.features_per_group)
 
-    import pyarrow.parquet as pq
     schema = tokens_schema(first.seq_len)
 
     def token_groups():
-        for directory, _ in shards:
-            f = pq.ParquetFile(directory / "tokens.parquet")
+        for directory, m in shards:
+            files = index_files(directory, m, cache_size=1)
+            f = files.file("tokens.parquet")
             for g in range(f.num_row_groups):
-                yield f.read_row_group(g).cast(schema)
+                with files.reading("tokens.parquet"):
+                    group = f.read_row_group(g)
+                yield group.cast(schema)
     atomic_write_parquet(out / "tokens.parquet", _regroup(token_groups(), first.tokens_rows_per_group),
                          schema)
 
@@ -323,9 +417,23 @@ def merge_indexes(shards: Sequence[tuple[Path, IndexManifest]], out_dir: str | o
     # Merged shards of a whole build make the index a single build makes, to the
     # byte (timestamp aside); a partial merge records its shards.
     merged.merged_from, merged.complete = (None if whole else len(shards)), True
+    merged.checksums = file_checksums(out, data_file_names(merged))
     merged.built_at = time.strftime("%Y-%m-%dT%H:%M:%S")
     atomic_write_json(out / "manifest.json", merged.to_json())
-    return out
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Put the complete ``staging`` folder at ``out``: two renames (the old
+    folder is moved aside first and deleted last; a crash between them is
+    repaired by the next build or merge of ``out``, which finds it by pid)."""
+    if out.exists():
+        aside = _merge_aside(out, os.getpid())
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(out, aside)
+        os.rename(staging, out)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.rename(staging, out)
 
 
 def _merge_states(a: dict, b: dict) -> dict:
@@ -372,20 +480,30 @@ def _prepare_out_dir(out: Path, manifest: IndexManifest, overwrite: bool) -> str
             raise InvalidInputError(
                 f"{out} holds an index built with different settings ({', '.join(diff)}). "
                 "Use another out_dir, the same arguments to resume it, or overwrite=True.")
+        differs = fingerprint_mismatch(old.get("fingerprints"), new.get("fingerprints"))
+        if differs:
+            state = "finished" if old.get("complete") else "unfinished"
+            raise FingerprintMismatchError(
+                f"{out} holds a {state} index of the same name and settings, but {differs}. "
+                f"{'Resuming would mix two sets of weights in one index. ' if state == 'unfinished' else ''}"
+                "Use the weights, tokenizer and corpus it was started with, another out_dir, or "
+                "overwrite=True to start afresh.")
         return "complete" if old.get("complete") else "resume"
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise InvalidInputError(
                 f"{out} is not empty and holds no feature index; pass overwrite=True or another out_dir.")
-        shutil.rmtree(out)
+        _clear_folder(out)                  # its contents: the lock beside it stays ours
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, {**new, "complete": False})
     return "new"
 
 
-def _write_tokens(out: Path, corpus: Corpus, start: int, n_sequences: int, rows: int) -> None:
+def _write_tokens(out: Path, corpus: Corpus, start: int, n_sequences: int, rows: int,
+                  d_vocab: int) -> None:
     """tokens.parquet: one row group per batch, written before the pass (and
-    kept on resume), so a batch is a row group read back by number."""
+    kept on resume), so a batch is a row group read back by number. Token ids
+    outside the model's vocabulary are refused here, before any model pass."""
     import pyarrow as pa
 
     path = out / "tokens.parquet"
@@ -396,6 +514,13 @@ def _write_tokens(out: Path, corpus: Corpus, start: int, n_sequences: int, rows:
 
     def blocks():
         for batch in corpus.batches(rows, n_sequences, start):
+            bad = (batch < 0) | (batch >= d_vocab)
+            if bad.any():
+                row = int(np.nonzero(bad.any(axis=1))[0][0])
+                raise InvalidInputError(
+                    f"Sequence {start + got[0] + row} of the corpus holds token ids outside the model's "
+                    f"vocabulary 0..{d_vocab - 1}: {sorted(set(batch[bad].tolist()))[:5]}. Was it "
+                    "tokenized for another model?")
             seq = np.arange(start + got[0], start + got[0] + len(batch), dtype=np.int64)
             got[0] += len(batch)
             yield pa.table({"sequence": seq, "tokens": pa.FixedSizeListArray.from_arrays(
@@ -410,13 +535,71 @@ def _write_tokens(out: Path, corpus: Corpus, start: int, n_sequences: int, rows:
 
 
 def _save_checkpoint(out: Path, batches_done: int, accs: dict) -> None:
-    tmp = out / "checkpoint.pt.tmp"
-    torch.save({"batches_done": batches_done,
-                "layers": {layer: acc.state(layer) for layer, acc in accs.items()}}, tmp)
-    os.replace(tmp, out / "checkpoint.pt")
+    with atomic_write(out / "checkpoint.pt") as tmp:
+        torch.save({"batches_done": batches_done,
+                    "layers": {layer: acc.state(layer) for layer, acc in accs.items()}}, tmp)
     manifest = read_manifest(out, f"{out} lost its manifest.json during the build.")
     manifest["batches_done_hint"] = batches_done
     atomic_write_json(out / "manifest.json", manifest)
+
+
+def _load_checkpoint(ckpt: Path, accs: dict, layers: list, n_batches: int, device) -> int:
+    """Load a checkpoint into the accumulators; returns the batches it covers."""
+    remedy = ("Delete it to restart this build from its first batch (or pass overwrite=True "
+              "to start afresh).")
+    with reading(ckpt, "checkpoint", remedy):
+        saved = torch.load(ckpt, map_location=device, weights_only=True)
+        done = int(saved["batches_done"])
+        if not 0 <= done <= n_batches:
+            raise ValueError(f"batches_done={done} is outside 0..{n_batches}")
+        for layer in layers:
+            accs[layer].load(saved["layers"][layer], layer)
+    return done
+
+
+def _clear_folder(folder: Path) -> None:
+    for child in folder.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def _undo_new_folder(out: Path, created: bool) -> None:
+    """Remove what a build start that failed had made."""
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+    else:
+        for name in ("manifest.json", "tokens.parquet"):
+            (out / name).unlink(missing_ok=True)
+
+
+def _clean_after(lock: FolderLock, out: Path) -> None:
+    """After taking over a dead process's lock: remove its temporary files
+    (``*.<pid>.tmp`` in the folder, a merge's staging folder beside it), and
+    put back a folder it had moved aside mid-swap."""
+    dead = lock.stale_holder
+    if not dead or not isinstance(dead.get("pid"), int):
+        return
+    pid = dead["pid"]
+    if out.is_dir():
+        for tmp in out.rglob(f"*.{pid}.tmp"):
+            tmp.unlink(missing_ok=True)
+    staging, aside = _merge_staging(out, pid), _merge_aside(out, pid)
+    if aside.exists():
+        if out.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.rename(aside, out)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _merge_staging(out: Path, pid: int) -> Path:
+    return out.with_name(f".{out.name}.merging-{pid}")
+
+
+def _merge_aside(out: Path, pid: int) -> Path:
+    return out.with_name(f".{out.name}.replaced-{pid}")
 
 
 def _regroup(tables: Iterable, rows: int):

@@ -32,6 +32,7 @@ from ..errors import InvalidInputError
 from ..distributed import all_done
 from ..transcoder import TranscoderSet
 from .build import IndexSettings, _plan, _RESUME_KEYS, build_index, merge_indexes
+from .lock import FolderLock
 from .storage import IndexManifest, read_manifest
 
 def shard_directory(out_dir: str | os.PathLike, rank: int, world_size: int) -> Path:
@@ -75,7 +76,9 @@ def build_distributed(model, transcoders: TranscoderSet, corpus, n_tokens: int,
     corpus = as_corpus(corpus, model)
     if s.overwrite:
         if rank == 0:
-            shutil.rmtree(out, ignore_errors=True)
+            # Under the folder's lock: a live build of ``out`` is refused, never deleted.
+            with FolderLock(out, "overwrite"):
+                shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(shard_directory(out, 0, 1).parent, ignore_errors=True)
         all_done(True)
         s = replace(s, overwrite=False)

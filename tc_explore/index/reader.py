@@ -3,6 +3,7 @@ layout), one feature's row group at a time."""
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -10,11 +11,13 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import (IncompatibleTranscoderError, IndexIncompleteError, InvalidInputError, as_integer,
-                      check_feature)
+from ..errors import (FingerprintMismatchError, IncompatibleTranscoderError, IndexIncompleteError,
+                      InvalidInputError, as_integer, check_feature)
+from ..integrity import (fingerprint_difference, model_fingerprint, tokenizer_digest,
+                         transcoder_fingerprint)
 from ..transcoder import TranscoderSet
 from .build import IndexSettings, build_index, merge_indexes
-from .storage import (FORMAT_VERSION, TABLES, IndexManifest, ParquetFiles, _flat_windows,
+from .storage import (FORMAT_VERSION, TABLES, IndexManifest, _flat_windows, index_files,
                       _window_values, layer_name, layer_path, read_manifest)
 
 
@@ -48,8 +51,9 @@ class FeatureIndex:
                 "again with the same arguments and out_dir to resume it.")
         self.manifest = IndexManifest.from_json(raw, self.directory)
         self.edges = np.asarray(self.manifest.histogram_edges)
-        self._files = ParquetFiles(self.directory, cache_size=256)
+        self._files = index_files(self.directory, self.manifest, cache_size=256)
         self._token_groups = lru_cache(maxsize=64)(self._read_token_group)
+        self._verified: dict = {}           # (id(obj), what) -> weakref of an object checked
 
     # -- opening -----------------------------------------------------------------------
     @classmethod
@@ -89,9 +93,11 @@ class FeatureIndex:
         layer = self.check_layer(layer)
         return check_feature(feature, int(self.manifest.d_sae[layer]), f"layer {layer} of this index")
 
-    def check_transcoders(self, transcoders: TranscoderSet | None) -> None:
+    def check_transcoders(self, transcoders: TranscoderSet | None,
+                          layers: Sequence[int] | None = None) -> None:
         """Refuse to mix this index with a transcoder set it was not built from
-        (another set's name, or other widths); None passes."""
+        (another set's name, other widths, or other weights of ``layers``:
+        default all the index's layers in the set); None passes."""
         if transcoders is None:
             return
         m = self.manifest
@@ -104,6 +110,47 @@ class FeatureIndex:
                 raise IncompatibleTranscoderError(
                     f"Layer {layer}: the index has {self.d_sae(layer)} features but the transcoder has "
                     f"{transcoders.d_sae(layer)}; they do not belong together.")
+        recorded = (m.fingerprints or {}).get("transcoders") or {}
+        for layer in (self.layers if layers is None else [self.check_layer(l) for l in layers]):
+            key = (id(transcoders), layer)
+            if str(layer) not in recorded or layer not in transcoders or \
+                    self._verified.get(key, lambda: None)() is transcoders:
+                continue
+            now = transcoder_fingerprint(transcoders[layer])
+            if now != recorded[str(layer)]:
+                raise FingerprintMismatchError(
+                    f"The index in {self.directory} was built with other layer-{layer} weights than "
+                    f"these transcoders of {transcoders.name!r} (fingerprint {recorded[str(layer)]} "
+                    f"then, {now} now): its examples and statistics do not describe these features. "
+                    "Load the weights it was built with, or rebuild the index for these.")
+            self._remember(key, transcoders)
+
+    def check_model(self, model) -> None:
+        """Refuse a model other than the one this index was built with: another
+        tokenizer (examples would be decoded into other text) or other weights."""
+        recorded = self.manifest.fingerprints or {}
+        key = (id(model), "model")
+        if model is None or not recorded or self._verified.get(key, lambda: None)() is model:
+            return
+        tokenizer = getattr(model, "tokenizer", None)
+        if recorded.get("tokenizer") and tokenizer is not None and \
+                tokenizer_digest(tokenizer) != recorded["tokenizer"]:
+            raise FingerprintMismatchError(
+                f"The index in {self.directory} was built with another tokenizer than this model's "
+                f"({self.manifest.model!r}); its examples would be decoded into other text. Use the "
+                "model it was built with.")
+        diff = fingerprint_difference(recorded.get("model"), model_fingerprint(model))
+        if diff:
+            raise FingerprintMismatchError(
+                f"The index in {self.directory} was built with another model: {diff}. Use the model "
+                f"it was built with ({self.manifest.model!r}).")
+        self._remember(key, model)
+
+    def _remember(self, key, obj) -> None:
+        try:
+            self._verified[key] = weakref.ref(obj)
+        except TypeError:                   # not weakly referenceable: checked every time
+            pass
 
     # -- reading -----------------------------------------------------------------------
     def _path(self, layer: int, name: str) -> Path:
@@ -122,10 +169,9 @@ class FeatureIndex:
         """A whole per-layer table (``"stats"``, ``"top"`` or ``"samples"``) as a
         pandas DataFrame, for queries across features (windows decoded to float16
         arrays)."""
-        import pyarrow.parquet as pq
         if name not in TABLES:
             raise InvalidInputError(f"table must be one of {TABLES}, got {name!r}.")
-        table = pq.read_table(self._path(self.check_layer(layer), name))
+        table = self._files.read_table(f"{layer_name(self.check_layer(layer))}/{name}.parquet")
         if "window" not in table.column_names:
             return table.to_pandas()
         frame = table.drop_columns(["window"]).to_pandas()
@@ -178,7 +224,7 @@ class FeatureIndex:
 
     # -- tokens --------------------------------------------------------------------------
     def _read_token_group(self, group: int) -> np.ndarray:
-        table = self._files.file("tokens.parquet").read_row_group(group, use_threads=False)
+        table = self._files.row_group("tokens.parquet", group)
         return _flat_windows(table.column("tokens"), self.seq_len)
 
     def sequence_tokens(self, sequence: int) -> np.ndarray:
@@ -191,8 +237,7 @@ class FeatureIndex:
 
     def tokens(self) -> np.ndarray:
         """All indexed sequences, ``[n_seq, seq_len]`` (reads the whole table)."""
-        import pyarrow.parquet as pq
-        return _flat_windows(pq.read_table(self.directory / "tokens.parquet").column("tokens"),
+        return _flat_windows(self._files.read_table("tokens.parquet").column("tokens"),
                              self.seq_len)
 
     # -- search ------------------------------------------------------------------------

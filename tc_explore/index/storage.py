@@ -27,7 +27,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..errors import InvalidInputError
+from ..errors import CorruptFileError, InvalidInputError
+from ..integrity import sha256_file
 # the shared storage layer, used by the index modules through this one
 from ..store import (ParquetFiles, atomic_write_json, atomic_write_parquet, layer_name,  # noqa: F401
                      read_manifest)
@@ -41,7 +42,7 @@ TABLES = ("stats", "top", "samples")
 
 
 # -- the manifest ------------------------------------------------------------------------
-_OMITTED_WHEN_NONE = ("built_at", "batches_done_hint", "merged_from")
+_OMITTED_WHEN_NONE = ("built_at", "batches_done_hint", "merged_from", "fingerprints", "checksums")
 
 
 @dataclass
@@ -82,6 +83,13 @@ class IndexManifest(Mapping):
     built_at: str | None = None
     batches_done_hint: int | None = None   # while unfinished: batches checkpointed
     merged_from: int | None = None
+    # What the index was built from (see tc_explore.integrity): per-layer
+    # transcoder fingerprints, the model's fingerprint, the tokenizer's and the
+    # corpus's digests. Checked on resume, merge and when a dashboard is made.
+    fingerprints: dict | None = None
+    # sha256 of every data file (relative path -> hex), written when the index
+    # is complete and checked when a file is first opened.
+    checksums: dict | None = None
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -95,8 +103,15 @@ class IndexManifest(Mapping):
                 f"The index manifest{where} lacks {lacking}; it was not written by "
                 "FeatureIndex.build. Rebuild the index.")
         values = {key: data[key] for key in known if key in data}
-        values["d_sae"] = {int(layer): int(n) for layer, n in data["d_sae"].items()}
-        values["window"] = tuple(data["window"])
+        try:
+            values["d_sae"] = {int(layer): int(n) for layer, n in data["d_sae"].items()}
+            values["window"] = tuple(int(w) for w in data["window"])
+            values["layers"] = [int(layer) for layer in data["layers"]]
+        except (AttributeError, TypeError, ValueError) as err:
+            where = f" in {directory}" if directory is not None else ""
+            raise CorruptFileError(
+                f"The index manifest{where} is damaged: d_sae, window or layers do not have the "
+                f"form FeatureIndex.build writes ({type(err).__name__}: {err}). Rebuild the index.") from None
         return cls(**values, extra={key: v for key, v in data.items() if key not in known})
 
     def to_json(self) -> dict:
@@ -246,18 +261,88 @@ def write_layer(out: Path, layer: int, state: dict, n_bins: int, seq_len: int, g
 
 
 def read_layer_state(directory: Path, manifest: IndexManifest, layer: int) -> dict:
-    """Inverse of write_layer: the accumulator state of one layer."""
-    import pyarrow.parquet as pq
+    """Inverse of write_layer: the accumulator state of one layer (its files
+    checked against the manifest's checksums)."""
     m, d_sae = manifest, manifest.d_sae[layer]
     width, seq_len = m.window_width, m.seq_len
-    stats = pq.read_table(layer_path(directory, layer, "stats"))
+    files = index_files(directory, manifest, cache_size=1)
+    stats = files.read_table(f"{layer_name(layer)}/stats.parquet")
     hist = stats.column("histogram").combine_chunks().flatten().to_numpy()
     return {
-        "top": _best_from_table(pq.read_table(layer_path(directory, layer, "top")), d_sae, m.k, width,
+        "top": _best_from_table(files.read_table(f"{layer_name(layer)}/top.parquet"), d_sae, m.k, width,
                                 seq_len, "top"),
-        "samples": _best_from_table(pq.read_table(layer_path(directory, layer, "samples")), d_sae,
+        "samples": _best_from_table(files.read_table(f"{layer_name(layer)}/samples.parquet"), d_sae,
                                     m.n_samples, width, seq_len, "samples"),
         "n_firing": torch.from_numpy(stats.column("n_firing").to_numpy().copy()),
         "act_sum": torch.from_numpy(stats.column("act_sum").to_numpy().copy()),
         "hist": torch.from_numpy(hist.astype(np.int64).copy()),
     }
+
+
+# -- checksums -----------------------------------------------------------------------------
+def data_file_names(manifest: IndexManifest) -> list[str]:
+    """Every data file of an index, relative to its folder."""
+    return ["tokens.parquet"] + [f"{layer_name(layer)}/{table}.parquet"
+                                 for layer in manifest.layers for table in TABLES]
+
+
+def file_checksums(directory: Path, names: list[str]) -> dict:
+    """``{name: sha256}`` of the files ``directory / name`` (about 1 GB/s)."""
+    return {name: sha256_file(Path(directory) / name) for name in names}
+
+
+def _layer_of(name: str) -> int | None:
+    head = name.split("/", 1)[0]
+    return int(head[len("layer_"):]) if head.startswith("layer_") else None
+
+
+def rebuild_advice(name: str) -> str:
+    """What to do about a damaged data file ``name`` (a phrase, lower case)."""
+    layer = _layer_of(name)
+    if layer is None:
+        return ("rebuild the index (FeatureIndex.build(..., overwrite=True)) or restore the file "
+                "from a copy.")
+    return (f"rebuild layer {layer}: build it again (FeatureIndex.build(..., layers=[{layer}]) into "
+            "a new folder, or the whole index with overwrite=True), or restore the file from a copy.")
+
+
+def _rebuild_sentence(name: str) -> str:
+    advice = rebuild_advice(name)
+    return advice[0].upper() + advice[1:]
+
+
+class _Checksums:
+    """Checks an index's files against its manifest's checksums, one layer at
+    a time: opening any file of a layer checks all of that layer's files once."""
+
+    def __init__(self, directory: Path, manifest: IndexManifest):
+        self.directory = Path(directory)
+        self.expected = dict(manifest.checksums or {})
+        self.checked: set[str] = set()
+
+    def verify(self, name: str) -> None:
+        layer = _layer_of(name)
+        group = [n for n in self.expected if _layer_of(n) == layer] if layer is not None else [name]
+        for n in group:
+            if n in self.checked or n not in self.expected:
+                continue
+            path = self.directory / n
+            try:
+                got = sha256_file(path)
+            except FileNotFoundError:
+                raise CorruptFileError(f"index file {n} of {self.directory} is missing; "
+                                       f"{rebuild_advice(n)}") from None
+            if got != self.expected[n]:
+                raise CorruptFileError(
+                    f"index file {n} of {self.directory} is corrupted (its sha256 is {got[:16]}…, "
+                    f"the manifest recorded {self.expected[n][:16]}… when it was written); "
+                    f"{rebuild_advice(n)}")
+            self.checked.add(n)
+
+
+def index_files(directory: Path, manifest: IndexManifest, cache_size: int) -> ParquetFiles:
+    """The Parquet files of an index folder, each checked against the
+    manifest's checksums when first opened (indexes built before checksums
+    existed are read unchecked)."""
+    return ParquetFiles(directory, cache_size, verify=_Checksums(directory, manifest).verify,
+                        remedy=_rebuild_sentence)

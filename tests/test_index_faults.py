@@ -1,0 +1,221 @@
+"""Faults around an index folder, for real: builds and merges killed with
+SIGKILL in a child process and resumed, two builds into one folder, flipped
+bytes in index files, a merge into one of its own inputs, a resume with other
+weights. On the demo model ``tiny-years`` (3 layers, 512 features each)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tc_explore import load_transcoders
+from tc_explore.corpus import Corpus
+from tc_explore.errors import (CorruptFileError, FingerprintMismatchError, IndexLockedError,
+                               InvalidInputError)
+from tc_explore.index import FeatureIndex
+from tc_explore.index.lock import lock_path
+from tc_explore.demo import SyntheticSentences
+
+SEQ_LEN = 16
+N_SEQ = 48
+SETTINGS = dict(k=4, n_samples=5, batch_size=2, checkpoint_every=1, window=(3, 2), features_per_group=64)
+
+CHILD = textwrap.dedent("""
+    import sys, json
+    from tc_explore import load_model, load_transcoders
+    from tc_explore.corpus import Corpus
+    from tc_explore.index import FeatureIndex
+    from tc_explore.demo import SyntheticSentences
+    what, out, n_seq, settings = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+    model = load_model("tiny-years", device="cpu")
+    ts = load_transcoders("tiny-years", device="cpu")
+    gen = SyntheticSentences(0)
+    corpus = Corpus.from_texts([gen.sentence() for _ in range(4000)], model, %d, seed=7)
+    if what == "build":
+        print("started", flush=True)
+        FeatureIndex.build(model, ts, corpus, n_seq * %d, out, **settings)
+        print("done", flush=True)
+    else:                                   # merge the given shards, again and again
+        shards = json.loads(sys.argv[5])
+        while True:
+            FeatureIndex.merge(shards, out, overwrite=True)
+            print("merged", flush=True)
+""" % (SEQ_LEN, SEQ_LEN))
+
+
+def _child(*args) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", CHILD, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _corpus(model):
+    gen = SyntheticSentences(0)      # the demo model's own vocabulary
+    return Corpus.from_texts([gen.sentence() for _ in range(4000)], model, SEQ_LEN, seed=7)
+
+
+def _build(model, ts, out, n_seq=N_SEQ, **kw):
+    return FeatureIndex.build(model, ts, _corpus(model), n_seq * SEQ_LEN, out, **{**SETTINGS, **kw})
+
+
+def _files(index_dir: Path) -> dict:
+    """Every data file of an index, by relative path, as bytes (the manifest
+    apart: it records when it was built)."""
+    return {str(p.relative_to(index_dir)): p.read_bytes() for p in sorted(index_dir.rglob("*.parquet"))}
+
+
+def _wait_for(predicate, proc, timeout=120):
+    start = time.time()
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"child exited early: {proc.stderr.read()[-3000:]}")
+        if time.time() - start > timeout:
+            proc.kill()
+            raise AssertionError("timed out waiting for the child")
+        time.sleep(0.02)
+
+
+def _batches_done(out: Path) -> int:
+    try:
+        return int(json.loads((out / "manifest.json").read_text()).get("batches_done_hint") or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+@pytest.fixture(scope="module")
+def reference(demo_model, demo_transcoders, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "index"
+    return _build(demo_model, demo_transcoders, out)
+
+
+def test_build_killed_then_resumed_equals_an_uninterrupted_build(demo_model, demo_transcoders, tmp_path,
+                                                                 reference):
+    out = tmp_path / "killed"
+    proc = _child("build", out, N_SEQ, json.dumps(SETTINGS))
+    _wait_for(lambda: _batches_done(out) >= 3, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert lock_path(out).is_file()                         # the dead build's lock is left behind
+    index = _build(demo_model, demo_transcoders, out)       # takes the stale lock over, resumes
+    assert not lock_path(out).exists()
+    assert _files(index.directory) == _files(reference.directory)
+
+
+def test_two_builds_into_one_folder(demo_model, demo_transcoders, tmp_path, reference):
+    """The second build is refused while the first lives, overwrite=True
+    included; once the first is killed, the second resumes its work."""
+    out = tmp_path / "shared"
+    proc = _child("build", out, N_SEQ * 30, json.dumps(SETTINGS))   # long enough to be caught running
+    _wait_for(lambda: _batches_done(out) >= 1, proc)
+    for overwrite in (False, True):
+        with pytest.raises(IndexLockedError) as info:
+            _build(demo_model, demo_transcoders, out, n_seq=N_SEQ * 30, overwrite=overwrite)
+        text = str(info.value)
+        assert f"pid {proc.pid}" in text and "host" in text and "since" in text
+    assert (out / "manifest.json").is_file() and proc.poll() is None   # nothing was deleted
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    index = _build(demo_model, demo_transcoders, out, overwrite=True)  # stale lock: taken over
+    assert _files(index.directory) == _files(reference.directory)
+
+
+def test_merge_killed_then_rerun_equals_an_uninterrupted_merge(demo_model, demo_transcoders, tmp_path):
+    shards = [_build(demo_model, demo_transcoders, tmp_path / f"shard{i}", shard=(i, 2)).directory
+              for i in range(2)]
+    inputs = {s: _files(s) for s in shards}
+    expected = _files(FeatureIndex.merge(shards, tmp_path / "expected").directory)
+    out = tmp_path / "merged"
+    proc = _child("merge", out, N_SEQ, "{}", json.dumps([str(s) for s in shards]))
+    _wait_for(lambda: (out / "manifest.json").is_file(), proc)
+    time.sleep(0.3)                                         # somewhere inside a later merge
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert FeatureIndex(out).manifest.complete              # the last finished merge is whole
+    merged = FeatureIndex.merge(shards, out, overwrite=True)
+    assert _files(merged.directory) == expected
+    assert {s: _files(s) for s in shards} == inputs           # inputs untouched
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert leftovers == [], leftovers
+
+
+def test_merge_into_one_of_its_inputs(demo_model, demo_transcoders, tmp_path, reference):
+    shards = [_build(demo_model, demo_transcoders, tmp_path / f"s{i}", shard=(i, 2)).directory
+              for i in range(2)]
+    before = _files(shards[0])
+    with pytest.raises(InvalidInputError, match="one of its inputs"):
+        FeatureIndex.merge(shards, shards[0])
+    assert _files(shards[0]) == before
+    merged = FeatureIndex.merge(shards, shards[0], overwrite=True)    # replaces s0 only when done
+    assert _files(merged.directory) == _files(reference.directory)
+    with pytest.raises(InvalidInputError, match="inside"):
+        FeatureIndex.merge(shards[1:], shards[1] / "sub")
+
+
+def test_resume_with_other_weights_is_refused(demo_model, demo_transcoders, tmp_path):
+    out = tmp_path / "weights"
+    assert _build(demo_model, demo_transcoders, out, max_batches=2) is None
+    other = load_transcoders("tiny-years", device="cpu")
+    layer = other.layers[1]
+    with torch.no_grad():
+        other[layer].W_enc[0, 0] += 0.5
+    with pytest.raises(FingerprintMismatchError, match=f"layer {layer}"):
+        _build(demo_model, other, out)
+    assert _build(demo_model, demo_transcoders, out) is not None     # the right weights resume it
+
+
+def test_dashboard_with_other_weights_is_refused(demo_model, reference):
+    from tc_explore.dashboard import feature_dashboard
+    other = load_transcoders("tiny-years", device="cpu")
+    with torch.no_grad():
+        other[0].b_enc[3] = 1.0
+    with pytest.raises(FingerprintMismatchError, match="layer-0"):
+        feature_dashboard(reference, 0, 3, model=demo_model, transcoders=other)
+
+
+@pytest.mark.parametrize("name", ["layer_01/top.parquet", "layer_00/stats.parquet", "tokens.parquet"])
+def test_flipped_bytes_in_an_index_file(demo_model, demo_transcoders, tmp_path, name):
+    index = _build(demo_model, demo_transcoders, tmp_path / "flip")
+    path = index.directory / name
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 16):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    index = FeatureIndex(index.directory)
+    layer = 1 if "layer_01" in name else 0
+    with pytest.raises(CorruptFileError, match=f"index file {name} .*corrupted") as info:
+        index.top_examples(layer, 3) if "layer" in name else index.sequence_tokens(0)
+    if "layer" in name:
+        assert f"rebuild layer {layer}" in str(info.value)
+
+
+def test_a_failed_build_start_leaves_no_folder(demo_model, demo_transcoders, tmp_path):
+    short = Corpus.from_texts(["The war lasted from 1735 to 1740."] * 3, demo_model, SEQ_LEN)
+    out = tmp_path / "short"
+    with pytest.raises(InvalidInputError, match="yields only"):
+        FeatureIndex.build(demo_model, demo_transcoders, short, 10_000, out, **SETTINGS)
+    assert not out.exists() and not lock_path(out).exists()
+    out.mkdir()                                              # a folder the user made: kept, empty
+    with pytest.raises(InvalidInputError, match="yields only"):
+        FeatureIndex.build(demo_model, demo_transcoders, short, 10_000, out, **SETTINGS)
+    assert out.is_dir() and list(out.iterdir()) == []
+
+
+def test_lock_of_another_host_is_refused_and_a_dead_process_lock_taken_over(demo_model, demo_transcoders,
+                                                                          tmp_path):
+    out = tmp_path / "locked"
+    lock_path(out).write_text(json.dumps({"pid": 1, "host": "node-17", "started_at": "2026-01-01T00:00:00Z",
+                                          "purpose": "build"}))
+    with pytest.raises(IndexLockedError, match="pid 1 on host 'node-17'.*2026-01-01"):
+        _build(demo_model, demo_transcoders, out, n_seq=4)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    import socket
+    lock_path(out).write_text(json.dumps({"pid": int(dead), "host": socket.gethostname(), "purpose": "build"}))
+    assert _build(demo_model, demo_transcoders, out, n_seq=4) is not None
+    assert not lock_path(out).exists()
