@@ -33,6 +33,24 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_index import PeakMemory, build_model, build_transcoders, gib  # noqa: E402
 
 
+@torch.no_grad()
+def calibrate_l0(model, transcoders, vocab: int, l0: float, n_tokens: int = 64) -> None:
+    """Shift each layer's encoder bias so that exactly ``l0`` features fire per
+    token on average over a random calibration prompt (the unit-RMS estimate of
+    bench_index.build_transcoders is off on this random model's activations)."""
+    from tc_explore.circuits import prompt_context
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(1, vocab, (n_tokens,), generator=g)
+    tokens[0] = model.tokenizer.bos_token_id
+    ctx = prompt_context(model, transcoders, tokens, encode_now=False)
+    for layer in transcoders.layers:
+        tc = transcoders[layer]
+        pre = tc.pre_activation(ctx.mlp_in[layer, 1:])                     # [P-1, d_sae]
+        k = int(round(l0 * pre.shape[0]))
+        threshold = torch.topk(pre.flatten(), k + 1).values[-2:].mean()      # between the k-th and k+1-th
+        tc.b_enc.sub_(threshold)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[16, 64])
@@ -58,8 +76,7 @@ def main(argv=None):
         vocab = build_model(os.path.join(work, "model"))
         model = load_model(os.path.join(work, "model"), device=args.device)
         transcoders = build_transcoders(768, args.d_sae, 12, args.l0).to(device=args.device)
-        for layer in transcoders.layers:
-            transcoders[layer]
+        calibrate_l0(model, transcoders, vocab, args.l0)
         print(f"setup: GPT-2-small-shaped model (vocab {model.cfg.d_vocab}), 12 x d_sae {args.d_sae} "
               f"transcoders, {time.perf_counter() - t:.1f} s; {args.threads} threads, device {args.device}; "
               f"batch_size {args.batch_size}")

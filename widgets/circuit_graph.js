@@ -72,6 +72,14 @@ export function visibility(data, threshold) {
   return { nodes: shown, links: shownLinks };
 }
 
+// Layer rows x token columns. Nodes of one (row, column) cell sit on a grid of
+// fixed slots (at most PER_LINE a line, as many lines as the fullest cell of the
+// row needs) so that no two overlap however many a cell holds; node radii stay
+// under half a slot.
+const SLOT = 20;
+const PER_LINE = 8;
+const LABEL_W = 64;
+
 function layout(data) {
   const tokens = data.tokens || [];
   const rows = data.rows || [];
@@ -89,29 +97,42 @@ function layout(data) {
     cells.get(key).push(n);
   }
   const maxInCell = Math.max(1, ...[...cells.values()].map((c) => c.length));
-  const spacing = 22;
-  const colW = Math.max(84, Math.min(maxInCell, 8) * spacing + 16);
-  const rowH = 58;
-  const left = 64;
+  const perLine = Math.max(1, Math.min(PER_LINE, maxInCell));
+  const colW = Math.max(84, perLine * SLOT + 16);
+  const lines = new Map();
+  for (const cell of cells.values()) {
+    const r = rowIndex.get(cell[0].row);
+    lines.set(r, Math.max(lines.get(r) || 1, Math.ceil(cell.length / perLine)));
+  }
+  const left = 8;
   const top = 24;
   const bottom = 56;
+  const rowY = new Array(nRows);
+  const rowH = new Array(nRows);
+  let y = top;
+  for (let i = nRows - 1; i >= 0; i--) {        // embeddings at the bottom, targets at the top
+    rowH[i] = Math.max(58, (lines.get(i) || 1) * SLOT + 18);
+    rowY[i] = y;
+    y += rowH[i];
+  }
   const width = left + nCols * colW + 12;
-  const height = top + nRows * rowH + bottom;
+  const height = y + bottom;
   const pos = new Map();
   for (const cell of cells.values()) {
     cell.sort((a, b) => Math.abs(b.contribution || 0) - Math.abs(a.contribution || 0) || (a.id < b.id ? -1 : 1));
     const k = cell.length;
-    const step = Math.min(spacing, (colW - 16) / Math.max(1, k));
+    const nLines = Math.ceil(k / perLine);
     cell.forEach((n, i) => {
       const col = n.ctx ?? 0;
       const r = rowIndex.get(n.row);
-      const cx = left + col * colW + colW / 2 + (i - (k - 1) / 2) * step;
-      // embeddings at the bottom, targets at the top
-      const cy = top + (nRows - 1 - r) * rowH + rowH / 2;
+      const line = Math.floor(i / perLine);
+      const inLine = Math.min(perLine, k - line * perLine);
+      const cx = left + col * colW + colW / 2 + ((i % perLine) - (inLine - 1) / 2) * SLOT;
+      const cy = rowY[r] + rowH[r] / 2 + (line - (nLines - 1) / 2) * SLOT;
       pos.set(n.id, { x: cx, y: cy });
     });
   }
-  return { pos, width, height, colW, rowH, left, top, nRows, nCols, rowIndex };
+  return { pos, width, height, colW, rowY, rowH, left, top, nRows, nCols, rowIndex };
 }
 
 // Intervention controls: toggle the selected feature node in or out of the
@@ -214,7 +235,22 @@ function render({ model, el }) {
   expand.type = "button";
   const status = html("span", "tcx-graph-status");
   const iv = interventionControls(model);
-  toolbar.append(pruneLabel, expand, iv.controls, status);
+  // Pin nodes into a subgraph and group pinned nodes into named supernodes
+  // (Neuronpedia's pinnedIds / supernodes; Python: pin(), group(), graph_json()).
+  const pins = html("span", "tcx-pin-controls");
+  const pinButton = html("button", "tcx-pin", "pin selected");
+  pinButton.type = "button";
+  const groupName = html("input", "tcx-group-name");
+  groupName.type = "text";
+  groupName.placeholder = "supernode name";
+  const groupButton = html("button", "tcx-group", "group pinned");
+  groupButton.type = "button";
+  const onlyLabel = html("label", "tcx-pinned-only-label", " pinned only");
+  const onlyBox = html("input", "tcx-pinned-only");
+  onlyBox.type = "checkbox";
+  onlyLabel.prepend(onlyBox);
+  pins.append(pinButton, groupName, groupButton, onlyLabel);
+  toolbar.append(pruneLabel, expand, pins, iv.controls, status);
 
   const legend = html("div", "tcx-legend");
   for (const [kind, name] of Object.entries(KIND_LABELS)) {
@@ -246,6 +282,8 @@ function render({ model, el }) {
   let nodeEls = new Map();
   let linkEls = [];
   let byId = new Map();
+  let groupLayer = null;
+  let lastLayout = null;
 
   function showTooltip(n, evt) {
     tooltip.innerHTML = "";
@@ -290,10 +328,54 @@ function render({ model, el }) {
     prune.value = String(t);
     pruneValue.textContent = ` ${t.toFixed(2)}`;
     const vis = visibility(model.get("graph_data") || {}, t);
-    for (const [id, g] of nodeEls) g.classList.toggle("tcx-hidden", !vis.nodes.has(id));
+    const pinned = new Set(model.get("pinned_nodes") || []);
+    const only = Boolean(model.get("pinned_only")) && pinned.size > 0;
+    onlyBox.checked = Boolean(model.get("pinned_only"));
+    if (only) {
+      for (const id of [...vis.nodes]) if (!pinned.has(id)) vis.nodes.delete(id);
+      for (const i of [...vis.links]) {
+        const p = linkEls[i];
+        if (p && !(pinned.has(p.dataset.source) && pinned.has(p.dataset.target))) vis.links.delete(i);
+      }
+    }
+    for (const [id, g] of nodeEls) {
+      g.classList.toggle("tcx-hidden", !vis.nodes.has(id));
+      g.classList.toggle("tcx-pinned", pinned.has(id));
+    }
     linkEls.forEach((p, i) => p.classList.toggle("tcx-hidden", !vis.links.has(i)));
+    drawGroups();
     canvas.dataset.visibleNodes = String(vis.nodes.size);
     canvas.dataset.visibleLinks = String(vis.links.size);
+  }
+
+  function drawGroups() {
+    if (!groupLayer || !lastLayout) return;
+    groupLayer.innerHTML = "";
+    for (const group of model.get("supernodes") || []) {
+      const [name, ...members] = group;
+      const pts = members.map((id) => lastLayout.pos.get(id)).filter(Boolean);
+      if (!pts.length) continue;
+      const pad = SLOT / 2 + 3;
+      const x0 = Math.min(...pts.map((p) => p.x)) - pad;
+      const x1 = Math.max(...pts.map((p) => p.x)) + pad;
+      const y0 = Math.min(...pts.map((p) => p.y)) - pad;
+      const y1 = Math.max(...pts.map((p) => p.y)) + pad;
+      const g = svg("g", { class: "tcx-supernode", "data-name": name, "data-members": members.join(" ") });
+      g.appendChild(svg("rect", { x: x0, y: y0, width: x1 - x0, height: y1 - y0, rx: 6 }));
+      const t = svg("text", { class: "tcx-supernode-label", x: x0 + 3, y: y0 - 3 });
+      t.textContent = name;
+      g.appendChild(t);
+      groupLayer.appendChild(g);
+    }
+  }
+
+  function hover(id, on) {
+    canvas.classList.toggle("tcx-hovering", on);
+    for (const p of linkEls) {
+      p.classList.toggle("tcx-edge-hover", on && (p.dataset.source === id || p.dataset.target === id));
+    }
+    const g = nodeEls.get(id);
+    if (g) g.classList.toggle("tcx-hovered", on);
   }
 
   function applyDashboard() {
@@ -316,30 +398,36 @@ function render({ model, el }) {
     linkEls = [];
     byId = new Map((data.nodes || []).map((n) => [n.id, n]));
     const L = layout(data);
+    lastLayout = L;
     const root = svg("svg", { class: "tcx-graph-svg", width: L.width, height: L.height,
       viewBox: `0 0 ${L.width} ${L.height}` });
-    // row bands and labels
+    // Row labels live in their own column that stays in view when the graph scrolls sideways.
+    const labels = svg("svg", { class: "tcx-row-labels", width: LABEL_W, height: L.height,
+      viewBox: `0 0 ${LABEL_W} ${L.height}` });
     const rows = data.rows || [];
     for (const r of rows) {
       const i = L.rowIndex.get(r.row);
-      const y = L.top + (L.nRows - 1 - i) * L.rowH;
+      const y = L.rowY[i];
       root.appendChild(svg("rect", { class: `tcx-row-band tcx-row-${i % 2}`, x: L.left, y,
-        width: L.nCols * L.colW, height: L.rowH }));
-      const t = svg("text", { class: "tcx-row-label", x: L.left - 6, y: y + L.rowH / 2 + 4, "text-anchor": "end" });
+        width: L.nCols * L.colW, height: L.rowH[i] }));
+      const t = svg("text", { class: "tcx-row-label", x: LABEL_W - 6, y: y + L.rowH[i] / 2 + 4, "text-anchor": "end" });
       t.textContent = r.label;
-      root.appendChild(t);
+      labels.appendChild(t);
     }
     // token labels
+    const base = L.height - 56;
     (data.tokens || []).forEach((tok, c) => {
       const x = L.left + c * L.colW + L.colW / 2;
-      const t = svg("text", { class: "tcx-token-label", x, y: L.top + L.nRows * L.rowH + 16,
+      const t = svg("text", { class: "tcx-token-label", x, y: base + 16,
         "text-anchor": "middle", "data-ctx": c });
       t.textContent = JSON.stringify(tok).slice(1, -1);
       root.appendChild(t);
-      const i = svg("text", { class: "tcx-token-index", x, y: L.top + L.nRows * L.rowH + 32, "text-anchor": "middle" });
+      const i = svg("text", { class: "tcx-token-index", x, y: base + 32, "text-anchor": "middle" });
       i.textContent = String(c);
       root.appendChild(i);
     });
+    groupLayer = svg("g", { class: "tcx-supernodes" });
+    root.appendChild(groupLayer);
     // edges
     const links = data.links || [];
     const maxW = Math.max(1e-12, ...links.map((l) => Math.abs(l.weight || 0)));
@@ -368,7 +456,7 @@ function render({ model, el }) {
     const nodeLayer = svg("g", { class: "tcx-nodes" });
     for (const n of nodes) {
       const p = L.pos.get(n.id);
-      const r = 4 + 9 * Math.sqrt(Math.abs(n.contribution || 0) / maxC);
+      const r = 3 + (SLOT / 2 - 4) * Math.sqrt(Math.abs(n.contribution || 0) / maxC);   // < SLOT / 2
       const g = svg("g", { class: `tcx-node tcx-kind-${n.kind}${n.is_root ? " tcx-root" : ""}`,
         transform: `translate(${p.x.toFixed(2)},${p.y.toFixed(2)})`, "data-node-id": n.id,
         "data-kind": n.kind, "data-contribution": n.contribution,
@@ -385,9 +473,9 @@ function render({ model, el }) {
       }
       shape.setAttribute("class", `tcx-node-shape${(n.contribution || 0) < 0 ? " tcx-negative" : ""}`);
       g.appendChild(shape);
-      g.addEventListener("mouseenter", (evt) => showTooltip(n, evt));
+      g.addEventListener("mouseenter", (evt) => { showTooltip(n, evt); hover(n.id, true); });
       g.addEventListener("mousemove", (evt) => showTooltip(n, evt));
-      g.addEventListener("mouseleave", hideTooltip);
+      g.addEventListener("mouseleave", () => { hideTooltip(); hover(n.id, false); });
       g.addEventListener("click", (evt) => {
         evt.stopPropagation();
         model.set("selected_node", n.id);
@@ -398,8 +486,21 @@ function render({ model, el }) {
       nodeEls.set(n.id, g);
     }
     root.appendChild(nodeLayer);
-    canvas.appendChild(root);
+    const inner = html("div", "tcx-graph-inner");
+    inner.append(labels, root);
+    canvas.appendChild(inner);
     canvas.dataset.nodeCount = String(nodes.length);
+    // Open centred on the target (the root), the row labels in view.
+    const target = nodes.find((n) => n.is_root);
+    const centre = () => {
+      const p = target && L.pos.get(target.id);
+      if (p && canvas.clientWidth) {
+        canvas.scrollLeft = Math.max(0, LABEL_W + p.x - canvas.clientWidth / 2);
+        canvas.dataset.centredOn = target.id;
+      }
+    };
+    centre();
+    if (typeof requestAnimationFrame === "function") requestAnimationFrame(centre);
     applyPrune();
     applySelection();
     applyDashboard();
@@ -407,6 +508,33 @@ function render({ model, el }) {
 
   prune.addEventListener("input", () => {
     model.set("threshold", Number(prune.value));
+    model.save_changes();
+    applyPrune();
+  });
+  pinButton.addEventListener("click", () => {
+    const sel = model.get("selected_node");
+    if (!sel) return;
+    const pinned = [...(model.get("pinned_nodes") || [])];
+    const i = pinned.indexOf(sel);
+    if (i >= 0) pinned.splice(i, 1);
+    else pinned.push(sel);
+    model.set("pinned_nodes", pinned);
+    model.save_changes();
+    applyPrune();
+  });
+  groupButton.addEventListener("click", () => {
+    const name = groupName.value.trim();
+    const pinned = model.get("pinned_nodes") || [];
+    if (!name || !pinned.length) return;
+    const groups = (model.get("supernodes") || []).filter((g) => g[0] !== name);
+    groups.push([name, ...pinned]);
+    model.set("supernodes", groups);
+    model.save_changes();
+    groupName.value = "";
+    drawGroups();
+  });
+  onlyBox.addEventListener("change", () => {
+    model.set("pinned_only", onlyBox.checked);
     model.save_changes();
     applyPrune();
   });
@@ -423,6 +551,9 @@ function render({ model, el }) {
     "change:selected_node": () => applySelection(),
     "change:threshold": () => applyPrune(),
     "change:dashboard": () => applyDashboard(),
+    "change:pinned_nodes": () => applyPrune(),
+    "change:pinned_only": () => applyPrune(),
+    "change:supernodes": () => drawGroups(),
     "change:has_dashboards": () => applyDashboard(),
     "change:status": () => { status.textContent = model.get("status") || ""; },
     "change:can_expand": () => applySelection(),

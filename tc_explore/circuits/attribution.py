@@ -344,19 +344,20 @@ def _target_specs(ctx: PromptContext, targets, max_n_logits: int, desired_logit_
 def _target_rows(ctx: PromptContext, lin: LinearisedModel, specs: list[_TargetSpec],
                  logits: torch.Tensor) -> _Rows:
     w = ctx.weights
-    W_U = w.W_U.double()
-    mean_u = W_U.mean(1)
+    W_U = w.W_U
+    mean_u = W_U.sum(1, dtype=torch.float64) / W_U.shape[1]     # no float64 copy of W_U
     last = ctx.n_pos - 1
     stage, pos, vecs, offset, value = [], [], [], [], []
     for s in specs:
         if s.kind == "logit":
-            u = W_U[:, s.index] - mean_u                       # demeaned unembedding column
+            u = W_U[:, s.index].double() - mean_u              # demeaned unembedding column
             # through the frozen final norm (its gain and centring, if any); the
             # logit before any final softcap
             v, ln_offset = ctx.arch.read_norm_out(ctx.arch.ln_final, u, ctx.final_scale[last])
             stage.append(ctx.final_stage), pos.append(last)
             vecs.append(v)                                     # float64 here; cast below
-            offset.append(float(w.b_U[s.index].double() - w.b_U.double().mean()) + ln_offset)
+            offset.append(float(w.b_U[s.index].double() - w.b_U.sum(dtype=torch.float64) / w.b_U.numel())
+                          + ln_offset)
             value.append(float(vecs[-1] @ ctx.resid[ctx.final_stage, last]) + offset[-1])
         else:
             t = s.target
@@ -620,7 +621,7 @@ def attribute(model, transcoders, prompt: Prompt | PromptContext, *, targets=Non
         # What features left out by the cap give each computed row goes into its constant.
         left = torch.ones(N, dtype=torch.bool)
         left[selected] = False
-        left_sum = store[:, :N][:, left.to(lin.device)].double().sum(1).cpu()
+        left_sum = _row_sums64(store[:, :N], left.to(lin.device))
         row_terms["left_out"] += left_sum
         perm = torch.cat([T + torch.argsort(rank[picked]), torch.arange(T)])
         row_value, row_terms = row_value[perm], {k: v[perm] for k, v in row_terms.items()}
@@ -631,7 +632,7 @@ def attribute(model, transcoders, prompt: Prompt | PromptContext, *, targets=Non
     rows_idx = torch.nonzero(row_of_node >= 0).flatten()
     if not capped:
         row_value, row_terms = row_value[rows_idx], {k: v[rows_idx] for k, v in row_terms.items()}
-    edge_sum = A[rows_idx.to(A.device)].double().sum(1).cpu()
+    edge_sum = _row_sums64(A)[rows_idx]
     constants = pd.DataFrame({"node_id": nodes["node_id"].to_numpy()[rows_idx.numpy()],
                               "value": row_value.numpy(), "edge_sum": edge_sum.numpy(),
                               **{k: v.numpy() for k, v in row_terms.items()}})
@@ -646,6 +647,18 @@ def attribute(model, transcoders, prompt: Prompt | PromptContext, *, targets=Non
                               kind=s.kind) for s in specs])
     return AttributionGraph(nodes, A, constants, list(ctx.token_strs), ctx.tokens.tolist(), ctx.n_layers,
                             ctx.transcoders.name, meta)
+
+
+def _row_sums64(M: torch.Tensor, cols: torch.Tensor | None = None, block: int = 1024) -> torch.Tensor:
+    """Σ_j M[i, j] (over ``cols`` if given) per row, in float64, block by
+    block: never a float64 copy of the whole matrix. Returned on the CPU."""
+    out = torch.empty(M.shape[0], dtype=torch.float64)
+    for a in range(0, M.shape[0], block):
+        m = M[a:a + block]
+        if cols is not None:
+            m = m[:, cols]
+        out[a:a + block] = m.sum(1, dtype=torch.float64).cpu()
+    return out
 
 
 def _levels(nodes: pd.DataFrame) -> torch.Tensor:

@@ -49,8 +49,8 @@ def _row_sums(A: torch.Tensor) -> torch.Tensor:
 
 def normalized_adjacency(A: torch.Tensor) -> torch.Tensor:
     """|A| with every row scaled to sum to one (all-zero rows stay zero)."""
-    s = _row_sums(A)
-    return (A.abs().double() / torch.where(s > 0, s, torch.ones_like(s))[:, None]).to(A.dtype)
+    inv = _inverse_row_sums(A).to(A.dtype)
+    return A.abs().mul_(inv[:, None])
 
 
 def node_influence(A: torch.Tensor, target_weights: torch.Tensor, levels: torch.Tensor | None = None,
@@ -121,7 +121,7 @@ def edge_influence(A: torch.Tensor, target_weights: torch.Tensor, levels: torch.
                    ) -> torch.Tensor:
     """Each edge's share of influence: ``Â[t, s] × (influence[t] + w[t])``, [n, n]."""
     infl = node_influence(A, target_weights, levels) + target_weights.double().to(A.device)
-    return normalized_adjacency(A) * infl.to(A.dtype)[:, None]
+    return normalized_adjacency(A).mul_(infl.to(A.dtype)[:, None])
 
 
 def coverage_threshold(scores: torch.Tensor, fraction: float) -> float:

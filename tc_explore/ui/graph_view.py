@@ -135,7 +135,7 @@ def _contribution(node: Mapping) -> float:
     """A node's signed size: its attribution where the file has one; else, for
     graph files whose ``influence`` is the viewers' cumulative fraction
     (smaller = more important), ``1 - influence``."""
-    for key in ("contribution", "value", "tc_attribution"):
+    for key in ("contribution", "value", "tc_attribution", "tc_influence"):
         v = _number(node.get(key))
         if v is not None:
             return v

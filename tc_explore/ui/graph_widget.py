@@ -92,6 +92,10 @@ class CircuitGraphWidget(anywidget.AnyWidget):
     intervention_scale = traitlets.Float(0.0).tag(sync=True)
     intervention = traitlets.Dict().tag(sync=True)
     can_intervene = traitlets.Bool(False).tag(sync=True)
+    # Neuronpedia's subgraph state: pinned node ids, and supernodes [name, *node_ids]
+    pinned_nodes = traitlets.List(traitlets.Unicode()).tag(sync=True)
+    pinned_only = traitlets.Bool(False).tag(sync=True)
+    supernodes = traitlets.List(traitlets.List(traitlets.Unicode())).tag(sync=True)
 
     def __init__(self, graph: Any, dashboard: DashboardFn | None = None,
                  expand: ExpandFn | None = None, threshold: float = 0.0,
@@ -115,6 +119,14 @@ class CircuitGraphWidget(anywidget.AnyWidget):
                          can_expand=expand is not None, has_dashboards=dashboard is not None,
                          can_intervene=intervene is not None, **kwargs)
         self.on_msg(self._handle_message)
+        # a file saved with a subgraph (Neuronpedia's qParams) opens with it
+        q = self._graph.get("qParams") or {}
+        if isinstance(q, Mapping):
+            pins = [p for p in q.get("pinnedIds") or [] if isinstance(p, str) and self.node(p) is not None]
+            groups = [[str(g[0]), *[m for m in g[1:] if isinstance(m, str) and self.node(m) is not None]]
+                      for g in q.get("supernodes") or [] if isinstance(g, list) and g]
+            self.pinned_nodes = pins
+            self.supernodes = [g for g in groups if len(g) > 1 and g[0].strip()]
 
     # -- graph ---------------------------------------------------------------------
     @property
@@ -134,6 +146,62 @@ class CircuitGraphWidget(anywidget.AnyWidget):
 
     def _view(self) -> dict:
         return graph_view_data(self._graph, expanded=self._expanded, expandable=self._expandable_fn)
+
+    # -- pinned subgraph and supernodes ------------------------------------------------
+    @traitlets.validate("pinned_nodes")
+    def _valid_pins(self, proposal):
+        ids = list(dict.fromkeys(proposal["value"]))
+        for nid in ids:
+            if self.node(nid) is None:
+                raise InvalidInputError(f"Cannot pin {nid!r}: no node with that id in this graph.")
+        return ids
+
+    @traitlets.validate("supernodes")
+    def _valid_supernodes(self, proposal):
+        groups = []
+        for g in proposal["value"]:
+            if len(g) < 2 or not str(g[0]).strip():
+                raise InvalidInputError(f"A supernode is [name, node_id, ...] with a non-empty name and at "
+                                        f"least one node, got {list(g)!r}.")
+            for nid in g[1:]:
+                if self.node(nid) is None:
+                    raise InvalidInputError(f"Supernode {g[0]!r}: no node {nid!r} in this graph.")
+            groups.append([str(g[0]).strip(), *dict.fromkeys(g[1:])])
+        return groups
+
+    def pin(self, *node_ids: str) -> list[str]:
+        """Pin nodes (into the subgraph shown with *pinned only*); returns the pinned ids."""
+        self.pinned_nodes = list(self.pinned_nodes) + list(node_ids)
+        return list(self.pinned_nodes)
+
+    def unpin(self, *node_ids: str) -> list[str]:
+        drop = set(node_ids)
+        self.pinned_nodes = [n for n in self.pinned_nodes if n not in drop]
+        return list(self.pinned_nodes)
+
+    def group(self, name: str, node_ids=None) -> list[list[str]]:
+        """Group ``node_ids`` (default: the pinned nodes) into a supernode called
+        ``name`` (replacing a group of that name); the members are pinned too."""
+        members = list(node_ids) if node_ids is not None else list(self.pinned_nodes)
+        if not members:
+            raise InvalidInputError("Nothing to group: pin nodes first or pass node_ids.")
+        if not isinstance(name, str) or not name.strip():
+            raise InvalidInputError(f"A supernode needs a non-empty name, got {name!r}.")
+        self.supernodes = [g for g in self.supernodes if g[0] != name.strip()] + [[name.strip(), *members]]
+        self.pin(*members)
+        return [list(g) for g in self.supernodes]
+
+    def graph_json(self) -> dict:
+        """The graph file as shown, with the pinned nodes and supernodes in
+        ``qParams`` (``pinnedIds``, ``supernodes``) as Neuronpedia saves a subgraph."""
+        data = dict(self._graph)
+        q = dict(data.get("qParams") or {})
+        q.update(pinnedIds=list(self.pinned_nodes), supernodes=[list(g) for g in self.supernodes])
+        q.setdefault("linkType", "both")
+        q.setdefault("clickedId", self.selected_node or "")
+        q.setdefault("sg_pos", "")
+        data["qParams"] = q
+        return data
 
     def node(self, node_id: str) -> dict | None:
         """The view of one node (kind, row, ctx, label, contribution, ...), or None."""
@@ -324,7 +392,8 @@ class CircuitGraphWidget(anywidget.AnyWidget):
         dashboards of every node pre-rendered, as a self-contained HTML fragment."""
         dashboards = {nid: self.dashboard_for(nid) for nid in self.node_ids}
         return embed_html(self.graph_data, dashboards, threshold=self.threshold,
-                          selected=self.selected_node, has_dashboards=self._dashboard_fn is not None)
+                          selected=self.selected_node, has_dashboards=self._dashboard_fn is not None,
+                          pinned=self.pinned_nodes, supernodes=self.supernodes)
 
     def to_html(self, path: str | os.PathLike | None = None, title: str | None = None) -> str:
         """A standalone HTML page with the graph, the browser module inlined and
@@ -333,7 +402,8 @@ class CircuitGraphWidget(anywidget.AnyWidget):
         dashboards = {nid: self.dashboard_for(nid) for nid in self.node_ids}
         page = graph_page_html(self.graph_data, dashboards, threshold=self.threshold,
                                selected=self.selected_node, has_dashboards=self._dashboard_fn is not None,
-                               title=title or self.graph_data.get("title") or "circuit graph")
+                               title=title or self.graph_data.get("title") or "circuit graph",
+                               pinned=self.pinned_nodes, supernodes=self.supernodes)
         if path is not None:
             _write_page(path, page)
         return page
@@ -362,7 +432,7 @@ def _write_page(path: str | os.PathLike, page: str) -> Path:
 
 def embed_html(view: Mapping, dashboards: Mapping[str, Mapping] | None = None,
                threshold: float = 0.0, selected: str = "", has_dashboards: bool = False,
-               element_id: str | None = None) -> str:
+               element_id: str | None = None, pinned=(), supernodes=()) -> str:
     """The graph as a self-contained HTML fragment: its CSS, the browser module
     inlined, and a stand-in for the widget model that serves the given per-node
     dashboards ``{node_id: {node_id, layer, feature, html}}``. It needs no
@@ -375,7 +445,8 @@ def embed_html(view: Mapping, dashboards: Mapping[str, Mapping] | None = None,
                  dashboard=dashboards.get(selected, {}) if selected else {},
                  threshold=_check_threshold(threshold), can_expand=False, status="",
                  has_dashboards=bool(has_dashboards),
-                 intervention_nodes=[], intervention_scale=0.0, intervention={}, can_intervene=False)
+                 intervention_nodes=[], intervention_scale=0.0, intervention={}, can_intervene=False,
+                 pinned_nodes=list(pinned), pinned_only=False, supernodes=[list(g) for g in supernodes])
     module = widget_asset("circuit_graph.js")
     if "</script" in module.lower():
         raise InvalidInputError("The widget module contains '</script' and cannot be inlined.")
@@ -390,12 +461,12 @@ _EMBED_IDS = itertools.count()
 
 def graph_page_html(view: Mapping, dashboards: Mapping[str, Mapping] | None = None,
                     threshold: float = 0.0, selected: str = "", title: str = "circuit graph",
-                    has_dashboards: bool = False) -> str:
+                    has_dashboards: bool = False, pinned=(), supernodes=()) -> str:
     """A standalone page for ``view`` (from :func:`graph_view_data`): the
     :func:`embed_html` fragment in ``widgets/circuit_graph_page.html``."""
     slots = dict(title=_html.escape(title),
                  embed=embed_html(view, dashboards, threshold, selected, has_dashboards,
-                                  element_id="tcx-graph"))
+                                  element_id="tcx-graph", pinned=pinned, supernodes=supernodes))
     return re.sub(r"@@(\w+)@@", lambda m: slots[m.group(1)], widget_asset("circuit_graph_page.html"))
 
 
@@ -421,9 +492,18 @@ def circuit_graph_widget(result, dashboard: DashboardFn | None = None, branches:
     expand button traces further with :class:`tc_explore.circuits.PathGraphExpander`
     and whose intervention controls scale features on the search's prompt with
     :func:`tc_explore.interventions.feature_scaling` (``metric``: shown before and
-    after; default the search's target)."""
+    after; default the search's target).
+
+    ``result`` may also be a graph already built or loaded: an
+    :class:`~tc_explore.circuits.AttributionGraph` (prune it first), a
+    :class:`~tc_explore.circuits.CircuitGraph`, a graph JSON dict, JSON text or a
+    ``.json`` path (e.g. a file from circuit-tracer); it is drawn as it is, with
+    no expand or intervention controls."""
     from ..circuits import PathGraphExpander
+    from ..circuits.paths import PathSearchResult
     from ..interventions import feature_scaling
+    if not isinstance(result, PathSearchResult):
+        return CircuitGraphWidget(result, dashboard=dashboard, threshold=threshold)
     expander = PathGraphExpander(result, branches=branches, slug=slug)
     ctx = result.ctx
     scaling = None if ctx is None else feature_scaling(
