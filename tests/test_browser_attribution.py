@@ -86,28 +86,3 @@ def test_attribution_graph_in_the_browser(page_path):
         page.locator(".tcx-pinned-only").check()
         assert page.locator(".tcx-node:not(.tcx-hidden)").count() == 2
         browser.close()
-
-
-def test_widget_pins_and_supernodes_round_trip(page_path):
-    from tc_explore import InvalidInputError
-    from tc_explore.ui.graph_widget import CircuitGraphWidget
-    path, _, top_logit = page_path
-    import re
-    import json
-    state = json.loads(re.search(r'id="tcx-state">(.*?)</script>', path.read_text(), re.S).group(1)
-                       .replace("\\u003c", "<").replace("\\u003e", ">").replace("\\u0026", "&"))
-    ids = [n["id"] for n in state["graph_data"]["nodes"]]
-    del state
-    w = CircuitGraphWidget({"nodes": [{"node_id": i} for i in ids[:3]], "links": []})
-    w.pin(ids[0])
-    w.group("pair", [ids[1], ids[2]])
-    assert w.pinned_nodes == [ids[0], ids[1], ids[2]]
-    data = w.graph_json()
-    assert data["qParams"]["pinnedIds"] == [ids[0], ids[1], ids[2]]
-    assert data["qParams"]["supernodes"] == [["pair", ids[1], ids[2]]]
-    again = CircuitGraphWidget(data)
-    assert again.pinned_nodes == w.pinned_nodes and again.supernodes == w.supernodes
-    with pytest.raises(InvalidInputError, match="no node"):
-        w.pin("nope")
-    with pytest.raises(InvalidInputError, match="name"):
-        w.group(" ", [ids[0]])

@@ -255,3 +255,32 @@ def test_mimebundle_carries_a_self_contained_html_fallback(search):
     # two graphs on one page do not share element ids
     ids = {re.search(r'class="tcx-embed" id="([^"]+)"', w.embed_html()).group(1) for _ in range(2)}
     assert len(ids) == 2
+
+
+def test_pins_and_supernodes_round_trip_through_the_graph_file():
+    ids = ["a", "b", "c"]
+    w = CircuitGraphWidget({"nodes": [{"node_id": i} for i in ids], "links": []})
+    w.pin("a")
+    w.group("pair", ["b", "c"])
+    assert w.pinned_nodes == ["a", "b", "c"]
+    data = w.graph_json()
+    assert data["qParams"]["pinnedIds"] == ["a", "b", "c"]
+    assert data["qParams"]["supernodes"] == [["pair", "b", "c"]]
+    again = CircuitGraphWidget(data)              # a saved subgraph opens with its pins and groups
+    assert again.pinned_nodes == w.pinned_nodes and again.supernodes == w.supernodes
+    assert w.unpin("a") == ["b", "c"]
+    with pytest.raises(InvalidInputError, match="no node"):
+        w.pin("nope")
+    with pytest.raises(InvalidInputError, match="name"):
+        w.group(" ", ["a"])
+    with pytest.raises(InvalidInputError, match="no node"):
+        w.supernodes = [["g", "zzz"]]
+
+
+def test_circuit_graph_widget_accepts_a_loaded_graph(search, tmp_path):
+    from tc_explore.circuits import CircuitGraph
+    g = CircuitGraph.from_paths(search)
+    g.to_json(tmp_path / "g.json")
+    for source in (g, g.to_dict(), g.to_json(), tmp_path / "g.json", str(tmp_path / "g.json")):
+        w = circuit_graph_widget(source)
+        assert set(w.node_ids) == set(g.nodes) and not w.can_expand
