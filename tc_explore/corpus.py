@@ -137,7 +137,12 @@ class Corpus:
 
         def documents():
             for i in order:
-                text = paths[i].read_text(encoding=encoding)
+                try:
+                    text = paths[i].read_text(encoding=encoding)
+                except UnicodeDecodeError as err:
+                    raise InvalidInputError(
+                        f"Corpus file {paths[i]} is not {encoding} text ({err.reason} at byte "
+                        f"{err.start}). Pass text files, or encoding= for another encoding.") from None
                 if split == "file":
                     yield text
                 elif split == "line":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -151,6 +152,11 @@ def load_model(name_or_path: Any, device: str | torch.device | None = None,
 
 
     source = local_model_path(str(name_or_path)) or str(name_or_path)
+    if not os.path.isdir(source) and not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source):
+        raise InvalidInputError(
+            f"Model {source!r} is neither a directory (none exists there) nor a Hub model id "
+            "(NAME or OWNER/NAME). Pass a directory saved with save_pretrained, a Hub id such as "
+            "'gpt2', or a registry name such as 'tiny-years'.")
     device = default_device(device)
     dtype = as_dtype(dtype) or torch.float32
     try:
@@ -202,7 +208,14 @@ def _with_offline_hint(source: str, load):
     from .hub_access import hub_access
 
     if os.path.isdir(source):
-        return load()
+        try:
+            return load()
+        except (OSError, ValueError, KeyError) as err:
+            raise InvalidInputError(
+                f"{source} is a directory but not a model tc_explore can load: "
+                f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}. Pass a directory "
+                "saved with save_pretrained (config.json, weights, tokenizer files), a Hub model "
+                "id, or a registry name.") from err
     with hub_access() as access:
         try:
             return load()

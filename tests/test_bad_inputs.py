@@ -120,6 +120,11 @@ def _truncated(env) -> Path:
     return path
 
 
+def _empty_dir(env, name) -> Path:
+    (env.tmp / name).mkdir(exist_ok=True)
+    return env.tmp / name
+
+
 def _with_bytes(env, name, data: bytes) -> Path:
     path = env.tmp / name
     path.write_bytes(data)
@@ -333,6 +338,12 @@ CASES = [
      "nope.txt"),
     ("corpus-split", lambda e: Corpus.from_files([], e.model, 8, split="words"), InvalidInputError, "'words'"),
     ("corpus-unknown-source", lambda e: as_corpus(42, e.model), InvalidInputError, "int"),
+    ("corpus-binary-file", lambda e: Corpus.from_files([_with_bytes(e, "binary.txt", b"\xff\xfe\x00ab")],
+                                                        e.model, 8).take(1), InvalidInputError, "binary.txt"),
+    ("model-dir-missing", lambda e: load_model(str(e.tmp / "no_model_here")), InvalidInputError,
+     "no_model_here"),
+    ("model-dir-not-a-model", lambda e: load_model(str(_empty_dir(e, "not_a_model"))), InvalidInputError,
+     "not_a_model"),
     ("corpus-too-short", lambda e: Corpus.from_texts(["war"], e.model, 8).take(5), InvalidInputError, "5"),
     # feature indexes: settings
     ("index-window-negative", lambda e: _build(e, window=(-1, 2)), InvalidInputError, "(-1, 2)"),
