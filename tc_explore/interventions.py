@@ -54,7 +54,7 @@ from .circuits.context import PromptContext, prompt_context, stage_name
 from .circuits.contributions import Target
 from .circuits.frozen import frozen_hooks
 from .errors import InvalidInputError
-from .model import (Prompt, check_context, check_layer, model_device, single_token_id, to_tokens,
+from .model import (Prompt, check_layer, model_device, single_token_id, to_tokens,
                     token_strings)
 from .transcoder import TranscoderSet
 
@@ -467,7 +467,12 @@ def generate(model, transcoders: TranscoderSet, prompt: Prompt,
     ``temperature=0`` is greedy decoding (with no interventions, the model's own
     greedy continuation); otherwise tokens are sampled from the softmax of
     logits / temperature (restricted to the ``top_k`` most likely), from a
-    generator seeded with ``seed``, so a call is reproducible."""
+    generator seeded with ``seed``, so a call is reproducible.
+
+    Each step reruns the whole sequence (no key/value cache), so every
+    position sees the interventions; the result equals ``model.generate(...,
+    use_past_kv_cache=False)``. (On the demo model, TransformerBridge's cached
+    ``generate`` picked tokens that a full forward pass does not rank first.)"""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InvalidInputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
@@ -477,7 +482,11 @@ def generate(model, transcoders: TranscoderSet, prompt: Prompt,
     tokens = to_tokens(model, prompt, prepend_bos=prepend_bos)
     if tokens.shape[0] != 1:
         raise InvalidInputError(f"generate continues one prompt at a time, got a batch of {tokens.shape[0]}.")
-    check_context(model, tokens.shape[1] + max_new_tokens)
+    if tokens.shape[1] + max_new_tokens > int(model.cfg.n_ctx):
+        raise InvalidInputError(
+            f"The prompt ({tokens.shape[1]} tokens) plus max_new_tokens={max_new_tokens} exceeds the "
+            f"model's context of {int(model.cfg.n_ctx)} tokens; ask for at most "
+            f"{int(model.cfg.n_ctx) - tokens.shape[1]} new tokens.")
     # Positions are resolved against the prompt once (None stays "every
     # position"), so that a negative position keeps meaning the same prompt
     # token as the text grows.
