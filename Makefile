@@ -20,7 +20,9 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
-	$(BIN)/python -m pip install -q -e ".[test]"
+	# setuptools warns (UserWarning) that an editable install of a package with mapped
+	# directories uses a meta path finder; that is expected here, so it is not shown.
+	PYTHONWARNINGS=ignore::UserWarning $(BIN)/python -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
 setup: $(STAMP)
