@@ -267,7 +267,14 @@ def greater_than():
         new_markdown_cell("## Tracing the logit difference\n\nThe target is the mean logit of the "
                           "years after 35 minus the mean logit of the years up to 35, at the last "
                           "token of *The war lasted from 1735 to 17*. The table lists the largest "
-                          "contributions; they and all the others sum exactly to the target."),
+                          "contributions; they and all the others sum exactly to the target. Kinds: "
+                          "`feature` (a transcoder feature: activation × connection), `head` (an "
+                          "attention head, for one destination ← source pair of tokens), `embed` / "
+                          "`pos_embed` (token and position embedding), `error` (a transcoder's "
+                          "error: true MLP output minus transcoder output), `attn_bias` and "
+                          "`dec_bias` (an attention layer's and a transcoder's output bias) and "
+                          "`offset` (the target's own constant, here the unembedding bias, which "
+                          "no upstream node writes)."),
         new_code_cell("from tc_explore.circuits import decompose, logit_direction_target, prompt_context\n\n"
                       "PROMPT = 'The war lasted from 1735 to 17'\n"
                       "ctx = prompt_context(model, transcoders, PROMPT)\n"
@@ -411,7 +418,9 @@ def greater_than():
                       "display(paper.to_pandas()[show].head(10).style.hide(axis='index').format(escape='html'))"),
         new_markdown_cell("## The circuit as a graph\n\nThe default path search from the same target, "
                           "drawn as an interactive graph: click a node for its factors, *expand "
-                          "selected* to trace it further, the slider to prune. To intervene, select a "
+                          "selected* to trace it further, the slider to prune. A *pruned remainder* "
+                          "node carries what an expanded node's contributors left out of the graph "
+                          "add up to, so its inputs still sum to its value. To intervene, select a "
                           "feature node, press *ablate / scale selected* (repeat for more nodes) and move "
                           "the × slider (0 ablates, 2 doubles, −1 inverts): the panel beside the graph "
                           "shows the traced target before and after and the most probable next tokens, "

@@ -120,7 +120,7 @@ class PathSearchResult:
     n_decompositions: int = 0     # how many decompositions the search ran
     ctx: PromptContext | None = field(default=None, repr=False)
     ranking: Ranking = "magnitude"
-    root_cap: float | None = None  # ranking="paper", mode="capped": the target feature's activation
+    root_cap: float | None = None  # ranking="paper", feature target: its activation (the first cap)
 
     def capped_of(self, path: Path) -> float:
         """The path's capped score under this search's ranking (see ``find_paths``)."""
