@@ -293,17 +293,22 @@ def _load_clt(name, cfg: dict, files: _Files, layers, device, dtype, model_name=
             f"{name!r} is a cross-layer transcoder: every layer's features write to the later "
             "layers' MLP outputs, so it loads whole (pass layers=None).")
 
-    def fetch(filename):
+    def fetch(filename, verify: bool):
         cache = {}
 
         def get():
             if "path" not in cache:
-                cache["path"] = files.get(filename)
+                path = files.get(filename)
+                if verify:
+                    files.verify(path)
+                cache["path"] = path
             return cache["path"]
         return get
+    # Encoders are read whole, so their content hash is checked on first use;
+    # decoders (GBs each, read as row slices) are not hashed.
     return CrossLayerTranscoderSet(
         name, len(found), cfg["feature_input_hook"], cfg["feature_output_hook"],
-        {l: fetch(encoder_file(l)) for l in found}, {l: fetch(decoder_file(l)) for l in found},
+        {l: fetch(encoder_file(l), True) for l in found}, {l: fetch(decoder_file(l), False) for l in found},
         model_name=model_name or cfg.get("model_name"),
         repo_id=files.repo_id or str(files.directory), revision=files.revision,
         device=device, dtype=dtype)
