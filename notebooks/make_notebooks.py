@@ -536,8 +536,83 @@ def greater_than():
     return cells
 
 
+ANOTHER_MODEL_SETUP = """import os
+import tempfile
+import torch
+import tc_explore as tcx
+from tc_explore.circuits import attribute, decompose, find_paths, logit_diff_target, prompt_context
+
+DEMO = os.environ.get("TC_EXPLORE_DEMO", "0") == "1"
+DEVICE = "cpu" if DEMO else ("cuda" if torch.cuda.is_available() else "cpu")
+torch.manual_seed(0)
+if DEMO:
+    # Gemma 2's architecture at toy size (random weights): 3 layers, d_model 64, pre- and
+    # post-norms, scaled embeddings, softcapping, grouped-query attention; JumpReLU
+    # transcoders reading ln2.hook_normalized and writing hook_mlp_out, as the gemma set does.
+    from tc_explore.testing import build_tiny_model, random_transcoder
+    model = tcx.load_model(str(build_tiny_model(tempfile.mkdtemp(), "gemma2", n_layers=3)), device=DEVICE)
+    transcoders = tcx.TranscoderSet.from_transcoders(
+        {l: random_transcoder(64, 256, l, seed=1, jumprelu=True, centred=False) for l in range(3)},
+        name="toy-gemma-scope")
+else:
+    # bfloat16 halves the memory (about 10 GiB of CPU RAM at peak, see the README);
+    # exact conservation to 1e-4 needs float32.
+    dtype = "float32" if DEVICE == "cuda" else "bfloat16"
+    model = tcx.load_model("google/gemma-2-2b", device=DEVICE, dtype=dtype)
+    transcoders = tcx.load_transcoders("gemma-scope-2b", device=DEVICE, dtype=dtype)
+arch = tcx.architecture(model)
+print(arch.name, "| RMSNorm:", not arch.centred, "| post-norms:", arch.has_post_norms,
+      "| embedding scale:", round(arch.embed_scale, 3), "| query / key-value heads:",
+      arch.n_heads, "/", arch.n_kv_heads, "| logit softcap:", arch.logit_softcap)
+print(transcoders)"""
+
+
+def another_model():
+    return [
+        new_markdown_cell(
+            "# Another model: Gemma-2-2B with the Gemma Scope transcoders\n\n"
+            "The same analyses as the walkthrough on Gemma 2 (registry set `gemma-scope-2b`: "
+            "circuit-tracer's `gemma` preset, 26 JumpReLU transcoders of 16,384 features). "
+            "What differs from GPT-2 is read off the loaded model (`tcx.architecture`) and the "
+            "decomposition stays exact: RMSNorm scales frozen (no centring), the norms after "
+            "attention and the MLP frozen too, the embedding's sqrt(d_model) scale, one OV "
+            "circuit per query head under grouped-query attention. A logit target is the logit "
+            "*before* Gemma's final softcap; probabilities use the capped logits.\n\n"
+            "**Sizes.** The model has 2.61 B parameters (5.2 GB in bfloat16; its download size "
+            "depends on the dtype of the Hub files). The 26 transcoders are 302 MB each as "
+            "float32 `params.npz` (7.9 GB), downloaded as each layer is first used and held in "
+            "the dtype you ask for. `benchmarks/bench_memory.py --full` measured a peak of "
+            "10.4 GiB of CPU RAM for the model and all 26 transcoders in bfloat16 with a prompt "
+            "context and a decomposition (random weights of the real shape, on this project's "
+            "2-core CPU, where the prompt context took about 9 minutes). On a GPU use float32 "
+            "(about 10.5 GB for the model, 7.9 GB for the transcoders).\n\n"
+            "**What ran here.** With `TC_EXPLORE_DEMO=1` (how the tests run it, offline) the "
+            "cells below run on a toy model of Gemma 2's architecture with random weights and "
+            "random transcoders in the same hooks, so the numbers illustrate the calls, not "
+            "Gemma. Without it they load `google/gemma-2-2b` and the `gemma-scope-2b` set from "
+            "the Hub (gated: accept the licence and `hf auth login` first)."),
+        new_code_cell(ANOTHER_MODEL_SETUP),
+        new_markdown_cell("Per-token feature activations and an exact decomposition of a logit "
+                          "difference: the contributions sum to the target."),
+        new_code_cell("prompt = 'The war lasted from 1735 to 17'\n"
+                      "ctx = prompt_context(model, transcoders, prompt)\n"
+                      "print('active features per token, layer 1:', (ctx.feature_acts(1) > 0).sum(-1).tolist())\n"
+                      "target = logit_diff_target(ctx, ' war', ' cat')\n"
+                      "dec = decompose(ctx, target)\n"
+                      "print(f'target {target.label}: {target.value:.4f}; sum of contributions {dec.total:.4f}')\n"
+                      "dec.to_pandas(k=8)"),
+        new_markdown_cell("Path search and an attribution graph, as on GPT-2."),
+        new_code_cell("paths = find_paths(ctx, target, iterations=2, branches=6)\n"
+                      "print(paths.to_pandas()[['iteration', 'attribution', 'path']].head(6).to_string(index=False))\n"
+                      "graph = attribute(model, transcoders, ctx, max_n_logits=3)\n"
+                      "c = graph.constants\n"
+                      "print(len(graph.nodes), 'nodes; largest conservation error',\n"
+                      "      float((c.value - c.edge_sum - c.constant).abs().max()))"),
+    ]
+
+
 NOTEBOOKS = {"walkthrough.ipynb": walkthrough, "feature_dashboards.ipynb": feature_dashboards,
-             "greater_than.ipynb": greater_than}
+             "greater_than.ipynb": greater_than, "another_model.ipynb": another_model}
 
 
 def cell_id(cell, seen: set[str]) -> str:

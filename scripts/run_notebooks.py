@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = ("walkthrough", "feature_dashboards", "greater_than")
+NOTEBOOKS = ("walkthrough", "feature_dashboards", "greater_than", "another_model")
 
 
 def demo_environment() -> dict[str, str]:
