@@ -540,6 +540,7 @@ ANOTHER_MODEL_SETUP = """import os
 import tempfile
 import torch
 import tc_explore as tcx
+from tc_explore.architecture import architecture
 from tc_explore.circuits import attribute, decompose, find_paths, logit_diff_target, prompt_context
 
 DEMO = os.environ.get("TC_EXPLORE_DEMO", "0") == "1"
@@ -560,7 +561,7 @@ else:
     dtype = "float32" if DEVICE == "cuda" else "bfloat16"
     model = tcx.load_model("google/gemma-2-2b", device=DEVICE, dtype=dtype)
     transcoders = tcx.load_transcoders("gemma-scope-2b", device=DEVICE, dtype=dtype)
-arch = tcx.architecture(model)
+arch = architecture(model)
 print(arch.name, "| RMSNorm:", not arch.centred, "| post-norms:", arch.has_post_norms,
       "| embedding scale:", round(arch.embed_scale, 3), "| query / key-value heads:",
       arch.n_heads, "/", arch.n_kv_heads, "| logit softcap:", arch.logit_softcap)
@@ -573,7 +574,7 @@ def another_model():
             "# Another model: Gemma-2-2B with the Gemma Scope transcoders\n\n"
             "The same analyses as the walkthrough on Gemma 2 (registry set `gemma-scope-2b`: "
             "circuit-tracer's `gemma` preset, 26 JumpReLU transcoders of 16,384 features). "
-            "What differs from GPT-2 is read off the loaded model (`tcx.architecture`) and the "
+            "What differs from GPT-2 is read off the loaded model (`tc_explore.architecture.architecture`) and the "
             "decomposition stays exact: RMSNorm scales frozen (no centring), the norms after "
             "attention and the MLP frozen too, the embedding's sqrt(d_model) scale, one OV "
             "circuit per query head under grouped-query attention. A logit target is the logit "

@@ -8,7 +8,7 @@ from .replacement import (ablate_mlps, mean_mlp_outputs, replace_mlps, run_with_
                           run_with_transcoders, transcoder_hooks, mlp_ablation_hooks)
 from .transcoder import Transcoder, TranscoderSet
 from .cross_layer import CrossLayerTranscoderSet
-from .architecture import Architecture, architecture
+from .architecture import Architecture
 from .evaluation import evaluate_transcoders
 from .interventions import Intervention, generate, intervene
 
@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "load_model", "load_transcoders", "list_transcoder_sets", "registry",
-    "Transcoder", "TranscoderSet", "CrossLayerTranscoderSet", "Architecture", "architecture",
+    "Transcoder", "TranscoderSet", "CrossLayerTranscoderSet", "Architecture",
     "replace_mlps", "ablate_mlps", "run_with_transcoders", "run_with_ablated_mlps",
     "transcoder_hooks", "mlp_ablation_hooks", "mean_mlp_outputs", "evaluate_transcoders",
     "Intervention", "intervene", "generate",

@@ -101,8 +101,12 @@ def build_tiny_model(directory: str | Path, arch: str, n_layers: int = 2, d_mode
                 p.add_(0.3 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.normal_(0.0, 0.05)
-        # Larger-than-default embeddings, so the residual stream is not dominated by eps.
-        model.get_input_embeddings().weight.mul_(10.0)
+        # Larger-than-default embeddings, so the residual stream is not dominated by eps;
+        # the BOS token doubles as padding, whose row transformers initialises to zero
+        # (a zero residual at BOS, an RMS scale of sqrt(eps)): give it a random row.
+        emb = model.get_input_embeddings().weight
+        emb.mul_(10.0)
+        emb[bos].normal_(0.0, 0.2)
     directory = Path(directory)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
