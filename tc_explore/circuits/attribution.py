@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
 import torch
@@ -701,7 +701,3 @@ def _node_table(ctx: PromptContext, src: _Sources, specs: list[_TargetSpec], sel
                         label=f'Output "{s.token_str}" (p={prob:.3f})'))
     return pd.DataFrame(rec, columns=["node_id", "kind", "layer", "pos", "index", "activation", "weight",
                                       "label"])
-
-
-def constant_terms() -> Sequence[str]:
-    return CONSTANT_TERMS
