@@ -105,6 +105,8 @@ def test_dataset_card_lists_what_was_indexed(index):
     for text in ("gpt2-small", m["model"], m["revision"], f"{m['n_tokens']:,}", "| seed | 0",
                  "(k) | 3", "FeatureIndex.from_hub('alice/x'", m["corpus"]["tokenizer"]):
         assert str(text) in card, text
+    recorded = m["fingerprints"]["transcoders"]
+    assert f"| transcoder layer 9 | `{recorded['9']}` |" in card
 
 
 def test_a_second_push_deletes_files_the_index_no_longer_has(index, offline_hub, tmp_path):
@@ -139,7 +141,7 @@ def test_from_hub_refuses_other_weights(index, offline_hub, tiny_model, tiny_tra
     add_weight_views(views_index, tiny_model, tiny_transcoders, k=3, n_heads=1)
     api = HubStandIn(offline_hub.hf_home)
     views_index.push_to_hub("dave/idx", api=api)
-    assert "transcoder layer 9" in api.repos["dave/idx", "main"]["README.md"].decode()
+    assert "weight views: transcoder layer 9" in api.repos["dave/idx", "main"]["README.md"].decode()
     FeatureIndex.from_hub("dave/idx", model=tiny_model, transcoders=tiny_transcoders)   # same weights
 
     from tc_explore.transcoder import TranscoderSet

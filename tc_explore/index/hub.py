@@ -177,11 +177,17 @@ def download_index(repo_id: str, revision: str | None = None, cache_dir: str | o
 def _fingerprints(index) -> dict[str, str]:
     """The weight fingerprints an index carries, by what they identify."""
     out = {}
+    recorded = index.manifest.get("fingerprints") or {}
+    out.update({f"transcoder layer {layer}": fp for layer, fp in (recorded.get("transcoders") or {}).items()})
+    for key in ("model", "tokenizer", "corpus"):
+        if recorded.get(key):
+            value = recorded[key]
+            out[key] = json.dumps(value, sort_keys=True) if isinstance(value, dict) else str(value)
     views = index.directory / "weight_views" / "manifest.json"
     if views.is_file():
         vm = json.loads(views.read_text(encoding="utf-8"))
-        out["model (embedding, unembedding, attention)"] = vm["model_fingerprint"]
-        out.update({f"transcoder layer {layer}": fp for layer, fp in vm["fingerprints"].items()})
+        out["weight views: model (embedding, unembedding, attention)"] = vm["model_fingerprint"]
+        out.update({f"weight views: transcoder layer {layer}": fp for layer, fp in vm["fingerprints"].items()})
     return out
 
 
@@ -194,6 +200,8 @@ def check_weights(index, model=None, transcoders=None) -> None:
 
     if transcoders is not None:
         index.check_transcoders(transcoders)
+    if model is not None:
+        index.check_model(model)
     if model is not None and index.manifest.get("model") not in (None, _model_name(model)):
         raise IncompatibleTranscoderError(
             f"The index in {index.directory} was built with model {index.manifest['model']!r}, "
