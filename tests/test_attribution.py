@@ -363,3 +363,15 @@ def test_scores_and_networkx(graph):
     assert 0.0 < s["replacement"] < 1.0 and 0.0 < s["completeness"] <= 1.0
     g = graph.prune().to_networkx()
     assert g.number_of_nodes() == len(graph.prune())
+
+
+def test_from_json_reads_circuit_tracer_files():
+    from test_graph import CT_FILE
+    g = AttributionGraph.from_json(json.dumps(CT_FILE))
+    n = g.nodes.set_index("node_id")
+    assert (n.loc["E_50_1", "kind"], n.loc["E_50_1", "index"], n.loc["E_50_1", "pos"]) == ("embedding", 50, 1)
+    assert (n.loc["0_7_2", "layer"], n.loc["0_7_2", "index"], n.loc["0_7_2", "activation"]) == (0, 7, 1.5)
+    assert (n.loc["0_1_2", "kind"], n.loc["0_1_2", "layer"]) == ("error", 1)
+    assert (n.loc["3_9_2", "kind"], n.loc["3_9_2", "index"], n.loc["3_9_2", "weight"]) == ("logit", 9, 0.7)
+    assert n.loc["0_7_2", "cumulative"] == 0.3 and g.n_layers == 2
+    assert float(g.adjacency[g.node_index("0_7_2"), g.node_index("E_50_1")]) == 2.0
