@@ -311,7 +311,8 @@ def _target_specs(ctx: PromptContext, targets, max_n_logits: int, desired_logit_
             raise InvalidInputError(f"desired_logit_prob must be in (0, 1], got {desired_logit_prob!r}.")
         top_p, top_i = torch.topk(probs, min(max_n_logits, d_vocab))
         cut = int(torch.searchsorted(torch.cumsum(top_p, 0),
-                                     torch.tensor([float(desired_logit_prob)], dtype=torch.float64))) + 1
+                                     torch.tensor([float(desired_logit_prob)], dtype=torch.float64,
+                                                  device=top_p.device))) + 1
         ids = top_i[:cut].tolist()
         return [_TargetSpec(f'Output "{tok(i)}"', i, tok(i), float(probs[i]), "logit") for i in ids], logits
     if isinstance(targets, (int, str, Target)) or (isinstance(targets, tuple) and len(targets) == 2
