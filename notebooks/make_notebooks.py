@@ -320,7 +320,7 @@ def greater_than():
         new_code_cell("import pandas as pd\n"
                       "import plotly.graph_objects as go\n"
                       "from tc_explore.tasks.greater_than import feature_count_curve\n"
-                      "from tc_explore.interventions import ablation_curve_figure\n\n"
+                      "from tc_explore.ablation import ablation_curve_figure\n\n"
                       "if DEMO:\n"
                       "    ablated = {l: gt.probability_difference(model, prompts, fwd_hooks=tcx.mlp_ablation_hooks(model, [l]))\n"
                       "               for l in range(model.cfg.n_layers)}\n"
@@ -495,7 +495,7 @@ def greater_than():
                           "(error terms kept): by attribution (the decomposition above), by the path "
                           "search, and by activation variance across the prompts."),
         new_code_cell("import pandas as pd\n"
-                      "from tc_explore.interventions import ablation_curve\n\n"
+                      "from tc_explore.ablation import ablation_curve\n\n"
                       "if DEMO:\n"
                       "    in_layer = contrib[(contrib.kind == 'feature') & (contrib.layer == CURVE_LAYER)]\n"
                       "    PAPER_FEATURE = int(in_layer['index'].iloc[0])\n"

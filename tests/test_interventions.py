@@ -8,8 +8,9 @@ import torch
 
 from tc_explore.circuits import decompose, feature_target, logit_direction_target, prompt_context
 from tc_explore.errors import InvalidInputError
-from tc_explore.interventions import (Intervention, ablation_curve, ablation_curve_figure, generate,
-                                      intervene, intervention_hooks, logit_difference_metric, ranking_from)
+from tc_explore.ablation import ablation_curve, ablation_curve_figure, ranking_from
+from tc_explore.interventions import (Intervention, generate, intervene, intervention_hooks,
+                                      logit_difference_metric)
 from tc_explore.replacement import transcoder_hooks
 from tc_explore.tasks import greater_than as gt
 from tc_explore.tasks.greater_than import probability_difference_metric

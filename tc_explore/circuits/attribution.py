@@ -31,6 +31,11 @@ Storage is a dense float32 matrix: the ``n × n`` adjacency for a full graph
 ``max_feature_nodes``, the computed rows against every source; ``attribute``
 refuses (with the size) a matrix over ``max_matrix_bytes`` rather than
 exhausting memory.
+
+One module (over 500 lines) because target selection, the blocked row loop
+with its influence-ordered cap and the :class:`AttributionGraph` it fills
+share one node order; the linear maps (``linear.py``), influence and
+pruning (``influence.py``) and the file format (``graph_json.py``) live apart.
 """
 from __future__ import annotations
 

@@ -5,6 +5,11 @@ single build would have made (the accumulator is order-independent).
 Position 0 of every sequence (BOS with no context) is left out of all
 statistics: its activations are identical in every sequence and would fill
 every feature's top-k with copies of one example.
+
+One module (over 500 lines) because build, resume and merge are one state
+machine over the same folder: settings, lock, checkpoint, manifest
+fingerprints and the final atomic writes; the accumulator, storage and
+reader already live apart.
 """
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ from ..circuits.contributions import Target
 from ..circuits.targets import logit_direction_target
 from ..circuits.paths import Mode, PathSearchResult, find_paths
 from ..errors import InvalidInputError
-from ..interventions import ablation_curve
+from ..ablation import ablation_curve
 from ..model import check_context, hook_mlp_post, model_device, model_weights
 from ..prompt_features import encode_layers
 from ..replacement import transcoder_hooks
