@@ -13,6 +13,10 @@ at the same tokens.
     corpus = Corpus.from_texts(["some text", ...], model, seq_len=64, seed=0)
     corpus = Corpus.from_files(["a.txt", "b.txt"], model, seq_len=64)
     tokens = corpus.take(100)            # [100, seq_len] int64
+
+Slightly over 500 lines: one ``Corpus`` class with its three sources
+(texts, files, a Hub dataset) and the token cache that makes a resumed or
+sharded build read the same tokens.
 """
 from __future__ import annotations
 

@@ -22,6 +22,10 @@ way to look at a single feature without precomputing anything.
 Top-k is exact, ties included: ``torch.topk`` picks k+1 candidates; rows
 whose k-th and (k+1)-th values tie (rare: dead features, zero rows) are
 redone with a full stable sort, so the lower index wins as in ``invariant._top``.
+
+Slightly over 500 lines: the stored views (:class:`WeightViews`, built at
+once) and the live ones (:class:`LiveWeightViews`, per feature) are one
+interface and share their section layout, so they stay together.
 """
 from __future__ import annotations
 
