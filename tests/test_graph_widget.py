@@ -284,3 +284,24 @@ def test_circuit_graph_widget_accepts_a_loaded_graph(search, tmp_path):
     for source in (g, g.to_dict(), g.to_json(), tmp_path / "g.json", str(tmp_path / "g.json")):
         w = circuit_graph_widget(source)
         assert set(w.node_ids) == set(g.nodes) and not w.can_expand
+
+
+def test_intervention_controls_on_an_attribution_graph(tiny_model, tiny_transcoders):
+    """An attribution graph's feature nodes map back to (layer, feature index,
+    position), not to the graph file's unique integer, so the controls ablate
+    the feature the node shows."""
+    from tc_explore.circuits import attribute, prompt_context
+    from tc_explore.interventions import Intervention, feature_scaling, intervene
+    ctx = prompt_context(tiny_model, tiny_transcoders, "The war lasted from the")
+    graph = attribute(tiny_model, tiny_transcoders, ctx, max_n_logits=2)
+    w = circuit_graph_widget(graph, intervene=feature_scaling(tiny_model, tiny_transcoders, ctx))
+    assert w.can_intervene
+    feats = graph.nodes[graph.nodes.kind == "feature"]
+    row = feats.iloc[len(feats) // 2]
+    node_id = str(row.node_id)
+    assert w._intervention_target(node_id) == (int(row.layer), int(row["index"]), int(row.pos))
+    shown = w.set_intervention([node_id], 0.0)
+    ref = intervene(tiny_model, tiny_transcoders, ctx, [Intervention.ablate(int(row.layer), int(row["index"]),
+                                                                           int(row.pos))])
+    assert [t["token"] for t in shown["top_tokens"]] == ref.top_tokens(5).token.tolist()
+    assert shown["nodes"] == [node_id]

@@ -487,7 +487,8 @@ def feature_dashboard_html(index, model=None, transcoders=None, **options) -> Da
 
 def circuit_graph_widget(result, dashboard: DashboardFn | None = None, branches: int | None = None,
                          threshold: float = 0.0, slug: str = "tc-explore-graph", metric=None,
-                         constrained: bool = False) -> CircuitGraphWidget:
+                         constrained: bool = False, intervene: InterveneFn | None = None
+                         ) -> CircuitGraphWidget:
     """A :class:`CircuitGraphWidget` over a path search (``find_paths``) whose
     expand button traces further with :class:`tc_explore.circuits.PathGraphExpander`
     and whose intervention controls scale features on the search's prompt with
@@ -498,15 +499,17 @@ def circuit_graph_widget(result, dashboard: DashboardFn | None = None, branches:
     :class:`~tc_explore.circuits.AttributionGraph` (prune it first), a
     :class:`~tc_explore.circuits.CircuitGraph`, a graph JSON dict, JSON text or a
     ``.json`` path (e.g. a file from circuit-tracer); it is drawn as it is, with
-    no expand or intervention controls."""
+    no expand controls, and with intervention controls when ``intervene`` is
+    given (e.g. ``feature_scaling(model, transcoders, prompt)`` for the graph's
+    prompt)."""
     from ..circuits import PathGraphExpander
     from ..circuits.paths import PathSearchResult
     from ..interventions import feature_scaling
     if not isinstance(result, PathSearchResult):
-        return CircuitGraphWidget(result, dashboard=dashboard, threshold=threshold)
+        return CircuitGraphWidget(result, dashboard=dashboard, threshold=threshold, intervene=intervene)
     expander = PathGraphExpander(result, branches=branches, slug=slug)
     ctx = result.ctx
-    scaling = None if ctx is None else feature_scaling(
+    scaling = intervene if intervene is not None or ctx is None else feature_scaling(
         ctx.model, ctx.transcoders, ctx, metric=result.target if metric is None else metric,
         constrained=constrained)
     w = CircuitGraphWidget(expander.graph(), dashboard=dashboard, expand=expander.expand,
