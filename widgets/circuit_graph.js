@@ -45,6 +45,21 @@ function html(tag, cls, text) {
   return e;
 }
 
+// A labelled range input with a span for its value: {label, input, value}
+// (classes `${prefix}-label`, inputCls and `${prefix}-value`).
+function rangeControl(prefix, inputCls, labelText, min, max, step, title) {
+  const label = html("label", `${prefix}-label`, labelText);
+  const input = html("input", inputCls);
+  input.type = "range";
+  input.min = min;
+  input.max = max;
+  input.step = step;
+  input.title = title;
+  const value = html("span", `${prefix}-value`);
+  label.append(input, value);
+  return { label, input, value };
+}
+
 function fmt(v) {
   if (typeof v !== "number") return String(v);
   if (!isFinite(v)) return String(v);
@@ -143,15 +158,9 @@ function interventionControls(model) {
   const controls = html("span", "tcx-intervene-controls");
   const toggle = html("button", "tcx-intervene-toggle", "ablate / scale selected");
   toggle.type = "button";
-  const scaleLabel = html("label", "tcx-intervene-label", "× ");
-  const scale = html("input", "tcx-intervene-scale");
-  scale.type = "range";
-  scale.min = "-2";
-  scale.max = "3";
-  scale.step = "0.05";
-  scale.title = "Scale the intervened features' activations by this factor (0 ablates them)";
-  const scaleValue = html("span", "tcx-intervene-value");
-  scaleLabel.append(scale, scaleValue);
+  const { label: scaleLabel, input: scale, value: scaleValue } = rangeControl(
+    "tcx-intervene", "tcx-intervene-scale", "× ", "-2", "3", "0.05",
+    "Scale the intervened features' activations by this factor (0 ablates them)");
   const clear = html("button", "tcx-intervene-clear", "clear");
   clear.type = "button";
   controls.append(toggle, scaleLabel, clear);
@@ -221,16 +230,9 @@ function render({ model, el }) {
   el.classList.add("tcx-circuit-graph");
   el.innerHTML = "";
   const toolbar = html("div", "tcx-graph-toolbar");
-  const pruneLabel = html("label", "tcx-prune-label", "prune below ");
-  const prune = html("input", "tcx-prune");
-  prune.type = "range";
-  prune.min = "0";
-  prune.max = "1";
-  prune.step = "0.01";
-  prune.title = "Hide nodes and edges whose |contribution| or |weight| is below this fraction of the largest";
-  const pruneValue = html("span", "tcx-prune-value");
-  pruneLabel.appendChild(prune);
-  pruneLabel.appendChild(pruneValue);
+  const { label: pruneLabel, input: prune, value: pruneValue } = rangeControl(
+    "tcx-prune", "tcx-prune", "prune below ", "0", "1", "0.01",
+    "Hide nodes and edges whose |contribution| or |weight| is below this fraction of the largest");
   const expand = html("button", "tcx-expand", "expand selected");
   expand.type = "button";
   const status = html("span", "tcx-graph-status");
