@@ -14,6 +14,13 @@ replaced at once (row ``layer == "all"``):
   ``l0`` and ``fvu`` are averaged over layers and measured inside the
   all-replaced run (so errors compound, as they do when the model runs on them);
 - ``dead_features``: features that never fired on these tokens (clean inputs).
+
+Cross-layer transcoders (CLTs) work the same way. Layer l's MLP output is
+replaced by the sum of the writes of the features of every layer ≤ l (each
+encoded at its own layer's input), plus layer l's output bias. The row of layer l
+replaces that layer only, with its sources encoded on the clean run. ``l0`` and
+``dead_features`` count the features that read at layer l. Decoder rows are read
+lazily: only those of features that fired.
 """
 from __future__ import annotations
 
@@ -71,6 +78,19 @@ def _kl(clean_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return (p_log.exp() * (p_log - q_log)).sum()
 
 
+def _clean_reconstruction(transcoders: TranscoderSet, cache, layer: int, encoded: dict):
+    """(ŷ, acts of layer ``layer``'s features) on the clean run's inputs in ``cache``.
+    ``encoded`` memoises each source layer's activations for this batch (a CLT's
+    layer reads every earlier layer's features)."""
+    for source in transcoders.sources(layer):
+        if source not in encoded:
+            encoded[source] = transcoders[source].encode(cache[transcoders.input_hook(source)])
+    if transcoders.is_cross_layer:
+        return transcoders.reconstruct(layer, encoded), encoded[layer]
+    x = cache[transcoders.input_hook(layer)]
+    return transcoders[layer].decode(encoded[layer], x), encoded[layer]
+
+
 def _batches(model, tokens, batch_size: int) -> Iterable[torch.Tensor]:
     if isinstance(tokens, torch.Tensor):
         tokens = tokens if tokens.ndim == 2 else tokens[None]
@@ -95,7 +115,8 @@ def evaluate_transcoders(model, transcoders: TranscoderSet, tokens,
     per_layer = {l: _Sums() for l in layers}
     together = _Sums()
     fired = {l: torch.zeros(transcoders.d_sae(l), dtype=torch.bool) for l in layers}
-    io_names = {n for l in layers for n in (transcoders.input_hook(l), transcoders.output_hook(l))}
+    io_names = {transcoders.output_hook(l) for l in layers} | \
+        {transcoders.input_hook(s) for l in layers for s in transcoders.sources(l)}
 
     if isinstance(tokens, torch.Tensor):
         n_batches = -(-(tokens.shape[0] if tokens.ndim == 2 else 1) // batch_size)
@@ -106,10 +127,10 @@ def evaluate_transcoders(model, transcoders: TranscoderSet, tokens,
         clean_logits, cache = model.run_with_cache(batch, names_filter=lambda n: n in io_names)
         n_pred = batch.shape[0] * (batch.shape[1] - 1)
         ce_clean = float(_ce(clean_logits, batch))
+        encoded: dict[int, torch.Tensor] = {}
         for layer in layers:
-            tc = transcoders[layer]
-            x, y = cache[transcoders.input_hook(layer)], cache[transcoders.output_hook(layer)]
-            y_hat, acts = tc(x)
+            y = cache[transcoders.output_hook(layer)]
+            y_hat, acts = _clean_reconstruction(transcoders, cache, layer, encoded)
             s = per_layer[layer]
             s.add_reconstruction(layer, y, y_hat, acts)
             fired[layer] |= (acts > 0).reshape(-1, acts.shape[-1]).any(0).cpu()
@@ -121,27 +142,29 @@ def evaluate_transcoders(model, transcoders: TranscoderSet, tokens,
             s.ce_clean += ce_clean
             s.n_pred += n_pred
         if include_all:
-            hooks = transcoder_hooks(model, transcoders, layers)
-            # Also record each layer's true MLP output (on the inputs of the replaced run)
-            # and the transcoder output that replaces it.
-            inputs: dict[int, torch.Tensor] = {}
+            # Inside the all-replaced run, record each layer's true MLP output (on the
+            # inputs of that run) just before its replacement, the replacement's
+            # output just after it, and the features' activations (``store``).
+            acts_in_run: dict[int, torch.Tensor] = {}
+            true_out: dict[int, torch.Tensor] = {}
             recon = []
-            for layer in layers:
-                tc = transcoders[layer]
 
-                def watch(x, hook, layer=layer):
-                    inputs[layer] = x
-                    return x
+            def before(y, hook):
+                true_out[hook.name] = y.clone()
+                return y
 
-                def compare(y, hook, layer=layer, tc=tc):
-                    recon.append((layer, y.clone(), tc(inputs[layer])))
-                    return y
-                # watch before the replacement's own hooks so `compare` sees the true output
-                hooks = [(tc.input_hook, watch), (tc.output_hook, compare)] + hooks
+            def after(y_hat, hook):
+                recon.append((hook.name, true_out.pop(hook.name), y_hat.clone()))
+                return y_hat
+            outputs = {transcoders.output_hook(l): l for l in layers}
+            hooks = [(name, before) for name in outputs] + \
+                transcoder_hooks(model, transcoders, layers, store=acts_in_run) + \
+                [(name, after) for name in outputs]
             logits = model.run_with_hooks(batch, fwd_hooks=hooks)
             zero = model.run_with_hooks(batch, fwd_hooks=mlp_ablation_hooks(model, layers))
-            for layer, y, (y_hat, acts) in recon:
-                together.add_reconstruction(layer, y, y_hat, acts)
+            for name, y, y_hat in recon:
+                layer = outputs[name]
+                together.add_reconstruction(layer, y, y_hat, acts_in_run[layer])
             together.ce += float(_ce(logits, batch))
             together.ce_zero += float(_ce(zero, batch))
             together.kl += float(_kl(clean_logits, logits))

@@ -520,3 +520,109 @@ def test_clt_interventions(clt_setup):
         assert res.metric_change == pytest.approx(-float(row[i]), abs=1e-5), src.node_id
         layers_seen.add(l)
     assert min(layers_seen) < 2      # at least one feature whose writes reach more than one layer
+
+
+# -- replacement and evaluation of cross-layer transcoders ---------------------------------
+def _dense_clt_hooks(w, n_layers: int, write_layers, record: dict | None = None):
+    """A hand-written CLT replacement from the weights as written (dense, no
+    tc_explore code): every layer's features encoded at ``hook_resid_mid``;
+    layer l's ``hook_mlp_out`` replaced by b_dec[l] + Σ_{s ≤ l} acts_s @ W_dec_s[:, l − s].
+    ``record[l]`` receives (true output, replacement, acts of layer l)."""
+    acts = {}
+
+    def read(x, hook, s):
+        pre = x @ w["W_enc"][s] + w["b_enc"][s]
+        acts[s] = torch.relu(pre) if "threshold" not in w else pre * (pre > w["threshold"][s])
+        return x
+
+    def write(y, hook, l):
+        out = w["b_dec"][l] + sum(acts[s] @ w["W_dec"][s][:, l - s] for s in range(l + 1))
+        if record is not None:
+            record[l] = (y.clone(), out, acts[l])
+        return out
+    return [(f"blocks.{s}.hook_resid_mid", lambda x, hook, s=s: read(x, hook, s)) for s in range(n_layers)] + \
+        [(f"blocks.{l}.hook_mlp_out", lambda y, hook, l=l: write(y, hook, l)) for l in write_layers]
+
+
+@torch.no_grad()
+def test_clt_evaluation_matches_a_hand_written_hook_pass(clt_setup, monkeypatch):
+    """evaluate_transcoders on a CLT: every metric of each layer's row and of the
+    all-replaced row equals a hand-written dense hook pass; no decoder is read whole."""
+    import torch.nn.functional as F
+
+    import tc_explore.cross_layer as cross_layer
+    from tc_explore import evaluate_transcoders
+
+    def whole_decoder(*args, **kwargs):
+        raise AssertionError("evaluate_transcoders read a whole decoder")
+    monkeypatch.setattr(cross_layer, "read_clt_decoder_target", whole_decoder)
+    _, w, model, clt, _ = clt_setup
+    prompts = [PROMPT, "The cat sat on the mat and the dog ran fast when it was red"]
+    df = evaluate_transcoders(model, clt, prompts, layers=[0, 2], progress=False)
+    assert list(df.index) == [0, 2, "all"]
+    toks = [model.to_tokens(p) for p in prompts]
+    n_pred = sum(t.shape[1] - 1 for t in toks)
+
+    def ce(logits):
+        return sum(float(F.cross_entropy(lg[0, :-1], t[0, 1:], reduction="sum")) for lg, t in zip(logits, toks)) / n_pred
+
+    def kl(clean, other):
+        total = 0.0
+        for c, o in zip(clean, other):
+            p, q = c[0, :-1].log_softmax(-1), o[0, :-1].log_softmax(-1)
+            total += float((p.exp() * (p - q)).sum())
+        return total / n_pred
+
+    def zero_hooks(layers):
+        return [(f"blocks.{l}.hook_mlp_out", lambda y, hook: torch.zeros_like(y)) for l in layers]
+
+    clean = [model(t) for t in toks]
+    caches = [model.run_with_cache(t)[1] for t in toks]
+
+    def fvu(y, y_hat):
+        y, y_hat = y.double(), y_hat.double()
+        return float(((y - y_hat) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
+
+    for l in (0, 2):
+        row = df.loc[l]
+        rep = [model.run_with_hooks(t, fwd_hooks=_dense_clt_hooks(w, 3, [l])) for t in toks]
+        zero = [model.run_with_hooks(t, fwd_hooks=zero_hooks([l])) for t in toks]
+        assert row.ce_clean == pytest.approx(ce(clean), rel=1e-5)
+        assert row.ce_replaced == pytest.approx(ce(rep), rel=1e-5)
+        assert row.ce_zero_ablated == pytest.approx(ce(zero), rel=1e-5)
+        assert row.ce_recovered == pytest.approx((ce(zero) - ce(rep)) / (ce(zero) - ce(clean)), rel=1e-3)
+        assert row.kl == pytest.approx(kl(clean, rep), rel=1e-3, abs=1e-7)
+        # reconstruction on the clean run's inputs
+        ys, y_hats, acts = [], [], []
+        for t, cache in zip(toks, caches):
+            record = {}
+            hooks = dict(_dense_clt_hooks(w, 3, [l], record))      # called on the clean cache
+            for s in range(l + 1):
+                hooks[f"blocks.{s}.hook_resid_mid"](cache[f"blocks.{s}.hook_resid_mid"], None)
+            hooks[f"blocks.{l}.hook_mlp_out"](cache[f"blocks.{l}.hook_mlp_out"], None)
+            y, y_hat, a = record[l]
+            ys.append(y[0]), y_hats.append(y_hat[0]), acts.append(a[0])
+        y, y_hat, a = torch.cat(ys), torch.cat(y_hats), torch.cat(acts)
+        assert row.l0 == pytest.approx(float((a > 0).sum(-1).float().mean()), rel=1e-6)
+        assert row.fvu == pytest.approx(fvu(y, y_hat), rel=1e-4)
+        assert row.dead_features == int((a.max(0).values <= 0).sum()) and row.d_sae == 200
+        assert 0 < row.l0 < 200
+    # all replaced at once: metrics measured inside that run
+    row = df.loc["all"]
+    records = [{} for _ in toks]
+    rep = [model.run_with_hooks(t, fwd_hooks=_dense_clt_hooks(w, 3, [0, 2], r)) for t, r in zip(toks, records)]
+    zero = [model.run_with_hooks(t, fwd_hooks=zero_hooks([0, 2])) for t in toks]
+    assert row.ce_replaced == pytest.approx(ce(rep), rel=1e-5)
+    assert row.ce_zero_ablated == pytest.approx(ce(zero), rel=1e-5)
+    assert row.kl == pytest.approx(kl(clean, rep), rel=1e-3, abs=1e-7)
+    l0s, fvus = [], []
+    for l in (0, 2):
+        y, y_hat, a = (torch.cat([r[l][i][0] for r in records]) for i in range(3))
+        l0s.append(float((a > 0).sum(-1).float().mean()))
+        fvus.append(fvu(y, y_hat))
+    assert row.l0 == pytest.approx(sum(l0s) / 2, rel=1e-6)
+    assert row.fvu == pytest.approx(sum(fvus) / 2, rel=1e-4)
+    # the library's replacement equals the hand-written one
+    for t in toks:
+        assert torch.allclose(run_with_transcoders(model, t, clt, layers=[0, 2]),
+                              model.run_with_hooks(t, fwd_hooks=_dense_clt_hooks(w, 3, [0, 2])), atol=1e-4)
