@@ -8,6 +8,7 @@ from typing import Callable, Mapping
 import torch
 
 from .errors import InvalidInputError
+from .integrity import transcoder_fingerprint
 from .formats.clt import (read_clt_decoder_rows, read_clt_decoder_sum, read_clt_decoder_target,
                           read_clt_encoder)
 from .model import layer_hook
@@ -61,6 +62,15 @@ class CrossLayerTranscoderSet(TranscoderSet):
                         input_hook=self.info[layer].input_hook, output_hook=self.info[layer].output_hook)
         tc.cross_layer = True
         return tc
+
+    def fingerprint(self, layer: int) -> str:
+        """Layer ``layer``'s digest covers its decoders into every target layer
+        (the first and last 8 features' rows), not only their sum: weights that
+        differ in one target's decoder get another fingerprint."""
+        tc = self[layer]
+        picks = sorted(set(range(min(8, tc.d_sae))) | set(range(max(0, tc.d_sae - 8), tc.d_sae)))
+        rows = read_clt_decoder_rows(self._decoder_path(layer), layer, picks)   # [16, n_targets, d_model]
+        return transcoder_fingerprint(tc, rows)
 
     # -- decoders ------------------------------------------------------------------
     def target_layers(self, source: int) -> list[int]:

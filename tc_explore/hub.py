@@ -293,22 +293,22 @@ def _load_clt(name, cfg: dict, files: _Files, layers, device, dtype, model_name=
             f"{name!r} is a cross-layer transcoder: every layer's features write to the later "
             "layers' MLP outputs, so it loads whole (pass layers=None).")
 
-    def fetch(filename, verify: bool):
+    def fetch(filename):
         cache = {}
 
         def get():
             if "path" not in cache:
                 path = files.get(filename)
-                if verify:
-                    files.verify(path)
+                files.verify(path)
                 cache["path"] = path
             return cache["path"]
         return get
-    # Encoders are read whole, so their content hash is checked on first use;
-    # decoders (GBs each, read as row slices) are not hashed.
+    # Every file's content hash is checked on first use: a decoder is read whole
+    # anyway when its layer loads (its sum over targets is the layer's W_dec),
+    # and once per process, so later row slices cost nothing more.
     return CrossLayerTranscoderSet(
         name, len(found), cfg["feature_input_hook"], cfg["feature_output_hook"],
-        {l: fetch(encoder_file(l), True) for l in found}, {l: fetch(decoder_file(l), False) for l in found},
+        {l: fetch(encoder_file(l)) for l in found}, {l: fetch(decoder_file(l)) for l in found},
         model_name=model_name or cfg.get("model_name"),
         repo_id=files.repo_id or str(files.directory), revision=files.revision,
         device=device, dtype=dtype)

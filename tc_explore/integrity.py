@@ -12,6 +12,8 @@ an index was built from.
 * ``verify_hub_file(path, ...)``: a file in the Hugging Face cache is a link to
   ``blobs/<name>``, where an LFS file's name is the sha256 of its content and a
   small file's the git blob sha1. Recomputing it catches damaged downloads.
+  ``verify_model_snapshot(folder)`` does it for the files transformers reads
+  from a model's snapshot (weights, configs, tokenizer).
 * ``sha256_file``, ``transcoder_fingerprint``, ``model_fingerprint``,
   ``tokenizer_digest``: what an index manifest records to refuse a resume or a
   dashboard with other weights.
@@ -227,7 +229,7 @@ def _already_verified(path) -> bool:
 
 
 def verify_hub_file(path: str | os.PathLike, repo_id: str, filename: str,
-                    revision: str | None = None) -> bool:
+                    revision: str | None = None, what: str = "") -> bool:
     """Check a Hub file in the cache against the content hash its blob is
     named by. True when verified, False when ``path`` is not a cache blob.
     Each blob is hashed once per process (while its size and mtime stay)."""
@@ -243,12 +245,58 @@ def verify_hub_file(path: str | os.PathLike, repo_id: str, filename: str,
     if got != want:
         rev = f" --revision {revision}" if revision else ""
         raise CorruptFileError(
-            f"{filename} of {repo_id}{'@' + revision if revision else ''} in the Hugging Face "
-            f"cache is corrupted: its content hash is {got[:16]}…, the Hub's is {want[:16]}… "
-            f"({blob}). Delete it and re-download with `hf download {repo_id} {filename}{rev} "
-            "--force-download`.")
+            f"{what + ' file ' if what else ''}{filename} of {repo_id}{'@' + revision if revision else ''} "
+            f"in the Hugging Face cache is corrupted: its content hash is {got[:16]}…, the Hub's "
+            f"is {want[:16]}…. Delete the damaged cache entry {blob} and re-download it with "
+            f"`hf download {repo_id} {filename}{rev} --force-download`.")
     _VERIFIED[key] = want
     return True
+
+
+# The files transformers reads from a model snapshot (configs, tokenizer, weights
+# as safetensors; .bin/.pt only where a snapshot has no safetensors). Other
+# frameworks' weights (.h5, .msgpack, .onnx ...) are never read and not hashed.
+_MODEL_TEXT_SUFFIXES = (".json", ".txt", ".model", ".tiktoken")
+_MODEL_TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def snapshot_repo(folder: str | os.PathLike) -> tuple[str, str] | None:
+    """``(repo_id, revision)`` of a Hugging Face cache snapshot folder
+    (``.../models--OWNER--NAME/snapshots/COMMIT``), or None for another folder."""
+    folder = Path(os.path.abspath(folder))
+    repo_dir = folder.parent.parent
+    if folder.parent.name != "snapshots" or "--" not in repo_dir.name:
+        return None
+    return repo_dir.name.split("--", 1)[1].replace("--", "/"), folder.name
+
+
+def cached_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
+    """The cache's snapshot folder of Hub model ``repo_id`` at ``revision``
+    (default: the main branch), or None when nothing of it is cached."""
+    from huggingface_hub import try_to_load_from_cache
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except Exception:   # noqa: BLE001 - an id the cache cannot hold: nothing cached to check
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def verify_model_snapshot(folder: str | os.PathLike, repo_id: str | None = None) -> int:
+    """Check the files transformers reads from a model snapshot in the Hugging
+    Face cache (configs, tokenizer files, weights) against the content hashes
+    their blobs are named by. Raises ``CorruptFileError`` naming the first
+    damaged file; returns the number of files checked (0 for a folder outside
+    the cache). Each blob is hashed once per process."""
+    folder = Path(folder)
+    found = snapshot_repo(folder)
+    if found is None:
+        return 0
+    repo_id, revision = repo_id or found[0], found[1]
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    has_safetensors = any(p.suffix == ".safetensors" for p in files)
+    read = [p for p in files if p.suffix in _MODEL_TEXT_SUFFIXES or p.suffix == ".safetensors"
+            or (p.suffix in _MODEL_TORCH_SUFFIXES and not has_safetensors)]
+    return sum(verify_hub_file(p, repo_id, p.name, revision, what="model") for p in read)
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -273,11 +321,12 @@ def weights_digest(*tensors: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
-def transcoder_fingerprint(tc) -> str:
+def transcoder_fingerprint(tc, *extra: torch.Tensor) -> str:
     """A cheap digest of a few of a transcoder's weights (rows and columns of
-    both matrices, some biases): tells other weights apart without reading
-    whole matrices."""
-    return weights_digest(tc.W_enc[:, :8], tc.W_enc[:8], tc.W_dec[:8], tc.b_enc[:8], tc.W_dec[-8:])
+    both matrices, some biases) and of ``extra`` tensors (a cross-layer
+    transcoder's per-target decoder rows): tells other weights apart without
+    reading whole matrices."""
+    return weights_digest(tc.W_enc[:, :8], tc.W_enc[:8], tc.W_dec[:8], tc.b_enc[:8], tc.W_dec[-8:], *extra)
 
 
 _SAMPLE = 4096

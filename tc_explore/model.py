@@ -14,12 +14,14 @@ import os
 import re
 import warnings
 import weakref
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Sequence, Union
 
 import torch
 
-from .errors import InvalidInputError, OfflineFileMissingError, TokenizationWarning, as_integer
+from .errors import (InvalidInputError, OfflineFileMissingError, TcExploreError, TokenizationWarning,
+                     as_integer)
 from .registry import local_model_path
 
 Prompt = Union[str, Sequence[int], torch.Tensor]
@@ -163,12 +165,18 @@ def load_model(name_or_path: Any, device: str | torch.device | None = None,
         from transformer_lens.model_bridge import TransformerBridge
     except ImportError:  # transformer_lens 3.x
         from transformer_lens import HookedTransformer
-        return _with_offline_hint(source, lambda: HookedTransformer.from_pretrained(
-            source, device=device, dtype=dtype))
+        def boot_hooked():
+            _verify_model_files(source)
+            model = HookedTransformer.from_pretrained(source, device=device, dtype=dtype)
+            _verify_model_files(source)
+            return model
+        return _with_offline_hint(source, boot_hooked)
 
     def boot():
+        _verify_model_files(source)                      # what is already cached, before reading it
         with _quiet_weight_loading():
             bridge = TransformerBridge.boot_transformers(source, device=device, dtype=dtype)
+        _verify_model_files(source)                      # and what the load just downloaded
         process = process_weights
         if process is None:
             process = not str(getattr(bridge.cfg, "normalization_type", "LN")).startswith("RMS")
@@ -179,6 +187,17 @@ def load_model(name_or_path: Any, device: str | torch.device | None = None,
         return bridge
 
     return _with_offline_hint(source, boot)
+
+
+def _verify_model_files(source: str) -> None:
+    """Check a model's files in the Hugging Face cache against the Hub's content
+    hashes (``integrity.verify_model_snapshot``; each file once per process):
+    a damaged weight or tokenizer file is a ``CorruptFileError`` naming it,
+    not silently different weights. A directory outside the cache is not checked."""
+    from .integrity import cached_snapshot, verify_model_snapshot
+    folder = Path(source) if os.path.isdir(source) else cached_snapshot(source)
+    if folder is not None:
+        verify_model_snapshot(folder)
 
 
 @contextlib.contextmanager
@@ -210,6 +229,8 @@ def _with_offline_hint(source: str, load):
     if os.path.isdir(source):
         try:
             return load()
+        except TcExploreError:
+            raise
         except (OSError, ValueError, KeyError) as err:
             raise InvalidInputError(
                 f"{source} is a directory but not a model tc_explore can load: "

@@ -139,11 +139,13 @@ def random_transcoder(d_model: int, d_sae: int, layer: int, seed: int = 0,
 
 def install_in_hf_cache(hf_home: str | Path, repo_id: str, files: dict[str, Path | bytes],
                         revision: str | None = None, repo_type: str = "model",
-                        ref: str = "main") -> Path:
+                        ref: str = "main", lfs_suffixes: tuple[str, ...] | None = None) -> Path:
     """Place ``files`` (name in repo -> local path or contents) into the standard
     cache layout ``hub/{models,datasets}--OWNER--NAME/{blobs,snapshots/REV,refs/REF}``,
     as huggingface_hub itself lays out a download of commit ``revision`` of
-    branch ``ref``. Returns the snapshot dir."""
+    branch ``ref``. Blobs are named by their sha256, as LFS files are; with
+    ``lfs_suffixes``, files with other suffixes are named by their git blob
+    sha1, as the Hub names small files kept in git. Returns the snapshot dir."""
     repo_dir = Path(hf_home) / "hub" / (f"{repo_type}s--" + repo_id.replace("/", "--"))
     commit = revision or hashlib.sha1(repo_id.encode()).hexdigest()
     snapshot = repo_dir / "snapshots" / commit
@@ -153,7 +155,10 @@ def install_in_hf_cache(hf_home: str | Path, repo_id: str, files: dict[str, Path
     (repo_dir / "refs" / ref).write_text(commit)
     for name, src in files.items():
         data = src if isinstance(src, bytes) else Path(src).read_bytes()
-        blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
+        if lfs_suffixes is None or Path(name).suffix in lfs_suffixes:
+            blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
+        else:
+            blob = repo_dir / "blobs" / hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
         blob.write_bytes(data)
         link = snapshot / name
         link.parent.mkdir(parents=True, exist_ok=True)

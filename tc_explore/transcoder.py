@@ -317,6 +317,12 @@ class TranscoderSet(Mapping[int, Transcoder]):
         info = self.info[self.check_layer(layer)]
         return info.d_sae if info.d_sae is not None else self[layer].d_sae
 
+    def fingerprint(self, layer: int) -> str:
+        """A short digest of layer ``layer``'s weights (``integrity.transcoder_fingerprint``):
+        what an index or weight view records to refuse other weights later."""
+        from .integrity import transcoder_fingerprint
+        return transcoder_fingerprint(self[layer])
+
     def d_in(self, layer: int) -> int:
         info = self.info[self.check_layer(layer)]
         return info.d_in if info.d_in is not None else self[layer].d_in

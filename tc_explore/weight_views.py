@@ -41,7 +41,7 @@ import torch
 
 from .distributed import all_done
 from .errors import IncompatibleTranscoderError, InvalidInputError, as_integer, check_feature
-from .integrity import transcoder_fingerprint, weights_digest
+from .integrity import weights_digest
 from .store import ParquetFiles, atomic_write_json, atomic_write_parquet, layer_name, read_manifest
 from .model import model_weights, token_strings
 from .progress import progress_bar
@@ -96,7 +96,7 @@ def _empty_ranked(rows: int, device, dtype) -> tuple:
 
 # -- fingerprints -----------------------------------------------------------------------
 def _layer_fingerprint(transcoders: TranscoderSet, layer: int) -> str:
-    return transcoder_fingerprint(transcoders[layer])
+    return transcoders.fingerprint(layer)
 
 
 def _model_fingerprint(model) -> str:

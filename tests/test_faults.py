@@ -95,3 +95,85 @@ def test_atomic_write_leaves_nothing_on_error(tmp_path):
             tmp.write_bytes(b"half")
             1 / 0
     assert list(tmp_path.iterdir()) == []
+
+
+def _clt_hub_set(hf_home, tmp_path, repo, weights):
+    """A cross-layer transcoder in circuit-tracer's layout in the Hub cache."""
+    from tc_explore.formats.clt import write_clt
+    work = tmp_path / repo.replace("/", "_")
+    files = {p.name: p for p in write_clt(work, **weights)}
+    (work / "config.yaml").write_text(yaml.safe_dump({
+        "model_name": "gpt2", "model_kind": "cross_layer_transcoder",
+        "feature_input_hook": "hook_resid_mid", "feature_output_hook": "hook_mlp_out"}))
+    files["config.yaml"] = work / "config.yaml"
+    return install_in_hf_cache(hf_home, repo, files)
+
+
+def test_flipped_bytes_in_a_clt_decoder_are_caught(offline_hub, tmp_path):
+    """CLT decoders are read lazily, in row slices; their content hash is still
+    checked (once) before anything of them is used."""
+    from tc_explore.testing import random_clt
+    snapshot = _clt_hub_set(offline_hub.hf_home, tmp_path, "h12/flip-clt", random_clt(16, 40, 2, seed=3))
+    assert load_transcoders("h12/flip-clt", device="cpu").decoder_rows(1, [0, 5]).isfinite().all()
+    _flip((snapshot / "W_dec_0.safetensors").resolve(), n=16, at=200)
+    clt = load_transcoders("h12/flip-clt", device="cpu")
+    with pytest.raises(CorruptFileError) as info:
+        clt.decoder_rows(0, [0, 5])                    # a row slice alone, before the layer is loaded
+    assert "W_dec_0.safetensors of h12/flip-clt" in str(info.value)
+    assert "hf download h12/flip-clt W_dec_0.safetensors" in str(info.value)
+
+
+def test_clt_fingerprint_covers_every_target_decoder(offline_hub, tmp_path):
+    """Two CLTs whose layer-0 decoders differ only in what they write to layer 1
+    (their sum over targets equal) have different fingerprints."""
+    from tc_explore.testing import random_clt
+    a = random_clt(16, 40, 2, seed=4)
+    b = {k: [t.clone() for t in v] for k, v in a.items()}
+    delta = 0.1 * torch.randn(40, 16)
+    b["W_dec"][0][:, 0] += delta                     # to layer 0 ...
+    b["W_dec"][0][:, 1] -= delta                     # ... and back from layer 1: same sum
+    _clt_hub_set(offline_hub.hf_home, tmp_path, "h12/clt-a", a)
+    _clt_hub_set(offline_hub.hf_home, tmp_path, "h12/clt-b", b)
+    ca, cb = (load_transcoders(r, device="cpu") for r in ("h12/clt-a", "h12/clt-b"))
+    assert torch.allclose(ca[0].W_dec, cb[0].W_dec, atol=1e-6)
+    assert ca.fingerprint(0) != cb.fingerprint(0)
+    assert ca.fingerprint(1) == cb.fingerprint(1)
+    assert ca.fingerprint(0) == load_transcoders("h12/clt-a", device="cpu").fingerprint(0)
+
+
+# -- model files in the Hugging Face cache ------------------------------------------------------
+def _hub_model(hf_home, tmp_path, repo):
+    """A tiny GPT-2 in the Hub cache as the Hub lays it out: the weights an LFS
+    blob named by its sha256, the configs and tokenizer git blobs named by their sha1."""
+    from tc_explore.testing import build_tiny_gpt2
+    model_dir = build_tiny_gpt2(tmp_path / repo.replace("/", "_"), n_layers=1, d_model=16)
+    return install_in_hf_cache(hf_home, repo, {p.name: p for p in model_dir.iterdir()},
+                               lfs_suffixes=(".safetensors",))
+
+
+@pytest.mark.parametrize("filename", ["model.safetensors", "tokenizer.json"])
+def test_flipped_bytes_in_a_cached_model_file_are_caught(offline_hub, tmp_path, filename):
+    from tc_explore import load_model
+    repo = f"h12/flip-model-{filename.split('.')[0]}"
+    snapshot = _hub_model(offline_hub.hf_home, tmp_path, repo)
+    blob = (snapshot / filename).resolve()
+    assert len(blob.name) == (64 if filename.endswith(".safetensors") else 40)
+    load_model(repo, device="cpu")                               # intact: loads, verified
+    _flip(blob, n=4, at=len(blob.read_bytes()) - 40)             # in the weights / the vocabulary
+    with pytest.raises(CorruptFileError) as info:
+        load_model(repo, device="cpu")
+    text = str(info.value)
+    assert f"model file {filename} of {repo}" in text and "corrupted" in text
+    assert str(blob) in text and f"hf download {repo} {filename}" in text and "--force-download" in text
+
+
+def test_model_snapshot_hashed_once_per_process(offline_hub, tmp_path, monkeypatch):
+    from tc_explore import integrity
+    snapshot = _hub_model(offline_hub.hf_home, tmp_path, "h12/verify-model-once")
+    assert integrity.cached_snapshot("h12/verify-model-once") == snapshot
+    assert integrity.verify_model_snapshot(snapshot) == 5     # weights, 2 configs, 2 tokenizer files
+    hashed = []
+    monkeypatch.setattr(integrity, "sha256_file", lambda p: hashed.append(p))
+    monkeypatch.setattr(integrity, "_git_blob_sha1", lambda p: hashed.append(p))
+    assert integrity.verify_model_snapshot(snapshot) == 5 and hashed == []
+    assert integrity.verify_model_snapshot(tmp_path) == 0      # a folder outside the cache

@@ -27,7 +27,7 @@ import torch
 from ..corpus import Corpus, as_corpus
 from ..errors import FingerprintMismatchError, InvalidInputError, as_integer
 from ..integrity import (atomic_write, fingerprint_difference, model_fingerprint, reading,
-                         tokenizer_digest, transcoder_fingerprint)
+                         tokenizer_digest)
 from ..model import check_context, model_device
 from ..progress import progress_bar
 from ..transcoder import TranscoderSet
@@ -214,7 +214,7 @@ def _fingerprints(model, transcoders: TranscoderSet, layers: Sequence[int], corp
                   n_sequences: int) -> dict:
     """What the index is built from (compared on resume, merge and dashboards)."""
     first = corpus.take(n_sequences).numpy().astype(np.int64)
-    return {"transcoders": {str(layer): transcoder_fingerprint(transcoders[layer]) for layer in layers},
+    return {"transcoders": {str(layer): transcoders.fingerprint(layer) for layer in layers},
             "model": model_fingerprint(model), "tokenizer": tokenizer_digest(getattr(model, "tokenizer", None)),
             "corpus": hashlib.sha256(np.ascontiguousarray(first).tobytes()).hexdigest()[:16]}
 

@@ -13,8 +13,7 @@ import numpy as np
 
 from ..errors import (FingerprintMismatchError, IncompatibleTranscoderError, IndexIncompleteError,
                       InvalidInputError, as_integer, check_feature)
-from ..integrity import (fingerprint_difference, model_fingerprint, tokenizer_digest,
-                         transcoder_fingerprint)
+from ..integrity import fingerprint_difference, model_fingerprint, tokenizer_digest
 from ..transcoder import TranscoderSet
 from .build import IndexSettings, build_index, merge_indexes
 from .storage import (FORMAT_VERSION, TABLES, IndexManifest, _flat_windows, index_files,
@@ -116,7 +115,7 @@ class FeatureIndex:
             if str(layer) not in recorded or layer not in transcoders or \
                     self._verified.get(key, lambda: None)() is transcoders:
                 continue
-            now = transcoder_fingerprint(transcoders[layer])
+            now = transcoders.fingerprint(layer)
             if now != recorded[str(layer)]:
                 raise FingerprintMismatchError(
                     f"The index in {self.directory} was built with other layer-{layer} weights than "
