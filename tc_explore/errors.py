@@ -42,6 +42,11 @@ class TokenizationWarning(UserWarning):
     know, or a target string whose token is not the one the model predicts there."""
 
 
+class StaleLockWarning(UserWarning):
+    """A lock on an index folder was taken over from a holder presumed dead (its
+    heartbeat stopped); the message names the old holder."""
+
+
 class CorruptFileError(TcExploreError, ValueError):
     """A file whose bytes are damaged (truncated, flipped, not the format it
     claims); the message names the file and how to get a good copy."""

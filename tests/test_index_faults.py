@@ -219,3 +219,55 @@ def test_lock_of_another_host_is_refused_and_a_dead_process_lock_taken_over(demo
     lock_path(out).write_text(json.dumps({"pid": int(dead), "host": socket.gethostname(), "purpose": "build"}))
     assert _build(demo_model, demo_transcoders, out, n_seq=4) is not None
     assert not lock_path(out).exists()
+
+
+# -- locks held by another host: heartbeats -------------------------------------------------------
+def _foreign_lock(out, age_s: float, heartbeat=True):
+    """A lock file as a build on host node-17 writes it, last touched ``age_s`` ago."""
+    holder = {"pid": 4242, "host": "node-17", "started_at": "2026-01-01T00:00:00Z", "purpose": "build",
+              "token": "f" * 32}
+    if heartbeat:
+        holder.update(heartbeat_every=30.0, stale_after=600.0)
+    path = lock_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(holder))
+    then = time.time() - age_s
+    os.utime(path, (then, then))
+    return path
+
+
+def test_lock_of_another_host_fresh_is_refused_stale_is_taken_over(demo_model, demo_transcoders, tmp_path):
+    from tc_explore.errors import StaleLockWarning
+    out = tmp_path / "shared"
+    _foreign_lock(out, age_s=20)                          # beating: refused, and says when it would go
+    with pytest.raises(IndexLockedError, match=r"pid 4242 on host 'node-17'.*heartbeat is 2\d s old.*600 s"):
+        _build(demo_model, demo_transcoders, out, n_seq=4)
+    _foreign_lock(out, age_s=3600, heartbeat=False)       # an old lock without a heartbeat: by hand
+    with pytest.raises(IndexLockedError, match="delete the lock file"):
+        _build(demo_model, demo_transcoders, out, n_seq=4)
+    _foreign_lock(out, age_s=601)                         # silent for longer than it promised
+    with pytest.warns(StaleLockWarning, match=r"from pid 4242 on host 'node-17', build since 2026-01-01.*"
+                                              r"heartbeat was 60\d s ago"):
+        index = _build(demo_model, demo_transcoders, out, n_seq=4)
+    assert index.manifest.complete and not lock_path(out).exists()
+
+
+def test_the_holder_beats_and_notices_a_takeover(tmp_path):
+    from tc_explore.index.lock import FolderLock
+    lock = FolderLock(tmp_path / "idx", "build", heartbeat_every=0.05).acquire()
+    try:
+        holder = json.loads(lock.path.read_text())
+        assert holder["heartbeat_every"] == 0.05 and holder["stale_after"] == 600
+        os.utime(lock.path, (time.time() - 500, time.time() - 500))
+        deadline = time.time() + 10
+        while time.time() - lock.path.stat().st_mtime > 5 and time.time() < deadline:
+            time.sleep(0.02)
+        assert time.time() - lock.path.stat().st_mtime < 5        # the daemon thread refreshed it
+        lock.check_held()
+        # Judged dead (say the host was suspended) and taken over by node-17:
+        lock.path.write_text(json.dumps({"pid": 7, "host": "node-17", "token": "other"}))
+        with pytest.raises(IndexLockedError, match="no longer holds.*taken over by pid 7 on host 'node-17'"):
+            lock.check_held()
+    finally:
+        lock.release()
+    assert json.loads(lock.path.read_text())["token"] == "other"    # the new holder's lock stays

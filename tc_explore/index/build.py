@@ -104,11 +104,11 @@ def build_index(model, transcoders: TranscoderSet, corpus, n_tokens: int, out_di
             if existing == "new":           # leave no half-made folder that looks like an index
                 _undo_new_folder(out, created)
             raise
-        return _build_locked(model, transcoders, out, manifest, settings)
+        return _build_locked(model, transcoders, out, manifest, settings, lock)
 
 
 def _build_locked(model, transcoders: TranscoderSet, out: Path, manifest: IndexManifest,
-                  s: IndexSettings) -> Path | None:
+                  s: IndexSettings, lock: FolderLock) -> Path | None:
     layers = manifest.layers
     fuse = transcoders.device.type == "cuda" if s.fuse_layers is None else s.fuse_layers
     groups = [layers] if fuse else [[layer] for layer in layers]
@@ -125,6 +125,7 @@ def _build_locked(model, transcoders: TranscoderSet, out: Path, manifest: IndexM
     reached = _run_batches(model, transcoders, out, manifest, groups, accs, done, s)
     if reached < manifest.n_batches:
         return None
+    lock.check_held()                   # never finish into a folder another process took over
 
     # Arrow encodes and compresses without the GIL: the layers' tables are
     # written side by side (the states are taken here, on the build's device).
@@ -385,6 +386,7 @@ def merge_indexes(shards: Sequence[tuple[Path, IndexManifest]], out_dir: str | o
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        lock.check_held()
         _swap_in(staging, out)
     return out
 
