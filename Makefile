@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo gpt2 demo-model benchmarks clean
+.PHONY: setup test demo gpt2 demo-model benchmarks clean circuit-tracer
 
 # torch is installed first, pinned, so that installing tc_explore keeps it. Which
 # build pip picks depends on its configured indexes: from plain PyPI,
@@ -27,11 +27,22 @@ $(STAMP): setup.cfg pyproject.toml
 
 setup: $(STAMP)
 
+# circuit-tracer 0.5.0 in an environment of its own (it needs TransformerLens 2
+# and transformers 4): tests/test_circuit_tracer.py compares our attribution
+# graphs with its, and benchmarks/bench_attribution.py --circuit-tracer times it.
+# The script does nothing when the environment is already there.
+CT_VENV ?= .ctvenv
+circuit-tracer:
+	PYTHON=$(PYTHON) TORCH_INDEX_URL=$(TORCH_INDEX_URL) scripts/make_circuit_tracer_env.sh $(CT_VENV)
+
 # The unit/integration tests, the browser tests and the three notebooks
-# (executed with nbval on the offline demo model) in one pytest run.
-test: $(STAMP)
+# (executed with nbval on the offline demo model) in one pytest run. The
+# circuit-tracer comparison must run here (not skip): TC_EXPLORE_REQUIRE_CIRCUIT_TRACER.
+test: $(STAMP) circuit-tracer
 	mkdir -p artifacts/nbval
-	TC_EXPLORE_DEMO=1 TC_EXPLORE_OUT=$(CURDIR)/artifacts/nbval $(BIN)/python -m pytest -q tests notebooks --nbval-lax
+	TC_EXPLORE_DEMO=1 TC_EXPLORE_OUT=$(CURDIR)/artifacts/nbval TC_EXPLORE_REQUIRE_CIRCUIT_TRACER=1 \
+		TC_EXPLORE_CIRCUIT_TRACER_PYTHON=$(abspath $(CT_VENV))/bin/python \
+		$(BIN)/python -m pytest -q tests notebooks --nbval-lax
 
 # The main job: the three notebooks end to end on the demo model, offline;
 # executed notebooks and their HTML land in artifacts/notebooks/.
@@ -53,4 +64,4 @@ benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/bench_trace.py
 
 clean:
-	rm -rf $(VENV) artifacts
+	rm -rf $(VENV) $(CT_VENV) artifacts

@@ -8,6 +8,7 @@ as they do for users.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .formats import write_gpt2_transcoder, write_log_feature_sparsity
+from .formats import write_circuit_tracer_safetensors, write_gpt2_transcoder, write_log_feature_sparsity
 from .tokenization import word_tokenizer
 from .transcoder import Transcoder
 
@@ -33,9 +34,10 @@ def fixture_texts(n: int, seed: int = 0, max_words: int = 20) -> list[str]:
 
 def build_tiny_gpt2(directory: str | Path, n_layers: int = 2, d_model: int = 32,
                     n_heads: int = 4, n_ctx: int = 32, seed: int = 0,
-                    words=FIXTURE_WORDS) -> Path:
+                    words=FIXTURE_WORDS, random_biases: bool = False) -> Path:
     """A randomly initialised GPT-2-architecture model with our word tokenizer,
-    saved with ``save_pretrained`` into ``directory``."""
+    saved with ``save_pretrained`` into ``directory``. ``random_biases`` also
+    draws every attention and MLP bias (transformers initialises them to 0)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tokenizer = word_tokenizer(words)
@@ -50,6 +52,8 @@ def build_tiny_gpt2(directory: str | Path, n_layers: int = 2, d_model: int = 32,
         for name, p in model.named_parameters():
             if "ln" in name:
                 p.add_(0.3 * torch.randn_like(p))
+            elif random_biases and name.endswith("bias"):
+                p.normal_(0.0, 0.1)
     directory = Path(directory)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -341,3 +345,77 @@ def build_clt_hub(hf_home: str | Path, arch: str, n_layers: int = 3, d_model: in
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return weights
+
+
+# -- a GPT-2 and transcoders that both tc_explore and circuit-tracer load -------------------
+CIRCUIT_TRACER_SET_REPO = "tc-explore-fixtures/gpt2-tiny-transcoders"
+
+
+@dataclass
+class CircuitTracerHub:
+    """What :func:`build_circuit_tracer_hub` put in the cache under ``hf_home``:
+    the model (Hub id ``model_repo``, snapshot ``model_dir``) and its
+    transcoder set (``transcoder_repo``, snapshot ``transcoder_dir``)."""
+    hf_home: Path
+    model_repo: str
+    model_dir: Path
+    transcoder_repo: str
+    transcoder_dir: Path
+    n_layers: int
+    d_model: int
+    d_sae: int
+    input_hook: str
+    output_hook: str
+    transcoders: dict[int, Transcoder]
+
+
+def build_circuit_tracer_hub(hf_home: str | Path, n_layers: int = 4, d_model: int = 64,
+                             d_sae: int = 256, n_heads: int = 4, n_ctx: int = 32, skip: bool = False,
+                             input_hook: str = "ln2.hook_normalized", output_hook: str = "hook_mlp_out",
+                             enc_bias: float = -1.5, seed: int = 0,
+                             transcoder_repo: str = CIRCUIT_TRACER_SET_REPO) -> CircuitTracerHub:
+    """A tiny GPT-2 under the Hub id ``gpt2`` (the id TransformerLens, and so
+    circuit-tracer, loads for "gpt2"), with every norm gain and every bias
+    randomised, and a transcoder set for it in circuit-tracer's own layout
+    (``config.yaml`` + ``layer_{L}.safetensors``) under ``transcoder_repo``,
+    in a Hugging Face cache under ``hf_home``.
+
+    Layer 1's transcoder is JumpReLU, the others ReLU; with ``skip`` every
+    layer has a skip connection (circuit-tracer takes a set's skip flag from
+    its first layer, so a set is all-skip or no-skip). The encoder biases are
+    centred at ``enc_bias`` (negative), so that a realistic few percent of the
+    features fire rather than the ~40 % of zero-centred random biases."""
+    work = Path(tempfile.mkdtemp(prefix="tc_explore_ct_fixture_"))
+    written: dict[int, Transcoder] = {}
+    try:
+        model_dir = build_tiny_gpt2(work / "model", n_layers, d_model, n_heads, n_ctx, seed,
+                                    random_biases=True)
+        # transformers 5 names its tokenizer class "TokenizersBackend", which the
+        # transformers 4 that circuit-tracer pins does not know; both read this name.
+        config_path = model_dir / "tokenizer_config.json"
+        tok_config = json.loads(config_path.read_text(encoding="utf-8"))
+        tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        config_path.write_text(json.dumps(tok_config, indent=2), encoding="utf-8")
+        # The published gpt2 config.json carries n_ctx (TransformerLens 2 reads it);
+        # transformers 5 no longer writes it.
+        config_path = model_dir / "config.json"
+        model_config = json.loads(config_path.read_text(encoding="utf-8"))
+        model_config.setdefault("n_ctx", model_config["n_positions"])
+        config_path.write_text(json.dumps(model_config, indent=2), encoding="utf-8")
+        model_snapshot = install_in_hf_cache(hf_home, "gpt2", {p.name: p for p in model_dir.iterdir()})
+        files = {"config.yaml": _write_yaml(work / "config.yaml", dict(
+            model_name="gpt2", model_kind="transcoder_set",
+            feature_input_hook=input_hook, feature_output_hook=output_hook))}
+        for layer in range(n_layers):
+            tc = random_transcoder(d_model, d_sae, layer, seed, jumprelu=(layer == 1), skip=skip,
+                                   centred=False)
+            with torch.no_grad():
+                tc.b_enc.add_(enc_bias + 0.2)        # random_transcoder centres them at -0.2
+            name = f"layer_{layer}.safetensors"
+            files[name] = write_circuit_tracer_safetensors(tc, work / name)
+            written[layer] = tc
+        tc_snapshot = install_in_hf_cache(hf_home, transcoder_repo, files)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return CircuitTracerHub(Path(hf_home), "gpt2", model_snapshot, transcoder_repo, tc_snapshot,
+                            n_layers, d_model, d_sae, input_hook, output_hook, written)
