@@ -25,6 +25,7 @@ lazily: only those of features that fired.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Iterable, Sequence
 
 import torch
@@ -149,21 +150,21 @@ def evaluate_transcoders(model, transcoders: TranscoderSet, tokens,
             true_out: dict[int, torch.Tensor] = {}
             recon = []
 
-            def before(y, hook):
-                true_out[hook.name] = y.clone()
+            def before(y, hook, layer):
+                true_out[layer] = y.clone()
                 return y
 
-            def after(y_hat, hook):
-                recon.append((hook.name, true_out.pop(hook.name), y_hat.clone()))
+            def after(y_hat, hook, layer):
+                recon.append((layer, true_out.pop(layer), y_hat.clone()))
                 return y_hat
-            outputs = {transcoders.output_hook(l): l for l in layers}
-            hooks = [(name, before) for name in outputs] + \
+            # (closures per layer, not hook.name: an output hook may be an alias,
+            # e.g. Llama's mlp.hook_out of hook_mlp_out)
+            hooks = [(transcoders.output_hook(l), partial(before, layer=l)) for l in layers] + \
                 transcoder_hooks(model, transcoders, layers, store=acts_in_run) + \
-                [(name, after) for name in outputs]
+                [(transcoders.output_hook(l), partial(after, layer=l)) for l in layers]
             logits = model.run_with_hooks(batch, fwd_hooks=hooks)
             zero = model.run_with_hooks(batch, fwd_hooks=mlp_ablation_hooks(model, layers))
-            for name, y, y_hat in recon:
-                layer = outputs[name]
+            for layer, y, y_hat in recon:
                 together.add_reconstruction(layer, y, y_hat, acts_in_run[layer])
             together.ce += float(_ce(logits, batch))
             together.ce_zero += float(_ce(zero, batch))

@@ -77,7 +77,8 @@ def build_tiny_model(directory: str | Path, arch: str, n_layers: int = 2, d_mode
     and post-norms, scaled embeddings, attention and final-logit softcapping
     and alternating sliding-window attention."""
     if arch == "gpt2":
-        return build_tiny_gpt2(directory, n_layers, d_model, n_heads, n_ctx, seed, words)
+        return build_tiny_gpt2(directory, n_layers, d_model, n_heads, n_ctx, seed, words,
+                               random_biases=True)
     from transformers import (Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM,
                               Qwen3Config, Qwen3ForCausalLM)
     tokenizer = word_tokenizer(words)
@@ -211,8 +212,12 @@ def build_offline_hub(hf_home: str | Path, n_layers: int = 12, d_model: int = 32
 
 
 # -- other architectures: a tiny model and its transcoder set in the published layout ------
-# arch -> (the model's Hub id, the registry name of its transcoder set)
+# arch -> (the model's Hub id, the registry name of its transcoder set). GPT-2 is
+# served under its canonical id, "openai-community/gpt2" (the Hub redirects "gpt2"
+# there), because the session-wide fixture (``build_offline_hub``) already serves a
+# different tiny model as "gpt2".
 ARCH_FIXTURES = {
+    "gpt2": ("openai-community/gpt2", "gpt2-small"),
     "gemma2": ("google/gemma-2-2b", "gemma-scope-2b"),
     "llama": ("meta-llama/Llama-3.2-1B", "llama-3.2-1b"),
     "qwen3": ("Qwen/Qwen3-0.6B", "qwen3-0.6b"),
@@ -229,6 +234,7 @@ class ArchitectureHub:
     d_sae: int
     transcoders: dict[int, Transcoder]     # the weights written, by layer
     files: dict[int, str]                  # layer -> "repo_id:path" of its file
+    revision: str | None = None            # pass to load_transcoders (None: the registry's)
 
 
 def _write_yaml(path: Path, data: dict) -> Path:
@@ -249,7 +255,11 @@ def build_architecture_hub(hf_home: str | Path, arch: str, n_layers: int = 3, d_
       files of ``google/gemma-scope-2b-pt-transcoders`` (JumpReLU);
     * ``llama``: ``mntss/transcoder-Llama-3.2-1B`` ``config.yaml`` plus
       ``layer_{L}.safetensors`` (circuit-tracer layout; layer 1 a skip transcoder);
-    * ``qwen3``: ``mwhanna/qwen3-0.6b-transcoders-lowl0``, the same layout.
+    * ``qwen3``: ``mwhanna/qwen3-0.6b-transcoders-lowl0``, the same layout;
+    * ``gpt2``: ``pchlenski/gpt2-transcoders``'s pickles and log-sparsity files
+      (the registry's file names), at a revision of their own
+      (``ArchitectureHub.revision``, on a branch other than ``main``), since the
+      session-wide fixture serves that repo's pinned revision at another width.
     """
     from .formats import write_circuit_tracer_safetensors, write_gemma_scope_npz
     from .registry import registry
@@ -259,10 +269,22 @@ def build_architecture_hub(hf_home: str | Path, arch: str, n_layers: int = 3, d_
     work = Path(tempfile.mkdtemp(prefix=f"tc_explore_{arch}_"))
     written: dict[int, Transcoder] = {}
     where: dict[int, str] = {}
+    revision = None
     try:
         model_dir = build_tiny_model(work / "model", arch, n_layers, d_model, seed=seed)
         install_in_hf_cache(hf_home, model_repo, {p.name: p for p in model_dir.iterdir()})
-        if arch == "gemma2":
+        if arch == "gpt2":
+            revision = hashlib.sha1(f"tc_explore tiny gpt2 d{d_model} L{n_layers}".encode()).hexdigest()
+            files, g = {}, torch.Generator().manual_seed(seed)
+            for layer in range(n_layers):
+                tc = random_transcoder(d_model, d_sae, layer, seed)
+                name = entry.file_pattern.replace("{L}", str(layer))
+                files[name] = write_gpt2_transcoder(tc, work / name, layer, model_name="gpt2-small")
+                fname = entry.frequency_pattern.replace("{L}", str(layer))
+                files[fname] = write_log_feature_sparsity(-1 - 3 * torch.rand(d_sae, generator=g), work / fname)
+                written[layer], where[layer] = tc, f"{entry.repo_id}:{name}"
+            install_in_hf_cache(hf_home, entry.repo_id, files, revision=revision, ref="tiny-architectures")
+        elif arch == "gemma2":
             npz_repo = "google/gemma-scope-2b-pt-transcoders"
             uris, npz_files = [], {}
             for layer in range(n_layers):
@@ -297,7 +319,7 @@ def build_architecture_hub(hf_home: str | Path, arch: str, n_layers: int = 3, d_
                                 if entry.revision and len(entry.revision) == 40 else None)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return ArchitectureHub(arch, model_repo, set_name, n_layers, d_model, d_sae, written, where)
+    return ArchitectureHub(arch, model_repo, set_name, n_layers, d_model, d_sae, written, where, revision)
 
 
 # arch -> the registry name of its cross-layer transcoder

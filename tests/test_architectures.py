@@ -31,7 +31,8 @@ ARCHS = sorted(ARCH_FIXTURES)
 def setup(request, offline_hub):
     hub = build_architecture_hub(offline_hub.hf_home, request.param)
     model = load_model(hub.model_repo, device="cpu")
-    tcs = load_transcoders(hub.set_name, layers=list(range(hub.n_layers)), device="cpu")
+    tcs = load_transcoders(hub.set_name, layers=list(range(hub.n_layers)), device="cpu",
+                           revision=hub.revision)
     ctx = prompt_context(model, tcs, PROMPT)
     return hub, model, tcs, ctx
 
@@ -44,10 +45,17 @@ def test_model_loads_with_its_architecture(setup):
     hub, model, _, _ = setup
     arch = architecture(model)
     assert int(model.cfg.n_layers) == hub.n_layers and int(model.cfg.d_model) == hub.d_model
-    assert not arch.centred                                   # RMSNorm
-    assert arch.n_kv_heads == 2 and arch.n_heads == 4         # grouped-query attention
-    # Gains are the model's own (randomised, unfolded): not all ones.
-    assert float((arch.ln2[1].gain - 1).abs().max()) > 0.1
+    assert arch.n_heads == 4
+    if hub.arch == "gpt2":
+        # LayerNorm, processed: the randomised gains and biases are folded into the next weights
+        assert arch.centred and arch.n_kv_heads == 4
+        assert torch.equal(arch.ln2[1].gain, torch.ones_like(arch.ln2[1].gain))
+        assert float(arch.ln2[1].bias.abs().max()) == 0.0
+    else:
+        assert not arch.centred                                   # RMSNorm
+        assert arch.n_kv_heads == 2                               # grouped-query attention
+        # Gains are the model's own (randomised, unfolded): not all ones.
+        assert float((arch.ln2[1].gain - 1).abs().max()) > 0.1
     if hub.arch == "gemma2":
         assert arch.has_post_norms and arch.embed_scale == pytest.approx(8.0)
         assert arch.attn_softcap == 5.0 and arch.logit_softcap == 3.0
@@ -55,12 +63,16 @@ def test_model_loads_with_its_architecture(setup):
         assert not arch.has_post_norms and arch.embed_scale == pytest.approx(1.0)
     assert arch.qk_norm == (hub.arch == "qwen3")
     assert arch.tied_embeddings == (hub.arch != "llama")
-    # Unprocessed: the logits are the Hugging Face model's own.
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(hub.model_repo, dtype=torch.float32).eval()
+    if hub.arch == "gpt2":        # the fixture randomised every bias, not only the norms'
+        assert all(float(p.detach().abs().max()) > 0 for n, p in hf.named_parameters() if n.endswith("bias"))
     tokens = model.to_tokens(PROMPT)
     with torch.no_grad():
-        assert torch.allclose(model(tokens), hf(tokens).logits, atol=1e-4)
+        ours, theirs = model(tokens), hf(tokens).logits
+    if hub.arch == "gpt2":        # processing centres the unembedding: same distribution
+        ours, theirs = ours.log_softmax(-1), theirs.log_softmax(-1)
+    assert torch.allclose(ours, theirs, atol=1e-4)      # unprocessed: the HF model's own logits
 
 
 def test_registry_names_resolve_to_the_published_files(setup):
@@ -73,13 +85,19 @@ def test_registry_names_resolve_to_the_published_files(setup):
             assert torch.equal(getattr(tc, name), getattr(written, name)), (layer, name)
         assert (tc.threshold is None) == (written.threshold is None)
         assert (tc.W_skip is None) == (written.W_skip is None)
-    expected_hooks = {"gemma2": ("ln2.hook_normalized", "hook_mlp_out"),
+    expected_hooks = {"gpt2": ("ln2.hook_normalized", "hook_mlp_out"),
+                      "gemma2": ("ln2.hook_normalized", "hook_mlp_out"),
                       "llama": ("hook_resid_mid", "mlp.hook_out"),
                       "qwen3": ("mlp.hook_in", "mlp.hook_out")}[hub.arch]
     assert tcs.input_hook(1) == f"blocks.1.{expected_hooks[0]}"
     assert tcs.output_hook(1) == f"blocks.1.{expected_hooks[1]}"
     if hub.arch == "gemma2":
         assert hub.files[2] == "google/gemma-scope-2b-pt-transcoders:layer_2/width_16k/average_l0_54/params.npz"
+    if hub.arch == "gpt2":
+        assert hub.files[2] == ("pchlenski/gpt2-transcoders:final_sparse_autoencoder_gpt2-small_"
+                                "blocks.2.ln2.hook_normalized_24576.pt")
+        assert torch.equal(tcs[2].b_dec, hub.transcoders[2].b_dec)        # input centring
+        assert tcs.log_feature_frequency(2) is not None
 
 
 def test_features_fire_on_the_published_input(setup):
@@ -435,16 +453,114 @@ def _check_dashboard_and_views(model, tcs, index, views, layer):
     assert np.allclose(views.ov_norms(layer, f).norm.to_numpy(float), norms.norm.to_numpy(float), rtol=1e-4)
 
 
-def test_index_dashboards_and_weight_views(setup, tmp_path):
-    _, model, tcs, _ = setup
+def _dense_acts(x, W_enc, b_enc, threshold=None, b_dec=None):
+    """Feature activations from the weights as written (no tc_explore code)."""
+    pre = (x if b_dec is None else x - b_dec) @ W_enc + b_enc
+    return torch.relu(pre) if threshold is None else pre * (pre > threshold)
+
+
+def _check_prompt_activations_and_explorer(model, tcs, index, encoders):
+    """run_prompt's activations and top features per token equal a dense
+    encoding of the input hooks (``encoders[layer](x)``); the explorer shows
+    them, a feature's dashboard, and finds features by token."""
+    from tc_explore.model import to_tokens
+    from tc_explore.prompt_features import run_prompt
+    from tc_explore.ui.explorer import FeatureExplorer
+    tokens = to_tokens(model, PROMPT)            # with BOS, as the library runs prompts
+    _, cache = model.run_with_cache(tokens)
+    want = {l: encoders[l](cache[tcs.input_hook(l)][0]) for l in tcs.layers}
+    acts = run_prompt(model, tcs, PROMPT)
+    assert acts.layers == tcs.layers and acts.tokens.tolist() == tokens[0].tolist()
+    for l in tcs.layers:
+        assert torch.allclose(acts.acts[l], want[l], atol=1e-5), l
+    stacked = torch.cat([want[l] for l in tcs.layers], -1)
+    top = acts.top_features(k=3)
+    starts = np.cumsum([0] + [want[l].shape[-1] for l in tcs.layers])
+    for pos in range(tokens.shape[1]):
+        vals, idx = torch.topk(stacked[pos], 3)
+        expected = [(tcs.layers[int(np.searchsorted(starts, int(i), side="right")) - 1],
+                     int(i) - int(starts[np.searchsorted(starts, int(i), side="right") - 1]))
+                    for v, i in zip(vals, idx) if v > 0]
+        got = top[top.position == pos]
+        assert list(zip(got.layer.tolist(), got.feature.tolist())) == expected, pos
+    layer = 2
+    f = int(want[layer][1:].sum(0).argmax())
+    explorer = FeatureExplorer(index, model, tcs, layer=layer, feature=f, prompt=PROMPT)
+    assert torch.equal(explorer.prompt.acts[layer], acts.acts[layer])
+    assert f'data-layer="{layer}" data-feature="{f}"' in explorer.prompt_tokens.value
+    assert len(explorer.top_features.children) == tokens.shape[1]
+    html = explorer.static_html()
+    assert f"L{layer}/{f}" in html and "tcx-dashboard-view" in html
+    explorer.search(" war")
+    assert "tcx-error" not in explorer.status.value and explorer.search_results.children
+
+
+def test_index_dashboards_weight_views_and_explorer(setup, tmp_path):
+    hub, model, tcs, _ = setup
     index, views = _index_and_views(model, tcs, tmp_path)
     _check_dashboard_and_views(model, tcs, index, views, 2)
+    w = hub.transcoders
+    _check_prompt_activations_and_explorer(model, tcs, index, {
+        l: (lambda x, t=w[l]: _dense_acts(x, t.W_enc, t.b_enc, t.threshold, t.b_dec)) for l in w})
 
 
-def test_clt_index_dashboards_and_weight_views(clt_setup, tmp_path):
-    _, _, model, clt, _ = clt_setup
+def test_clt_index_dashboards_weight_views_and_explorer(clt_setup, tmp_path):
+    _, w, model, clt, _ = clt_setup
     index, views = _index_and_views(model, clt, tmp_path)
     _check_dashboard_and_views(model, clt, index, views, 2)
+    _check_prompt_activations_and_explorer(model, clt, index, {
+        l: (lambda x, l=l: _dense_acts(x, w["W_enc"][l], w["b_enc"][l],
+                                       w["threshold"][l] if "threshold" in w else None)) for l in range(3)})
+
+
+@torch.no_grad()
+def test_evaluation_matches_a_hand_written_hook_pass(setup):
+    """evaluate_transcoders on each architecture (Llama's layer 1 is a skip
+    transcoder): CE with the MLP replaced or zero-ablated, L0 and FVU equal a
+    hand-written pass with the transcoders as written."""
+    import torch.nn.functional as F
+
+    from tc_explore import evaluate_transcoders
+    from tc_explore.model import to_tokens
+    hub, model, tcs, _ = setup
+    df = evaluate_transcoders(model, tcs, [PROMPT], layers=[1, 2], progress=False)
+    tokens = to_tokens(model, PROMPT)
+    w = hub.transcoders
+
+    def dense_out(t, x):
+        out = _dense_acts(x, t.W_enc, t.b_enc, t.threshold, t.b_dec) @ t.W_dec + t.b_dec_out
+        return out if t.W_skip is None else out + x @ t.W_skip
+
+    def replaced(layers):
+        seen = {}
+        hooks = []
+        for l in layers:
+            hooks.append((tcs.input_hook(l), lambda x, hook, l=l: seen.__setitem__(l, x) or x))
+            hooks.append((tcs.output_hook(l), lambda y, hook, l=l: dense_out(w[l], seen[l])))
+        return model.run_with_hooks(tokens, fwd_hooks=hooks)
+
+    def ce(logits):
+        return float(F.cross_entropy(logits[0, :-1], tokens[0, 1:]))
+
+    def zero(layers):
+        return model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{l}.hook_mlp_out",
+                                                        lambda y, hook: torch.zeros_like(y)) for l in layers])
+    _, cache = model.run_with_cache(tokens)
+    assert (w[1].W_skip is not None) == (hub.arch == "llama")
+    for l in (1, 2):
+        row = df.loc[l]
+        assert row.ce_clean == pytest.approx(ce(model(tokens)), rel=1e-5)
+        assert row.ce_replaced == pytest.approx(ce(replaced([l])), rel=1e-5)
+        assert row.ce_zero_ablated == pytest.approx(ce(zero([l])), rel=1e-5)
+        x, y = cache[tcs.input_hook(l)][0].double(), cache[tcs.output_hook(l)][0].double()
+        t = w[l]
+        a = _dense_acts(x, t.W_enc.double(), t.b_enc.double(), None if t.threshold is None else t.threshold.double(),
+                        None if t.b_dec is None else t.b_dec.double())
+        y_hat = a @ t.W_dec.double() + t.b_dec_out.double() + (0 if t.W_skip is None else x @ t.W_skip.double())
+        assert row.l0 == pytest.approx(float((a > 0).sum(-1).double().mean()), rel=1e-6)
+        assert row.fvu == pytest.approx(float(((y - y_hat) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()), rel=1e-4)
+    assert df.loc["all"].ce_replaced == pytest.approx(ce(replaced([1, 2])), rel=1e-5)
+    assert df.loc["all"].ce_zero_ablated == pytest.approx(ce(zero([1, 2])), rel=1e-5)
 
 
 # -- path search, and loading in half precision ------------------------------------------------
@@ -476,7 +592,8 @@ def test_clt_path_search(clt_setup):
 def test_bfloat16_loading_of_model_and_transcoders(setup, offline_hub):
     hub, model32, _, _ = setup
     model = load_model(hub.model_repo, device="cpu", dtype="bfloat16")
-    tcs = load_transcoders(hub.set_name, layers=list(range(hub.n_layers)), device="cpu", dtype=torch.bfloat16)
+    tcs = load_transcoders(hub.set_name, layers=list(range(hub.n_layers)), device="cpu", dtype=torch.bfloat16,
+                           revision=hub.revision)
     assert model.W_E.dtype == torch.bfloat16 and tcs[0].W_enc.dtype == torch.bfloat16
     ctx = prompt_context(model, tcs, PROMPT)
     t = logit_diff_target(ctx, " war", " cat")
@@ -552,6 +669,7 @@ def test_clt_evaluation_matches_a_hand_written_hook_pass(clt_setup, monkeypatch)
 
     import tc_explore.cross_layer as cross_layer
     from tc_explore import evaluate_transcoders
+    from tc_explore.model import to_tokens
 
     def whole_decoder(*args, **kwargs):
         raise AssertionError("evaluate_transcoders read a whole decoder")
@@ -560,7 +678,7 @@ def test_clt_evaluation_matches_a_hand_written_hook_pass(clt_setup, monkeypatch)
     prompts = [PROMPT, "The cat sat on the mat and the dog ran fast when it was red"]
     df = evaluate_transcoders(model, clt, prompts, layers=[0, 2], progress=False)
     assert list(df.index) == [0, 2, "all"]
-    toks = [model.to_tokens(p) for p in prompts]
+    toks = [to_tokens(model, p) for p in prompts]
     n_pred = sum(t.shape[1] - 1 for t in toks)
 
     def ce(logits):
