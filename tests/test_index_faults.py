@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import shutil
 import textwrap
 import time
 from pathlib import Path
@@ -271,3 +272,52 @@ def test_the_holder_beats_and_notices_a_takeover(tmp_path):
     finally:
         lock.release()
     assert json.loads(lock.path.read_text())["token"] == "other"    # the new holder's lock stays
+
+
+# -- the merge's swap: killed between its steps ---------------------------------------------------
+SWAP_CHILD = textwrap.dedent("""
+    import json, os, signal, sys
+    from tc_explore.index import FeatureIndex, build
+    step, out, shards = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    def die(*a, **k):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if step == "after-exchange":            # the atomic swap done, the old index not yet deleted
+        exchange = build._exchange
+        build._exchange = lambda a, b: exchange(a, b) and die()
+    else:                                   # no exchange on this OS: killed between the two renames
+        build._exchange = lambda a, b: False
+        rename = os.rename
+        def rename_then_die(src, dst):
+            rename(src, dst)
+            if ".replaced-" in str(dst):
+                die()
+        build.os.rename = rename_then_die
+    FeatureIndex.merge(shards, out, overwrite=True)
+""")
+
+
+@pytest.mark.parametrize("step", ["after-exchange", "between-renames"])
+def test_merge_killed_inside_its_swap(demo_model, demo_transcoders, tmp_path, step):
+    shards = [_build(demo_model, demo_transcoders, tmp_path / f"s{i}", n_seq=8, shard=(i, 2)).directory
+              for i in range(2)]
+    out = tmp_path / "merged"
+    expected = _files(FeatureIndex.merge(shards, out).directory)
+    old = _files(_build(demo_model, demo_transcoders, tmp_path / "other", n_seq=4).directory)
+    for p in out.iterdir():                                      # out holds another (smaller) index
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    for p in (tmp_path / "other").iterdir():
+        shutil.move(str(p), out / p.name)
+    assert _files(out) == old
+    proc = subprocess.run([sys.executable, "-c", SWAP_CHILD, step, str(out), json.dumps([str(s) for s in shards])],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+    if step == "after-exchange":
+        # out switched to the merged index in one step; the old one waits beside it
+        assert _files(out) == expected and FeatureIndex(out).manifest.complete
+        assert any(".merging-" in name for name in leftovers), leftovers
+    else:
+        assert not out.exists()                                 # the gap the exchange closes
+    # The next build or merge of out takes over the dead process's lock and repairs what it left.
+    assert _files(FeatureIndex.merge(shards, out, overwrite=True).directory) == expected
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
