@@ -14,6 +14,8 @@ an index was built from.
   small file's the git blob sha1. Recomputing it catches damaged downloads.
   ``verify_model_snapshot(folder)`` does it for the files transformers reads
   from a model's snapshot (weights, configs, tokenizer).
+* ``replace_folder(staging, out, aside)``: a finished folder swapped in, in one
+  atomic step where the OS can (``exchange_paths``).
 * ``sha256_file``, ``transcoder_fingerprint``, ``model_fingerprint``,
   ``tokenizer_digest``: what an index manifest records to refuse a resume or a
   dashboard with other weights.
@@ -106,6 +108,50 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def replace_folder(staging: Path, out: Path, aside: Path) -> None:
+    """Put the complete folder ``staging`` at ``out``, replacing what is there.
+    Where the OS can (Linux ``renameat2(RENAME_EXCHANGE)``) the two trade
+    places in one atomic step, so ``out`` holds the old or the new content at
+    every instant, and the old content, now at ``staging``, is deleted after.
+    Elsewhere: two renames, the old folder moved to ``aside`` first and deleted
+    last (a crash between them leaves it at ``aside``, for the caller's repair)."""
+    import shutil
+    if not out.exists():
+        os.rename(staging, out)
+    elif exchange_paths(staging, out):
+        shutil.rmtree(staging, ignore_errors=True)              # now the old content
+    else:
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(out, aside)
+        os.rename(staging, out)
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange_paths(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2`` with
+    ``RENAME_EXCHANGE``); False, with nothing changed, where the OS, its C
+    library or the filesystem cannot."""
+    import ctypes
+    import sys
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):                # a C library older than glibc 2.28
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False                                  # this filesystem cannot exchange
+    raise OSError(err, f"could not swap {a} and {b}: {os.strerror(err)}")
 
 
 # -- reading ------------------------------------------------------------------------------

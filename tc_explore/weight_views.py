@@ -40,8 +40,9 @@ import pandas as pd
 import torch
 
 from .distributed import all_done
-from .errors import IncompatibleTranscoderError, InvalidInputError, as_integer, check_feature
-from .integrity import weights_digest
+from .errors import (IncompatibleTranscoderError, IndexLockedError, InvalidInputError, TcExploreError,
+                     as_integer, check_feature)
+from .integrity import replace_folder, weights_digest
 from .store import ParquetFiles, atomic_write_json, atomic_write_parquet, layer_name, read_manifest
 from .model import model_weights, token_strings
 from .progress import progress_bar
@@ -310,6 +311,21 @@ def _run_distributed(builder: _Builder, out: Path, transcoders: TranscoderSet, k
     return tables
 
 
+def _aside(out: Path) -> Path:
+    return out.with_name(out.name + ".old")
+
+
+def _views_lock(out: Path):
+    """The lock a views build holds: views inside an index folder
+    (``<index>/weight_views``) are written under the index's own lock, so no
+    build, merge or overwrite of that index runs meanwhile; views elsewhere
+    get a lock of their own."""
+    from .index.lock import FolderLock
+    if out.name == DIRECTORY and (out.parent / "manifest.json").is_file():
+        return FolderLock(out.parent, "weight views build")
+    return FolderLock(out, "weight views build")
+
+
 # -- the stored views -------------------------------------------------------------------
 class WeightViews:
     """Stored weight-based views of every feature of a transcoder set, read
@@ -361,11 +377,48 @@ class WeightViews:
                 raise InvalidInputError(f"{name} must be a positive integer, got {value!r}.")
         transcoders.check_fits(model)
         out = Path(out_dir)
+        device = torch.device(device) if device is not None else transcoders.device
+        builder = _Builder(model, transcoders, k, n_heads, chunk_size, device)
+        if not distributed:
+            with _views_lock(out):
+                cls._check_out(out, overwrite)
+                return cls._build_locked(model, transcoders, out, builder, k, n_heads,
+                                         features_per_group, device, progress, False)
+        import torch.distributed as dist
+        # Rank 0 alone writes ``out`` and holds its lock from start to end; every
+        # rank learns whether it got it before any work is done.
+        lock = _views_lock(out) if dist.get_rank() == 0 else None
+        refusal = None
+        if lock is not None:
+            try:
+                lock.acquire()
+                cls._check_out(out, overwrite)
+            except TcExploreError as err:
+                lock.release()
+                refusal = err
+        if not all_done(refusal is None):
+            if refusal is not None:
+                raise refusal
+            raise IndexLockedError(f"Rank 0 could not start writing weight views into {out} (in use, "
+                                   "or already built); see its error.")
+        try:
+            return cls._build_locked(model, transcoders, out, builder, k, n_heads, features_per_group,
+                                     device, progress, True)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    @staticmethod
+    def _check_out(out: Path, overwrite: bool) -> None:
+        if not out.exists() and _aside(out).exists():     # a crash inside a two-rename swap
+            os.rename(_aside(out), out)
         if (out / "manifest.json").is_file() and not overwrite:
             raise InvalidInputError(f"{out} already holds weight views; pass overwrite=True to rebuild.")
-        device = torch.device(device) if device is not None else transcoders.device
+
+    @classmethod
+    def _build_locked(cls, model, transcoders, out: Path, builder: "_Builder", k: int, n_heads: int,
+                      features_per_group: int, device, progress, distributed: bool) -> "WeightViews":
         t0 = time.perf_counter()
-        builder = _Builder(model, transcoders, k, n_heads, chunk_size, device)
         if not distributed:
             tables = builder.run(progress)
         else:
@@ -373,7 +426,7 @@ class WeightViews:
             if tables is None:                                           # not rank 0: wait for it
                 all_done(True)
                 return cls(out)
-        tmp = out.with_name(out.name + ".tmp")
+        tmp = out.with_name(out.name + ".tmp")                         # ours alone: under the lock
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for layer, cols in tables.items():
@@ -393,9 +446,7 @@ class WeightViews:
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         atomic_write_json(tmp / "manifest.json", manifest)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_folder(tmp, out, _aside(out))
         if distributed:
             all_done(True)                                               # rank 0 has written them
         return cls(out)

@@ -277,21 +277,22 @@ def test_the_holder_beats_and_notices_a_takeover(tmp_path):
 # -- the merge's swap: killed between its steps ---------------------------------------------------
 SWAP_CHILD = textwrap.dedent("""
     import json, os, signal, sys
-    from tc_explore.index import FeatureIndex, build
+    from tc_explore import integrity
+    from tc_explore.index import FeatureIndex
     step, out, shards = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     def die(*a, **k):
         os.kill(os.getpid(), signal.SIGKILL)
     if step == "after-exchange":            # the atomic swap done, the old index not yet deleted
-        exchange = build._exchange
-        build._exchange = lambda a, b: exchange(a, b) and die()
+        exchange = integrity.exchange_paths
+        integrity.exchange_paths = lambda a, b: exchange(a, b) and die()
     else:                                   # no exchange on this OS: killed between the two renames
-        build._exchange = lambda a, b: False
+        integrity.exchange_paths = lambda a, b: False
         rename = os.rename
         def rename_then_die(src, dst):
             rename(src, dst)
             if ".replaced-" in str(dst):
                 die()
-        build.os.rename = rename_then_die
+        os.rename = rename_then_die
     FeatureIndex.merge(shards, out, overwrite=True)
 """)
 
@@ -321,3 +322,57 @@ def test_merge_killed_inside_its_swap(demo_model, demo_transcoders, tmp_path, st
     # The next build or merge of out takes over the dead process's lock and repairs what it left.
     assert _files(FeatureIndex.merge(shards, out, overwrite=True).directory) == expected
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+# -- everything that writes an index folder holds its lock ----------------------------------------
+def test_weight_views_are_built_under_the_index_lock(demo_model, demo_transcoders, tmp_path, monkeypatch):
+    from tc_explore import weight_views
+    from tc_explore.index.lock import FolderLock
+    index = _build(demo_model, demo_transcoders, tmp_path / "idx", n_seq=4)
+    views_dir = index.directory / weight_views.DIRECTORY
+    with FolderLock(index.directory, "build"):                 # a live build of the index
+        with pytest.raises(IndexLockedError, match="in use by another process"):
+            weight_views.WeightViews.build(demo_model, demo_transcoders, views_dir, k=3, n_heads=1)
+    assert not views_dir.exists()
+    seen = {}
+    run = weight_views._Builder.run
+
+    def run_and_probe(self, *args, **kwargs):
+        seen["holder"] = json.loads(lock_path(index.directory).read_text())["purpose"]
+        with pytest.raises(IndexLockedError):                  # an overwrite must not delete the index now
+            _build(demo_model, demo_transcoders, index.directory, n_seq=4, overwrite=True)
+        return run(self, *args, **kwargs)
+    monkeypatch.setattr(weight_views._Builder, "run", run_and_probe)
+    views = weight_views.WeightViews.build(demo_model, demo_transcoders, views_dir, k=3, n_heads=1)
+    assert seen["holder"] == "weight views build" and views.k == 3
+    assert not lock_path(index.directory).exists() and FeatureIndex(index.directory).manifest.complete
+    # views elsewhere lock their own folder
+    elsewhere = tmp_path / "views"
+    with FolderLock(elsewhere, "weight views build"):
+        with pytest.raises(IndexLockedError):
+            weight_views.WeightViews.build(demo_model, demo_transcoders, elsewhere, k=3, n_heads=1)
+
+
+def test_distributed_build_removes_shards_only_under_their_locks(demo_model, demo_transcoders, tmp_path):
+    import torch.distributed as dist
+    from tc_explore.index.distributed import build_distributed, remove_shards, shard_directory
+    from tc_explore.index.lock import FolderLock
+    out = tmp_path / "dist"
+    live, dead = shard_directory(out, 1, 2), shard_directory(out, 0, 2)
+    for d in (live, dead):
+        d.mkdir(parents=True)
+        (d / "manifest.json").write_text("{}")
+    with FolderLock(live, "build"):                            # rank 1 of an earlier launch, still running
+        with pytest.raises(IndexLockedError, match="00001-of-00002"):
+            remove_shards(out)
+        assert live.is_dir()
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+        try:
+            with pytest.raises(IndexLockedError, match="00001-of-00002"):
+                build_distributed(demo_model, demo_transcoders, _corpus(demo_model), 4 * SEQ_LEN, out,
+                                  overwrite=True, **SETTINGS)
+            assert live.is_dir()
+        finally:
+            dist.destroy_process_group()
+    remove_shards(out)                                         # released: removed, folder and all
+    assert not live.parent.exists()

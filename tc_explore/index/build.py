@@ -27,7 +27,7 @@ import torch
 from ..corpus import Corpus, as_corpus
 from ..errors import FingerprintMismatchError, InvalidInputError, as_integer
 from ..integrity import (atomic_write, fingerprint_difference, model_fingerprint, reading,
-                         tokenizer_digest)
+                         replace_folder, tokenizer_digest)
 from ..model import check_context, model_device
 from ..progress import progress_bar
 from ..transcoder import TranscoderSet
@@ -430,50 +430,11 @@ def _write_merged(shards, first_json: dict, out: Path) -> None:
 
 
 def _swap_in(staging: Path, out: Path) -> None:
-    """Put the complete ``staging`` folder at ``out``. Where the OS can
-    (Linux, ``renameat2(RENAME_EXCHANGE)``), the two folders trade places in
-    one atomic step, so ``out`` holds either the old or the new index at every
-    instant, and the old one, now at ``staging``, is deleted after. Elsewhere,
-    two renames (the old folder moved aside first, deleted last); a crash
-    between them is repaired by the next build or merge of ``out``, which
-    takes over the dead process's lock and finds the folder by its pid."""
-    if out.exists():
-        if _exchange(staging, out):
-            shutil.rmtree(staging, ignore_errors=True)       # now the old index
-            return
-        aside = _merge_aside(out, os.getpid())
-        shutil.rmtree(aside, ignore_errors=True)
-        os.rename(out, aside)
-        os.rename(staging, out)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.rename(staging, out)
-
-
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically (Linux renameat2 with RENAME_EXCHANGE); False
-    where the OS, C library or filesystem cannot, and nothing was changed."""
-    import ctypes
-    import errno
-    import sys
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):          # a C library older than glibc 2.28
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
-        return False                            # the filesystem cannot exchange
-    raise OSError(err, f"could not swap {a} and {b}: {os.strerror(err)}")
+    """Put the complete ``staging`` folder at ``out`` (``integrity.replace_folder``:
+    one atomic exchange on Linux; elsewhere two renames, a crash between
+    which the next build or merge of ``out`` repairs when it takes over the
+    dead process's lock and finds the folder set aside by its pid)."""
+    replace_folder(staging, out, _merge_aside(out, os.getpid()))
 
 
 def _merge_states(a: dict, b: dict) -> dict:

@@ -28,7 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..corpus import as_corpus
-from ..errors import InvalidInputError
+from ..errors import IndexLockedError, InvalidInputError
 from ..distributed import all_done
 from ..transcoder import TranscoderSet
 from .build import IndexSettings, _plan, _RESUME_KEYS, build_index, merge_indexes
@@ -38,6 +38,21 @@ from .storage import IndexManifest, read_manifest
 def shard_directory(out_dir: str | os.PathLike, rank: int, world_size: int) -> Path:
     out = Path(out_dir)
     return out.with_name(out.name + ".shards") / f"{rank:05d}-of-{world_size:05d}"
+
+
+def remove_shards(out_dir: str | os.PathLike, shards: list[Path] | None = None) -> None:
+    """Delete the shard folders of ``out_dir``'s distributed build (default:
+    all of them, of any world size), each under its own lock, so a shard that
+    a live process still builds is refused (``IndexLockedError``), never
+    deleted; then the ``<out>.shards`` folder once it is empty."""
+    parent = shard_directory(out_dir, 0, 1).parent
+    if shards is None:
+        shards = sorted(p for p in parent.iterdir() if p.is_dir()) if parent.is_dir() else []
+    for d in shards:
+        with FolderLock(d, "remove shard"):
+            shutil.rmtree(d, ignore_errors=True)
+    if parent.is_dir() and not any(parent.iterdir()):
+        parent.rmdir()
 
 
 def _finished(out: Path, manifest: IndexManifest) -> bool:
@@ -75,12 +90,21 @@ def build_distributed(model, transcoders: TranscoderSet, corpus, n_tokens: int,
     out = Path(out_dir)
     corpus = as_corpus(corpus, model)
     if s.overwrite:
+        refusal = None
         if rank == 0:
-            # Under the folder's lock: a live build of ``out`` is refused, never deleted.
-            with FolderLock(out, "overwrite"):
-                shutil.rmtree(out, ignore_errors=True)
-            shutil.rmtree(shard_directory(out, 0, 1).parent, ignore_errors=True)
-        all_done(True)
+            # Each folder under its own lock: a live build of ``out`` or of one of
+            # its shards is refused, never deleted.
+            try:
+                with FolderLock(out, "overwrite"):
+                    shutil.rmtree(out, ignore_errors=True)
+                remove_shards(out)
+            except IndexLockedError as err:
+                refusal = err
+        if not all_done(refusal is None):
+            if refusal is not None:
+                raise refusal
+            raise IndexLockedError(f"Rank 0 could not clear {out} for overwrite=True: a live process "
+                                   "holds it or one of its shards; see rank 0's error.")
         s = replace(s, overwrite=False)
     if _finished(out, _plan(model, transcoders, corpus, n_tokens, s)):
         return FeatureIndex(out)
@@ -98,10 +122,6 @@ def build_distributed(model, transcoders: TranscoderSet, corpus, n_tokens: int,
                  for d in shards]
         merge_indexes(parts, out, overwrite=False)
         if not keep_shards:
-            for d in shards:
-                shutil.rmtree(d, ignore_errors=True)
-            parent = shards[0].parent
-            if parent.is_dir() and not any(parent.iterdir()):
-                parent.rmdir()
+            remove_shards(out, shards)
     all_done(True)                                                 # rank 0 has merged
     return FeatureIndex(out)
