@@ -360,6 +360,26 @@ def test_json_matches_schema_and_round_trips(graph, tmp_path):
     assert len(back.constants) == int(pruned.nodes.kind.isin(["feature", "logit"]).sum())
 
 
+def test_to_json_refuses_a_graph_too_large_to_open(graph, tmp_path):
+    """Over ``max_links`` edges (default MAX_JSON_LINKS) nothing is written and
+    the error says to prune or pass max_links=None; None writes it anyway."""
+    from tc_explore.circuits.graph_json import MAX_JSON_LINKS
+    assert MAX_JSON_LINKS == 1_000_000 and graph.n_edges < MAX_JSON_LINKS
+    path = tmp_path / "full.json"
+    limit = graph.n_edges - 1
+    with pytest.raises(InvalidInputError, match=r"prune.*max_links=None") as err:
+        graph.to_json(path, max_links=limit)
+    assert f"{graph.n_edges:,} edges" in str(err.value) and f"max_links={limit:,}" in str(err.value)
+    assert not path.exists()
+    with pytest.raises(InvalidInputError, match="max_links"):
+        graph.to_dict(max_links=limit)
+    with pytest.raises(InvalidInputError, match="max_links must be"):
+        graph.to_json(max_links=-1)
+    graph.to_json(path, max_links=graph.n_edges)
+    assert len(json.loads(path.read_text())["links"]) == graph.n_edges
+    assert len(json.loads(graph.to_json(max_links=None))["links"]) == graph.n_edges
+
+
 def test_scores_and_networkx(graph):
     s = graph.scores()
     assert 0.0 < s["replacement"] < 1.0 and 0.0 < s["completeness"] <= 1.0

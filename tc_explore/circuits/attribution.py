@@ -51,6 +51,7 @@ from ..model import Prompt, single_token_id
 from ..progress import progress_bar
 from .context import INPUT_NORMALIZED, INPUT_RESID, PromptContext, prompt_context, transcoder_input_kind
 from .contributions import Target
+from .graph_json import MAX_JSON_LINKS
 from .influence import (_influence_by_levels, _inverse_row_sums, cumulative_influence, graph_scores,
                         node_influence, prune_masks)
 from .linear import LinearisedModel
@@ -497,16 +498,21 @@ class AttributionGraph:
             g.add_edge(rec.source, rec.target, weight=float(rec.weight))
         return g
 
-    def to_dict(self, slug: str = "tc-explore-attribution") -> dict:
+    def to_dict(self, slug: str = "tc-explore-attribution", max_links: int | None = MAX_JSON_LINKS) -> dict:
+        """The graph file as a dict (see :meth:`to_json`, and its ``max_links``)."""
         from .graph_json import attribution_graph_to_dict
-        return attribution_graph_to_dict(self, slug)
+        return attribution_graph_to_dict(self, slug, max_links)
 
-    def to_json(self, path=None, slug: str = "tc-explore-attribution", indent: int | None = None) -> str:
+    def to_json(self, path=None, slug: str = "tc-explore-attribution", indent: int | None = None,
+                max_links: int | None = MAX_JSON_LINKS) -> str:
         """The graph in the attribution-graph JSON that circuit-tracer's viewer
         and Neuronpedia open (written to ``path`` if given). Prune first: a full
-        graph has millions of edges."""
+        graph has tens of millions of edges, and a graph with more than
+        ``max_links`` (default ``MAX_JSON_LINKS``, one million: about 80 MB) is
+        refused with an :class:`InvalidInputError`; ``max_links=None`` writes
+        any size."""
         from .graph_json import dump_json
-        return dump_json(self.to_dict(slug), path, indent)
+        return dump_json(self.to_dict(slug, max_links), path, indent)
 
     @classmethod
     def from_json(cls, source) -> "AttributionGraph":

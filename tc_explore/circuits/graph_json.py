@@ -33,9 +33,13 @@ from ..errors import InvalidInputError
 
 __all__ = ["cantor", "feature_node_id", "error_node_id", "embedding_node_id", "logit_node_id",
            "logit_clerp", "validate_graph_dict", "load_graph_dict", "dump_json", "schema_path",
-           "SCHEMA_VERSION"]
+           "SCHEMA_VERSION", "MAX_JSON_LINKS"]
 
 SCHEMA_VERSION = 1
+# The most links AttributionGraph.to_dict/to_json write unless told otherwise: a
+# million links is about 80 MB of JSON, already slow to open in circuit-tracer's
+# viewer; an unpruned graph has tens of millions (a 16-token GPT-2 prompt: ~80 M).
+MAX_JSON_LINKS = 1_000_000
 FEATURE_TYPE = {"feature": "cross layer transcoder", "error": "mlp reconstruction error",
                 "embedding": "embedding", "logit": "logit"}
 
@@ -175,8 +179,20 @@ def _num(x) -> float | None:
 
 
 # -- AttributionGraph <-> dict -----------------------------------------------------------------
-def attribution_graph_to_dict(graph, slug: str) -> dict:
+def attribution_graph_to_dict(graph, slug: str, max_links: int | None = MAX_JSON_LINKS) -> dict:
+    """The graph file's dict; refuses a graph with more than ``max_links``
+    non-zero edges (None: no limit) before building anything."""
     import torch
+    if max_links is not None:
+        if isinstance(max_links, bool) or not isinstance(max_links, int) or max_links < 0:
+            raise InvalidInputError(f"max_links must be None or a non-negative integer, got {max_links!r}.")
+        n_links = graph.n_edges
+        if n_links > max_links:
+            raise InvalidInputError(
+                f"This graph has {n_links:,} edges ({len(graph):,} nodes), over max_links={max_links:,}: "
+                f"its JSON would take about {n_links * 80 / 1e6:,.0f} MB, too large for a graph viewer "
+                f"to open. Prune it first (graph.prune(node_threshold=0.8, edge_threshold=0.98)), or pass "
+                f"max_links=None to write it anyway.")
     L = graph.n_layers
     nodes = []
     recs = graph.nodes.to_dict("records")
