@@ -369,16 +369,41 @@ def build_clt_hub(hf_home: str | Path, arch: str, n_layers: int = 3, d_model: in
     return weights
 
 
-# -- a GPT-2 and transcoders that both tc_explore and circuit-tracer load -------------------
-CIRCUIT_TRACER_SET_REPO = "tc-explore-fixtures/gpt2-tiny-transcoders"
+# -- models and transcoders that both tc_explore and circuit-tracer load -------------------
+# arch -> the Hub id under which TransformerLens 2 (and so circuit-tracer) builds the
+# model from its config.json (Llama 3.2 and Gemma 2 it builds from hard-coded real
+# shapes, so a tiny model cannot stand in for them there).
+CIRCUIT_TRACER_MODELS = {"gpt2": "gpt2", "qwen3": "Qwen/Qwen3-0.6B"}
+CIRCUIT_TRACER_KINDS = ("plt", "skip", "clt")
+
+
+def as_published_config(model_dir: str | Path) -> None:
+    """Make a model saved by transformers 5 readable by the transformers 4 and
+    TransformerLens 2 that circuit-tracer pins, as the published files are:
+    the tokenizer class under a name both know, GPT-2's ``n_ctx`` and a
+    top-level ``rope_theta`` (transformers 5 writes neither)."""
+    model_dir = Path(model_dir)
+    path = model_dir / "tokenizer_config.json"
+    tok = json.loads(path.read_text(encoding="utf-8"))
+    tok["tokenizer_class"] = "PreTrainedTokenizerFast"      # transformers 5: "TokenizersBackend"
+    path.write_text(json.dumps(tok, indent=2), encoding="utf-8")
+    path = model_dir / "config.json"
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    if cfg.get("model_type") == "gpt2":
+        cfg.setdefault("n_ctx", cfg["n_positions"])
+    if "rope_theta" in (cfg.get("rope_parameters") or {}):
+        cfg.setdefault("rope_theta", cfg["rope_parameters"]["rope_theta"])
+    path.write_text(json.dumps(cfg, indent=2), encoding="utf-8")
 
 
 @dataclass
 class CircuitTracerHub:
     """What :func:`build_circuit_tracer_hub` put in the cache under ``hf_home``:
     the model (Hub id ``model_repo``, snapshot ``model_dir``) and its
-    transcoder set (``transcoder_repo``, snapshot ``transcoder_dir``)."""
+    transcoders (``transcoder_repo``, snapshot ``transcoder_dir``)."""
     hf_home: Path
+    arch: str
+    kind: str
     model_repo: str
     model_dir: Path
     transcoder_repo: str
@@ -388,56 +413,64 @@ class CircuitTracerHub:
     d_sae: int
     input_hook: str
     output_hook: str
-    transcoders: dict[int, Transcoder]
 
 
-def build_circuit_tracer_hub(hf_home: str | Path, n_layers: int = 4, d_model: int = 64,
-                             d_sae: int = 256, n_heads: int = 4, n_ctx: int = 32, skip: bool = False,
-                             input_hook: str = "ln2.hook_normalized", output_hook: str = "hook_mlp_out",
-                             enc_bias: float = -1.5, seed: int = 0,
-                             transcoder_repo: str = CIRCUIT_TRACER_SET_REPO) -> CircuitTracerHub:
-    """A tiny GPT-2 under the Hub id ``gpt2`` (the id TransformerLens, and so
-    circuit-tracer, loads for "gpt2"), with every norm gain and every bias
-    randomised, and a transcoder set for it in circuit-tracer's own layout
-    (``config.yaml`` + ``layer_{L}.safetensors``) under ``transcoder_repo``,
-    in a Hugging Face cache under ``hf_home``.
+def build_circuit_tracer_hub(hf_home: str | Path, arch: str = "gpt2", kind: str = "plt",
+                             n_layers: int = 4, d_model: int = 64, d_sae: int = 256,
+                             input_hook: str | None = None, output_hook: str = "hook_mlp_out",
+                             enc_bias: float | None = None, seed: int = 0) -> CircuitTracerHub:
+    """A tiny ``arch`` model (``CIRCUIT_TRACER_MODELS``: its Hub id is the one
+    TransformerLens loads for the real model) with every norm gain and bias
+    randomised, and transcoders for it in circuit-tracer's own layout, in a
+    Hugging Face cache under ``hf_home``; circuit-tracer loads both by Hub id
+    (``ReplacementModel.from_pretrained``), tc_explore the same files.
 
-    Layer 1's transcoder is JumpReLU, the others ReLU; with ``skip`` every
-    layer has a skip connection (circuit-tracer takes a set's skip flag from
-    its first layer, so a set is all-skip or no-skip). The encoder biases are
-    centred at ``enc_bias`` (negative), so that a realistic few percent of the
-    features fire rather than the ~40 % of zero-centred random biases."""
+    ``kind``: ``plt`` (per-layer transcoders, ``config.yaml`` +
+    ``layer_{L}.safetensors``; layer 1 JumpReLU, the others ReLU), ``skip``
+    (the same with a skip connection in every layer: circuit-tracer takes a
+    set's skip flag from its first layer) or ``clt`` (a JumpReLU cross-layer
+    transcoder, ``W_enc_{L}`` / ``W_dec_{L}.safetensors``). ``input_hook``
+    defaults to ``hook_resid_mid`` for GPT-2 (see docs/circuit_tracer.md on
+    ``ln2.hook_normalized``) and the CLT, ``mlp.hook_in`` for Qwen 3 (as its
+    published sets). Encoder biases are negative (centred at ``enc_bias``;
+    by default chosen per input so that 5-20 % of the features fire on these
+    random weights, rather than the ~40 % of zero-centred random biases)."""
+    from .formats.clt import write_clt
+    if arch not in CIRCUIT_TRACER_MODELS or kind not in CIRCUIT_TRACER_KINDS:
+        raise ValueError(f"arch must be one of {sorted(CIRCUIT_TRACER_MODELS)} and kind one of "
+                         f"{CIRCUIT_TRACER_KINDS}; got {arch!r}, {kind!r}.")
+    if input_hook is None:
+        input_hook = "mlp.hook_in" if arch == "qwen3" and kind != "clt" else "hook_resid_mid"
+    if enc_bias is None:        # Qwen 3's norm output (gain applied) is larger than the residual
+        enc_bias = -1.5 if input_hook == "mlp.hook_in" else -0.3
+    model_repo = CIRCUIT_TRACER_MODELS[arch]
+    transcoder_repo = f"tc-explore-fixtures/{arch}-tiny-{kind}"
     work = Path(tempfile.mkdtemp(prefix="tc_explore_ct_fixture_"))
-    written: dict[int, Transcoder] = {}
     try:
-        model_dir = build_tiny_gpt2(work / "model", n_layers, d_model, n_heads, n_ctx, seed,
-                                    random_biases=True)
-        # transformers 5 names its tokenizer class "TokenizersBackend", which the
-        # transformers 4 that circuit-tracer pins does not know; both read this name.
-        config_path = model_dir / "tokenizer_config.json"
-        tok_config = json.loads(config_path.read_text(encoding="utf-8"))
-        tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
-        config_path.write_text(json.dumps(tok_config, indent=2), encoding="utf-8")
-        # The published gpt2 config.json carries n_ctx (TransformerLens 2 reads it);
-        # transformers 5 no longer writes it.
-        config_path = model_dir / "config.json"
-        model_config = json.loads(config_path.read_text(encoding="utf-8"))
-        model_config.setdefault("n_ctx", model_config["n_positions"])
-        config_path.write_text(json.dumps(model_config, indent=2), encoding="utf-8")
-        model_snapshot = install_in_hf_cache(hf_home, "gpt2", {p.name: p for p in model_dir.iterdir()})
-        files = {"config.yaml": _write_yaml(work / "config.yaml", dict(
-            model_name="gpt2", model_kind="transcoder_set",
-            feature_input_hook=input_hook, feature_output_hook=output_hook))}
-        for layer in range(n_layers):
-            tc = random_transcoder(d_model, d_sae, layer, seed, jumprelu=(layer == 1), skip=skip,
-                                   centred=False)
-            with torch.no_grad():
-                tc.b_enc.add_(enc_bias + 0.2)        # random_transcoder centres them at -0.2
-            name = f"layer_{layer}.safetensors"
-            files[name] = write_circuit_tracer_safetensors(tc, work / name)
-            written[layer] = tc
+        if arch == "gpt2":
+            model_dir = build_tiny_gpt2(work / "model", n_layers, d_model, 4, 32, seed, random_biases=True)
+        else:
+            model_dir = build_tiny_model(work / "model", arch, n_layers, d_model, seed=seed)
+        as_published_config(model_dir)
+        model_snapshot = install_in_hf_cache(hf_home, model_repo, {p.name: p for p in model_dir.iterdir()})
+        config = dict(model_name=model_repo, model_kind="cross_layer_transcoder" if kind == "clt"
+                      else "transcoder_set", feature_input_hook=input_hook, feature_output_hook=output_hook)
+        files = {"config.yaml": _write_yaml(work / "config.yaml", config)}
+        if kind == "clt":
+            weights = random_clt(d_model, d_sae, n_layers, seed, jumprelu=True)
+            for b in weights["b_enc"]:
+                b.add_(enc_bias + 1.0)                # random_clt centres them at -1
+            files.update({p.name: p for p in write_clt(work / "clt", **weights)})
+        else:
+            for layer in range(n_layers):
+                tc = random_transcoder(d_model, d_sae, layer, seed, jumprelu=(layer == 1),
+                                       skip=(kind == "skip"), centred=False)
+                with torch.no_grad():
+                    tc.b_enc.add_(enc_bias + 0.2)    # random_transcoder centres them at -0.2
+                name = f"layer_{layer}.safetensors"
+                files[name] = write_circuit_tracer_safetensors(tc, work / name)
         tc_snapshot = install_in_hf_cache(hf_home, transcoder_repo, files)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return CircuitTracerHub(Path(hf_home), "gpt2", model_snapshot, transcoder_repo, tc_snapshot,
-                            n_layers, d_model, d_sae, input_hook, output_hook, written)
+    return CircuitTracerHub(Path(hf_home), arch, kind, model_repo, model_snapshot, transcoder_repo,
+                            tc_snapshot, n_layers, d_model, d_sae, input_hook, output_hook)
