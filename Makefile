@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo gpt2 demo-model benchmarks clean circuit-tracer
+.PHONY: setup test demo gpt2 demo-model benchmarks benchmark-table clean circuit-tracer
 
 # torch is installed first, pinned, so that installing tc_explore keeps it. Which
 # build pip picks depends on its configured indexes: from plain PyPI,
@@ -59,9 +59,15 @@ gpt2: $(STAMP)
 demo-model: $(STAMP)
 	$(BIN)/python -m tc_explore.demo build
 
+# Each bench script prints its figures; with --record it also writes them into
+# benchmarks/results.json and regenerates the README's tables (RECORD=--record).
 benchmarks: $(STAMP)
-	$(BIN)/python benchmarks/bench_index.py
-	$(BIN)/python benchmarks/bench_trace.py
+	$(BIN)/python benchmarks/bench_index.py $(RECORD)
+	$(BIN)/python benchmarks/bench_trace.py $(RECORD)
+
+# The README's benchmark tables, regenerated from benchmarks/results.json.
+benchmark-table: $(STAMP)
+	$(BIN)/python scripts/benchmark_table.py
 
 clean:
 	rm -rf $(VENV) $(CT_VENV) artifacts

@@ -1,6 +1,6 @@
 """Benchmark of the index accumulator update for one layer (a script, not a test).
 
-    python benchmarks/bench_accumulator.py [--batches 64] [--baseline path/to/old_accumulator.py]
+    python benchmarks/bench_accumulator.py [--batches 64] [--baseline path/to/old_accumulator.py] [--record]
 
 Builds GPT-2-small-shaped activations for one layer, batch by batch (8 x 128
 tokens, d_model 768, d_sae 24576): ``relu(x @ W_enc + b_enc)`` with random
@@ -35,6 +35,8 @@ from statistics import NormalDist
 import numpy as np
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import records  # noqa: E402
 
 def load_index_module(path: str | None):
     """tc_explore.index.accumulator, or the file ``path`` loaded as a sibling
@@ -129,7 +131,9 @@ def main(argv=None):
     p.add_argument("--clock", choices=("wall", "process"), default="wall",
                    help="process: CPU time of this process (steadier on a shared machine; "
                         "with --threads 1, since it adds up the time of all threads)")
+    records.add_arguments(p)
     args = p.parse_args(argv)
+    recorder = records.Recorder(args, argv)
     torch.set_num_threads(args.threads)
 
     impls = {"current": load_index_module(None)}
@@ -184,13 +188,28 @@ def main(argv=None):
         print(f"  encode (matmul + relu)   {phase(t_enc, lo, hi)}")
         for name, ts in t_upd.items():
             print(f"  update [{name:8s}]      {phase(ts, lo, hi)}")
+        enc_ms = float(np.median(t_enc[lo:hi])) * 1000
+        upd_ms = {name: float(np.median(ts[lo:hi])) * 1000 for name, ts in t_upd.items()}
+        versus = (f"; the --baseline accumulator: {upd_ms['baseline']:.1f} ms "
+                  f"({records.speedup(upd_ms['baseline'], upd_ms['current'])})" if "baseline" in upd_ms else "")
+        recorder.add("index accumulator update, one layer",
+                     f"{label.split(',')[0]} batches {lo}-{hi - 1} of {args.n_seq} × {args.seq_len} tokens"
+                     + ("" if args.d_sae == 24576 else f", d_sae {args.d_sae}"),
+                     f"{upd_ms['current']:.1f} ms median per batch",
+                     baseline=f"encode (matmul + relu) {enc_ms:.1f} ms",
+                     ratio=f"{100 * upd_ms['current'] / enc_ms:.0f} % of encode",
+                     notes=f"{args.clock} clock, L0 {np.mean(l0s):.0f}{versus}",
+                     encode_ms=enc_ms, update_ms=upd_ms["current"], baseline_update_ms=upd_ms.get("baseline"),
+                     l0=float(np.mean(l0s)), d_sae=args.d_sae, k=args.k, n_samples=args.n_samples)
     print("\nper batch (ms): encode " + " ".join(f"{t * 1000:.0f}" for t in t_enc[:12]) + " ...")
     for name, ts in t_upd.items():
         print(f"  update [{name}] " + " ".join(f"{t * 1000:.0f}" for t in ts[:12]) + " ...")
     if len(accs) == 2:
         bad = compare_states(*(acc.state() for acc in accs.values()))
         print("\nfinal states: " + ("identical" if not bad else f"DIFFER in {bad}"))
-        return 1 if bad else 0
+        if bad:
+            return 1
+    recorder.save()
     return 0
 
 

@@ -1,6 +1,6 @@
 """Benchmark of ``tc_explore.circuits.attribute`` (a script, not a test).
 
-    python benchmarks/bench_attribution.py [--lengths 16 64] [--caps none 4096 2048] [--device cuda]
+    python benchmarks/bench_attribution.py [--lengths 16 64] [--caps none 4096 2048] [--device cuda] [--record]
 
 On a GPT-2-small-shaped model (12 layers, d_model 768, 12 heads, vocab 50257;
 random weights, saved with save_pretrained and loaded through
@@ -30,6 +30,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import records  # noqa: E402
 from bench_index import PeakMemory, build_model, build_transcoders, gib  # noqa: E402
 
 
@@ -63,7 +64,9 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-matrix-gib", type=float, default=8.0)
     p.add_argument("--prune", action="store_true", help="also time prune() + scores() on each graph")
+    records.add_arguments(p)
     args = p.parse_args(argv)
+    recorder = records.Recorder(args, argv)
     torch.set_num_threads(args.threads)
 
     from tc_explore import load_model
@@ -108,9 +111,16 @@ def main(argv=None):
                         torch.cuda.synchronize()
                     secs = time.perf_counter() - t
                 cuda_peak = gib(torch.cuda.max_memory_allocated()) if cuda else "-"
+                size = (f"{n} tokens, " + ("full graph" if mfn is None else f"max_feature_nodes {mfn}")
+                        + ("" if args.d_sae == 24576 else f", d_sae {args.d_sae}"))
+                figures = dict(tokens=n, max_feature_nodes=mfn, active_features=active, seconds=secs,
+                               peak_rss_bytes=mem.peak, d_sae=args.d_sae, l0=args.l0,
+                               batch_size=args.batch_size,
+                               peak_cuda_bytes=torch.cuda.max_memory_allocated() if cuda else None)
                 if graph is None:
                     print(f"{n:>6} {cap:>6} {active:>7} {'-':>7} {'-':>11} {secs:>8.1f} {gib(mem.peak):>10} "
                           f"{cuda_peak:>10}  {note}")
+                    recorder.add("attribute (attribution graph)", size, "-", notes=note, **figures)
                     continue
                 if args.prune:
                     t = time.perf_counter()
@@ -121,7 +131,13 @@ def main(argv=None):
                             f"completeness {scores['completeness']:.3f}")
                 print(f"{n:>6} {cap:>6} {active:>7} {len(graph):>7} {graph.n_edges:>11} {secs:>8.1f} "
                       f"{gib(mem.peak):>10} {cuda_peak:>10}  {note}", flush=True)
+                recorder.add("attribute (attribution graph)", size, f"{secs:.1f} s", peak_rss=gib(mem.peak),
+                             notes="; ".join(x for x in ((f"peak CUDA {cuda_peak}" if cuda else ""),
+                                                         f"{active:,} active; {len(graph):,} nodes, "
+                                                         f"{graph.n_edges:,} edges", note) if x),
+                             nodes=len(graph), edges=graph.n_edges, **figures)
                 del graph
+        recorder.save()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -3,6 +3,7 @@
     python benchmarks/bench_index.py [--n-tokens 4096] [--seq-len 128] [--batch-size 8]
     python benchmarks/bench_index.py --n-tokens 8192 --no-views --no-on-the-fly     # CPU target
     python benchmarks/bench_index.py --device cuda --n-tokens 1048576 --batch-size 32 --no-on-the-fly
+    ... --record [FILE]       # also write the figures into benchmarks/results.json (benchmarks/records.py)
 
 On a GPT-2-small-shaped model (12 layers, d_model 768, 12 heads, vocab 50257,
 n_ctx 1024; random weights, saved with save_pretrained and loaded through
@@ -42,6 +43,8 @@ from statistics import NormalDist
 import numpy as np
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import records  # noqa: E402
 
 
 class PeakMemory:
@@ -154,7 +157,9 @@ def main(argv=None):
     p.add_argument("--no-on-the-fly", dest="on_the_fly", action="store_false",
                    help="skip timing dashboards whose weight sections are computed per feature")
     p.add_argument("--views-chunk", type=int, default=1024)
+    records.add_arguments(p)
     args = p.parse_args(argv)
+    recorder = records.Recorder(args, argv)
     torch.set_num_threads(args.threads)
 
     from tc_explore import load_model
@@ -237,6 +242,21 @@ def main(argv=None):
         if gpu:
             print(f"peak GPU memory allocated: bare {gib(gpu_bare)}, build {gib(gpu_build)} "
                   f"(weights {gib(weights)}; target: build <= weights + 2 GiB = {gib(weights + 2 ** 31)})")
+        n_tok = n_seq * args.seq_len
+        width = "" if args.d_sae == 24576 else f", d_sae {args.d_sae}"
+        other = bare2 if base == bare else bare
+        recorder.add(
+            "FeatureIndex.build", f"{n_tok:,} tokens, batch {args.batch_size}{width}", f"{build:.1f} s",
+            baseline=f"bare pass {base:.1f} s (other bare run {other:.1f} s)",
+            ratio=f"{100 * (build / base - 1):+.1f} %", peak_rss=gib(mem_build.peak),
+            notes=f"{n_tok / build:,.0f} tokens/s; {build - writing:.1f} s pass + {writing:.1f} s writing "
+                  f"{size / 2 ** 20:.0f} MiB" + (f"; peak GPU {gib(gpu_build)} (weights {gib(weights)})" if gpu
+                                                 else "") + f"; target ≤ {target} %",
+            tokens=n_tok, build_s=build, pass_s=build - writing, writing_s=writing, bare_s=bare,
+            bare_after_s=bare2, index_bytes=size, weights_bytes=weights, peak_rss_bare_bytes=mem_bare.peak,
+            peak_rss_build_bytes=mem_build.peak, rss_build_start_bytes=mem_build.start,
+            peak_gpu_bare_bytes=gpu_bare if gpu else None, peak_gpu_build_bytes=gpu_build if gpu else None,
+            d_sae=args.d_sae, l0=args.l0, k=args.k, n_samples=args.n_samples, seq_len=args.seq_len)
 
         rng = np.random.default_rng(0)
         picks = [(int(rng.integers(12)), int(rng.integers(args.d_sae))) for _ in range(args.n_dashboards)]
@@ -256,6 +276,11 @@ def main(argv=None):
             print(f"dashboard open ({label}), {len(picks)} random features from a fresh load: "
                   f"mean {cold.mean():.1f} ms, median {np.median(cold):.1f} ms, max {cold.max():.1f} ms; "
                   f"reopened: {warm:.1f} ms per feature  (target < 100 ms)")
+            recorder.add(f"dashboard open, {label}", f"{len(picks)} random features{width}",
+                         f"{cold.mean():.1f} ms mean, {cold.max():.1f} ms max",
+                         notes=f"{warm:.1f} ms reopened; target < 100 ms",
+                         mean_ms=float(cold.mean()), median_ms=float(np.median(cold)), max_ms=float(cold.max()),
+                         reopened_ms=float(warm), index_tokens=n_seq * args.seq_len)
 
         print()
         open_dashboards("index only", model=model)
@@ -273,7 +298,12 @@ def main(argv=None):
             print(f"weight views (all {12 * args.d_sae} features; connections, logit effects, "
                   f"de-embeddings, OV): built in {views_s:.1f} s on {args.device}, "
                   f"{vsize / 2 ** 20:.0f} MiB of Parquet, peak RSS {gib(mem_views.peak)}")
+            recorder.add("weight views (add_weight_views)", f"{12 * args.d_sae:,} features", f"{views_s:.1f} s",
+                         peak_rss=gib(mem_views.peak), notes=f"{vsize / 2 ** 20:.0f} MiB of Parquet",
+                         seconds=views_s, parquet_bytes=vsize, peak_rss_bytes=mem_views.peak,
+                         chunk_size=args.views_chunk)
             open_dashboards("all sections, weight views stored", model=model, transcoders=transcoders)
+        recorder.save()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -8,7 +8,7 @@ build a prompt context (all layers encoded) and decompose a logit target.
 
     flock /tmp/tc_bench.lock python benchmarks/bench_memory.py            # 4 layers (modest)
     flock /tmp/tc_bench.lock python benchmarks/bench_memory.py --full     # all 26 layers
-    ... [--dtype bfloat16|float16|float32] [--device cpu|cuda] [--work DIR] [--keep]
+    ... [--dtype bfloat16|float16|float32] [--device cpu|cuda] [--work DIR] [--keep] [--record]
 
 The files are written by a child process (its own memory is not counted);
 the measuring process prints its resident set size after each step and its
@@ -27,6 +27,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import records  # noqa: E402
 
 GEMMA_2_2B = dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
                   num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=256000,
@@ -93,15 +96,20 @@ def peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
 
 
-def measure(work: Path, dtype: str, device: str) -> None:
+def measure(work: Path, dtype: str, device: str) -> dict:
+    """Prints each step; returns the figures (seconds and GiB per step, peak)."""
     import torch
 
     from tc_explore import load_model, load_transcoders
     from tc_explore.circuits import decompose, logit_diff_target, prompt_context
 
+    steps = {}
+
     def step(name, t0):
-        print(f"{name:<44s} {time.perf_counter() - t0:7.1f} s   RSS {rss_gb():6.2f} GB   "
+        seconds = time.perf_counter() - t0
+        print(f"{name:<44s} {seconds:7.1f} s   RSS {rss_gb():6.2f} GB   "
               f"peak {peak_gb():6.2f} GB", flush=True)
+        steps[name] = dict(seconds=round(seconds, 3), rss_gib=round(rss_gb(), 3))
 
     print(f"start (python + torch + tc_explore imported)          RSS {rss_gb():6.2f} GB")
     t0 = time.perf_counter()
@@ -121,9 +129,11 @@ def measure(work: Path, dtype: str, device: str) -> None:
     t0 = time.perf_counter()
     d = decompose(ctx, logit_diff_target(ctx, " war", " cat"))
     step(f"decompose a logit target (error {abs(d.total - d.target.value):.1e})", t0)
-    if device.startswith("cuda"):
-        print(f"CUDA peak allocated {torch.cuda.max_memory_allocated() / 1024 ** 3:.2f} GB")
+    cuda_peak = torch.cuda.max_memory_allocated() / 1024 ** 3 if device.startswith("cuda") else None
+    if cuda_peak is not None:
+        print(f"CUDA peak allocated {cuda_peak:.2f} GB")
     print(f"PEAK RSS {peak_gb():.2f} GB")
+    return dict(steps=steps, peak_rss_gib=peak_gb(), peak_cuda_gib=cuda_peak)
 
 
 def main(argv=None) -> None:
@@ -136,12 +146,14 @@ def main(argv=None) -> None:
     ap.add_argument("--work", default=None, help="directory for the files (default: a temporary one)")
     ap.add_argument("--keep", action="store_true", help="keep the files in --work")
     ap.add_argument("--_build", action="store_true", help=argparse.SUPPRESS)
+    records.add_arguments(ap)
     args = ap.parse_args(argv)
     n_layers = args.layers or (26 if args.full else 4)
     work = Path(args.work or tempfile.mkdtemp(prefix="tc_bench_memory_"))
     if args._build:
         build(work, n_layers, args.d_sae)
         return
+    recorder = records.Recorder(args, argv)
     print(f"Gemma-2-2B shape, {n_layers} layers, {args.d_sae} features per transcoder, files in {work}")
     t0 = time.perf_counter()
     subprocess.run([sys.executable, __file__, "--_build", "--work", str(work), "--layers",
@@ -149,10 +161,18 @@ def main(argv=None) -> None:
     size = sum(p.stat().st_size for p in work.rglob("*") if p.is_file()) / 1024 ** 3
     print(f"files written in {time.perf_counter() - t0:.0f} s ({size:.1f} GB on disk)", flush=True)
     try:
-        measure(work, args.dtype, args.device)
+        figures = measure(work, args.dtype, args.device)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    total = sum(s["seconds"] for s in figures["steps"].values())
+    recorder.add(f"Gemma-2-2B shape in {args.dtype}: load model + transcoders, encode, decompose",
+                 f"{n_layers} layers, {args.d_sae:,} features each", f"{total:.1f} s",
+                 peak_rss=f"{figures['peak_rss_gib']:.2f} GiB",
+                 notes=f"{size:.1f} GB of files" + (f"; peak CUDA {figures['peak_cuda_gib']:.2f} GiB"
+                                                   if figures["peak_cuda_gib"] is not None else ""),
+                 files_gb=size, layers=n_layers, d_sae=args.d_sae, dtype=args.dtype, **figures)
+    recorder.save()
 
 
 if __name__ == "__main__":

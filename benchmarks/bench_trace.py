@@ -3,7 +3,7 @@ on a GPT-2-small-shaped model (12 layers, d_model 768, 12 heads, vocab 50257,
 n_ctx 1024; random weights) with 12 full-width (24576) random transcoders and a
 10-token prompt, with and without the per-prompt encoding cache.
 
-    python benchmarks/bench_trace.py [--device cpu|cuda] [--repeats 3] [--d-sae 24576]
+    python benchmarks/bench_trace.py [--device cpu|cuda] [--repeats 3] [--d-sae 24576] [--record]
 
 A script that prints figures, not a test. Memory: the model (~0.5 GB) and the
 transcoders (~1.8 GB at full width, float32) are built once; transcoders are
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import resource
 import statistics
 import sys
@@ -20,6 +21,9 @@ import tempfile
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import records  # noqa: E402
 
 
 def build_model_dir(directory: str, seed: int = 0) -> str:
@@ -64,7 +68,9 @@ def main(argv=None) -> None:
     ap.add_argument("--branches", type=int, default=15)
     ap.add_argument("--keep-leaves", action="store_true",
                     help="let error/bias/embedding leaves into the search (it then stops early)")
+    records.add_arguments(ap)
     args = ap.parse_args(argv)
+    recorder = records.Recorder(args, argv)
 
     from tc_explore import load_model
     from tc_explore.circuits import find_paths, logit_diff_target, prompt_context
@@ -126,8 +132,20 @@ def main(argv=None) -> None:
               f"{nd:>9}{ne:>11}{npaths:>7}")
     on, off = rows[0], rows[1]
     print(f"\nspeed-up of the cache (context + trace): {(off[1] + off[2]) / (on[1] + on[2]):.1f}×")
-    print(f"peak RSS {rss_gb():.2f} GB" + (f", peak CUDA {torch.cuda.max_memory_allocated() / 1e9:.2f} GB"
-                                           if args.device.startswith("cuda") else ""))
+    cuda_peak = torch.cuda.max_memory_allocated() / 1e9 if args.device.startswith("cuda") else None
+    print(f"peak RSS {rss_gb():.2f} GB" + (f", peak CUDA {cuda_peak:.2f} GB" if cuda_peak is not None else ""))
+    recorder.add("find_paths trace",
+                 f"{n_tok} tokens, {args.iterations} iterations × {args.branches} branches"
+                 + ("" if args.d_sae == 24576 else f", d_sae {args.d_sae}"),
+                 f"{on[1] + on[2]:.1f} s",
+                 baseline=f"without the per-prompt encoding cache: {off[1] + off[2]:.1f} s",
+                 ratio=records.speedup(off[1] + off[2], on[1] + on[2]),
+                 peak_rss=f"{rss_gb():.2f} GiB",
+                 notes=f"median of {args.repeats}" + (f"; peak CUDA {cuda_peak:.2f} GB" if cuda_peak else ""),
+                 context_s=on[1], trace_s=on[2], uncached_context_s=off[1], uncached_trace_s=off[2],
+                 decompositions=on[3], encodings=on[4], paths=on[5], peak_rss_gib=rss_gb(),
+                 peak_cuda_gb=cuda_peak)
+    recorder.save()
 
 
 if __name__ == "__main__":

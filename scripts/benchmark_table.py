@@ -2,11 +2,17 @@
 
     python scripts/benchmark_table.py            # rewrite the section in README.md
     python scripts/benchmark_table.py --check    # exit 1 if README.md is out of date
+    python scripts/benchmark_table.py --merge FILE...   # add records another machine wrote, then rewrite
+
+(``make benchmark-table`` runs the first.) The bench scripts write records
+themselves with ``--record`` (benchmarks/records.py); with ``--record FILE``,
+e.g. on a GPU machine, ``--merge FILE`` brings them in.
 
 Each record of ``benchmarks/results.json`` is one measurement a benchmark
 script printed: the machine (named in ``machines``), what was measured and at
 what size, the time, the baseline timed in the same run and the ratio against
-it, peak memory, and the command that produced it. The tables go between the
+it, peak memory, and the command that produced it (plus the raw figures, the
+date, the host, its CPU/GPU and its load average, which the tables leave out). The tables go between the
 ``<!-- benchmark-table:start -->`` and ``<!-- benchmark-table:end -->`` lines of
 README.md, one table per machine.
 """
@@ -55,10 +61,35 @@ def updated_readme(readme: str, table: str) -> str:
     return f"{head}{START}\n{table}\n{END}{tail}"
 
 
+def merge_files(paths, into: Path = RESULTS) -> None:
+    """Bring the machines and records of other results files into ``into``
+    (benchmarks/results.json)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import records
+    finally:
+        sys.path.pop(0)
+    results = records.read(into)
+    for path in paths:
+        other = records.read(Path(path))
+        if not other["records"]:
+            raise SystemExit(f"{path} holds no benchmark records (is it a file written with --record FILE?)")
+        for key, description in other["machines"].items():
+            results["machines"].setdefault(key, description)
+        records.merge(results, other["records"])
+        print(f"merged {len(other['records'])} records from {path}")
+    records.write(into, results)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="only check that README.md is up to date")
+    parser.add_argument("--merge", nargs="+", default=[], metavar="FILE",
+                        help="results files written with a bench script's --record FILE: their machines "
+                             "and records go into benchmarks/results.json first")
     args = parser.parse_args(argv)
+    if args.merge:
+        merge_files(args.merge)
     results = json.loads(RESULTS.read_text(encoding="utf-8"))
     readme = README.read_text(encoding="utf-8")
     new = updated_readme(readme, render(results))
