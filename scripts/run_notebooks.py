@@ -80,6 +80,20 @@ def _ipc_kernel_config(work: Path):
     return Config({"KernelManager": {"transport": "ipc", "ip": str(work / "kernel-ipc")}})
 
 
+def ipc_kernel_manager(work: Path):
+    """A jupyter_client ``KernelManager`` class whose kernels use IPC sockets in
+    ``work`` (as :func:`execute_notebook`'s do): what ``notebooks/conftest.py``
+    gives nbval, which builds its kernel managers without any configuration."""
+    from jupyter_client.manager import KernelManager
+
+    class IPCKernelManager(KernelManager):
+        def __init__(self, **kwargs):
+            kwargs.setdefault("config", _ipc_kernel_config(Path(work)))
+            super().__init__(**kwargs)
+
+    return IPCKernelManager
+
+
 def execute_notebook(path: Path, out_dir: Path, timeout: int = 600,
                      kernel_name: str = "python3", gpt2: bool = False) -> tuple[Path, Path, float]:
     """Run one notebook; write the executed copy and its HTML into ``out_dir``.

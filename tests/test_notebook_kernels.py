@@ -1,0 +1,52 @@
+"""The kernels that run our notebooks talk over IPC sockets, not TCP, both in
+scripts/run_notebooks.py and under ``pytest --nbval-lax notebooks`` (make test),
+whose kernels notebooks/conftest.py configures."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PROBE = ("from ipykernel.kernelapp import IPKernelApp\n"
+         "app = IPKernelApp.instance()\n"
+         "assert app.transport == 'ipc', f'kernel transport {app.transport}'\n"
+         "print(app.transport)")
+
+
+def run_nbval(directory: Path) -> subprocess.CompletedProcess:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(PROBE)]
+    nbformat.write(nb, directory / "probe.ipynb")
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
+                           "-W", "error", str(directory / "probe.ipynb")],
+                          cwd=directory, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_nbval_kernels_use_ipc(tmp_path):
+    with_conftest = tmp_path / "notebooks"
+    with_conftest.mkdir()
+    shutil.copy(ROOT / "notebooks" / "conftest.py", with_conftest / "conftest.py")
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "run_notebooks.py", tmp_path / "scripts" / "run_notebooks.py")
+    run = run_nbval(with_conftest)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = run.stdout + run.stderr
+    assert "1 passed" in out and "warning" not in out.lower(), out
+    # The probe does fail on nbval's own (TCP) kernels: the conftest is what changes it.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert run_nbval(plain).returncode != 0
+
+
+def test_runner_kernels_use_ipc(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from run_notebooks import ipc_kernel_manager
+    finally:
+        sys.path.pop(0)
+    km = ipc_kernel_manager(tmp_path)(kernel_name="python3")
+    assert km.transport == "ipc" and km.ip == str(tmp_path / "kernel-ipc")
