@@ -376,3 +376,33 @@ def test_distributed_build_removes_shards_only_under_their_locks(demo_model, dem
             dist.destroy_process_group()
     remove_shards(out)                                         # released: removed, folder and all
     assert not live.parent.exists()
+
+
+# -- the corpus fingerprint covers every token ----------------------------------------------------
+def test_resume_on_a_corpus_that_diverges_later_is_refused(demo_model, demo_transcoders, tmp_path):
+    import hashlib
+    gen = SyntheticSentences(0)
+    texts = [gen.sentence() for _ in range(400)]
+    later = texts[:8] + [gen.sentence() for _ in range(392)]      # same size and first sequences
+    first, second = (Corpus.from_texts(t, demo_model, SEQ_LEN, seed=None) for t in (texts, later))
+    assert first.description == second.description
+    assert torch.equal(first.take(2), second.take(2)) and not torch.equal(first.take(12), second.take(12))
+    out = tmp_path / "idx"
+    assert FeatureIndex.build(demo_model, demo_transcoders, first, 12 * SEQ_LEN, out,
+                              **{**SETTINGS, "max_batches": 1}) is None
+    with pytest.raises(FingerprintMismatchError,
+                       match=r"sequence ([2-9]|1[01]) of this corpus differs.*sequences 0\.\.\d+ agree"):
+        FeatureIndex.build(demo_model, demo_transcoders, second, 12 * SEQ_LEN, out, **SETTINGS)
+    shorter = Corpus.from_texts(texts[:12], demo_model, SEQ_LEN, seed=None)
+    shorter.description.update(first.description)
+    with pytest.raises((FingerprintMismatchError, InvalidInputError), match="ends before|yields only"):
+        FeatureIndex.build(demo_model, demo_transcoders, shorter, 12 * SEQ_LEN, out, **SETTINGS)
+    index = FeatureIndex.build(demo_model, demo_transcoders, first, 12 * SEQ_LEN, out, **SETTINGS)
+    # The digest covers every token indexed, and a merge of shards records the same one.
+    recorded = index.manifest.fingerprints["corpus_tokens"]
+    assert recorded == {"sha256": hashlib.sha256(first.take(12).numpy().astype("<i4").tobytes()).hexdigest(),
+                        "sequences": [0, 12]}
+    shards = [FeatureIndex.build(demo_model, demo_transcoders, first, 12 * SEQ_LEN, tmp_path / f"s{i}",
+                                 **{**SETTINGS, "shard": (i, 2)}).directory for i in range(2)]
+    merged = FeatureIndex.merge(shards, tmp_path / "merged")
+    assert merged.manifest.fingerprints["corpus_tokens"] == recorded

@@ -98,12 +98,15 @@ def build_index(model, transcoders: TranscoderSet, corpus, n_tokens: int, out_di
         if existing == "complete":
             return out
         try:
-            _write_tokens(out, corpus, manifest.sequence_start, manifest.n_sequences,
-                          manifest.batch_size, int(model.cfg.d_vocab))
+            digest = _write_tokens(out, corpus, manifest.sequence_start, manifest.n_sequences,
+                                   manifest.batch_size, int(model.cfg.d_vocab))
+            if digest is None:              # resumed: the tokens it started with are stored
+                digest = _check_resumed_corpus(out, corpus, manifest)
         except BaseException:
             if existing == "new":           # leave no half-made folder that looks like an index
                 _undo_new_folder(out, created)
             raise
+        _record_corpus_digest(out, manifest, digest)
         return _build_locked(model, transcoders, out, manifest, settings, lock)
 
 
@@ -402,6 +405,8 @@ def _write_merged(shards, first_json: dict, out: Path) -> None:
 
     schema = tokens_schema(first.seq_len)
 
+    digest = CorpusDigest()
+
     def token_groups():
         for directory, m in shards:
             files = index_files(directory, m, cache_size=1)
@@ -409,6 +414,7 @@ def _write_merged(shards, first_json: dict, out: Path) -> None:
             for g in range(f.num_row_groups):
                 with files.reading("tokens.parquet"):
                     group = f.read_row_group(g)
+                digest.update(_flat_windows(group.column("tokens"), first.seq_len))
                 yield group.cast(schema)
     atomic_write_parquet(out / "tokens.parquet", _regroup(token_groups(), first.tokens_rows_per_group),
                          schema)
@@ -424,6 +430,8 @@ def _write_merged(shards, first_json: dict, out: Path) -> None:
     # Merged shards of a whole build make the index a single build makes, to the
     # byte (timestamp aside); a partial merge records its shards.
     merged.merged_from, merged.complete = (None if whole else len(shards)), True
+    merged.fingerprints = {**(merged.fingerprints or {}), "corpus_tokens": {
+        "sha256": digest.hexdigest(), "sequences": [merged.sequence_start, merged.sequence_stop]}}
     merged.checksums = file_checksums(out, data_file_names(merged))
     merged.built_at = time.strftime("%Y-%m-%dT%H:%M:%S")
     atomic_write_json(out / "manifest.json", merged.to_json())
@@ -509,9 +517,10 @@ def _write_tokens(out: Path, corpus: Corpus, start: int, n_sequences: int, rows:
 
     path = out / "tokens.parquet"
     if path.is_file():
-        return
+        return None
     schema = tokens_schema(corpus.seq_len)
     got = [0]
+    digest = CorpusDigest()
 
     def blocks():
         for batch in corpus.batches(rows, n_sequences, start):
@@ -524,6 +533,7 @@ def _write_tokens(out: Path, corpus: Corpus, start: int, n_sequences: int, rows:
                     "tokenized for another model?")
             seq = np.arange(start + got[0], start + got[0] + len(batch), dtype=np.int64)
             got[0] += len(batch)
+            digest.update(batch)
             yield pa.table({"sequence": seq, "tokens": pa.FixedSizeListArray.from_arrays(
                 pa.array(batch.reshape(-1).astype(np.int32)), corpus.seq_len)}, schema=schema)
 
@@ -533,6 +543,72 @@ def _write_tokens(out: Path, corpus: Corpus, start: int, n_sequences: int, rows:
         raise InvalidInputError(
             f"The corpus yields only {start + got[0]} sequences of {corpus.seq_len} tokens; "
             f"{start + n_sequences} are needed. Ask for fewer tokens or give a larger corpus.")
+    return digest.hexdigest()
+
+
+class CorpusDigest:
+    """sha256 of token sequences fed in order, batch by batch (``[n, seq_len]``
+    arrays, hashed as little-endian int32): the digest of every token an index
+    was built from, whatever the batch size, so a single build and its merged
+    shards record the same one."""
+
+    def __init__(self):
+        self._h = hashlib.sha256()
+
+    def update(self, tokens) -> None:
+        self._h.update(np.ascontiguousarray(tokens, dtype="<i4").tobytes())
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+def _stored_token_batches(out: Path, seq_len: int) -> Iterable[np.ndarray]:
+    """The token rows of ``out/tokens.parquet``, one ``[n, seq_len]`` array per row group."""
+    import pyarrow.parquet as pq
+    with reading(out / "tokens.parquet", "index file", "Delete the index folder (or pass "
+                 "overwrite=True) to start this build afresh."):
+        f = pq.ParquetFile(out / "tokens.parquet")
+        for g in range(f.num_row_groups):
+            yield _flat_windows(f.read_row_group(g).column("tokens"), seq_len)
+
+
+def _check_resumed_corpus(out: Path, corpus: Corpus, manifest: IndexManifest) -> str:
+    """Compare every sequence of the corpus a resumed build was given with the
+    tokens its interrupted run stored (one read of the corpus; cheap for a
+    ``Corpus.cached`` one). Refuses the first that differs; returns the digest
+    of all of them."""
+    start, seq_len = manifest.sequence_start, manifest.seq_len
+    digest = CorpusDigest()
+    fresh = corpus.batches(manifest.batch_size, manifest.n_sequences, start)
+    seen = 0
+    for stored in _stored_token_batches(out, seq_len):
+        given = next(fresh, None)
+        n = 0 if given is None else min(len(given), len(stored))
+        differs = np.nonzero((np.asarray(given[:n]) != stored[:n]).any(axis=1))[0] if n else []
+        if n < len(stored) or len(differs):
+            where = start + seen + (int(differs[0]) if len(differs) else n)
+            what = (f"sequence {where} of this corpus differs from the one it started with"
+                    if len(differs) else f"this corpus ends before sequence {where}")
+            raise FingerprintMismatchError(
+                f"{out} holds an unfinished index whose first run stored the tokens it indexes; "
+                f"{what} (sequences {start}..{where - 1} agree). Resuming would finish an index "
+                "of that other corpus, not of this one. Resume with the corpus the build started "
+                "with, or use another out_dir or overwrite=True to index this one.")
+        digest.update(stored)
+        seen += len(stored)
+    return digest.hexdigest()
+
+
+def _record_corpus_digest(out: Path, manifest: IndexManifest, digest: str) -> None:
+    """``fingerprints["corpus_tokens"]``: the digest of every token the index is
+    built from, kept in the manifest on disk (resumes read it back) and in
+    ``manifest``, which the finished build writes."""
+    record = {"sha256": digest, "sequences": [manifest.sequence_start, manifest.sequence_stop]}
+    manifest.fingerprints = {**(manifest.fingerprints or {}), "corpus_tokens": record}
+    on_disk = read_manifest(out, f"{out} lost its manifest.json during the build.")
+    if (on_disk.get("fingerprints") or {}).get("corpus_tokens") != record:
+        on_disk["fingerprints"] = {**(on_disk.get("fingerprints") or {}), "corpus_tokens": record}
+        atomic_write_json(out / "manifest.json", on_disk)
 
 
 def _save_checkpoint(out: Path, batches_done: int, accs: dict) -> None:
