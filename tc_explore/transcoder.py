@@ -92,16 +92,21 @@ class Transcoder(nn.Module):
     def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
         """[..., d_in] -> [..., d_sae], before the nonlinearity."""
         self._check_input(x)
-        return (x.to(self.dtype) - self.b_dec) @ self.W_enc + self.b_enc
+        # The bias is added in place (the same sums): [..., d_sae] is the
+        # largest tensor here, and a second one would double an encoding's memory.
+        return ((x.to(self.dtype) - self.b_dec) @ self.W_enc).add_(self.b_enc)
 
-    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+    def activate(self, pre: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """The nonlinearity; ``inplace`` overwrites ``pre`` (same values)."""
         if self.threshold is None:
-            return torch.relu(pre)
-        return pre * (pre > self.threshold)
+            return torch.relu_(pre) if inplace else torch.relu(pre)
+        return pre.mul_(pre > self.threshold) if inplace else pre * (pre > self.threshold)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Feature activations, [..., d_in] -> [..., d_sae]."""
-        return self.activate(self.pre_activation(x))
+        pre = self.pre_activation(x)
+        # Without autograd the pre-activations are not kept: overwrite them.
+        return self.activate(pre, inplace=not (torch.is_grad_enabled() and pre.requires_grad))
 
     def decode(self, acts: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """[..., d_sae] -> [..., d_out]; the skip term needs the input ``x``."""

@@ -120,12 +120,22 @@ class Entries:
     value: torch.Tensor           # [nnz]
 
     @classmethod
-    def of(cls, acts: torch.Tensor) -> "Entries":
-        """The nonzeros of ``acts [n_seq, seq_len, d_sae]`` (contiguous)."""
+    def of(cls, acts: torch.Tensor, first_row: int = 0) -> "Entries":
+        """The nonzeros of ``acts [n_seq, seq_len, d_sae]`` (contiguous), whose
+        first token is row ``first_row`` of the batch."""
         d_sae = acts.shape[-1]
         flat = acts.reshape(-1, d_sae)
         row, f = _nonzero_2d(flat)
-        return cls(row, f, flat.reshape(-1).index_select(0, row * d_sae + f))
+        value = flat.reshape(-1).index_select(0, row * d_sae + f)
+        return cls(row + first_row if first_row else row, f, value)
+
+    @classmethod
+    def cat(cls, parts: Sequence["Entries"]) -> "Entries":
+        """Entries of consecutive chunks of rows, in order, as one."""
+        if len(parts) == 1:
+            return parts[0]
+        return cls(torch.cat([p.row for p in parts]), torch.cat([p.feature for p in parts]),
+                   torch.cat([p.value for p in parts]))
 
 
 def _nonzero_2d(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,10 +28,11 @@ from ..corpus import Corpus, as_corpus
 from ..errors import FingerprintMismatchError, InvalidInputError, as_integer
 from ..integrity import (atomic_write, fingerprint_difference, model_fingerprint, reading,
                          replace_folder, tokenizer_digest)
-from ..model import check_context, model_device
+from ..model import check_context
 from ..progress import progress_bar
 from ..transcoder import TranscoderSet
 from .accumulator import Entries, _Best, _LayerAccumulator, _token_hash, histogram_edges
+from .forward import stream_encodings
 from .lock import FolderLock
 from .storage import (FORMAT_VERSION, IndexManifest, _flat_windows, atomic_write_json,
                       atomic_write_parquet, data_file_names, file_checksums, index_files,
@@ -131,11 +132,16 @@ def _build_locked(model, transcoders: TranscoderSet, out: Path, manifest: IndexM
     lock.check_held()                   # never finish into a folder another process took over
 
     # Arrow encodes and compresses without the GIL: the layers' tables are
-    # written side by side (the states are taken here, on the build's device).
+    # written side by side. Each layer's sorted state is taken in its own task,
+    # so only as many copies as workers exist at once (all layers' copies
+    # together are as large as the accumulators, ~1 GiB for GPT-2 small).
     from concurrent.futures import ThreadPoolExecutor
+
+    def write(layer):
+        write_layer(out, layer, accs[layer].state(layer), manifest.n_bins, manifest.seq_len,
+                    manifest.features_per_group)
     with ThreadPoolExecutor(max_workers=max(1, min(len(layers), os.cpu_count() or 1))) as pool:
-        writes = [pool.submit(write_layer, out, layer, accs[layer].state(layer), manifest.n_bins,
-                              manifest.seq_len, manifest.features_per_group) for layer in layers]
+        writes = [pool.submit(write, layer) for layer in layers]
         for w in writes:
             w.result()
     manifest.checksums = file_checksums(out, data_file_names(manifest))
@@ -249,10 +255,7 @@ def _run_batches(model, transcoders: TranscoderSet, out: Path, manifest: IndexMa
     import pyarrow.parquet as pq
 
     layers, seq_len, n_batches = manifest.layers, manifest.seq_len, manifest.n_batches
-    device = model_device(model)
-    hooks = {transcoders.input_hook(layer) for layer in layers}
-    stop_at = max(layers) + 1
-    stop_at = None if stop_at >= int(model.cfg.n_layers) else stop_at
+    group_of = {layer: group for group in groups for layer in group}
     tokens_file = pq.ParquetFile(out / "tokens.parquet")
     bar = _progress(n_batches, done, s.progress)
     updates = _Background()
@@ -268,20 +271,19 @@ def _run_batches(model, transcoders: TranscoderSet, out: Path, manifest: IndexMa
         gtok = first_token + np.arange(toks.numel(), dtype=np.int64)
         token_key = torch.as_tensor(_token_hash(gtok, manifest.seed).reshape(toks.shape),
                                     device=transcoders.device)
+        gathered = {id(group): {} for group in groups}         # group -> {layer: activations}
+
+        def consume(layer, chunks, token_key=token_key, first_token=first_token):
+            group = group_of[layer]
+            got = gathered[id(group)]
+            got[layer] = _activations(chunks, seq_len, dense_ok=len(group) == 1)
+            if len(got) == len(group):                          # the group's last layer
+                updates.submit(accs[group[0]].update, [got.pop(l) for l in group], token_key,
+                               first_token)
+
         with torch.inference_mode():
-            _, cache = model.run_with_cache(toks.to(device), names_filter=lambda n: n in hooks,
-                                            stop_at_layer=stop_at)
-            for group in groups:
-                acts = []                                       # [n_seq, seq_len, d_sae] per layer
-                for l in group:
-                    a = transcoders[l].encode(cache[transcoders.input_hook(l)].to(transcoders.device))
-                    # Fused, each layer is cut to its nonzeros at once: all layers'
-                    # dense activations would be gigabytes at GPU batch sizes.
-                    acts.append(a if len(group) == 1 else Entries.of(a))
-                    del a
-                updates.submit(accs[group[0]].update, acts, token_key, first_token)
-                del acts
-            del cache
+            stream_encodings(model, transcoders, layers, toks, consume)
+        del gathered
         new_batches += 1
         bar.update(1)
         if (b + 1) % s.checkpoint_every == 0 and b + 1 < n_batches:
@@ -294,6 +296,26 @@ def _run_batches(model, transcoders: TranscoderSet, out: Path, manifest: IndexMa
     if reached < n_batches and reached > last_saved:
         _save_checkpoint(out, reached, accs)
     return reached
+
+
+def _activations(chunks, seq_len: int, dense_ok: bool):
+    """One layer's activations from ``stream_encodings``' chunks: the dense
+    ``[n_seq, seq_len, d_sae]`` tensor if it came in one chunk and ``dense_ok``
+    (a layer updated alone: its nonzeros are then found on the update's worker
+    thread), else its ``Entries``, chunk by chunk (fused, all layers' dense
+    activations would be gigabytes at GPU batch sizes)."""
+    parts, dense = [], None
+    for first_seq, acts in chunks:
+        if dense_ok and first_seq == 0 and dense is None and not parts:
+            dense = acts                                        # kept only if it is the one chunk
+            del acts
+            continue
+        if dense is not None:
+            parts.append(Entries.of(dense))
+            dense = None
+        parts.append(Entries.of(acts, first_row=first_seq * seq_len))
+        del acts
+    return dense if dense is not None else Entries.cat(parts)
 
 
 class _Background:

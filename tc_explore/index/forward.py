@@ -1,0 +1,82 @@
+"""The forward pass of an index build: the model run just far enough to reach
+every indexed layer's transcoder input, each layer encoded as the forward
+reaches it, in chunks of sequences of bounded size.
+
+Nothing is cached: a layer's input is encoded inside its hook and dropped, so
+one layer's activations (or one chunk of them) are alive at a time, and the
+forward stops right after the last hook it needs (the later blocks and the
+unembedding, [tokens, d_vocab] floats, are never computed). The benchmark's
+bare pass (``benchmarks/bench_index.py``) runs this same function with no
+bookkeeping, so a build's overhead is measured against exactly the work it
+cannot avoid.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from ..model import model_device
+from ..transcoder import TranscoderSet
+
+# Dense activations of one chunk at most this large (bytes): at GPU batch
+# sizes a layer's [tokens, d_sae] floats are gigabytes (32 x 1024 tokens x
+# 24576 features: 3.2 GB). Batches under it (the CPU default, 8 x 128 tokens:
+# 96 MiB) are encoded whole.
+CHUNK_BYTES = 256 * 2 ** 20
+
+
+class _Reached(Exception):
+    """Raised in the last hook a pass needs: the rest of the forward is skipped."""
+
+
+def sequence_chunks(n_seq: int, seq_len: int, d_sae: int, element_size: int,
+                    chunk_bytes: int = CHUNK_BYTES) -> list[slice]:
+    """Slices of sequences splitting a batch into as few, equal chunks as keep
+    each chunk's activations under ``chunk_bytes`` (whole sequences: never a
+    one-row matrix product, whose result can differ in the last bit)."""
+    total = n_seq * seq_len * d_sae * element_size
+    n_chunks = min(n_seq, max(1, -(-total // chunk_bytes)))
+    per = -(-n_seq // n_chunks)
+    return [slice(i, min(i + per, n_seq)) for i in range(0, n_seq, per)]
+
+
+def stream_encodings(model, transcoders: TranscoderSet, layers: Sequence[int], tokens: torch.Tensor,
+                     consume: Callable[[int, Iterator[tuple[int, torch.Tensor]]], None],
+                     chunk_bytes: int = CHUNK_BYTES) -> None:
+    """One forward pass over ``tokens [n_seq, seq_len]``; as it reaches layer
+    ``l``'s transcoder input, calls ``consume(l, chunks)`` where ``chunks``
+    yields ``(first_sequence, acts [n, seq_len, d_sae])`` on the
+    transcoders' device, encoded lazily one chunk at a time (consume each
+    before asking for the next to keep one chunk alive). Layers come in the
+    order the forward reaches them. Call under ``torch.inference_mode()``."""
+    n_seq, seq_len = tokens.shape
+    by_hook: dict[str, list[int]] = {}
+    for layer in layers:
+        by_hook.setdefault(transcoders.input_hook(layer), []).append(layer)
+    pending = set(by_hook)
+
+    def chunks(tc, x: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        x = x.to(transcoders.device)
+        for part in sequence_chunks(n_seq, seq_len, tc.d_sae, tc.W_enc.element_size(), chunk_bytes):
+            yield part.start, tc.encode(x[part])
+
+    def hook_of(name: str):
+        def hook(x: torch.Tensor, hook) -> None:
+            if name not in pending:                 # a repeated call (an alias of the same point)
+                return None
+            pending.discard(name)
+            for layer in by_hook[name]:
+                consume(layer, chunks(transcoders[layer], x))
+            if not pending:
+                raise _Reached
+            return None
+        return hook
+
+    with model.hooks(fwd_hooks=[(name, hook_of(name)) for name in by_hook]):
+        try:
+            model(tokens.to(model_device(model)), return_type=None)
+        except _Reached:
+            pass
+    if pending:
+        raise RuntimeError(f"the forward pass never reached the hooks {sorted(pending)}")
