@@ -250,18 +250,21 @@ def build_architecture_hub(hf_home: str | Path, arch: str, n_layers: int = 3, d_
     (``ARCH_FIXTURES``) and its registry transcoder set in that set's exact
     published layout, in a Hugging Face cache under ``hf_home``:
 
-    * ``gemma2``: ``mwhanna/gemma-scope-transcoders`` ``config.yaml`` whose
-      ``transcoders:`` list points (``hf://``) at Gemma Scope ``params.npz``
-      files of ``google/gemma-scope-2b-pt-transcoders`` (JumpReLU);
-    * ``llama``: ``mntss/transcoder-Llama-3.2-1B`` ``config.yaml`` plus
-      ``layer_{L}.safetensors`` (circuit-tracer layout; layer 1 a skip transcoder);
-    * ``qwen3``: ``mwhanna/qwen3-0.6b-transcoders-lowl0``, the same layout;
+    * ``gemma2``: ``mwhanna/gemma-scope-transcoders``: ``config.yaml`` plus
+      ``layer_{L}.safetensors`` (circuit-tracer layout, JumpReLU threshold under
+      ``activation_function.threshold``), as that repo holds the Gemma Scope
+      transcoders converted (docs/transcoder_layouts.md; the ``hf://`` list of
+      Gemma Scope ``params.npz`` files that ``mntss/gemma-scope-transcoders``
+      uses is tested in tests/test_formats.py);
+    * ``llama``: ``mntss/transcoder-Llama-3.2-1B``, the same layout, every layer
+      a skip transcoder (``W_skip``), ReLU;
+    * ``qwen3``: ``mwhanna/qwen3-0.6b-transcoders-lowl0``, the same layout, ReLU;
     * ``gpt2``: ``pchlenski/gpt2-transcoders``'s pickles and log-sparsity files
       (the registry's file names), at a revision of their own
       (``ArchitectureHub.revision``, on a branch other than ``main``), since the
       session-wide fixture serves that repo's pinned revision at another width.
     """
-    from .formats import write_circuit_tracer_safetensors, write_gemma_scope_npz
+    from .formats import write_circuit_tracer_safetensors
     from .registry import registry
 
     model_repo, set_name = ARCH_FIXTURES[arch]
@@ -284,31 +287,17 @@ def build_architecture_hub(hf_home: str | Path, arch: str, n_layers: int = 3, d_
                 files[fname] = write_log_feature_sparsity(-1 - 3 * torch.rand(d_sae, generator=g), work / fname)
                 written[layer], where[layer] = tc, f"{entry.repo_id}:{name}"
             install_in_hf_cache(hf_home, entry.repo_id, files, revision=revision, ref="tiny-architectures")
-        elif arch == "gemma2":
-            npz_repo = "google/gemma-scope-2b-pt-transcoders"
-            uris, npz_files = [], {}
-            for layer in range(n_layers):
-                tc = random_transcoder(d_model, d_sae, layer, seed, jumprelu=True, centred=False)
-                name = f"layer_{layer}/width_16k/average_l0_{40 + 7 * layer}/params.npz"
-                npz_files[name] = write_gemma_scope_npz(tc, work / "npz" / name)
-                uris.append(f"hf://{npz_repo}/{name}")
-                written[layer], where[layer] = tc, f"{npz_repo}:{name}"
-            install_in_hf_cache(hf_home, npz_repo, npz_files)
-            config = dict(model_name=entry.model, model_kind="transcoder_set",
-                          feature_input_hook="ln2.hook_normalized", feature_output_hook="hook_mlp_out",
-                          transcoders=uris)
-            install_in_hf_cache(hf_home, entry.repo_id,
-                                {"config.yaml": _write_yaml(work / "config.yaml", config)},
-                                revision=entry.revision)
         else:
-            hooks = {"llama": ("hook_resid_mid", "mlp.hook_out"),
+            # the hooks as each published config.yaml names them
+            hooks = {"gemma2": ("ln2.hook_normalized", "hook_mlp_out"),
+                     "llama": ("hook_resid_mid", "hook_mlp_out"),
                      "qwen3": ("mlp.hook_in", "mlp.hook_out")}[arch]
             files = {"config.yaml": _write_yaml(work / "config.yaml", dict(
                 model_name=entry.model, model_kind="transcoder_set",
                 feature_input_hook=hooks[0], feature_output_hook=hooks[1]))}
             for layer in range(n_layers):
-                tc = random_transcoder(d_model, d_sae, layer, seed, skip=(arch == "llama" and layer == 1),
-                                       centred=False)
+                tc = random_transcoder(d_model, d_sae, layer, seed, skip=(arch == "llama"),
+                                       jumprelu=(arch == "gemma2"), centred=False)
                 if arch == "llama":       # the raw residual stream is small: scale the encoder up
                     with torch.no_grad():
                         tc.W_enc.mul_(4.0)
@@ -355,7 +344,9 @@ def build_clt_hub(hf_home: str | Path, arch: str, n_layers: int = 3, d_model: in
 
     entry = registry()[CLT_FIXTURES[arch]]
     # It reads the raw residual stream: small for Llama, large (scaled embeddings) for Gemma.
-    weights = random_clt(d_model, d_sae, n_layers, seed, jumprelu=(arch == "gemma2"),
+    # The published Llama CLT is JumpReLU (threshold_{L}); the Gemma one has no
+    # threshold in its encoder files, so ReLU (docs/transcoder_layouts.md).
+    weights = random_clt(d_model, d_sae, n_layers, seed, jumprelu=(arch == "llama"),
                          enc_scale=4.0 if arch == "llama" else 0.5)
     work = Path(tempfile.mkdtemp(prefix=f"tc_explore_clt_{arch}_"))
     try:
@@ -363,7 +354,8 @@ def build_clt_hub(hf_home: str | Path, arch: str, n_layers: int = 3, d_model: in
         files["config.yaml"] = _write_yaml(work / "config.yaml", dict(
             model_name=entry.model, model_kind="cross_layer_transcoder",
             feature_input_hook="hook_resid_mid", feature_output_hook="hook_mlp_out"))
-        install_in_hf_cache(hf_home, entry.repo_id, files)
+        install_in_hf_cache(hf_home, entry.repo_id, files, revision=entry.revision
+                            if entry.revision and len(entry.revision) == 40 else None)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return weights

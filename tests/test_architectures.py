@@ -87,12 +87,14 @@ def test_registry_names_resolve_to_the_published_files(setup):
         assert (tc.W_skip is None) == (written.W_skip is None)
     expected_hooks = {"gpt2": ("ln2.hook_normalized", "hook_mlp_out"),
                       "gemma2": ("ln2.hook_normalized", "hook_mlp_out"),
-                      "llama": ("hook_resid_mid", "mlp.hook_out"),
+                      "llama": ("hook_resid_mid", "hook_mlp_out"),
                       "qwen3": ("mlp.hook_in", "mlp.hook_out")}[hub.arch]
     assert tcs.input_hook(1) == f"blocks.1.{expected_hooks[0]}"
     assert tcs.output_hook(1) == f"blocks.1.{expected_hooks[1]}"
-    if hub.arch == "gemma2":
-        assert hub.files[2] == "google/gemma-scope-2b-pt-transcoders:layer_2/width_16k/average_l0_54/params.npz"
+    assert (tcs[2].threshold is not None) == (hub.arch == "gemma2")          # JumpReLU
+    assert (tcs[2].W_skip is not None) == (hub.arch == "llama")             # skip transcoders
+    if hub.arch in ("gemma2", "llama", "qwen3"):
+        assert hub.files[2] == f"{entry.repo_id}:layer_2.safetensors"
     if hub.arch == "gpt2":
         assert hub.files[2] == ("pchlenski/gpt2-transcoders:final_sparse_autoencoder_gpt2-small_"
                                 "blocks.2.ln2.hook_normalized_24576.pt")
@@ -117,9 +119,17 @@ def _active(ctx, layer, token):
 
 def test_conservation_for_every_target_kind(setup):
     hub, model, tcs, ctx = setup
+    _check_conservation_for_every_target_kind(model, tcs, ctx, hub.n_layers, hub.d_model)
+
+
+def _check_conservation_for_every_target_kind(model, tcs, ctx, n_layers, d_model):
+    """Features of every layer, logit differences, a logit direction, and a
+    residual direction at every site: each target's value is the model's own
+    (pre-activation, pre-softcap logits, cached activations) and its
+    decomposition sums to it within 1e-4."""
     _, cache = model.run_with_cache(ctx.tokens[None])
     checked = 0
-    for layer in range(hub.n_layers):
+    for layer in range(n_layers):
         for token in (2, -1):
             for f in _active(ctx, layer, token)[:2]:
                 t = feature_target(ctx, layer, f, token)
@@ -144,7 +154,7 @@ def test_conservation_for_every_target_kind(setup):
              "resid_post": "blocks.1.hook_resid_post", "ln1": "blocks.1.ln1.hook_normalized",
              "ln2": "blocks.1.ln2.hook_normalized", "ln_final": "ln_final.hook_normalized"}
     for site, hook in names.items():
-        vec = torch.randn(hub.d_model, generator=g)
+        vec = torch.randn(d_model, generator=g)
         t = residual_target(ctx, vec, 1, site, 5)
         assert t.value == pytest.approx(float(cache[hook][0, 5] @ vec), rel=1e-5, abs=1e-4)
         assert decompose(ctx, t).total == pytest.approx(t.value, abs=TOL)
@@ -173,10 +183,15 @@ def test_next_targets_conserve_recursively(setup):
 
 def _run_without(ctx, n, names):
     """The frozen forward (values and MLP outputs frozen too) without one
-    feature's write or one head's move from one source; returns its cache."""
-    hook = remove_feature_write_hook(ctx, n.layer, n.index, n.token) if n.kind == "feature" \
-        else remove_head_value_hook(ctx, n.layer, n.index, n.source)
-    return run_frozen(ctx, [hook], names, values=True, mlps=True)[1]
+    feature's write (every write, for a cross-layer transcoder) or one head's
+    move from one source; returns its cache."""
+    if n.kind != "feature":
+        hooks = [remove_head_value_hook(ctx, n.layer, n.index, n.source)]
+    elif ctx.transcoders.is_cross_layer:
+        hooks = remove_feature_write_hooks(ctx, n.layer, n.index, n.token)
+    else:
+        hooks = [remove_feature_write_hook(ctx, n.layer, n.index, n.token)]
+    return run_frozen(ctx, hooks, names, values=True, mlps=True)[1]
 
 
 def test_logit_contributions_match_brute_force(setup):
@@ -185,6 +200,10 @@ def test_logit_contributions_match_brute_force(setup):
     pre-softcap logit difference by exactly its contribution. Heads share
     key/value heads (grouped-query attention): the removal acts on one query head."""
     _, model, _, ctx = setup
+    _check_logit_contributions_by_brute_force(model, ctx)
+
+
+def _check_logit_contributions_by_brute_force(model, ctx):
     ia, ib = (int(model.to_tokens(s, prepend_bos=False)[0, 0]) for s in (" war", " cat"))
     names = {"unembed.hook_out"}
     _, base_cache = run_frozen(ctx, names=names, values=True, mlps=True)
@@ -251,7 +270,7 @@ def test_clt_registry_resolves_to_the_published_layout(clt_setup):
     for s in range(3):
         assert torch.equal(clt[s].W_enc, w["W_enc"][s]) and torch.equal(clt[s].b_enc, w["b_enc"][s])
         assert torch.equal(clt.output_bias(s), w["b_dec"][s])
-        assert (clt[s].threshold is not None) == (hub.arch == "gemma2")
+        assert (clt[s].threshold is not None) == (hub.arch == "llama")
         assert clt.target_layers(s) == list(range(s, 3))
         for t in range(s, 3):
             assert torch.equal(clt.decoder_to(s, t), w["W_dec"][s][:, t - s])
@@ -326,6 +345,17 @@ def test_clt_conservation_recursion_and_brute_force(clt_setup):
         _, cache = run_frozen(ctx, hooks, {name}, values=True, mlps=True)
         new = float(clt[2].pre_activation(cache[name][0, -1])[ft.node.index])
         assert base_val - new == pytest.approx(c.value, abs=1e-4), c.node
+
+
+def test_clt_conservation_for_every_target_kind(clt_setup):
+    hub, _, model, clt, ctx = clt_setup
+    _check_conservation_for_every_target_kind(model, clt, ctx, hub.n_layers, hub.d_model)
+
+
+def test_clt_logit_contributions_match_brute_force(clt_setup):
+    """Features (all their writes removed) and heads, grouped-query included."""
+    _, _, model, _, ctx = clt_setup
+    _check_logit_contributions_by_brute_force(model, ctx)
 
 
 def test_clt_invariant_connections_sum_over_target_layers(clt_setup):
@@ -515,8 +545,8 @@ def test_clt_index_dashboards_weight_views_and_explorer(clt_setup, tmp_path):
 
 @torch.no_grad()
 def test_evaluation_matches_a_hand_written_hook_pass(setup):
-    """evaluate_transcoders on each architecture (Llama's layer 1 is a skip
-    transcoder): CE with the MLP replaced or zero-ablated, L0 and FVU equal a
+    """evaluate_transcoders on each architecture (Llama's are skip
+    transcoders): CE with the MLP replaced or zero-ablated, L0 and FVU equal a
     hand-written pass with the transcoders as written."""
     import torch.nn.functional as F
 
