@@ -54,21 +54,35 @@ def gpt2_environment() -> dict[str, str]:
 # The export shows self-contained HTML before a live widget: offline, a widget
 # view is an empty box (its JavaScript would come from a CDN).
 EXPORT_PRIORITY = ["text/html", "application/javascript", "text/markdown", "image/svg+xml",
-                   "text/vnd.mermaid", "text/latex", "image/png", "image/jpeg", "text/plain",
+                   "text/latex", "image/png", "image/jpeg", "text/plain",
                    "application/vnd.jupyter.widget-view+json"]
+
+# nbconvert's lab template, less the three scripts it takes from cdnjs: require.js
+# (which only classic widget/ipython outputs use; ours carry their own JS),
+# MathJax (our notebooks' text has no TeX) and mermaid (no diagrams). Offline
+# each is a failed request; online, a page that phones a CDN on every open.
+OFFLINE_TEMPLATE = """{%- extends 'index.html.j2' -%}
+{%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+"""
 
 
 def export_html(nb) -> str:
-    """nbconvert's HTML (lab template) of an executed notebook, viewable offline."""
+    """nbconvert's HTML (lab template) of an executed notebook, viewable offline:
+    the page fetches nothing from the network (:data:`OFFLINE_TEMPLATE`)."""
     import copy
 
+    import jinja2
     from nbconvert import HTMLExporter
     from traitlets.config import Config
 
     nb = copy.deepcopy(nb)
     # No live widgets in the page, so no widget manager fetched from a CDN.
     nb.metadata.pop("widgets", None)
-    exporter = HTMLExporter(config=Config({"NbConvertBase": {"display_data_priority": EXPORT_PRIORITY}}))
+    exporter = HTMLExporter(config=Config({"NbConvertBase": {"display_data_priority": EXPORT_PRIORITY}}),
+                            extra_loaders=[jinja2.DictLoader({"tcx_offline.html.j2": OFFLINE_TEMPLATE})],
+                            template_file="tcx_offline.html.j2")
     body, _ = exporter.from_notebook_node(nb)
     return body
 

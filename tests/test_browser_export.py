@@ -1,8 +1,9 @@
 """The exported notebook as a reader meets it: scripts/run_notebooks.py runs a
 small notebook (circuit graph widget, explorer, two plotly figures) and exports
 it to HTML; Debian's Chromium opens that page with the network switched off.
-The graph's SVG, its dashboards, the explorer's dashboard and both figures must
-be there. Screenshots go to artifacts/screenshots/.
+The page must make no network request at all (no failed request), and the
+graph's SVG, its dashboards, the explorer's dashboard and both figures must be
+there. Screenshots go to artifacts/screenshots/.
 
 Its own module: test_browser.py keeps a Playwright session open for its
 module-scoped JupyterLab fixture, and Playwright's sync API allows one at a time.
@@ -49,8 +50,9 @@ circuit_graph_widget(paths, dashboard=feature_dashboard_html(index, model, trans
 
 def test_exported_notebook_shows_graph_dashboard_and_figures_offline(tmp_path):
     """The runner's HTML export, opened in Chromium with the network switched
-    off: the graph's SVG, a dashboard (the graph panel's and the explorer's)
-    and both plotly figures are there, and nbconvert warned about nothing."""
+    off: it requests nothing but itself (so no request fails), the graph's SVG,
+    a dashboard (the graph panel's and the explorer's) and both plotly figures
+    are there, and nbconvert warned about nothing."""
     if not _demo_available():
         pytest.skip("needs the demo model tiny-years (pretrained/tiny-years)")
     _ensure_chromium()
@@ -84,9 +86,11 @@ def test_exported_notebook_shows_graph_dashboard_and_figures_offline(tmp_path):
         context.route("**/*", lambda route: route.abort()
                       if not route.request.url.startswith(("file:", "blob:", "data:")) else route.continue_())
         page = context.new_page()
-        errors = []
+        errors, failed, requested = [], [], []
         page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(page_path.as_uri())
+        page.on("requestfailed", lambda r: failed.append(f"{r.url[:120]}: {r.failure}"))
+        page.on("request", lambda r: requested.append(r.url[:120]))
+        page.goto(page_path.as_uri(), wait_until="networkidle")
         page.wait_for_selector(".tcx-embed[data-ready='1'] svg .tcx-node[data-node-id]", timeout=30_000)
         assert page.locator(".tcx-embed svg .tcx-node").count() >= 3
         assert page.locator(".tcx-embed svg .tcx-edge").count() >= 2
@@ -109,3 +113,5 @@ def test_exported_notebook_shows_graph_dashboard_and_figures_offline(tmp_path):
         page.screenshot(path=str(SHOTS / "export_notebook_offline.png"), full_page=True)
         browser.close()
     assert not errors, errors
+    assert not failed, failed
+    assert not [url for url in requested if not url.startswith(("file:", "data:", "blob:"))], requested

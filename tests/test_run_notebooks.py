@@ -1,6 +1,8 @@
-"""The kernels that run our notebooks talk over IPC sockets, not TCP, both in
-scripts/run_notebooks.py and under ``pytest --nbval-lax notebooks`` (make test),
-whose kernels notebooks/conftest.py configures."""
+"""scripts/run_notebooks.py: the kernels that run our notebooks talk over IPC
+sockets, not TCP, both in the runner and under ``pytest --nbval-lax notebooks``
+(make test), whose kernels notebooks/conftest.py configures; the HTML export
+names no network resource for the browser to fetch."""
+import re
 import shutil
 import subprocess
 import sys
@@ -50,3 +52,29 @@ def test_runner_kernels_use_ipc(tmp_path):
         sys.path.pop(0)
     km = ipc_kernel_manager(tmp_path)(kernel_name="python3")
     assert km.transport == "ipc" and km.ip == str(tmp_path / "kernel-ipc")
+
+
+# What a browser fetches by itself: script/img/iframe/link sources, CSS url(), module import().
+FETCHED = re.compile(r"""(?:\bsrc|\bhref)\s*=\s*["']?(https?:)?//|url\(\s*["']?(?:https?:)?//|"""
+                     r"""import\(\s*["'](?:https?:)?//""", re.I)
+
+
+def test_export_names_no_network_resource():
+    """A notebook with markdown, a table, an image and widget-like HTML output
+    exports to a page with no CDN script (require.js, MathJax, mermaid) or other
+    fetched URL; a plain link in the text is allowed (the reader clicks it)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from run_notebooks import export_html
+    finally:
+        sys.path.pop(0)
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# Title\nSome *text*."),
+                nbformat.v4.new_code_cell("1", outputs=[nbformat.v4.new_output(
+                    "execute_result", {"text/html": "<table><tr><td>1</td></tr></table>", "text/plain": "1"},
+                    execution_count=1)])]
+    page = export_html(nb)
+    assert "<table>" in page and "Some <em>text</em>" in page
+    assert not FETCHED.findall(page), [m.group(0) for m in FETCHED.finditer(page)]
+    for cdn in ("require.min.js", "mathjax", "mermaid.esm"):
+        assert cdn not in page.lower()
