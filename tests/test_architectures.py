@@ -1,12 +1,15 @@
-"""Gemma 2, Llama 3 and Qwen 3 (and GPT-2's block at the same size): tiny random
-models built from transformers' own configs (3 layers, d_model 64, every norm
-gain and bias randomised), saved with save_pretrained, served from the offline
-Hugging Face cache under their real Hub ids and loaded through load_model; their
-registry transcoder sets written in the exact published layouts. On each: the
-registry resolves to the right files, conservation for every target kind,
-brute-force frozen-forward checks of individual contributions (features and
-grouped-query heads), recursion, and the replaced model with errors kept equal
-to the original."""
+"""Every analysis on GPT-2, Gemma 2, Llama 3 and Qwen 3, and on the Gemma 2
+and Llama cross-layer transcoders (the coverage matrix is in
+docs/architectures.md). Tiny random models built from transformers' own configs
+(3 layers, d_model 64, every norm gain and bias randomised), saved with
+save_pretrained, served from the offline Hugging Face cache under their real Hub
+ids and loaded through load_model; their registry transcoder sets written in the
+exact published layouts. On each: the registry resolves to the right files;
+per-prompt activations and the explorer; the index, dashboards and weight views;
+replacement (errors kept: the original) and evaluation against a hand-written
+hook pass; conservation for every target kind, brute-force frozen-forward checks
+of individual contributions (features and grouped-query heads) and recursion;
+path search; attribution graphs; interventions."""
 import numpy as np
 import pytest
 import torch
@@ -643,12 +646,25 @@ def test_clt_interventions(clt_setup):
     zero-ablation moves a logit difference by exactly minus the feature's edge
     in the attribution graph (which sums the feature's writes into every later
     MLP output)."""
+    _, _, model, clt, ctx = clt_setup
+    layers_seen = _check_interventions(model, clt, ctx)
+    assert min(layers_seen) < 2      # at least one feature whose writes reach more than one layer
+
+
+def test_interventions(setup):
+    """The same on each architecture's per-layer transcoders (Llama's with skip
+    connections, which an intervention leaves in place)."""
+    _, model, tcs, ctx = setup
+    _check_interventions(model, tcs, ctx)
+
+
+def _check_interventions(model, tcs, ctx) -> set[int]:
+    """The layers of the features it intervened on."""
     from tc_explore.circuits import attribute, logit_diff_target
     from tc_explore.interventions import Intervention, intervene
-    _, _, model, clt, ctx = clt_setup
     top = torch.topk(ctx.logits_at(ctx.n_pos - 1), 2).indices.tolist()
     target = logit_diff_target(ctx, top[0], top[1])
-    graph = attribute(model, clt, ctx, targets=[target], dtype=torch.float64, progress=False)
+    graph = attribute(model, tcs, ctx, targets=[target], dtype=torch.float64, progress=False)
     nodes = graph.nodes
     row = graph.adjacency[graph.node_index(nodes[nodes.kind == "logit"].node_id.iloc[0])].double()
     feats = [i for i in torch.argsort(row.abs(), descending=True).tolist() if nodes.kind.iloc[i] == "feature"]
@@ -661,12 +677,12 @@ def test_clt_interventions(clt_setup):
         # logits by float32 rounding (~1e-6 on Gemma 2, whose frozen norms the
         # bridge reconstructs from the hooked values), hence 1e-5 there
         for constrained, tol in ((False, 1e-6), (True, 1e-5)):
-            res = intervene(model, clt, ctx, [same], constrained=constrained)
+            res = intervene(model, tcs, ctx, [same], constrained=constrained)
             assert (res.logits - res.clean_logits).abs().max() < tol
-        res = intervene(model, clt, ctx, [Intervention.ablate(l, f, p)], constrained=True, metric=target)
+        res = intervene(model, tcs, ctx, [Intervention.ablate(l, f, p)], constrained=True, metric=target)
         assert res.metric_change == pytest.approx(-float(row[i]), abs=1e-5), src.node_id
         layers_seen.add(l)
-    assert min(layers_seen) < 2      # at least one feature whose writes reach more than one layer
+    return layers_seen
 
 
 # -- replacement and evaluation of cross-layer transcoders ---------------------------------
