@@ -81,6 +81,37 @@ def check_feature(feature, d_sae: int, where: str) -> int:
     return feature
 
 
+class NonFiniteError(TcExploreError, ValueError):
+    """Activations holding NaN or infinity (a model or transcoder overflowing,
+    e.g. in float16, or NaN weights); the message names where they appeared."""
+
+
+NON_FINITE_REMEDY = ("The model or its transcoders overflowed (or hold NaN weights) on this input: load "
+                     "the model in float32 (or bfloat16 rather than float16), and check its weights.")
+
+
+def refuse_non_finite(values, what: str, dims: tuple = (), labels: dict | None = None,
+                      remedy: str = NON_FINITE_REMEDY) -> None:
+    """Raise ``NonFiniteError`` if the tensor ``values`` holds NaN or infinity,
+    saying what it is, how many and where the first is (``dims`` names its
+    leading dimensions, e.g. ("position",); ``labels`` maps a dimension to the
+    names of its entries, e.g. token strings). NaN would otherwise flow on into
+    statistics, graphs and exports that look like results."""
+    import torch
+    bad = ~torch.isfinite(values)
+    if not bool(bad.any()):
+        return
+    n_nan = int(torch.isnan(values).sum())
+    n_inf = int(bad.sum()) - n_nan
+    first = torch.nonzero(bad)[0].tolist()
+    parts = []
+    for dim, i in zip(dims, first):
+        names = (labels or {}).get(dim)
+        parts.append(f"{dim} {i}" + (f" ({names[i]!r})" if names is not None and i < len(names) else ""))
+    at = f", the first at {', '.join(parts)}" if parts else ""
+    raise NonFiniteError(f"{what}: {n_nan} NaN and {n_inf} infinite values{at}. {remedy}")
+
+
 class IndexLockedError(TcExploreError):
     """An index folder that another live build or merge holds; the message
     names the holder (pid, host, start time)."""

@@ -53,7 +53,7 @@ import torch
 from .circuits.context import PromptContext, prompt_context, stage_name
 from .circuits.contributions import Target
 from .circuits.frozen import frozen_hooks
-from .errors import InvalidInputError
+from .errors import InvalidInputError, refuse_non_finite
 from .model import (Prompt, check_layer, model_device, single_token_id, to_tokens,
                     token_strings)
 from .transcoder import TranscoderSet
@@ -409,10 +409,14 @@ def intervene(model, transcoders: TranscoderSet, prompt: Prompt | PromptContext,
         ctx = prompt_context(model, transcoders, tokens, prepend_bos=False)
     hooks = _hooks(model, transcoders, checked, ctx if constrained else None, freeze_values)
     clean, before = _run(model, tokens, [], target)
+    strs = {"position": token_strings(model, tokens)}
+    refuse_non_finite(clean, "The logits of the clean run", ("position",), strs)
     logits, after = _run(model, tokens, hooks, target)
+    refuse_non_finite(logits, f"The logits with the interventions ({', '.join(iv.label() for iv, _ in checked)})",
+                      ("position",), strs)
     if metric is not None and target is None:
         before, after = float(metric(clean)), float(metric(logits))
-    return InterventionResult([iv for iv, _ in checked], tokens.cpu(), token_strings(model, tokens), clean.float().cpu(),
+    return InterventionResult([iv for iv, _ in checked], tokens.cpu(), strs["position"], clean.float().cpu(),
                               logits.float().cpu(), bool(constrained), _metric_name(metric),
                               before, after, model=model)
 

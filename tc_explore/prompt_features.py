@@ -13,7 +13,7 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from .errors import InvalidInputError, as_integer, check_feature
+from .errors import InvalidInputError, as_integer, check_feature, refuse_non_finite
 from .model import Prompt, to_tokens, token_strings
 from .transcoder import TranscoderSet
 
@@ -85,6 +85,8 @@ def encode_layers(model, transcoders: TranscoderSet, tokens: torch.Tensor,
     for hook, layer in hooks.items():
         x = cache[hook] if position is None else cache[hook][:, position]
         out[layer] = transcoders[layer].encode(x.to(transcoders.device)).float().cpu()
+        refuse_non_finite(out[layer], f"The layer-{layer} transcoder's feature activations",
+                          ("prompt", "position") if position is None else ("prompt",))
     return out
 
 

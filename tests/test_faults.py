@@ -177,3 +177,51 @@ def test_model_snapshot_hashed_once_per_process(offline_hub, tmp_path, monkeypat
     monkeypatch.setattr(integrity, "_git_blob_sha1", lambda p: hashed.append(p))
     assert integrity.verify_model_snapshot(snapshot) == 5 and hashed == []
     assert integrity.verify_model_snapshot(tmp_path) == 0      # a folder outside the cache
+
+
+# -- NaN and infinity in activations ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def poisoned_demo():
+    """The demo model (a copy of its own) with NaN written into the residual
+    stream at position 3 before layer 1: as a float16 overflow would."""
+    from tc_explore import load_model
+    model = load_model("tiny-years", device="cpu")
+
+    def poison(x, hook):
+        x = x.clone()
+        x[:, 3] = float("nan")
+        return x
+    model.add_hook("blocks.1.hook_resid_pre", poison)
+    return model, load_transcoders("tiny-years", device="cpu")
+
+
+def _prompt():
+    from tc_explore.demo import SyntheticSentences
+    return SyntheticSentences(0).sentence()                # words the demo tokenizer knows
+
+
+PROMPT = _prompt()
+
+
+def test_nan_in_a_prompt_pass_is_refused_naming_hook_and_token(poisoned_demo):
+    from tc_explore.circuits.attribution import attribute
+    from tc_explore.circuits.context import prompt_context
+    from tc_explore.errors import NonFiniteError
+    model, ts = poisoned_demo
+    where = r"residual stream at blocks\.1\.hook_resid_pre on this prompt: \d+ NaN and 0 infinite values, " \
+            r"the first at position 3 \('.*'\)\. .*float32"
+    with pytest.raises(NonFiniteError, match=where):
+        attribute(model, ts, PROMPT)
+    with pytest.raises(NonFiniteError, match=where):       # every decomposition starts from a context
+        prompt_context(model, ts, PROMPT)
+
+
+def test_nan_in_run_prompt_and_interventions_is_refused(poisoned_demo):
+    from tc_explore import Intervention, intervene
+    from tc_explore.errors import NonFiniteError
+    from tc_explore.prompt_features import run_prompt
+    model, ts = poisoned_demo
+    with pytest.raises(NonFiniteError, match=r"layer-1 transcoder's feature activations: \d+ NaN"):
+        run_prompt(model, ts, PROMPT)
+    with pytest.raises(NonFiniteError, match=r"logits of the clean run: \d+ NaN.*position \d+ \('"):
+        intervene(model, ts, PROMPT, Intervention.ablate(0, 3))

@@ -406,3 +406,37 @@ def test_resume_on_a_corpus_that_diverges_later_is_refused(demo_model, demo_tran
                                  **{**SETTINGS, "shard": (i, 2)}).directory for i in range(2)]
     merged = FeatureIndex.merge(shards, tmp_path / "merged")
     assert merged.manifest.fingerprints["corpus_tokens"] == recorded
+
+
+# -- NaN and infinity met by a build ---------------------------------------------------------------
+@pytest.mark.parametrize("value,what", [(float("nan"), r"input held \d+ NaN or infinite values"),
+                                        (3e38, r"activations reached infinity")])
+def test_nan_or_inf_in_a_batch_stops_the_build_at_its_last_good_checkpoint(demo_transcoders, tmp_path,
+                                                                          value, what):
+    """NaN activations would silently drop out of the statistics (NaN > 0 is
+    false) and infinite ones poison every mean: the build refuses, naming the
+    layer and batches, and keeps the checkpoint before them; resumed with a
+    sound model it finishes as an uninterrupted build does."""
+    from tc_explore import load_model
+    from tc_explore.errors import NonFiniteError
+    model = load_model("tiny-years", device="cpu")
+    calls = []
+
+    def poison_third_batch(x, hook):
+        calls.append(1)
+        if len(calls) != 3:
+            return x
+        x = x.clone()
+        x[:, 5] = value * torch.sign(demo_transcoders[2].W_enc[:, 0])      # feature 0 overflows
+        return x
+    model.add_hook(demo_transcoders.input_hook(2), poison_third_batch)     # finite 3e38: encodes to inf
+    out = tmp_path / "idx"
+    with pytest.raises(NonFiniteError, match=rf"Layer 2's transcoder {what} in batches 2\.\.2 of this build "
+                                             rf"\(sequences 4\.\.5\)(: \d+ features have a non-finite activation "
+                                             rf"sum \(first \[[\d, ]+\]\))?\. The build stops there; .* keeps its "
+                                             rf"checkpoint at batch 2\."):
+        _build(model, demo_transcoders, out, n_seq=8)
+    assert json.loads((out / "manifest.json").read_text())["batches_done_hint"] == 2
+    model.reset_hooks()
+    resumed = _build(model, demo_transcoders, out, n_seq=8)
+    assert _files(resumed.directory) == _files(_build(model, demo_transcoders, tmp_path / "clean", n_seq=8).directory)

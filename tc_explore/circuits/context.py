@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..architecture import Architecture, architecture
-from ..errors import IncompatibleTranscoderError, InvalidInputError, as_integer
+from ..errors import IncompatibleTranscoderError, InvalidInputError, as_integer, refuse_non_finite
 from ..model import (HOOK_EMBED, HOOK_LN_FINAL_SCALE, HOOK_POS_EMBED, ModelWeights, Prompt,
                      hook_attn_pattern, hook_attn_v, hook_ln1_post_scale, hook_ln1_scale,
                      hook_ln2_normalized, hook_ln2_out, hook_ln2_post_scale, hook_ln2_scale,
@@ -173,6 +173,8 @@ class PromptContext:
         tc = self.transcoders[layer]
         x = self.mlp_in[layer].to(tc.dtype)
         acts = tc.encode(x)                       # [pos, d_sae]
+        refuse_non_finite(acts, f"The layer-{layer} transcoder's feature activations on this prompt",
+                          ("position",), {"position": self.token_strs})
         # A cross-layer transcoder's output at a layer needs every earlier
         # layer's features: it is assembled in transcoder_out.
         out = None if self.transcoders.is_cross_layer else tc.decode(acts, x)  # [pos, d_model]
@@ -337,7 +339,22 @@ def prompt_context(model, transcoders: TranscoderSet, prompt: Prompt, prepend_bo
         ln1_post_scale=stack(hook_ln1_post_scale)[..., 0] if arch.has_post_norms else None,
         ln2_post_scale=stack(hook_ln2_post_scale)[..., 0] if arch.has_post_norms else None,
         cache_encodings=cache_encodings)
+    _refuse_non_finite_context(ctx)
     if encode_now and cache_encodings:
         for layer in transcoders.layers:
             ctx.feature_acts(layer)
     return ctx
+
+
+def _refuse_non_finite_context(ctx: PromptContext) -> None:
+    """NaN or infinity anywhere in the cached pass would turn every
+    contribution, path and graph edge into NaN without an error: refused,
+    naming the first hook and token where it appears."""
+    L, where = ctx.n_layers, {"position": ctx.token_strs}
+    for stage in range(2 * L + 1):
+        refuse_non_finite(ctx.resid[stage], f"The residual stream at {stage_name(stage, L)} on this prompt",
+                          ("position",), where)
+    for layer in range(L):
+        refuse_non_finite(ctx.mlp_in[layer], f"The layer-{layer} MLP input on this prompt", ("position",), where)
+        refuse_non_finite(ctx.mlp_target[layer], f"The layer-{layer} MLP output on this prompt",
+                          ("position",), where)

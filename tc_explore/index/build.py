@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from ..corpus import Corpus, as_corpus
-from ..errors import FingerprintMismatchError, InvalidInputError, as_integer
+from ..errors import (NON_FINITE_REMEDY, FingerprintMismatchError, InvalidInputError, NonFiniteError,
+                      as_integer)
 from ..integrity import (atomic_write, fingerprint_difference, model_fingerprint, reading,
                          replace_folder, tokenizer_digest)
 from ..model import check_context
@@ -259,6 +260,7 @@ def _run_batches(model, transcoders: TranscoderSet, out: Path, manifest: IndexMa
     tokens_file = pq.ParquetFile(out / "tokens.parquet")
     bar = _progress(n_batches, done, s.progress)
     updates = _Background()
+    nonfinite: dict = {}                                        # layer -> NaN/inf inputs (device counts)
     new_batches = 0
     last_saved = done
     for b in range(done, n_batches):
@@ -282,19 +284,20 @@ def _run_batches(model, transcoders: TranscoderSet, out: Path, manifest: IndexMa
                                first_token)
 
         with torch.inference_mode():
-            stream_encodings(model, transcoders, layers, toks, consume)
+            stream_encodings(model, transcoders, layers, toks, consume, nonfinite=nonfinite)
         del gathered
         new_batches += 1
         bar.update(1)
         if (b + 1) % s.checkpoint_every == 0 and b + 1 < n_batches:
             updates.wait()
-            _save_checkpoint(out, b + 1, accs)
+            _save_checkpoint(out, b + 1, accs, nonfinite)
             last_saved = b + 1
     updates.close()
     bar.close()
     reached = done + new_batches
+    _refuse_non_finite(out, accs, nonfinite, reached)
     if reached < n_batches and reached > last_saved:
-        _save_checkpoint(out, reached, accs)
+        _save_checkpoint(out, reached, accs, nonfinite)
     return reached
 
 
@@ -633,7 +636,36 @@ def _record_corpus_digest(out: Path, manifest: IndexManifest, digest: str) -> No
         atomic_write_json(out / "manifest.json", on_disk)
 
 
-def _save_checkpoint(out: Path, batches_done: int, accs: dict) -> None:
+def _refuse_non_finite(out: Path, accs: dict, nonfinite: dict, reached: int) -> None:
+    """Refuse to checkpoint or finish a build whose model passes met NaN or
+    infinite values (a model or transcoder overflowing, e.g. in float16):
+    NaN inputs silently drop out of the statistics, infinite activations make
+    every later mean and top example meaningless. The last checkpoint, before
+    the batches at fault, stays; the message names the layer and batches."""
+    m = read_manifest(out, f"{out} lost its manifest.json during the build.")
+    saved = int(m.get("batches_done_hint") or 0)
+    first_seq = m["sequence_start"] + saved * m["batch_size"]
+    last_seq = min(m["sequence_start"] + reached * m["batch_size"], m["sequence_stop"]) - 1
+    where = f"in batches {saved}..{reached - 1} of this build (sequences {first_seq}..{last_seq})"
+    kept = f"keeps its checkpoint at batch {saved}" if saved else "has no checkpoint yet"
+    stops = f"The build stops there; {out} {kept}. {NON_FINITE_REMEDY}"
+    for layer in sorted(nonfinite):
+        n = int(nonfinite[layer])
+        if n:
+            raise NonFiniteError(f"Layer {layer}'s transcoder input held {n} NaN or infinite values "
+                                 f"{where}. {stops}")
+    for layer, acc in accs.items():
+        act_sum = acc.act_sum[acc.rows[layer]]                   # per feature, over all batches so far
+        bad = ~torch.isfinite(act_sum)
+        if bool(bad.any()):
+            features = torch.nonzero(bad).flatten()[:5].tolist()
+            raise NonFiniteError(
+                f"Layer {layer}'s transcoder activations reached infinity {where}: {int(bad.sum())} "
+                f"features have a non-finite activation sum (first {features}). {stops}")
+
+
+def _save_checkpoint(out: Path, batches_done: int, accs: dict, nonfinite: dict) -> None:
+    _refuse_non_finite(out, accs, nonfinite, batches_done)
     with atomic_write(out / "checkpoint.pt") as tmp:
         torch.save({"batches_done": batches_done,
                     "layers": {layer: acc.state(layer) for layer, acc in accs.items()}}, tmp)

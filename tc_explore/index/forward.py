@@ -43,13 +43,17 @@ def sequence_chunks(n_seq: int, seq_len: int, d_sae: int, element_size: int,
 
 def stream_encodings(model, transcoders: TranscoderSet, layers: Sequence[int], tokens: torch.Tensor,
                      consume: Callable[[int, Iterator[tuple[int, torch.Tensor]]], None],
-                     chunk_bytes: int = CHUNK_BYTES) -> None:
+                     chunk_bytes: int = CHUNK_BYTES, nonfinite: dict | None = None) -> None:
     """One forward pass over ``tokens [n_seq, seq_len]``; as it reaches layer
     ``l``'s transcoder input, calls ``consume(l, chunks)`` where ``chunks``
     yields ``(first_sequence, acts [n, seq_len, d_sae])`` on the
     transcoders' device, encoded lazily one chunk at a time (consume each
     before asking for the next to keep one chunk alive). Layers come in the
-    order the forward reaches them. Call under ``torch.inference_mode()``."""
+    order the forward reaches them. Call under ``torch.inference_mode()``.
+    ``nonfinite``, if given, counts each layer's NaN and infinite input values
+    (``{layer: 0-d tensor}``, added to on the device, so no host sync here):
+    NaN activations would otherwise vanish from the statistics unnoticed
+    (``NaN > 0`` is false), and the build checks the counts when it checkpoints."""
     n_seq, seq_len = tokens.shape
     by_hook: dict[str, list[int]] = {}
     for layer in layers:
@@ -66,6 +70,10 @@ def stream_encodings(model, transcoders: TranscoderSet, layers: Sequence[int], t
             if name not in pending:                 # a repeated call (an alias of the same point)
                 return None
             pending.discard(name)
+            if nonfinite is not None:
+                bad = torch.count_nonzero(~torch.isfinite(x))
+                for layer in by_hook[name]:
+                    nonfinite[layer] = nonfinite[layer] + bad if layer in nonfinite else bad
             for layer in by_hook[name]:
                 consume(layer, chunks(transcoders[layer], x))
             if not pending:
