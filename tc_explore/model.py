@@ -154,6 +154,7 @@ def load_model(name_or_path: Any, device: str | torch.device | None = None,
 
 
     source = local_model_path(str(name_or_path)) or str(name_or_path)
+    label = model_label(str(name_or_path), source)
     if not os.path.isdir(source) and not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source):
         raise InvalidInputError(
             f"Model {source!r} is neither a directory (none exists there) nor a Hub model id "
@@ -169,6 +170,7 @@ def load_model(name_or_path: Any, device: str | torch.device | None = None,
             _verify_model_files(source)
             model = HookedTransformer.from_pretrained(source, device=device, dtype=dtype)
             _verify_model_files(source)
+            model.cfg.model_name = label
             return model
         return _with_offline_hint(source, boot_hooked)
 
@@ -184,9 +186,22 @@ def load_model(name_or_path: Any, device: str | torch.device | None = None,
         # (fold LN, centre writing weights and unembedding, fold value biases).
         bridge.enable_compatibility_mode(disable_warnings=True, no_processing=not process)
         bridge.eval()
+        bridge.cfg.model_name = label
         return bridge
 
     return _with_offline_hint(source, boot)
+
+
+def model_label(name: str, source: str) -> str:
+    """What a loaded model is called in titles, dashboards and index manifests
+    (``cfg.model_name``): the name it was asked for by (a Hub id such as
+    ``"gpt2"``, or the registry name of a model that ships with tc_explore,
+    such as ``"tiny-years"``), or, for a directory, the directory's own name:
+    never a full local path, which would put this machine's layout into
+    exported pages and pushed indexes."""
+    if source != name or not os.path.isdir(source):
+        return name
+    return Path(source).resolve().name or name
 
 
 def _verify_model_files(source: str) -> None:

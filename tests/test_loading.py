@@ -159,3 +159,26 @@ def test_unreachable_hub_reads_the_cache_at_once_and_says_so(offline_hub, tmp_pa
         assert "cannot be reached" in text and "http://127.0.0.1:9" in text
         assert ("hf download" in text) if key != "dataset_error" else ("hub_slice(" in text)
         assert "HF_HUB_OFFLINE=1" in text
+
+
+def test_model_is_named_by_its_id_or_folder_never_a_local_path(offline_hub, tiny_model, demo_model, tmp_path):
+    """cfg.model_name, which dashboards, index manifests and pushed index cards
+    show, is the Hub id or registry name asked for, or a directory's own name."""
+    from tc_explore.dashboard import dashboard_html, feature_dashboard
+    from tc_explore.index import FeatureIndex
+    from tc_explore.demo import SyntheticSentences
+    from tc_explore.testing import build_tiny_gpt2
+
+    assert tiny_model.cfg.model_name == "gpt2"
+    assert demo_model.cfg.model_name == "tiny-years"
+    folder = build_tiny_gpt2(tmp_path / "my-model")
+    assert load_model(str(folder), device="cpu").cfg.model_name == "my-model"
+    demo_tcs = load_transcoders("tiny-years", device="cpu")
+    texts = [SyntheticSentences(seed=0).sentence() for _ in range(40)]
+    index = FeatureIndex.build(demo_model, demo_tcs, texts, 128, tmp_path / "idx",
+                               layers=[0], k=3, n_samples=4, batch_size=4)
+    assert index.manifest.model == "tiny-years" and "model='tiny-years'" in repr(index)
+    feature = int(index.table(0, "stats").sort_values("n_firing")["feature"].iloc[-1])
+    page = dashboard_html(feature_dashboard(index, 0, feature))
+    header = page[page.index('class="tcx-stats"'):][:200]
+    assert "tiny-years on tiny-years" in header and "/" not in header.split("·")[0]
