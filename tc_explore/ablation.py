@@ -8,11 +8,11 @@ hooks, so a curve runs on every model and transcoder set interventions do.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import pandas as pd
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, as_count, as_integer, as_number
 from .interventions import Hook, Intervention, Positions, intervention_hooks
 from .transcoder import TranscoderSet
 
@@ -41,15 +41,22 @@ def ranking_from(source, k: int | None = None) -> list[tuple[int, int]]:
         col = "feature" if "feature" in frame.columns else "index"
         if "layer" not in frame.columns or col not in frame.columns:
             raise InvalidInputError("A ranking DataFrame needs 'layer' and 'feature' (or 'index') columns.")
-        pairs = list(zip(frame.layer.astype(int).tolist(), frame[col].astype(int).tolist()))
+        # Columns with gaps (NaN for other node kinds) hold whole numbers as floats.
+        whole = lambda v: int(v) if isinstance(v, float) and v.is_integer() else v  # noqa: E731
+        source = [(whole(l), whole(f)) for l, f in zip(frame.layer.tolist(), frame[col].tolist())]
+    if isinstance(source, PathSearchResult):
+        pass
+    elif isinstance(source, (str, bytes)) or not isinstance(source, Iterable):
+        raise InvalidInputError("A ranking is a list of (layer, feature) pairs, a DataFrame, a "
+                                f"Decomposition or a PathSearchResult; got {type(source).__name__}.")
     else:
-        try:
-            pairs = [(int(l), int(f)) for l, f in source]
-        except (TypeError, ValueError):
-            raise InvalidInputError("A ranking is a list of (layer, feature) pairs, a DataFrame, a "
-                                    "Decomposition or a PathSearchResult.") from None
+        pairs = []
+        for item in source:
+            if not (isinstance(item, (tuple, list)) and len(item) == 2):
+                raise InvalidInputError(f"A ranking is a list of (layer, feature) pairs; got the item {item!r:.60}.")
+            pairs.append((as_integer(item[0], "a ranking's layer"), as_integer(item[1], "a ranking's feature")))
     out = list(dict.fromkeys(pairs))
-    return out if k is None else out[:k]
+    return out if k is None else out[:as_count(k, "k", minimum=0)]
 
 
 def ablation_curve(model, transcoders: TranscoderSet, ranking, score: Callable[[list[Hook]], float],
@@ -79,17 +86,19 @@ def ablation_curve(model, transcoders: TranscoderSet, ranking, score: Callable[[
     if keep and positions is not None:
         raise InvalidInputError("keep=True replaces whole MLP layers: positions must be None.")
     layers = sorted({l for l, _ in pairs})
+    if isinstance(ks, (str, bytes)) or not isinstance(ks, Iterable):
+        raise InvalidInputError(f"ks must be a list of feature counts such as (0, 1, 2, 4), got {ks!r:.60}.")
     rows = []
     for k in ks:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise InvalidInputError(f"each k must be a non-negative integer, got {k!r}.")
+        k = as_count(k, "each k", minimum=0)
         top = pairs[:k]
         if keep:
             kept = {l: [f for ll, f in top if ll == l] for l in layers}
             hooks = transcoder_hooks(model, transcoders, layers, keep_features=kept)
         else:
             hooks = intervention_hooks(model, transcoders, [Intervention.ablate(l, f, positions) for l, f in top])
-        rows.append({"kind": kind, "k": min(k, len(pairs)), value_name: float(score(hooks))})
+        rows.append({"kind": kind, "k": min(k, len(pairs)),
+                     value_name: as_number(score(hooks), f"score's value (k={k})")})
     return pd.DataFrame(rows, columns=["kind", "k", value_name])
 
 
@@ -101,6 +110,8 @@ def ablation_curve_figure(curve: pd.DataFrame, references: Sequence[str] = ("ori
     horizontal line for each reference kind present (e.g. the original model)."""
     import plotly.graph_objects as go
 
+    if not isinstance(curve, pd.DataFrame):
+        raise InvalidInputError(f"curve must be the DataFrame of ablation_curve, got {type(curve).__name__}.")
     value = [c for c in curve.columns if c not in ("kind", "k")]
     if len(value) != 1 or not {"kind", "k"} <= set(curve.columns):
         raise InvalidInputError("The curve needs columns kind, k and exactly one value column.")

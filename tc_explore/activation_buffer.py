@@ -7,22 +7,27 @@ from typing import Iterator
 import torch
 
 from .errors import InvalidInputError
-from .model import model_device
+from .model import model_device, token_id_tensor
 
 
-def _sequence_batches(tokens, batch_size: int, skip: int) -> Iterator[torch.Tensor]:
+def _sequence_batches(tokens, batch_size: int, skip: int, d_vocab: int | None = None
+                      ) -> Iterator[torch.Tensor]:
     """Batches of token sequences from a [n, ctx] tensor or an iterable of
-    [b, ctx] tensors, after skipping ``skip`` sequences."""
+    [b, ctx] tensors, after skipping ``skip`` sequences; every batch checked
+    (integer ids inside ``0..d_vocab - 1``: never rounded, never out of range)."""
+    if isinstance(tokens, (str, bytes)) or not (isinstance(tokens, torch.Tensor) or hasattr(tokens, "__iter__")):
+        raise InvalidInputError(f"tokens must be an integer tensor [n_sequences, ctx] or an iterable of "
+                                f"[batch, ctx] token tensors, got {type(tokens).__name__} {tokens!r:.60}.")
     if isinstance(tokens, torch.Tensor):
         if tokens.ndim != 2 or tokens.dtype not in (torch.long, torch.int32, torch.int64):
             raise InvalidInputError(f"tokens must be an integer tensor [n_sequences, ctx], got "
                                     f"{tuple(tokens.shape)} {tokens.dtype}.")
-        for start in range(skip, tokens.shape[0], batch_size):
-            yield tokens[start:start + batch_size]
-        return
+        if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+            raise InvalidInputError(f"tokens is empty ({tuple(tokens.shape)}): give at least one sequence.")
+        tokens = [tokens]
     pending = skip
     for batch in tokens:
-        batch = torch.as_tensor(batch)
+        batch = token_id_tensor(batch, d_vocab, "training tokens")
         if batch.ndim == 1:
             batch = batch[None]
         if batch.ndim != 2:
@@ -48,7 +53,7 @@ class ActivationBuffer:
         self.in_hooks, self.out_hooks = in_hooks, out_hooks
         self.names = set(in_hooks) | set(out_hooks)
         self.capacity = capacity
-        self.stream = _sequence_batches(tokens, model_batch_size, skip_sequences)
+        self.stream = _sequence_batches(tokens, model_batch_size, skip_sequences, int(model.cfg.d_vocab))
         self.sequences_consumed = skip_sequences
         self.generator = torch.Generator().manual_seed(seed)
         self.stop_layer = self._stop_layer()

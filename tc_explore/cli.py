@@ -48,6 +48,8 @@ def parse_count(text: str) -> int:
     value = int(value)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: the count must be at least 1.")
+    if value >= 2 ** 63:
+        raise argparse.ArgumentTypeError(f"{text!r} is too large a count (at most 2**63 - 1).")
     return value
 
 
@@ -95,15 +97,11 @@ def _positive(text: str) -> int:
 
 
 def _device(text: str) -> str:
-    import torch
+    from .model import as_device
     try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a device: use cpu, cuda or cuda:N.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: this machine has no CUDA device (torch "
-                                         f"{torch.__version__}); use --device cpu.")
+        as_device(text)
+    except TcExploreError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
     return text
 
 
@@ -223,6 +221,9 @@ def _corpus(args, model):
 
 
 def _check_budget(args) -> None:
+    if args.tokens >= 2 ** 32:   # before the corpus is tokenized for it (FeatureIndex.build refuses too)
+        raise TcExploreError(f"--tokens {args.tokens:,} is too large for one index (at most 2**32 tokens); "
+                             "build shards (--shard I/N) and keep them as separate indexes.")
     if args.tokens % args.seq_len:
         lo = args.tokens // args.seq_len * args.seq_len
         raise TcExploreError(
@@ -278,11 +279,10 @@ def cmd_index_merge(args) -> int:
 
 def describe(directory: str | os.PathLike) -> str:
     """A human summary of an index directory's manifest, finished or not."""
-    path = Path(directory) / "manifest.json"
-    if not path.is_file():
-        raise TcExploreError(f"{directory} is not a feature index (no manifest.json).")
-    m = json.loads(path.read_text(encoding="utf-8"))
-    corpus = m.get("corpus", {})
+    from .store import read_manifest
+    m = read_manifest(Path(directory), f"{directory} is not a feature index (no manifest.json).")
+    corpus = m.get("corpus") if isinstance(m.get("corpus"), dict) else {}
+    count = lambda key: f"{m[key]:,}" if isinstance(m.get(key), int) else "?"  # noqa: E731
     state = "complete" if m.get("complete") else (
         f"unfinished: {m.get('batches_done_hint', 0)} of {m.get('n_batches')} batches checkpointed; "
         "run the same build command again to resume")
@@ -293,11 +293,11 @@ def describe(directory: str | os.PathLike) -> str:
         f"transcoders  {m.get('transcoder_set')} ({m.get('transcoder_repo')} @ {m.get('revision')})",
         f"corpus       {corpus.get('name', corpus.get('kind'))}"
         + "".join(f", {key} {corpus[key]}" for key in ("config", "split", "seed") if corpus.get(key) is not None),
-        f"tokens       {m.get('n_tokens'):,} ({m.get('n_sequences'):,} sequences x {m.get('seq_len')}; "
-        f"{m.get('n_tokens_counted'):,} counted, BOS left out)",
+        f"tokens       {count('n_tokens')} ({count('n_sequences')} sequences x {m.get('seq_len')}; "
+        f"{count('n_tokens_counted')} counted, BOS left out)",
         f"sequences    {m.get('sequence_start')}..{m.get('sequence_stop')} of {m.get('total_sequences')}",
         f"layers       {m.get('layers')}, features per layer "
-        f"{sorted(set(m.get('d_sae', {}).values())) or '?'}",
+        f"{sorted(set(m['d_sae'].values())) if isinstance(m.get('d_sae'), dict) and m['d_sae'] else '?'}",
         f"settings     k {m.get('k')}, samples {m.get('n_samples')}, window {m.get('window')}, "
         f"batch {m.get('batch_size')}, seed {m.get('seed')}",
     ]
@@ -312,10 +312,9 @@ def describe(directory: str | os.PathLike) -> str:
 
 def cmd_index_info(args) -> int:
     if args.json:
-        path = Path(args.index) / "manifest.json"
-        if not path.is_file():
-            raise TcExploreError(f"{args.index} is not a feature index (no manifest.json).")
-        print(path.read_text(encoding="utf-8"))
+        from .store import read_manifest
+        print(json.dumps(read_manifest(Path(args.index), f"{args.index} is not a feature index "
+                                       "(no manifest.json)."), indent=2, sort_keys=True))
     else:
         print(describe(args.index))
     return 0

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .errors import InvalidInputError, OfflineFileMissingError, TokenizationWarning
+from .errors import InvalidInputError, OfflineFileMissingError, TokenizationWarning, as_count
 from .model import token_id_tensor
 
 # Documents are tokenized this many at a time (fast tokenizers batch well).
@@ -100,9 +100,9 @@ class Corpus:
     _warned_unknown: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        if int(self.seq_len) < 2:
+        self.seq_len = as_count(self.seq_len, "seq_len")
+        if self.seq_len < 2:
             raise InvalidInputError(f"seq_len must be at least 2 (BOS and one token), got {self.seq_len}.")
-        self.seq_len = int(self.seq_len)
         self.description = {**self.description, "seq_len": self.seq_len,
                             "bos_token_id": self.bos_token_id,
                             "separator_token_id": self.separator_token_id}
@@ -113,6 +113,9 @@ class Corpus:
                    name: str = "texts", bos_token_id: int | None = None,
                    separator_token_id: int | None = None) -> "Corpus":
         """A list of strings; ``seed=None`` keeps their order."""
+        if isinstance(texts, (str, bytes)):
+            raise InvalidInputError(f"from_texts takes a list of strings, got one string {texts!r:.60}: "
+                                    "wrap it in a list.")
         texts = list(texts)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise InvalidInputError("from_texts needs a non-empty list of strings.")
@@ -172,6 +175,9 @@ class Corpus:
             raise InvalidInputError(
                 f"The dataset has no column {text_column!r}; its columns are {list(features)}. "
                 "Pass text_column=.")
+        if not isinstance(dataset, (datasets.Dataset, datasets.IterableDataset)):
+            raise InvalidInputError(f"from_dataset takes a datasets.Dataset or IterableDataset, got "
+                                    f"{type(dataset).__name__}; use from_texts for a list of strings.")
         streaming = isinstance(dataset, datasets.IterableDataset)
         dataset = _shuffled(dataset, seed, shuffle_buffer)
         tok = _tokenizer_of(model_or_tokenizer)
@@ -316,6 +322,9 @@ class Corpus:
                 start: int = 0) -> Iterator[np.ndarray]:
         """``[<=batch_size, seq_len]`` int64 arrays of sequences ``start ..
         start + n_sequences`` (all remaining when None)."""
+        batch_size, start = as_count(batch_size, "batch_size"), as_count(start, "start", minimum=0)
+        if n_sequences is not None:
+            n_sequences = as_count(n_sequences, "n_sequences", minimum=0)
         stop = None if n_sequences is None else start + n_sequences
         if self.fixed is not None:                                  # slices, no Python loop
             stop = len(self.fixed) if stop is None else min(stop, len(self.fixed))
@@ -391,7 +400,8 @@ class Corpus:
     def take(self, n_sequences: int, start: int = 0) -> torch.Tensor:
         """Sequences ``start .. start + n_sequences`` as a ``[n, seq_len]`` tensor;
         raises if the corpus is shorter."""
-        parts = list(self.batches(max(1, n_sequences), n_sequences, start))
+        n_sequences = as_count(n_sequences, "n_sequences")
+        parts = list(self.batches(n_sequences, n_sequences, start))
         got = sum(len(p) for p in parts)
         if got < n_sequences:
             raise InvalidInputError(
@@ -430,8 +440,7 @@ def hub_slice(path: str, n_documents: int, name: str | None = None, split: str =
 
     from .hub_access import hub_access
 
-    if isinstance(n_documents, bool) or not isinstance(n_documents, int) or n_documents < 1:
-        raise InvalidInputError(f"n_documents must be a positive integer, got {n_documents!r}.")
+    n_documents = as_count(n_documents, "n_documents")
     directory = hub_slice_directory(path, n_documents, name, split, revision, text_column)
     if (directory / "dataset_info.json").is_file():
         return datasets.load_from_disk(str(directory))
@@ -529,7 +538,7 @@ def _file_lock(path: Path):
 def _permutation(n: int, seed: int | None) -> list[int]:
     if seed is None:
         return list(range(n))
-    return np.random.default_rng(seed).permutation(n).tolist()
+    return np.random.default_rng(as_count(seed, "seed", minimum=0)).permutation(n).tolist()
 
 
 def _chunks(it: Iterable, size: int) -> Iterator[list]:

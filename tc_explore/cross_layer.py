@@ -7,9 +7,10 @@ from typing import Callable, Mapping
 
 import torch
 
-from .errors import InvalidInputError
+from .errors import IncompatibleTranscoderError, InvalidInputError
+from .integrity import reading
 from .integrity import transcoder_fingerprint
-from .formats.clt import (read_clt_decoder_rows, read_clt_decoder_sum, read_clt_decoder_target,
+from .formats.clt import (clt_decoder_shape, read_clt_decoder_rows, read_clt_decoder_sum, read_clt_decoder_target,
                           read_clt_encoder)
 from .model import layer_hook
 from .transcoder import LayerInfo, Transcoder, TranscoderSet
@@ -57,6 +58,16 @@ class CrossLayerTranscoderSet(TranscoderSet):
         self._biases[layer] = t["b_dec"]
         path = self._decoder_path(layer)
         n_targets = self.n_layers - layer
+        # Checked before reading: a decoder with too many target layers would
+        # otherwise be summed over the first n_targets only, silently.
+        with reading(path, "cross-layer decoder file"):
+            shape = clt_decoder_shape(path, layer)
+        d_model, d_sae = t["W_enc"].shape
+        if tuple(shape) != (d_sae, n_targets, d_model):
+            raise IncompatibleTranscoderError(
+                f"{path}: W_dec_{layer} has shape {tuple(shape)}, expected (d_sae, n_targets, d_model) = "
+                f"{(d_sae, n_targets, d_model)}: layer {layer} of a {self.n_layers}-layer cross-layer "
+                "transcoder writes to every layer from its own on. Is this file from another set?")
         total = read_clt_decoder_sum(path, layer, n_targets)       # [d_sae, d_model]
         tc = Transcoder(t["W_enc"], t["b_enc"], total, threshold=t.get("threshold"), layer=layer,
                         input_hook=self.info[layer].input_hook, output_hook=self.info[layer].output_hook)

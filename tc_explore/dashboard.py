@@ -30,7 +30,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, as_count
+from .integrity import write_text_atomic
 from .index import FeatureIndex, TopExample
 from .model import token_strings
 from .transcoder import TranscoderSet
@@ -161,6 +162,11 @@ def feature_dashboard(index: FeatureIndex, layer: int, feature: int, model=None,
     (``add_weight_views``; checked against ``model`` / ``transcoders`` if given),
     else are computed from ``transcoders`` (and ``model``) on the fly; with
     neither they are None."""
+    if not isinstance(index, FeatureIndex):
+        raise InvalidInputError(f"index must be a FeatureIndex (FeatureIndex.load(folder)), got "
+                                f"{type(index).__name__} {index!r:.60}.")
+    k, n_heads = as_count(k, "k"), as_count(n_heads, "n_heads")
+    n_bands, per_band = as_count(n_bands, "n_bands"), as_count(per_band, "per_band", minimum=0)
     layer = index.check_layer(layer)
     feature = index.check_feature(layer, feature)
     index.check_transcoders(transcoders, layers=[layer])
@@ -335,6 +341,7 @@ def dashboard_html(d: FeatureDashboard, plotly_figures: bool = False) -> str:
     ``plotly_figures`` the histogram, logit and OV plots are plotly divs (their
     script must be on the page, as ``export_html`` does); without, the page needs
     no JavaScript at all."""
+    _check_dashboard(d)
     vmax = d.max_activation
     published = "" if d.published_log_frequency is None else \
         f" · published frequency {10 ** d.published_log_frequency:.3%}"
@@ -403,6 +410,8 @@ def export_html(dashboards: FeatureDashboard | Sequence[FeatureDashboard], path:
     dashboards = list(dashboards)
     if not dashboards:
         raise InvalidInputError("export_html needs at least one dashboard.")
+    for d in dashboards:
+        _check_dashboard(d)
     nav = "".join(f'<li><a href="#tcx-L{d.layer}-F{d.feature}">{_esc(d.title)}</a></li>'
                   for d in dashboards)
     body = "".join(dashboard_html(d, plotly_figures=True) for d in dashboards)
@@ -410,6 +419,10 @@ def export_html(dashboards: FeatureDashboard | Sequence[FeatureDashboard], path:
             f'<style>{widget_css()}</style><script type="text/javascript">{get_plotlyjs()}</script>'
             f'</head><body class="tcx-page"><h1>{_esc(title)}</h1>'
             f'<nav class="tcx-nav"><ul>{nav}</ul></nav>{body}</body></html>')
-    path = Path(path)
-    path.write_text(page, encoding="utf-8")
-    return path
+    return write_text_atomic(path, page)
+
+
+def _check_dashboard(d) -> None:
+    if not isinstance(d, FeatureDashboard):
+        raise InvalidInputError(f"Expected a FeatureDashboard (from feature_dashboard), got "
+                                f"{type(d).__name__} {d!r:.60}.")

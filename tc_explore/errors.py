@@ -70,6 +70,40 @@ def as_integer(value, what: str) -> int:
                                 f"({type(value).__name__}).") from None
 
 
+def as_count(value, what: str, minimum: int = 1) -> int:
+    """``value`` as an int (as ``as_integer``) that is at least ``minimum``:
+    the one rule for sizes, counts and ``k`` arguments."""
+    kind = {1: "a positive integer", 0: "a non-negative integer"}.get(minimum, f"an integer >= {minimum}")
+    if isinstance(value, bool):
+        raise InvalidInputError(f"{what} must be {kind}, got {value!r}.")
+    try:
+        count = as_integer(value, what)
+    except InvalidInputError:
+        raise InvalidInputError(f"{what} must be {kind}, got {value!r:.80} ({type(value).__name__}).") from None
+    if count < minimum:
+        raise InvalidInputError(f"{what} must be {kind}, got {value!r}.")
+    return count
+
+
+def as_number(value, what: str, low: float | None = None, high: float | None = None) -> float:
+    """``value`` as a finite float (Python, numpy or a 0-d tensor number; not a
+    bool, string or None), within ``[low, high]`` where given."""
+    import math
+    import numbers
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) or (
+            hasattr(value, "ndim") and getattr(value, "ndim") == 0 and hasattr(value, "item")
+            and isinstance(value.item(), numbers.Real) and not isinstance(value.item(), bool))):
+        raise InvalidInputError(f"{what} must be a number, got {value!r:.80} ({type(value).__name__}).")
+    number = float(value)
+    if not math.isfinite(number):
+        raise InvalidInputError(f"{what} must be a finite number, got {number}.")
+    if (low is not None and number < low) or (high is not None and number > high):
+        bounds = f"in [{low}, {high}]" if low is not None and high is not None else (
+            f">= {low}" if low is not None else f"<= {high}")
+        raise InvalidInputError(f"{what} must be {bounds}, got {value!r}.")
+    return number
+
+
 def check_feature(feature, d_sae: int, where: str) -> int:
     """The one rule for a feature index: an integer (as ``as_integer``: Python,
     numpy or 0-d tensor integers; not bools or floats) in ``0..d_sae - 1``.

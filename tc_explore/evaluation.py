@@ -31,10 +31,11 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .errors import InvalidInputError, as_count
 from .model import to_tokens
 from .progress import progress_bar
 from .replacement import mlp_ablation_hooks, transcoder_hooks
-from .transcoder import TranscoderSet
+from .transcoder import TranscoderSet, as_transcoder_set
 
 
 @dataclass
@@ -111,8 +112,12 @@ def evaluate_transcoders(model, transcoders: TranscoderSet, tokens,
     ``progress``: a bar over the batches (default on, off in CI; see ``tc_explore.progress``)."""
     import pandas as pd
 
-    layers = transcoders.select_layers(layers)
+    layers = as_transcoder_set(transcoders).select_layers(layers)
     transcoders.check_fits(model, layers)
+    batch_size = as_count(batch_size, "batch_size")
+    if isinstance(tokens, (str, bytes)) or not (isinstance(tokens, torch.Tensor) or isinstance(tokens, Iterable)):
+        raise InvalidInputError(f"tokens must be a [batch, pos] tensor or a list of texts / token lists, "
+                                f"got {type(tokens).__name__} {tokens!r:.60} (wrap one text in a list).")
     per_layer = {l: _Sums() for l in layers}
     together = _Sums()
     fired = {l: torch.zeros(transcoders.d_sae(l), dtype=torch.bool) for l in layers}
@@ -171,6 +176,10 @@ def evaluate_transcoders(model, transcoders: TranscoderSet, tokens,
             together.kl += float(_kl(clean_logits, logits))
             together.ce_clean += ce_clean
             together.n_pred += n_pred
+
+    if together.n_pred == 0 and not any(s.n_pred for s in per_layer.values()):
+        raise InvalidInputError("tokens hold no next-token predictions to evaluate: give at least one "
+                                "sequence of two or more tokens.")
 
     def row(name, s: _Sums, row_layers):
         n = s.n_pred

@@ -10,12 +10,12 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
 from .errors import (IncompatibleTranscoderError, InvalidInputError, OfflineFileMissingError,
-                     TcExploreError, UnknownTranscoderSetError)
+                     TcExploreError, UnknownTranscoderSetError, as_integer)
 from .formats import (parse_hf_uri, read_circuit_tracer_config, read_circuit_tracer_safetensors,
                       read_gemma_scope_2_safetensors, read_gemma_scope_npz, read_gpt2_transcoder,
                       read_log_feature_sparsity)
@@ -170,13 +170,17 @@ def load_transcoders(name_or_repo: str | os.PathLike, layers: Sequence[int] | No
 def _select_layers(available: Sequence[int], layers: Sequence[int] | None, name: str) -> list[int]:
     if layers is None:
         return list(available)
-    if isinstance(layers, int):
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable) or getattr(layers, "ndim", None) == 0:
         layers = [layers]
+    layers = list(dict.fromkeys(as_integer(l, "layer") for l in layers))
+    if not layers:
+        raise InvalidInputError(f"layers is empty: pass None for all of transcoder set {name!r}'s layers "
+                                f"({list(available)}), or some of them.")
     bad = [l for l in layers if l not in available]
     if bad:
         raise InvalidInputError(
             f"Layer(s) {bad} are not in transcoder set {name!r}; it has layers {list(available)}.")
-    return list(layers)
+    return layers
 
 
 def _load_entry(entry: RegistryEntry, files: _Files, layers, device, dtype) -> TranscoderSet:
@@ -244,6 +248,10 @@ def _load_circuit_tracer(name, config_path, files: _Files, layers, device, dtype
     """``known_layers``: the layers a registry entry documents, for a Hub repo
     of ``layer_{L}.safetensors`` files whose config.yaml does not list them."""
     cfg = read_circuit_tracer_config(config_path)
+    for key in ("feature_input_hook", "feature_output_hook"):
+        if not isinstance(cfg[key], str) or not cfg[key].strip():
+            raise IncompatibleTranscoderError(
+                f"{config_path}: {key!r} must be a hook name such as 'hook_mlp_out', got {cfg[key]!r:.100}.")
     if cfg.get("model_kind") == "cross_layer_transcoder":
         return _load_clt(name, cfg, files, layers, device, dtype, model_name)
     uris = cfg.get("transcoders")
@@ -251,10 +259,6 @@ def _load_circuit_tracer(name, config_path, files: _Files, layers, device, dtype
         raise IncompatibleTranscoderError(
             f"{config_path}: 'transcoders' must be a list of file paths or hf:// URIs, one per "
             f"layer; got {uris!r:.200}.")
-    for key in ("feature_input_hook", "feature_output_hook"):
-        if not isinstance(cfg[key], str):
-            raise IncompatibleTranscoderError(
-                f"{config_path}: {key!r} must be a hook name such as 'hook_mlp_out', got {cfg[key]!r:.100}.")
     if uris:
         available = list(range(len(uris)))
     elif files.directory is not None:

@@ -35,7 +35,7 @@ from typing import Iterator
 
 import torch
 
-from .errors import CorruptFileError, StorageError, TcExploreError, UnsafeFileError
+from .errors import CorruptFileError, InvalidInputError, StorageError, TcExploreError, UnsafeFileError
 
 _CHUNK = 1 << 22
 
@@ -71,6 +71,8 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     ``path`` keeps its previous content, and a failed write (disk full,
     read-only folder) is raised as ``StorageError``."""
     path = Path(path)
+    if path.is_dir():
+        raise InvalidInputError(f"{path} is a folder: give the path of a file to write.")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -156,6 +158,18 @@ def exchange_paths(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 # -- reading ------------------------------------------------------------------------------
 REPLACE_FILE = "Replace it with a good copy (download or save it again)."
+
+
+def existing_file(path: str | os.PathLike, what: str = "file") -> Path:
+    """``path`` as a Path if it is a file; a clear error naming it if it is
+    missing or a folder (the public readers call this before ``reading``)."""
+    path = Path(path)
+    if path.is_dir():
+        raise InvalidInputError(f"{path} is a folder, not a {what}: give the path of the file itself.")
+    if not path.is_file():
+        raise InvalidInputError(f"No {what} at {path}: the path does not exist. Check the path "
+                                "(or download the file again).")
+    return path
 
 
 @contextmanager

@@ -43,7 +43,6 @@ prompt's logits ``[pos, d_vocab]`` to a float.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Literal, Sequence, Union
 
@@ -53,10 +52,10 @@ import torch
 from .circuits.context import PromptContext, prompt_context, stage_name
 from .circuits.contributions import Target
 from .circuits.frozen import frozen_hooks
-from .errors import InvalidInputError, refuse_non_finite
+from .errors import InvalidInputError, as_count, as_integer, as_number, refuse_non_finite
 from .model import (Prompt, check_layer, model_device, single_token_id, to_tokens,
                     token_strings)
-from .transcoder import TranscoderSet
+from .transcoder import TranscoderSet, as_transcoder_set
 
 __all__ = ["Intervention", "InterventionResult", "intervene", "intervention_hooks",
            "Generation", "generate", "logit_difference_metric", "feature_scaling"]
@@ -90,7 +89,8 @@ class Intervention:
     def label(self) -> str:
         where = "all" if self.positions is None else self.positions
         op = {"set": "=", "scale": "×", "add": "+"}.get(self.mode, self.mode)
-        return f"L{self.layer}F{self.feature}@{where} {op} {self.value:g}"
+        value = f"{self.value:g}" if isinstance(self.value, (int, float)) else repr(self.value)
+        return f"L{self.layer}F{self.feature}@{where} {op} {value}"
 
 
 # -- validation -------------------------------------------------------------------------------
@@ -98,8 +98,12 @@ def _check_interventions(model, transcoders: TranscoderSet, interventions: Itera
                          n_pos: int | None) -> list[tuple[Intervention, list[int] | None]]:
     """Each intervention with its positions resolved (None = every position);
     clear errors for anything that cannot be applied."""
+    as_transcoder_set(transcoders)
     if isinstance(interventions, Intervention):
         interventions = [interventions]
+    if isinstance(interventions, (str, bytes)) or not isinstance(interventions, Iterable):
+        raise InvalidInputError(f"interventions must be an Intervention or a list of them, got "
+                                f"{type(interventions).__name__}.")
     out, seen = [], {}
     for iv in interventions:
         if not isinstance(iv, Intervention):
@@ -110,17 +114,15 @@ def _check_interventions(model, transcoders: TranscoderSet, interventions: Itera
             raise InvalidInputError(
                 f"Cannot intervene on layer {layer}: it has no transcoder in set {transcoders.name!r} "
                 f"(its layers are {transcoders.layers}). Load a set with that layer, or pick another.")
-        transcoders.check_feature(layer, iv.feature)
+        feature = transcoders.check_feature(layer, iv.feature)
         if iv.mode not in MODES:
             raise InvalidInputError(f"mode must be one of {MODES}, got {iv.mode!r}.")
         try:
-            value = float(iv.value)
-        except (TypeError, ValueError):
-            raise InvalidInputError(f"value must be a number, got {iv.value!r} in {iv}.") from None
-        if not math.isfinite(value):
-            raise InvalidInputError(f"value must be a finite number, got {value} in {iv}.")
+            value = as_number(iv.value, "value")
+        except InvalidInputError as err:
+            raise InvalidInputError(f"{err} (in {iv})") from None
         positions = _check_positions(iv.positions, n_pos)
-        iv = Intervention(layer, iv.positions, int(iv.feature), value, iv.mode)
+        iv = Intervention(layer, iv.positions, feature, value, iv.mode)
         taken = seen.setdefault((layer, iv.feature), [])
         if any(p is None or positions is None or set(p) & set(positions) for p in taken):
             raise InvalidInputError(
@@ -134,18 +136,18 @@ def _check_interventions(model, transcoders: TranscoderSet, interventions: Itera
 def _check_positions(positions: Positions, n_pos: int | None) -> list[int] | None:
     if positions is None:
         return None
-    items = [positions] if isinstance(positions, int) or (
-        isinstance(positions, torch.Tensor) and positions.ndim == 0) else list(positions)
+    if isinstance(positions, (str, bytes)):
+        raise InvalidInputError(f"positions must be integers, got {positions!r}.")
+    single = not isinstance(positions, Iterable) or getattr(positions, "ndim", None) == 0
+    items = [positions] if single else list(positions)
     if not items:
         raise InvalidInputError("positions is empty: give a position, a list of positions, or None "
                                 "for every position.")
     out = []
     for p in items:
-        if isinstance(p, bool):
-            raise InvalidInputError(f"positions must be integers, got {p!r}.")
         try:
-            p = int(p)
-        except (TypeError, ValueError):
+            p = as_integer(p, "positions")
+        except InvalidInputError:
             raise InvalidInputError(f"positions must be integers, got {p!r}.") from None
         if n_pos is not None:
             if not -n_pos <= p < n_pos:
@@ -172,9 +174,13 @@ class _LayerPlan:
         new = acts.clone()
         n_pos = acts.shape[-2]
         for slot, positions, mode, value in self.items:
-            where = slice(None) if positions is None else [p for p in positions if p < n_pos]
-            if not isinstance(where, slice) and not where:
-                continue
+            if positions is not None and positions[-1] >= n_pos:
+                # Hooks made without a prompt (intervention_hooks(..., n_pos=None)) meet
+                # the input only here: a position past its end would change nothing.
+                raise InvalidInputError(
+                    f"Intervention position {positions[-1]} is past the end of the {n_pos}-token "
+                    f"input of layer {self.layer}; positions index the input's tokens (0..{n_pos - 1}).")
+            where = slice(None) if positions is None else positions
             old = acts[..., where, slot]
             new[..., where, slot] = (torch.full_like(old, value) if mode == "set" else
                                      old * value if mode == "scale" else old + value)
@@ -286,7 +292,7 @@ def _constrained_hooks(ctx: PromptContext, plans: dict[int, _LayerPlan], freeze_
 def _token_id(model, token: int | str) -> int:
     if isinstance(token, str):
         return single_token_id(model, token)
-    token = int(token)
+    token = as_integer(token, "token id")
     if not 0 <= token < int(model.cfg.d_vocab):
         raise InvalidInputError(f"token id {token} is out of range (0..{int(model.cfg.d_vocab) - 1}).")
     return token
@@ -301,6 +307,11 @@ def logit_difference_metric(model, positive: int | str, negative: int | str,
         return float(logits[position, pos_id].double() - logits[position, neg_id].double())
     metric.__name__ = f"logit[{positive!r}] − logit[{negative!r}]"
     return metric
+
+
+def _metric_value(metric, logits: torch.Tensor) -> float:
+    """A callable metric's value, which must be one finite number."""
+    return as_number(metric(logits), f"The value of metric {_metric_name(metric)!r}")
 
 
 def _metric_name(metric) -> str:
@@ -336,8 +347,8 @@ class InterventionResult:
         """The ``k`` most probable next tokens after the intervention at
         ``position``, with their probabilities before and after. Columns:
         rank, token, token_id, prob, prob_before, logit, logit_before."""
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise InvalidInputError(f"k must be a positive integer, got {k!r}.")
+        k = as_count(k, "k")
+        position = as_integer(position, "position")
         n = self.logits.shape[0]
         if not -n <= position < n:
             raise InvalidInputError(f"position {position} is out of range (the prompt has {n} tokens).")
@@ -415,7 +426,7 @@ def intervene(model, transcoders: TranscoderSet, prompt: Prompt | PromptContext,
     refuse_non_finite(logits, f"The logits with the interventions ({', '.join(iv.label() for iv, _ in checked)})",
                       ("position",), strs)
     if metric is not None and target is None:
-        before, after = float(metric(clean)), float(metric(logits))
+        before, after = _metric_value(metric, clean), _metric_value(metric, logits)
     return InterventionResult([iv for iv, _ in checked], tokens.cpu(), strs["position"], clean.float().cpu(),
                               logits.float().cpu(), bool(constrained), _metric_name(metric),
                               before, after, model=model)
@@ -437,7 +448,11 @@ def feature_scaling(model, transcoders: TranscoderSet, prompt: Prompt | PromptCo
         prompt_context(model, transcoders, prompt, prepend_bos=prepend_bos)
 
     def fn(features: Sequence[FeatureAt], factor: float) -> dict:
-        ivs = [Intervention(int(layer), position, int(feature), factor, "scale")
+        bad = [f for f in features if not (isinstance(f, (tuple, list)) and len(f) == 3)]
+        if bad:
+            raise InvalidInputError(f"features must be (layer, feature, position or None) triples, "
+                                    f"got {bad[0]!r}.")
+        ivs = [Intervention(layer, position, feature, factor, "scale")
                for layer, feature, position in features]
         return intervene(model, transcoders, ctx, ivs, constrained=constrained, metric=metric).summary(k)
     return fn
@@ -476,12 +491,12 @@ def generate(model, transcoders: TranscoderSet, prompt: Prompt,
     position sees the interventions; the result equals ``model.generate(...,
     use_past_kv_cache=False)``. (On the demo model, TransformerBridge's cached
     ``generate`` picked tokens that a full forward pass does not rank first.)"""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise InvalidInputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-        raise InvalidInputError(f"temperature must be a finite number ≥ 0, got {temperature!r}.")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise InvalidInputError(f"top_k must be a positive integer or None, got {top_k!r}.")
+    max_new_tokens = as_count(max_new_tokens, "max_new_tokens")
+    temperature = as_number(temperature, "temperature", low=0.0)
+    top_k = None if top_k is None else as_count(top_k, "top_k")
+    seed = as_integer(seed, "seed")
+    if seed < 0:
+        raise InvalidInputError(f"seed must be a non-negative integer, got {seed}.")
     tokens = to_tokens(model, prompt, prepend_bos=prepend_bos)
     if tokens.shape[0] != 1:
         raise InvalidInputError(f"generate continues one prompt at a time, got a batch of {tokens.shape[0]}.")

@@ -149,7 +149,8 @@ def load_model(name_or_path: Any, device: str | torch.device | None = None,
             raise InvalidInputError("process_weights applies when tc_explore loads the model; "
                                     "this model is already loaded.")
         if device is not None or dtype is not None:
-            name_or_path = name_or_path.to(device=device, dtype=as_dtype(dtype))
+            name_or_path = name_or_path.to(device=None if device is None else as_device(device),
+                                           dtype=as_dtype(dtype))
         return name_or_path
 
 
@@ -266,20 +267,46 @@ def _with_offline_hint(source: str, load):
 
 
 def default_device(device=None) -> str:
-    """``device`` as a string, or the default: CUDA when available, else CPU."""
+    """``device`` as a string (checked: see :func:`as_device`), or the default:
+    CUDA when available, else CPU."""
     if device is not None:
-        return str(device)
+        return str(as_device(device))
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def as_device(device) -> torch.device:
+    """``device`` (a torch.device or a name such as ``"cpu"``, ``"cuda:1"``) as a
+    torch.device that this machine has; a clear error for a misspelt name or a
+    CUDA device that is not there."""
+    if isinstance(device, bool) or not isinstance(device, (str, torch.device, int)):
+        raise InvalidInputError(f"device must be a name such as 'cpu' or 'cuda:0', got {device!r:.80} "
+                                f"({type(device).__name__}).")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise InvalidInputError(f"{device!r} is not a device: use cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidInputError(f"device {device!r}: this machine has no CUDA device (torch "
+                                    f"{torch.__version__}); use 'cpu'.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InvalidInputError(f"device {device!r}: this machine has {torch.cuda.device_count()} "
+                                    "CUDA device(s).")
+    return dev
+
+
 def as_dtype(dtype) -> torch.dtype | None:
-    """A torch dtype from a dtype or its name (``"bfloat16"``, ``"torch.float16"``); None stays None."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    name = str(dtype).replace("torch.", "")
-    value = getattr(torch, name, None)
+    """A floating-point torch dtype from a dtype or its name (``"bfloat16"``,
+    ``"torch.float16"``); None stays None. Integer dtypes are refused: weights
+    and activations are real numbers."""
+    if dtype is None:
+        return None
+    value = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype).replace("torch.", ""), None)
     if not isinstance(value, torch.dtype):
         raise InvalidInputError(f"Unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16'.")
+    if not value.is_floating_point:
+        raise InvalidInputError(f"dtype {dtype!r} is not a floating-point type; use e.g. 'float32', "
+                                "'bfloat16'.")
     return value
 
 
@@ -330,6 +357,8 @@ def check_layer(model_or_n_layers, layer: int, what: str = "layer") -> int:
 def to_tokens(model, prompt: Prompt, prepend_bos: bool = True) -> torch.Tensor:
     """Tokenize one prompt (or check a token sequence) into shape [1, pos],
     refusing a prompt longer than the model's context."""
+    if type(prepend_bos).__name__ not in ("bool", "bool_"):
+        raise InvalidInputError(f"prepend_bos must be True or False, got {prepend_bos!r}.")
     if isinstance(prompt, str):
         # truncate=False: an over-long prompt must be refused, not silently cut
         tokens = model.to_tokens(prompt, prepend_bos=prepend_bos, truncate=False)

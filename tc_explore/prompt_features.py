@@ -13,9 +13,9 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from .errors import InvalidInputError, as_integer, check_feature, refuse_non_finite
+from .errors import InvalidInputError, as_count, as_integer, check_feature, refuse_non_finite
 from .model import Prompt, to_tokens, token_strings
-from .transcoder import TranscoderSet
+from .transcoder import TranscoderSet, as_transcoder_set
 
 
 @dataclass
@@ -49,8 +49,7 @@ class PromptActivations:
         layers by default), ranked by activation: DataFrame[position, token_id,
         token, rank, layer, feature, activation]; tokens where fewer than k
         features fire have fewer rows."""
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise InvalidInputError(f"k must be a positive integer, got {k!r}.")
+        k = as_count(k, "k")
         layers = self.layers if layers is None else [as_integer(layer, "layer") for layer in layers]
         blocks = [self._layer(layer) for layer in layers]             # each [pos, d_sae_l]
         widths = torch.tensor([b.shape[-1] for b in blocks])
@@ -79,7 +78,8 @@ def encode_layers(model, transcoders: TranscoderSet, tokens: torch.Tensor,
     layers' transcoder input hooks, and each layer encoded once:
     ``{layer: [batch, pos, d_sae]}`` (``[batch, d_sae]`` at one ``position``),
     float32 on the CPU."""
-    hooks = {transcoders.input_hook(layer): layer for layer in transcoders.select_layers(layers)}
+    hooks = {transcoders.input_hook(layer): layer
+             for layer in as_transcoder_set(transcoders).select_layers(layers)}
     _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in hooks)
     out = {}
     for hook, layer in hooks.items():
@@ -95,7 +95,7 @@ def run_prompt(model, transcoders: TranscoderSet, prompt: Prompt,
                layers: Sequence[int] | None = None, prepend_bos: bool = True) -> PromptActivations:
     """One forward pass over ``prompt`` (a string or token ids), caching only
     the transcoders' input hooks, and every selected layer encoded."""
-    layers = transcoders.select_layers(layers)
+    layers = as_transcoder_set(transcoders).select_layers(layers)
     transcoders.check_fits(model, layers)
     tokens = to_tokens(model, prompt, prepend_bos=prepend_bos)        # [1, pos]
     if tokens.shape[0] != 1:

@@ -12,9 +12,9 @@ from typing import Iterable, Literal, Mapping, Sequence
 
 import torch
 
-from .errors import InvalidInputError
-from .model import check_layer, hook_mlp_out
-from .transcoder import Transcoder, TranscoderSet
+from .errors import InvalidInputError, as_count
+from .model import check_layer, hook_mlp_out, to_tokens
+from .transcoder import Transcoder, TranscoderSet, as_transcoder_set
 
 FeatureSelection = Mapping[int, Iterable[int]]
 Hook = tuple[str, object]
@@ -23,7 +23,7 @@ Hook = tuple[str, object]
 def _feature_mask(tc: Transcoder, features: Iterable[int] | None, keep: bool) -> torch.Tensor | None:
     if features is None:
         return None
-    idx = torch.as_tensor([tc.check_feature(int(f)) for f in features], dtype=torch.long)
+    idx = torch.as_tensor([tc.check_feature(f) for f in features], dtype=torch.long)
     mask = torch.zeros(tc.d_sae, dtype=tc.dtype, device=tc.device) if keep else \
         torch.ones(tc.d_sae, dtype=tc.dtype, device=tc.device)
     mask[idx.to(tc.device)] = 1.0 if keep else 0.0
@@ -43,8 +43,18 @@ def transcoder_hooks(model, transcoders: TranscoderSet, layers: Sequence[int] | 
     that with no features removed the model is unchanged. ``store`` (a dict)
     receives ``store[layer] = feature activations [batch, pos, d_sae]``.
     """
-    layers = transcoders.select_layers(layers)
+    layers = as_transcoder_set(transcoders).select_layers(layers)
     transcoders.check_fits(model, layers)
+    for name, selection in (("keep_features", keep_features), ("ablate_features", ablate_features)):
+        if selection is None:
+            continue
+        if not isinstance(selection, Mapping):
+            raise InvalidInputError(f"{name} maps each layer to its features, e.g. {{6: [123, 456]}}; got "
+                                    f"{type(selection).__name__}.")
+        stray = [l for l in selection if l not in layers]
+        if stray:
+            raise InvalidInputError(f"{name} names layer(s) {stray} that are not replaced here (layers "
+                                    f"{layers}); add them to layers, or drop them from {name}.")
     if transcoders.is_cross_layer:
         return _cross_layer_hooks(transcoders, layers, keep_features, ablate_features, keep_error, store)
     hooks: list[Hook] = []
@@ -145,6 +155,8 @@ def mlp_ablation_hooks(model, layers: Sequence[int] | int,
 def mean_mlp_outputs(model, tokens: torch.Tensor, layers: Sequence[int] | None = None,
                      batch_size: int = 16) -> dict[int, torch.Tensor]:
     """Mean MLP output per layer over all token positions of ``tokens`` [batch, pos]."""
+    tokens = to_tokens(model, tokens)
+    batch_size = as_count(batch_size, "batch_size")
     layers = list(range(model.cfg.n_layers)) if layers is None else [check_layer(model, l) for l in layers]
     names = {hook_mlp_out(l): l for l in layers}
     sums = {l: torch.zeros(model.cfg.d_model, dtype=torch.float64) for l in layers}

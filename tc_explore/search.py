@@ -8,10 +8,10 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from .errors import InvalidInputError, as_integer
+from .errors import InvalidInputError, as_count, as_integer
 from .index import FeatureIndex
 from .model import model_weights, single_token_id
-from .transcoder import TranscoderSet
+from .transcoder import TranscoderSet, as_transcoder_set
 
 
 def search_features(model, transcoders: TranscoderSet, token: str | int, by: str = "logits",
@@ -22,8 +22,9 @@ def search_features(model, transcoders: TranscoderSet, token: str | int, by: str
     (``W_dec @ W_U[:, token]``, the logit-effect score, over all features at
     once); ``by="examples"`` by how many of its top indexed examples sit on
     the token (needs ``index``). DataFrame[layer, feature, score]."""
+    k = as_count(k, "k")
     if by == "logits":
-        transcoders.check_fits(model, layers)
+        as_transcoder_set(transcoders).check_fits(model, layers)
     if isinstance(token, str):
         token_id = single_token_id(model, token)
     else:
@@ -44,6 +45,9 @@ def search_features(model, transcoders: TranscoderSet, token: str | int, by: str
     if by == "examples":
         if index is None:
             raise InvalidInputError("search by='examples' needs the feature index (index=).")
+        if not isinstance(index, FeatureIndex):
+            raise InvalidInputError(f"index must be a FeatureIndex (FeatureIndex.load(folder)), got "
+                                    f"{type(index).__name__}.")
         layers = index.layers if layers is None else [index.check_layer(x) for x in layers]
         frames = []
         for layer in layers:

@@ -18,7 +18,7 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, as_count, as_number
 from .formats import write_gpt2_transcoder, write_log_feature_sparsity
 from .integrity import atomic_write, write_text_atomic
 from .model import (check_layer, check_model_surface, hook_ln2_normalized, hook_mlp_out, layer_hook,
@@ -62,31 +62,31 @@ class TrainingConfig:
     def validate(self) -> None:
         for name in ("n_steps", "batch_size", "buffer_batches", "model_batch_size",
                      "expansion_factor", "dead_window", "log_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidInputError(f"TrainingConfig.{name} must be a positive integer, "
-                                        f"got {value!r}.")
+            as_count(getattr(self, name), f"TrainingConfig.{name}")
+        for name in ("warmup_steps", "l1_warmup_steps", "seed"):
+            as_count(getattr(self, name), f"TrainingConfig.{name}", minimum=0)
+        for name, low, high in (("lr", 0.0, None), ("l1_coefficient", 0.0, None), ("decay_frac", 0.0, 1.0),
+                                ("resample_until", 0.0, 1.0), ("resample_scale", 0.0, None)):
+            as_number(getattr(self, name), f"TrainingConfig.{name}", low, high)
+        betas = self.adam_betas
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+                and all(0.0 <= as_number(b, "TrainingConfig.adam_betas") < 1.0 for b in betas)):
+            raise InvalidInputError(f"TrainingConfig.adam_betas must be two numbers in [0, 1), got {betas!r}.")
+        for name in ("input_hook", "output_hook"):
+            if not isinstance(getattr(self, name), str):
+                raise InvalidInputError(f"TrainingConfig.{name} must be a hook name template such as "
+                                        f"'blocks.{{L}}.hook_mlp_out', got {getattr(self, name)!r}.")
         if self.buffer_batches < 2:
             raise InvalidInputError("TrainingConfig.buffer_batches must be at least 2 (half "
                                     "the buffer is refilled at a time).")
-        if self.d_sae is not None and (not isinstance(self.d_sae, int) or self.d_sae < 1):
-            raise InvalidInputError(f"TrainingConfig.d_sae must be a positive integer, got "
-                                    f"{self.d_sae!r}.")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
+        if self.d_sae is not None:
+            as_count(self.d_sae, "TrainingConfig.d_sae")
+        if not self.lr > 0:
             raise InvalidInputError(f"TrainingConfig.lr must be positive, got {self.lr!r}.")
-        if not (self.l1_coefficient >= 0 and math.isfinite(self.l1_coefficient)):
-            raise InvalidInputError(
-                f"TrainingConfig.l1_coefficient must be >= 0, got {self.l1_coefficient!r}.")
-        if not 0 <= self.decay_frac <= 1:
-            raise InvalidInputError(f"TrainingConfig.decay_frac must lie in [0, 1], got "
-                                    f"{self.decay_frac!r}.")
-        if self.warmup_steps < 0 or self.l1_warmup_steps < 0:
-            raise InvalidInputError("Warm-up steps must be >= 0.")
         for name in ("resample_every", "checkpoint_every"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise InvalidInputError(f"TrainingConfig.{name} must be None or a positive "
-                                        f"integer, got {value!r}.")
+            if value is not None:
+                as_count(value, f"TrainingConfig.{name}")
         for template in (self.input_hook, self.output_hook):
             if "{L}" not in template and not template.startswith("hook_") and \
                     "." not in template:
@@ -227,11 +227,19 @@ def train_transcoders(model, tokens: torch.Tensor | Iterable[torch.Tensor],
     the loss, the schedules, resampling and checkpoints.
     """
     check_model_surface(model)
-    cfg = config or TrainingConfig()
+    cfg = config if config is not None else TrainingConfig()
+    if not isinstance(cfg, TrainingConfig):
+        raise InvalidInputError(f"config must be a TrainingConfig, got {type(cfg).__name__}: write "
+                                "TrainingConfig(n_steps=..., ...).")
     cfg.validate()
     layers = _resolve_layers(model, cfg)
     in_hooks = [layer_hook(cfg.input_hook, l) for l in layers]
     out_hooks = [layer_hook(cfg.output_hook, l) for l in layers]
+    model_hooks = getattr(model, "hook_dict", None)
+    missing = [h for h in in_hooks + out_hooks if isinstance(model_hooks, dict) and h not in model_hooks]
+    if missing:
+        raise InvalidInputError(f"The model has no hook(s) {missing[:4]}: check TrainingConfig.input_hook "
+                                f"/ output_hook ({cfg.input_hook!r}, {cfg.output_hook!r}).")
     device = model_device(model)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -36,6 +36,10 @@ class Transcoder(nn.Module):
                     f"{name}{where} must be a 2-D tensor, got "
                     f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}.")
         d_in, d_sae = W_enc.shape
+        if d_sae == 0 or d_in == 0:
+            raise IncompatibleTranscoderError(
+                f"W_enc{where} has shape {tuple(W_enc.shape)}: a transcoder needs at least one input "
+                "dimension and one feature.")
         if W_dec.shape[0] != d_sae:
             raise IncompatibleTranscoderError(
                 f"W_dec has {W_dec.shape[0]} rows but W_enc has {d_sae} features; "
@@ -115,7 +119,11 @@ class Transcoder(nn.Module):
                 f"Layer {self.layer} belongs to a cross-layer transcoder: its features write to "
                 "every later layer, so one layer cannot decode alone. Use "
                 "CrossLayerTranscoderSet.reconstruct (or replace_mlps / decompose, which do).")
-        out = acts @ self.W_dec + self.b_dec_out
+        if not isinstance(acts, torch.Tensor) or acts.shape[-1:] != (self.d_sae,):
+            raise InvalidInputError(
+                f"decode takes feature activations [..., d_sae={self.d_sae}], got "
+                f"{tuple(acts.shape) if isinstance(acts, torch.Tensor) else type(acts).__name__}.")
+        out = acts.to(self.dtype) @ self.W_dec + self.b_dec_out
         if self.W_skip is not None:
             if x is None:
                 raise InvalidInputError("This is a skip transcoder: decode needs the input x too.")
@@ -134,6 +142,11 @@ class Transcoder(nn.Module):
         return check_feature(feature, self.d_sae, where)
 
     def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or not (x.is_floating_point() or x.is_complex()) \
+                or x.ndim == 0:
+            raise InvalidInputError(
+                f"A transcoder reads a floating-point tensor [..., d_in={self.d_in}], got "
+                f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}.")
         if x.shape[-1] != self.d_in:
             raise IncompatibleTranscoderError(
                 f"The transcoder{'' if self.layer is None else f' of layer {self.layer}'} "
@@ -205,13 +218,21 @@ class TranscoderSet(Mapping[int, Transcoder]):
     def from_transcoders(cls, transcoders: Mapping[int, Transcoder] | Iterable[Transcoder],
                          name: str = "custom", **kwargs) -> "TranscoderSet":
         """A set from transcoders already in memory (e.g. just trained)."""
-        items = transcoders.items() if isinstance(transcoders, Mapping) else \
-            [(tc.layer, tc) for tc in transcoders]
+        items = list(transcoders.items()) if isinstance(transcoders, Mapping) else \
+            [(getattr(tc, "layer", None), tc) for tc in transcoders]
+        if not items:
+            raise InvalidInputError("from_transcoders needs at least one transcoder, got none.")
         info, loaders = {}, {}
         first = None
         for layer, tc in items:
+            if not isinstance(tc, Transcoder):
+                raise InvalidInputError(f"from_transcoders takes Transcoder objects, got "
+                                        f"{type(tc).__name__} for layer {layer!r}.")
             if layer is None:
                 raise InvalidInputError("Each transcoder needs its layer set to form a TranscoderSet.")
+            layer = as_integer(layer, "layer")
+            if layer in info:
+                raise InvalidInputError(f"Two transcoders for layer {layer}: give each layer one.")
             info[layer] = LayerInfo(layer, tc.input_hook, tc.output_hook, tc.d_in, tc.d_sae)
             loaders[layer] = (lambda tc=tc: tc)
             first = first or tc
@@ -246,9 +267,10 @@ class TranscoderSet(Mapping[int, Transcoder]):
         one for an int, else each checked (a clear error for one not in the set)."""
         if layers is None:
             return self.layers
-        if isinstance(layers, int):
-            layers = [layers]
-        return [self.check_layer(layer) for layer in layers]
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable) or \
+                getattr(layers, "ndim", None) == 0:
+            layers = [layers]          # one layer (an int, numpy or 0-d tensor integer)
+        return list(dict.fromkeys(self.check_layer(layer) for layer in layers))
 
     def loaded_layers(self) -> list[int]:
         return sorted(self._loaded)
@@ -344,10 +366,11 @@ class TranscoderSet(Mapping[int, Transcoder]):
         return self._frequencies[layer]
 
     def to(self, device=None, dtype=None) -> "TranscoderSet":
+        from .model import as_device, as_dtype
         if device is not None:
-            self.device = torch.device(device)
+            self.device = as_device(device)
         if dtype is not None:
-            self.dtype = dtype
+            self.dtype = as_dtype(dtype)
         for layer, tc in self._loaded.items():
             self._loaded[layer] = tc.to(device=self.device, dtype=self.dtype)
         return self
@@ -381,6 +404,14 @@ class TranscoderSet(Mapping[int, Transcoder]):
                     f"Transcoder set {self.name!r} has a transcoder for layer {layer}, but the "
                     f"model has only {n_layers} layers. Load the set made for this model"
                     + (f" ({self.model_name!r})." if self.model_name else "."))
+            hooks = getattr(model, "hook_dict", None)
+            for hook in (info.input_hook, info.output_hook):
+                if isinstance(hooks, Mapping) and hook not in hooks:
+                    raise IncompatibleTranscoderError(
+                        f"Transcoder set {self.name!r} layer {layer} uses hook {hook!r}, which the "
+                        f"model does not have (its hooks include "
+                        f"{sorted(h for h in hooks if h.startswith(f'blocks.{layer}.'))[:8]}...). Check "
+                        "the set's hook names (config.yaml's feature_input_hook / feature_output_hook).")
             d_in = info.d_in if info.d_in is not None else self[layer].d_in
             d_out = self[layer].d_out if layer in self._loaded else None
             for what, size in (("reads", d_in), ("writes", d_out)):
@@ -394,3 +425,13 @@ class TranscoderSet(Mapping[int, Transcoder]):
     def __repr__(self) -> str:
         return (f"TranscoderSet({self.name!r}, layers={self.layers}, "
                 f"loaded={self.loaded_layers()}, device={self.device}, dtype={self.dtype})")
+
+
+def as_transcoder_set(transcoders, what: str = "transcoders") -> TranscoderSet:
+    """``transcoders`` if it is a :class:`TranscoderSet`; else a clear error
+    (a set name or a dict of transcoders is not one yet)."""
+    if not isinstance(transcoders, TranscoderSet):
+        hint = (f" Load it first: load_transcoders({transcoders!r})." if isinstance(transcoders, str)
+                else " Use load_transcoders(...) or TranscoderSet.from_transcoders(...).")
+        raise InvalidInputError(f"{what} must be a TranscoderSet, got {type(transcoders).__name__}.{hint}")
+    return transcoders

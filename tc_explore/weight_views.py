@@ -41,7 +41,7 @@ import torch
 
 from .distributed import all_done
 from .errors import (IncompatibleTranscoderError, IndexLockedError, InvalidInputError, TcExploreError,
-                     as_integer, check_feature)
+                     as_count, as_integer, check_feature)
 from .integrity import replace_folder, weights_digest
 from .store import ParquetFiles, atomic_write_json, atomic_write_parquet, layer_name, read_manifest
 from .model import model_weights, token_strings
@@ -373,8 +373,7 @@ class WeightViews:
         machines need a shared filesystem) into the views one process builds."""
         for name, value in (("k", k), ("n_heads", n_heads), ("chunk_size", chunk_size),
                             ("features_per_group", features_per_group)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidInputError(f"{name} must be a positive integer, got {value!r}.")
+            as_count(value, name)
         transcoders.check_fits(model)
         out = Path(out_dir)
         device = torch.device(device) if device is not None else transcoders.device
@@ -520,26 +519,36 @@ class WeightViews:
         return {name: np.asarray(table.column(name)[i].values) for name in table.column_names
                 if name != "feature"}
 
+    def _k(self, k) -> int:
+        """``k`` entries of a section: at most the ``k`` these views were built with."""
+        if k is None:
+            return self.k
+        k = as_count(k, "k")
+        if k > self.k:
+            raise InvalidInputError(f"These weight views hold {self.k} entries per section, k={k} were asked "
+                                    f"for: rebuild them with k >= {k}, or use tc_explore.circuits' live views.")
+        return k
+
     def connections(self, layer: int, feature: int, direction: str = "upstream",
                     k: int | None = None) -> pd.DataFrame:
         if direction not in ("upstream", "downstream"):
             raise InvalidInputError(f"direction must be 'upstream' or 'downstream', got {direction!r}.")
         r = self.row(layer, feature)
         p = "up" if direction == "upstream" else "down"
-        k = self.k if k is None else k
+        k = self._k(k)
         return pd.DataFrame({"layer": r[p + "_layer"][:k].astype(np.int64),
                              "feature": r[p + "_feature"][:k].astype(np.int64),
                              "score": r[p + "_score"][:k].astype(np.float64)})
 
     def logit_effects(self, model, layer: int, feature: int, k: int | None = None):
         r = self.row(layer, feature)
-        k = self.k if k is None else k
+        k = self._k(k)
         return tuple(_token_frame(model, r[name + "_id"][:k], r[name][:k])
                      for name in ("logit_top", "logit_bottom"))
 
     def de_embeddings(self, model, layer: int, feature: int, k: int | None = None) -> pd.DataFrame:
         r = self.row(layer, feature)
-        k = self.k if k is None else k
+        k = self._k(k)
         return _token_frame(model, r["deemb_id"][:k], r["deemb"][:k])
 
     def ov_norms(self, layer: int, feature: int) -> pd.DataFrame:
@@ -565,8 +574,11 @@ class WeightViews:
                          n_heads: int | None = None) -> pd.DataFrame:
         r = self.row(layer, feature)
         H, stored_k = int(self.manifest["n_model_heads"]), self.k
-        k = stored_k if k is None else k
-        n_heads = self.n_heads if n_heads is None else n_heads
+        k = self._k(k)
+        n_heads = self.n_heads if n_heads is None else as_count(n_heads, "n_heads")
+        if n_heads > self.n_heads:
+            raise InvalidInputError(f"These weight views hold {self.n_heads} OV heads per feature, n_heads="
+                                    f"{n_heads} were asked for: rebuild them with n_heads >= {n_heads}.")
         tokens = r["ov_token"].reshape(-1, stored_k)[:n_heads, :k]          # [heads, k]
         scores = r["ov_score"].reshape(-1, stored_k)[:n_heads, :k]
         heads = np.repeat(r["ov_head"][:n_heads].astype(np.int64), tokens.shape[1])

@@ -41,13 +41,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable, Mapping
 
+import numpy as np
 import pandas as pd
 import torch
 
-from ..errors import InvalidInputError
-from ..model import Prompt, single_token_id
+from ..errors import InvalidInputError, as_count, as_integer, as_number
+from ..model import Prompt, as_device, as_dtype, single_token_id
 from ..progress import progress_bar
 from .context import INPUT_NORMALIZED, INPUT_RESID, PromptContext, prompt_context, transcoder_input_kind
 from .contributions import Target
@@ -311,9 +312,8 @@ def _target_specs(ctx: PromptContext, targets, max_n_logits: int, desired_logit_
     d_vocab = logits.shape[0]
     tok = lambda i: ctx.model.tokenizer.decode([i])  # noqa: E731
     if targets is None:
-        if isinstance(max_n_logits, bool) or not isinstance(max_n_logits, int) or max_n_logits < 1:
-            raise InvalidInputError(f"max_n_logits must be a positive integer, got {max_n_logits!r}.")
-        if not 0.0 < float(desired_logit_prob) <= 1.0:
+        max_n_logits = as_count(max_n_logits, "max_n_logits")
+        if not 0.0 < as_number(desired_logit_prob, "desired_logit_prob", 0.0, 1.0):
             raise InvalidInputError(f"desired_logit_prob must be in (0, 1], got {desired_logit_prob!r}.")
         top_p, top_i = torch.topk(probs, min(max_n_logits, d_vocab))
         cut = int(torch.searchsorted(torch.cumsum(top_p, 0),
@@ -322,29 +322,40 @@ def _target_specs(ctx: PromptContext, targets, max_n_logits: int, desired_logit_
         ids = top_i[:cut].tolist()
         return [_TargetSpec(f'Output "{tok(i)}"', i, tok(i), float(probs[i]), "logit") for i in ids], logits
     if isinstance(targets, (int, str, Target)) or (isinstance(targets, tuple) and len(targets) == 2
-                                                    and isinstance(targets[0], Target)):
+                                                    and isinstance(targets[0], Target)) \
+            or getattr(targets, "ndim", None) == 0 or not isinstance(targets, Iterable):
         targets = [targets]
+    if isinstance(targets, Mapping):
+        raise InvalidInputError(f"targets must be a list of token ids, token strings or Targets, got a "
+                                f"{type(targets).__name__}: {targets!r:.80}.")
     specs = []
     for j, t in enumerate(targets):
         weight = None
         if isinstance(t, tuple) and len(t) == 2 and isinstance(t[0], Target):
             t, weight = t
+            weight = as_number(weight, f"the weight of target {j}")
         if isinstance(t, Target):
             specs.append(_TargetSpec(t.label or f"target {j}", d_vocab + j, t.label or f"target {j}",
                                      1.0 if weight is None else float(weight), "custom", t))
             continue
         if isinstance(t, str):
             t = single_token_id(ctx.model, t)
-        if isinstance(t, bool) or not isinstance(t, int) and not (hasattr(t, "__index__")):
+        try:
+            t = as_integer(t, "target")
+        except InvalidInputError:
             raise InvalidInputError(f"A target must be a token id, a token string, or a Target "
-                                    f"(logit_direction_target, feature_target, ...), got {t!r}.")
-        t = int(t)
+                                    f"(logit_direction_target, feature_target, ...), got {t!r}.") from None
         if not 0 <= t < d_vocab:
             raise InvalidInputError(f"target token id {t} is out of range (0..{d_vocab - 1}).")
         specs.append(_TargetSpec(f'Output "{tok(t)}"', t, tok(t), float(probs[t]) if weight is None
                                  else float(weight), "logit"))
     if not specs:
         raise InvalidInputError("targets is empty: give at least one target, or None for the top logits.")
+    seen = [s.index for s in specs if s.kind == "logit"]
+    if len(set(seen)) < len(seen):
+        twice = sorted({i for i in seen if seen.count(i) > 1})
+        raise InvalidInputError(f"targets name token id(s) {twice} more than once; give each token once "
+                                "(its graph node would be duplicated).")
     return specs, logits
 
 
@@ -449,7 +460,7 @@ class AttributionGraph:
     def edges(self, min_abs: float = 0.0) -> pd.DataFrame:
         """Non-zero edges as a DataFrame: source, target (node ids), weight."""
         A = self.adjacency
-        t, s = torch.nonzero(A.abs() > min_abs, as_tuple=True)
+        t, s = torch.nonzero(A.abs() > as_number(min_abs, "min_abs", low=0.0), as_tuple=True)
         ids = self.nodes["node_id"].to_numpy()
         return pd.DataFrame({"source": ids[s.cpu().numpy()], "target": ids[t.cpu().numpy()],
                              "weight": A[t, s].double().cpu().numpy()})
@@ -501,8 +512,10 @@ class AttributionGraph:
     def to_dict(self, slug: str = "tc-explore-attribution", max_links: int | None = MAX_JSON_LINKS) -> dict:
         """The graph file as a dict (see :meth:`to_json`, and its ``max_links``)."""
         from .graph_json import attribution_graph_to_dict
+        if not isinstance(slug, str) or not slug.strip():
+            raise InvalidInputError(f"slug must be a non-empty string (the graph's name in the viewer), "
+                                    f"got {slug!r}.")
         return attribution_graph_to_dict(self, slug, max_links)
-
     def to_json(self, path=None, slug: str = "tc-explore-attribution", indent: int | None = None,
                 max_links: int | None = MAX_JSON_LINKS) -> str:
         """The graph in the attribution-graph JSON that circuit-tracer's viewer
@@ -544,15 +557,27 @@ def attribute(model, transcoders, prompt: Prompt | PromptContext, *, targets=Non
     position's features and errors as nodes. ``dtype`` of the computation
     (float32; float64 for checks). ``progress``: a bar over the feature rows
     (default on, off in CI; see ``tc_explore.progress``)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    if max_feature_nodes is not None and (isinstance(max_feature_nodes, bool)
-                                          or not isinstance(max_feature_nodes, int) or max_feature_nodes < 0):
-        raise InvalidInputError(f"max_feature_nodes must be None or a non-negative integer, "
-                                f"got {max_feature_nodes!r}.")
-    ctx = prompt if isinstance(prompt, PromptContext) else prompt_context(model, transcoders, prompt)
-    if device is None:
-        device = transcoders.device if transcoders is not None else ctx.resid.device
+    batch_size = as_count(batch_size, "batch_size")
+    if max_feature_nodes is not None:
+        max_feature_nodes = as_count(max_feature_nodes, "max_feature_nodes", minimum=0)
+    max_matrix_bytes = as_count(max_matrix_bytes, "max_matrix_bytes")
+    dtype = as_dtype(dtype)
+    if not isinstance(keep_bos, (bool, np.bool_)):
+        raise InvalidInputError(f"keep_bos must be True or False, got {keep_bos!r}.")
+    if isinstance(prompt, PromptContext):
+        ctx = prompt
+        if (model is not None and ctx.model is not model) or (transcoders is not None
+                                                              and ctx.transcoders is not transcoders):
+            raise InvalidInputError("The PromptContext was built for another model or transcoder set: "
+                                    "pass the ones it was built with (ctx.model, ctx.transcoders).")
+    else:
+        ctx = prompt_context(model, transcoders, prompt)
+    if ctx.n_pos < 2 and not keep_bos:
+        raise InvalidInputError(
+            f"The prompt {''.join(ctx.token_strs)!r} has no token after BOS to attribute: give a longer "
+            "prompt (or keep_bos=True).")
+    device = as_device(device) if device is not None else (
+        ctx.transcoders.device if ctx.transcoders is not None else ctx.resid.device)
     lin = LinearisedModel(ctx, dtype=dtype, device=device)
     src = _collect_sources(ctx, lin, keep_bos)
     specs, logits = _target_specs(ctx, targets, max_n_logits, desired_logit_prob)

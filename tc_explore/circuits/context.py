@@ -32,7 +32,7 @@ from ..model import (HOOK_EMBED, HOOK_LN_FINAL_SCALE, HOOK_POS_EMBED, ModelWeigh
                      hook_ln2_normalized, hook_ln2_out, hook_ln2_post_scale, hook_ln2_scale,
                      hook_mlp_block_out, hook_mlp_in, hook_mlp_out, hook_resid_mid, hook_resid_post,
                      hook_resid_pre, model_weights, to_tokens, token_strings)
-from ..transcoder import Transcoder, TranscoderSet
+from ..transcoder import Transcoder, TranscoderSet, as_transcoder_set
 
 
 def stage_of(layer: int, site: str) -> int:
@@ -291,7 +291,7 @@ def prompt_context(model, transcoders: TranscoderSet, prompt: Prompt, prepend_bo
     attribution needs. ``encode_now`` encodes every transcoder layer right away
     (else on first use); ``cache_encodings=False`` re-encodes at every use
     (only for measuring what the cache saves)."""
-    transcoders.check_fits(model)
+    as_transcoder_set(transcoders).check_fits(model)
     tokens = to_tokens(model, prompt, prepend_bos=prepend_bos)
     if tokens.shape[0] != 1:
         raise InvalidInputError(f"Attribution works on one prompt at a time, got a batch of "

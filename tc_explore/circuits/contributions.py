@@ -29,7 +29,7 @@ from typing import Collection
 import pandas as pd
 import torch
 
-from ..errors import InvalidInputError, as_integer
+from ..errors import InvalidInputError, as_count, as_integer
 from .context import PromptContext, prompt_context
 
 __all__ = ["Node", "Target", "Contribution", "Decomposition", "decompose", "next_target",
@@ -218,6 +218,8 @@ class Decomposition:
         entries tied with the k-th are considered before the tie-break cut);
         ``targets`` builds each traceable contributor's ``next_target``;
         ``exclude`` leaves out node kinds (e.g. ``("error",)``)."""
+        exclude = check_kinds(exclude, "exclude")
+        k = None if k is None else as_count(k, "k", minimum=0)
         scalars = [(n, v) for n, v in self._scalars()
                    if (include_zero or v != 0.0) and n.kind not in exclude]
         groups = [(kind, layer, vals) for kind, layer, vals in self._flat() if kind not in exclude]
@@ -347,8 +349,27 @@ def _finite(x) -> bool:
 
 # -- the decomposition --------------------------------------------------------------------
 @torch.no_grad()
+def check_kinds(kinds, what: str = "kinds") -> frozenset[str]:
+    """A collection of node kind names (``NodeKind`` values), checked: a bare
+    string or a misspelt kind would otherwise exclude nothing, silently."""
+    if isinstance(kinds, (str, bytes)) or not isinstance(kinds, Collection):
+        raise InvalidInputError(f"{what} must be a list of node kinds such as ('error', 'attn_bias'), "
+                                f"got {kinds!r:.80}.")
+    known = {k.value for k in NodeKind}
+    unknown = [k for k in kinds if str(k) not in known]
+    if unknown:
+        raise InvalidInputError(f"{what} names unknown node kind(s) {unknown}; the kinds are {sorted(known)}.")
+    return frozenset(str(k) for k in kinds)
+
+
 def decompose(ctx: PromptContext, target: Target) -> Decomposition:
     """Split ``target`` into the contributions of everything upstream of it."""
+    if not isinstance(ctx, PromptContext):
+        raise InvalidInputError(f"decompose takes a PromptContext (prompt_context(model, transcoders, "
+                                f"prompt)), got {type(ctx).__name__}.")
+    if not isinstance(target, Target):
+        raise InvalidInputError(f"decompose takes a Target (logit_diff_target, feature_target, ...), got "
+                                f"{type(target).__name__} {target!r:.60}.")
     S, t = target.stage, target.token
     v = target.direction.double()                        # [d_model]; small sums in float64
     w = ctx.weights

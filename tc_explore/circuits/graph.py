@@ -21,7 +21,6 @@ layout, node ids and weight units are in ``docs/graph_json.md``.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path as FilePath
@@ -30,6 +29,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from ..errors import InvalidInputError
 from .contributions import Node, NodeKind
 from .graph_json import (cantor, embedding_node_id, error_node_id, feature_node_id, load_graph_dict,
                          logit_clerp)
@@ -85,6 +85,9 @@ class CircuitGraph:
                    include_remainder: bool = True, slug: str = "tc-explore-graph") -> "CircuitGraph":
         """Assemble the paths of ``result`` (from ``find_paths``) into a graph.
         ``ctx`` defaults to the search's PromptContext."""
+        if not isinstance(result, PathSearchResult):
+            raise InvalidInputError(f"from_paths takes the PathSearchResult of find_paths, got "
+                                    f"{type(result).__name__}.")
         ctx = ctx if ctx is not None else result.ctx
         n_layers = ctx.n_layers
 
@@ -226,6 +229,8 @@ class CircuitGraph:
         return g
 
     def incoming(self, node_id: str) -> list[GraphEdge]:
+        if node_id not in self.nodes:
+            raise InvalidInputError(f"No node {node_id!r} in this graph.")
         return [e for e in self.edges if e.target == node_id]
 
     # -- JSON ------------------------------------------------------------------------
@@ -276,10 +281,8 @@ class CircuitGraph:
 
     def to_json(self, path: str | FilePath | None = None, indent: int | None = None) -> str:
         """The graph as a JSON string (and written to ``path`` if given)."""
-        text = json.dumps(self.to_dict(), indent=indent)
-        if path is not None:
-            FilePath(path).write_text(text)
-        return text
+        from .graph_json import dump_json
+        return dump_json(self.to_dict(), path, indent)
 
     @classmethod
     def from_json(cls, source: str | FilePath | dict) -> "CircuitGraph":

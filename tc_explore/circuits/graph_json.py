@@ -29,7 +29,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, as_count
+from ..integrity import write_text_atomic
 
 __all__ = ["cantor", "feature_node_id", "error_node_id", "embedding_node_id", "logit_node_id",
            "logit_clerp", "validate_graph_dict", "load_graph_dict", "dump_json", "schema_path",
@@ -84,15 +85,34 @@ def _is_num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _is_finite(v) -> bool:
+    return _is_num(v) and math.isfinite(v)
+
+
+def _int_or_null(v) -> bool:
+    return v is None or _is_int(v)
+
+
+_TC_KIND_NAMES = frozenset({"feature", "error", "embedding", "logit", "head", "skip", "mlp", "embed",
+                            "pos_embed", "attn_bias", "dec_bias", "offset", "remainder", "direction"})
+
+
 _NODE_FIELDS = {  # field -> (check, what it must be); only checked when present
     "feature": (_is_int, "an integer"),
     "layer": (lambda v: isinstance(v, str) and v != "" or _is_int(v), "a non-empty string"),
     "ctx_idx": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
     "feature_type": (lambda v: isinstance(v, str), "a string"),
-    "influence": (lambda v: v is None or _is_num(v), "a number or null"),
-    "activation": (lambda v: v is None or _is_num(v), "a number or null"),
-    "token_prob": (lambda v: v is None or _is_num(v), "a number"),
+    "influence": (lambda v: v is None or _is_finite(v), "a finite number or null"),
+    "activation": (lambda v: v is None or _is_finite(v), "a finite number or null"),
+    "token_prob": (lambda v: v is None or _is_finite(v), "a finite number"),
     "clerp": (lambda v: v is None or isinstance(v, str), "a string"),
+    # tc_explore's own fields (files we wrote)
+    "tc_kind": (lambda v: v in _TC_KIND_NAMES, f"one of {sorted(_TC_KIND_NAMES)}"),
+    **{key: (_int_or_null, "an integer or null")
+       for key in ("tc_layer", "tc_index", "tc_token", "tc_source", "tc_token_id")},
+    "tc_pos": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    **{key: (lambda v: v is None or _is_finite(v), "a finite number or null")
+       for key in ("tc_weight", "tc_influence", "tc_attribution")},
 }
 
 
@@ -115,6 +135,10 @@ def validate_graph_dict(data: Any) -> dict:
     if isinstance(meta, Mapping) and "prompt_tokens" in meta and not (
             isinstance(meta["prompt_tokens"], list) and all(isinstance(t, str) for t in meta["prompt_tokens"])):
         raise InvalidInputError("metadata.prompt_tokens must be a list of strings.")
+    ours = meta.get("tc_explore") if isinstance(meta, Mapping) else None
+    if ours is not None:
+        _validate_our_metadata(ours)
+    n_tokens = len(meta["prompt_tokens"]) if isinstance(meta, Mapping) and meta.get("prompt_tokens") else None
     seen: set[str] = set()
     for i, n in enumerate(nodes):
         if not isinstance(n, Mapping):
@@ -128,6 +152,9 @@ def validate_graph_dict(data: Any) -> dict:
         for key, (ok, what) in _NODE_FIELDS.items():
             if key in n and not ok(n[key]):
                 raise InvalidInputError(f"nodes[{i}].{key} (node {nid!r}) must be {what}, got {n[key]!r}.")
+        if n_tokens is not None and _is_int(n.get("ctx_idx")) and n["ctx_idx"] >= n_tokens:
+            raise InvalidInputError(f"nodes[{i}].ctx_idx (node {nid!r}) is {n['ctx_idx']}, past the prompt's "
+                                    f"{n_tokens} tokens (metadata.prompt_tokens).")
     for i, l in enumerate(links):
         if not isinstance(l, Mapping):
             raise InvalidInputError(f"links[{i}] must be an object, got {type(l).__name__}.")
@@ -137,9 +164,27 @@ def validate_graph_dict(data: Any) -> dict:
             if not isinstance(l[end], str) or l[end] not in seen:
                 raise InvalidInputError(f"links[{i}].{end} refers to an unknown node {l[end]!r}: no node "
                                         f"of this graph has that node_id (a dangling link).")
-        if "weight" in l and not (_is_num(l["weight"]) and math.isfinite(l["weight"])):
+        if "weight" not in l:
+            raise InvalidInputError(f"links[{i}].weight is missing (every link carries its weight).")
+        if not _is_finite(l["weight"]):
             raise InvalidInputError(f"links[{i}].weight must be a finite number, got {l['weight']!r}.")
     return dict(data)
+
+
+def _validate_our_metadata(ours: Any) -> None:
+    """metadata.tc_explore, the fields only tc_explore writes and reads back."""
+    if not isinstance(ours, Mapping):
+        raise InvalidInputError(f"metadata.tc_explore must be an object, got {type(ours).__name__}.")
+    if "n_layers" in ours and not (_is_int(ours["n_layers"]) and ours["n_layers"] >= 0):
+        raise InvalidInputError(f"metadata.tc_explore.n_layers must be a non-negative integer, "
+                                f"got {ours['n_layers']!r}.")
+    ids = ours.get("token_ids")
+    if ids is not None and not (isinstance(ids, list) and all(_is_int(t) and t >= 0 for t in ids)):
+        raise InvalidInputError(f"metadata.tc_explore.token_ids must be a list of token ids, got {ids!r:.80}.")
+    consts = ours.get("constants")
+    if consts is not None and not (isinstance(consts, list) and all(isinstance(c, Mapping) for c in consts)):
+        raise InvalidInputError(f"metadata.tc_explore.constants must be a list of objects (one per node), "
+                                f"got {consts!r:.80}.")
 
 
 def load_graph_dict(source) -> dict:
@@ -165,9 +210,11 @@ def load_graph_dict(source) -> dict:
 
 
 def dump_json(data: dict, path=None, indent: int | None = None) -> str:
+    if indent is not None:
+        indent = as_count(indent, "indent", minimum=0)
     text = json.dumps(data, indent=indent, allow_nan=False)
     if path is not None:
-        Path(path).write_text(text, encoding="utf-8")
+        write_text_atomic(path, text)
     return text
 
 

@@ -23,22 +23,20 @@ from typing import Literal
 import pandas as pd
 import torch
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, as_count
 from ..model import check_layer, model_weights, token_strings
-from ..transcoder import TranscoderSet
+from ..transcoder import TranscoderSet, as_transcoder_set
 
 __all__ = ["feature_connections", "feature_connection_matrix", "logit_effects", "de_embeddings",
            "ov_de_embeddings", "ov_norms"]
 
 
 def _check_k(k: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise InvalidInputError(f"k must be a positive integer, got {k!r}.")
-    return k
+    return as_count(k, "k")
 
 
 def _encoder(transcoders: TranscoderSet, layer: int, feature: int) -> torch.Tensor:
-    transcoders.check_feature(layer, feature)
+    as_transcoder_set(transcoders).check_feature(layer, feature)
     # contiguous: a strided column makes the matrix-vector products that read it
     # about 4x slower on CPU
     return transcoders[layer].W_enc[:, feature].detach().contiguous()  # [d_model]
@@ -74,8 +72,8 @@ def feature_connections(transcoders: TranscoderSet, layer: int, feature: int,
     that f's write excites. Columns: layer, feature, score.
     """
     _check_k(k)
-    layer = transcoders.check_layer(layer)
-    transcoders.check_feature(layer, feature)
+    layer = as_transcoder_set(transcoders).check_layer(layer)
+    as_transcoder_set(transcoders).check_feature(layer, feature)
     rows: list[tuple[int, int, float]] = []
     if direction == "upstream":
         w_enc = _encoder(transcoders, layer, feature)                 # [d_model]
@@ -109,17 +107,17 @@ def feature_connection_matrix(transcoders: TranscoderSet, up_layer: int, down_la
     transcoders' device, so the device holds one chunk, not the full matrix
     (24576² float32 is 2.4 GB: pass ``up_features`` / ``down_features`` index
     lists, or ``out_dtype=torch.float16``, to keep the result small)."""
-    up_layer, down_layer = transcoders.check_layer(up_layer), transcoders.check_layer(down_layer)
+    up_layer, down_layer = as_transcoder_set(transcoders).check_layer(up_layer), transcoders.check_layer(down_layer)
     if up_layer >= down_layer:
         raise InvalidInputError(f"up_layer ({up_layer}) must come before down_layer ({down_layer}): "
                                 "a feature only writes to later layers.")
     W_dec, W_enc = transcoders.decoder_sum(up_layer, before=down_layer), transcoders[down_layer].W_enc
     if up_features is not None:
-        up = torch.as_tensor([transcoders.check_feature(up_layer, int(f)) for f in up_features],
+        up = torch.as_tensor([transcoders.check_feature(up_layer, f) for f in up_features],
                              dtype=torch.long, device=W_dec.device)
         W_dec = W_dec[up]
     if down_features is not None:
-        down = torch.as_tensor([transcoders.check_feature(down_layer, int(f)) for f in down_features],
+        down = torch.as_tensor([transcoders.check_feature(down_layer, f) for f in down_features],
                                dtype=torch.long, device=W_enc.device)
         W_enc = W_enc[:, down]
     out = torch.empty(W_dec.shape[0], W_enc.shape[1], dtype=out_dtype)
@@ -135,7 +133,7 @@ def logit_effects(model, transcoders: TranscoderSet, layer: int, feature: int,
     """Tokens whose logits the feature's write ``W_dec[f] @ W_U`` boosts most
     and suppresses most: (boosted, suppressed), columns token_id, token, score."""
     _check_k(k)
-    transcoders.check_feature(layer, feature)
+    as_transcoder_set(transcoders).check_feature(layer, feature)
     scores = transcoders[layer].W_dec[feature] @ model_weights(model).W_U.to(transcoders.dtype)  # [d_vocab]
     frames = []
     for largest in (True, False):
@@ -159,7 +157,7 @@ def de_embeddings(model, transcoders: TranscoderSet, layer: int, feature: int,
 
 def _ov_pullbacks(model, transcoders: TranscoderSet, layer: int, feature: int) -> torch.Tensor:
     """[layer+1, H, d_model]: ``OV_h @ W_enc[:, f]`` for every head of layers ≤ layer."""
-    layer = transcoders.check_layer(layer)
+    layer = as_transcoder_set(transcoders).check_layer(layer)
     check_layer(model, layer)
     w_enc = _encoder(transcoders, layer, feature)
     w = model_weights(model)

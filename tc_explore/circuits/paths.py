@@ -63,8 +63,9 @@ from typing import Collection, Literal
 import pandas as pd
 import torch
 
-from ..errors import InvalidInputError
-from .contributions import Contribution, Decomposition, Node, PromptContext, Target, decompose, next_target
+from ..errors import InvalidInputError, as_count
+from .contributions import (Contribution, Decomposition, Node, PromptContext, Target, check_kinds, decompose,
+                            next_target)
 
 __all__ = ["Path", "PathSearchResult", "find_paths"]
 
@@ -133,7 +134,7 @@ class PathSearchResult:
         """All paths ranked as the search ranked them (by |score|, or by signed
         score for ``ranking="paper"``; deterministic tie-break)."""
         ranked = sorted(self.paths, key=lambda p: _rank_key(p, self))
-        return ranked if k is None else ranked[:k]
+        return ranked if k is None else ranked[:as_count(k, "k", minimum=0)]
 
     def to_pandas(self) -> pd.DataFrame:
         rows = [dict(iteration=p.iteration, length=len(p.contributions), attribution=p.attribution,
@@ -228,9 +229,8 @@ def find_paths(ctx: PromptContext, target: Target, iterations: int = 3, branches
         raise InvalidInputError(f"mode must be 'raw' or 'capped', got {mode!r}.")
     if ranking not in ("magnitude", "paper"):
         raise InvalidInputError(f"ranking must be 'magnitude' or 'paper', got {ranking!r}.")
-    for name, val in (("iterations", iterations), ("branches", branches)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-            raise InvalidInputError(f"{name} must be a positive integer, got {val!r}.")
+    iterations, branches = as_count(iterations, "iterations"), as_count(branches, "branches")
+    exclude_kinds = check_kinds(exclude_kinds, "exclude_kinds")
     root_cap = None
     if ranking == "paper" and target.node.kind == "feature":
         root_cap = float(ctx.feature_acts(target.node.layer)[target.node.token, target.node.index])

@@ -4,11 +4,11 @@ Each is a ``Target``: ``direction · resid[stage, token] + offset``."""
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
-from ..errors import InvalidInputError, TokenizationWarning
+from ..errors import InvalidInputError, TokenizationWarning, as_integer
 from ..model import single_token_id
 from .context import PromptContext, stage_name, stage_of
 from .contributions import Node, Target, encoder_reading
@@ -38,7 +38,7 @@ def _token_ids(ctx: PromptContext, tokens: int | str | Sequence[int | str],
     ``position``, a string whose twin with the leading space toggled (``" 90"``
     / ``"90"``) is far more probable there draws a ``TokenizationWarning``:
     the two are different tokens, and the one written is likely not the one meant."""
-    if isinstance(tokens, (int, str)):
+    if isinstance(tokens, (int, str)) or getattr(tokens, "ndim", None) == 0 or not isinstance(tokens, Iterable):
         tokens = [tokens]
     ids = []
     d_vocab = ctx.weights.W_U.shape[1]
@@ -47,7 +47,7 @@ def _token_ids(ctx: PromptContext, tokens: int | str | Sequence[int | str],
             text, tok = tok, single_token_id(ctx.model, tok)
             if position is not None:
                 _warn_if_twin_predicted(ctx, text, tok, position)
-        tok = int(tok)
+        tok = as_integer(tok, "token id")
         if not 0 <= tok < d_vocab:
             raise InvalidInputError(f"token id {tok} is out of range (0..{d_vocab - 1}).")
         ids.append(tok)
@@ -92,6 +92,9 @@ def logit_direction_target(ctx: PromptContext, positive: int | str | Sequence[in
     token = ctx.check_token(token)
     pos_ids = _token_ids(ctx, positive, token)
     neg_ids = _token_ids(ctx, negative, token) if negative is not None else []
+    if sorted(set(pos_ids)) == sorted(set(neg_ids)):
+        raise InvalidInputError(f"positive and negative are the same token(s) {pos_ids}: their logit "
+                                "difference is 0 for every input. Pick different tokens.")
     W_U, b_U = ctx.weights.W_U, ctx.weights.b_U
     u = W_U[:, pos_ids].double().mean(1) - (W_U[:, neg_ids].double().mean(1) if neg_ids else 0)
     offset = float(b_U[pos_ids].double().mean() - (b_U[neg_ids].double().mean() if neg_ids else 0))
@@ -127,6 +130,9 @@ def residual_target(ctx: PromptContext, vector: torch.Tensor, layer: int, site: 
     ``ln_final`` (unembedding; ``layer`` ignored) through their frozen scales."""
     layer = ctx.check_layer(layer)
     token = ctx.check_token(token)
+    if getattr(vector, "dtype", None) is not None and (getattr(vector.dtype, "is_complex", False)
+                                                       or str(vector.dtype).startswith("complex")):
+        raise InvalidInputError(f"vector must hold real numbers, got dtype {vector.dtype}.")
     try:
         vector = torch.as_tensor(vector, dtype=ctx.resid.dtype, device=ctx.resid.device).reshape(-1)
     except (TypeError, ValueError, RuntimeError):

@@ -26,7 +26,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from ..errors import IncompatibleTranscoderError
-from ..integrity import atomic_write, reading
+from ..integrity import atomic_write, existing_file, reading
 from ..transcoder import Transcoder
 
 THRESHOLD_KEY = "activation_function.threshold"
@@ -35,6 +35,7 @@ THRESHOLD_KEY = "activation_function.threshold"
 def _load(path) -> dict[str, torch.Tensor]:
     # safetensors carry no checksum: a damaged header or a short file is caught
     # here, flipped weight bytes only by the Hub cache's content hash.
+    existing_file(path, "safetensors file")
     with reading(path, "safetensors file"):
         return {k: v.float() for k, v in load_file(str(path), device="cpu").items()}
 
@@ -110,6 +111,7 @@ def parse_hf_uri(uri: str) -> HfUri:
 
 
 def read_circuit_tracer_config(path) -> dict:
+    existing_file(path, "config file")
     with reading(path, "config file"), open(path, "r", encoding="utf-8") as f:
         cfg = yaml.safe_load(f)
     if not isinstance(cfg, dict):

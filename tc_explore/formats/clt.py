@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import IncompatibleTranscoderError
+from ..integrity import existing_file, reading
 
 
 def encoder_file(layer: int) -> str:
@@ -39,7 +40,8 @@ def decoder_file(layer: int) -> str:
 def read_clt_encoder(path, layer: int) -> dict[str, torch.Tensor]:
     """``W_enc`` [d_model, d_sae] (transposed to our convention), ``b_enc``,
     ``b_dec`` (layer ``layer``'s output bias), ``threshold`` (or absent), float32."""
-    with safe_open(str(path), framework="pt", device="cpu") as f:
+    existing_file(path, "cross-layer encoder file")
+    with reading(path, "cross-layer encoder file"), safe_open(str(path), framework="pt", device="cpu") as f:
         keys = set(f.keys())
         need = [f"W_enc_{layer}", f"b_enc_{layer}", f"b_dec_{layer}"]
         missing = [k for k in need if k not in keys]

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import IncompatibleTranscoderError
-from ..integrity import atomic_write, check_zip_crc, reading
+from ..integrity import atomic_write, check_zip_crc, existing_file, reading
 from ..transcoder import Transcoder
 
 KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
@@ -21,6 +21,7 @@ KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
 
 def read_gemma_scope_npz(path: str | Path, layer: int | None = None,
                          input_hook: str | None = None, output_hook: str | None = None) -> Transcoder:
+    existing_file(path, "npz file")
     check_zip_crc(path, "npz file")
     with reading(path, "npz file"), np.load(str(path), allow_pickle=False) as data:
         missing = [k for k in KEYS if k not in data.files]

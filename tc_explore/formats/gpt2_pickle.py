@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import CorruptFileError, IncompatibleTranscoderError
-from ..integrity import REPLACE_FILE, atomic_write, check_zip_crc, reading
+from ..integrity import REPLACE_FILE, atomic_write, check_zip_crc, existing_file, reading
 from ..transcoder import Transcoder
 
 CONFIG_CLASS_PATH = "sae_training.config.LanguageModelSAERunnerConfig"
@@ -49,7 +49,7 @@ def safe_torch_load(path: str | Path, extra_classes: list | None = None) -> Any:
     (``(cls, "module.QualName")`` pairs). Raises UnsafeFileError otherwise, and
     CorruptFileError for a damaged file (checked against its zip CRCs first:
     torch does not check them and would load flipped bytes as weights)."""
-    path = Path(path)
+    path = existing_file(path, "torch file")
     _check_torch_container(path)
     allowed = [(LanguageModelSAERunnerConfig, CONFIG_CLASS_PATH)] + list(extra_classes or [])
     with reading(path, "torch file"):

@@ -31,7 +31,7 @@ from ..integrity import (atomic_write, fingerprint_difference, model_fingerprint
                          replace_folder, tokenizer_digest)
 from ..model import check_context
 from ..progress import progress_bar
-from ..transcoder import TranscoderSet
+from ..transcoder import TranscoderSet, as_transcoder_set
 from .accumulator import Entries, _Best, _LayerAccumulator, _token_hash, histogram_edges
 from .forward import stream_encodings
 from .lock import FolderLock
@@ -91,7 +91,11 @@ def build_index(model, transcoders: TranscoderSet, corpus, n_tokens: int, out_di
     stopped at ``max_batches`` before its end. Holds the folder's lock
     throughout: a second build or merge into it is refused while this one lives."""
     corpus = as_corpus(corpus, model)
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise InvalidInputError(f"out_dir must be a folder path, got {type(out_dir).__name__} {out_dir!r:.60}.")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InvalidInputError(f"out_dir {out} is a file, not a folder: give a folder for the index.")
     manifest = _plan(model, transcoders, corpus, n_tokens, settings)
     with FolderLock(out, "build") as lock:
         _clean_after(lock, out)
@@ -157,7 +161,7 @@ def _build_locked(model, transcoders: TranscoderSet, out: Path, manifest: IndexM
 def _plan(model, transcoders: TranscoderSet, corpus: Corpus, n_tokens: int,
           s: IndexSettings) -> IndexManifest:
     """Check the arguments and describe the build: its manifest before it runs."""
-    layers = transcoders.select_layers(s.layers)
+    layers = as_transcoder_set(transcoders).select_layers(s.layers)
     if not layers:
         raise InvalidInputError("layers is empty: index at least one layer.")
     transcoders.check_fits(model)
@@ -174,6 +178,12 @@ def _plan(model, transcoders: TranscoderSet, corpus: Corpus, n_tokens: int,
     if total_sequences < 1:
         raise InvalidInputError(
             f"n_tokens={n_tokens} is less than one sequence of {seq_len} tokens.")
+    for name in ("k", "n_samples"):
+        if int(getattr(s, name)) > total_sequences * (seq_len - 1):
+            raise InvalidInputError(
+                f"{name}={getattr(s, name)} is more than the {total_sequences * (seq_len - 1)} tokens "
+                "counted in this index: each feature keeps at most that many examples.")
+    as_integer(s.seed, "seed")
     if total_sequences * seq_len >= 2 ** 32:
         raise InvalidInputError(
             f"n_tokens={n_tokens} is too large for one index (at most 2**32 tokens); build "

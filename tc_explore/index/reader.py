@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import (FingerprintMismatchError, IncompatibleTranscoderError, IndexIncompleteError,
-                      InvalidInputError, as_integer, check_feature)
+                      InvalidInputError, as_count, as_integer, check_feature)
 from ..integrity import fingerprint_difference, model_fingerprint, tokenizer_digest
 from ..transcoder import TranscoderSet
 from .build import IndexSettings, build_index, merge_indexes
@@ -35,6 +35,9 @@ class FeatureIndex:
     read until a layer's table or a token sequence is asked for."""
 
     def __init__(self, directory: str | os.PathLike):
+        if not isinstance(directory, (str, os.PathLike)):
+            raise InvalidInputError(f"A feature index is opened from its folder (a path), got "
+                                    f"{type(directory).__name__} {directory!r:.60}.")
         self.directory = Path(directory)
         raw = read_manifest(self.directory, f"{self.directory} is not a feature index (no manifest.json).")
         version = raw.get("format_version")
@@ -99,6 +102,8 @@ class FeatureIndex:
         default all the index's layers in the set); None passes."""
         if transcoders is None:
             return
+        from ..transcoder import as_transcoder_set
+        as_transcoder_set(transcoders)
         m = self.manifest
         if m.transcoder_set != transcoders.name:
             raise IncompatibleTranscoderError(
@@ -127,6 +132,9 @@ class FeatureIndex:
     def check_model(self, model) -> None:
         """Refuse a model other than the one this index was built with: another
         tokenizer (examples would be decoded into other text) or other weights."""
+        if model is not None:
+            from ..model import check_model_surface
+            check_model_surface(model)
         recorded = self.manifest.fingerprints or {}
         key = (id(model), "model")
         if model is None or not recorded or self._verified.get(key, lambda: None)() is model:
@@ -212,8 +220,8 @@ class FeatureIndex:
         """Samples split into ``n_bands`` activation quantile bands of the
         feature's firing distribution (estimated from the uniform sample),
         highest band first: ``[(q_low, q_high, examples), ...]``."""
-        if n_bands < 1:
-            raise InvalidInputError(f"n_bands must be at least 1, got {n_bands}.")
+        n_bands = as_count(n_bands, "n_bands")
+        per_band = None if per_band is None else as_count(per_band, "per_band", minimum=0)
         samples = self.samples(layer, feature)
         bands = []
         for b, part in enumerate(np.array_split(np.arange(len(samples)), n_bands)):
@@ -229,6 +237,7 @@ class FeatureIndex:
     def sequence_tokens(self, sequence: int) -> np.ndarray:
         """Token ids ``[seq_len]`` of one (global) sequence index."""
         start, stop = self.manifest.sequence_start, self.manifest.sequence_stop
+        sequence = as_integer(sequence, "sequence")
         if not start <= sequence < stop:
             raise InvalidInputError(f"Sequence {sequence} is not in this index ({start}..{stop - 1}).")
         rows = int(self.manifest.tokens_rows_per_group)
@@ -245,6 +254,10 @@ class FeatureIndex:
         DataFrame[feature, count, max_activation], most frequent first."""
         import pandas as pd
         layer = self.check_layer(layer)
+        token_id = as_integer(token_id, "token_id")
+        limit = as_count(limit, "limit")
+        if token_id < 0:
+            raise InvalidInputError(f"token_id {token_id} is negative; token ids start at 0.")
         top = self.table(layer, "top")
         toks = self.tokens()
         start = self.manifest.sequence_start

@@ -37,7 +37,7 @@ from ..circuits.context import PromptContext, prompt_context
 from ..circuits.contributions import Target
 from ..circuits.targets import logit_direction_target
 from ..circuits.paths import Mode, PathSearchResult, find_paths
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, as_count
 from ..ablation import ablation_curve
 from ..model import check_context, hook_mlp_post, model_device, model_weights
 from ..prompt_features import encode_layers
@@ -130,8 +130,7 @@ def make_prompts(n: int = 100, seed: int = 0, nouns: Sequence[str] = NOUNS,
     """``n`` prompts with nouns and start years drawn with a fixed seed. Start
     years are spread evenly: each appears ``n // len(start_years)`` or one more
     times."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise InvalidInputError(f"n must be a positive integer, got {n!r}.")
+    n = as_count(n, "n")
     nouns = list(nouns)
     years = sorted(set(int(y) for y in start_years))
     if not nouns:
@@ -292,8 +291,7 @@ def rank_features_by_variance(model, transcoders, prompts, layers: Sequence[int]
     ``top_k`` highest per layer (all with ``top_k=None``)."""
     import pandas as pd
 
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise InvalidInputError(f"top_k must be a positive integer or None, got {top_k!r}.")
+    top_k = None if top_k is None else as_count(top_k, "top_k")
     acts = feature_activations(model, transcoders, prompts, layers, position)
     frames = []
     for layer, a in acts.items():

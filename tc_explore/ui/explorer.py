@@ -25,7 +25,7 @@ import html
 import ipywidgets as widgets
 
 from ..dashboard import dashboard_html, feature_dashboard, tokens_html, widget_css
-from ..errors import TcExploreError
+from ..errors import InvalidInputError, TcExploreError, as_count, as_integer
 from ..index import FeatureIndex
 from ..prompt_features import PromptActivations, run_prompt
 from ..search import search_features
@@ -46,7 +46,7 @@ class FeatureExplorer:
                  layer: int | None = None, feature: int = 0, top_k: int = 5, prompt: str = ""):
         index.check_transcoders(transcoders)
         self.index, self.model, self.transcoders = index, model, transcoders
-        self.top_k = top_k
+        self.top_k = as_count(top_k, "top_k")
         self.prompt: PromptActivations | None = None
         self.dashboard = None
         layer = index.layers[0] if layer is None else index.check_layer(layer)
@@ -138,6 +138,7 @@ class FeatureExplorer:
         self._render_prompt()
 
     def step(self, delta: int) -> None:
+        delta = as_integer(delta, "step")
         d = self.index.d_sae(self.layer)
         self.show(self.layer, (self.feature + delta) % d)
 
@@ -249,4 +250,8 @@ def explore(index: FeatureIndex | str, model, transcoders: TranscoderSet, **kwar
     """Open an explorer on an index (a FeatureIndex or its directory)."""
     if not isinstance(index, FeatureIndex):
         index = FeatureIndex.load(index)
+    known = ("layer", "feature", "top_k", "prompt")
+    unknown = sorted(set(kwargs) - set(known))
+    if unknown:
+        raise InvalidInputError(f"explore got unknown option(s) {unknown}; its options are {list(known)}.")
     return FeatureExplorer(index, model, transcoders, **kwargs)

@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping
 import anywidget
 import traitlets
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, as_number
 from ..widgets import widget_asset
 from .graph_view import _as_graph_dict, _check_threshold, _node_summary_html, graph_view_data, visible_elements
 
@@ -342,7 +342,9 @@ class CircuitGraphWidget(anywidget.AnyWidget):
         """Scale the feature nodes ``node_ids`` by ``scale`` (0 ablates; default:
         the slider's value) as the controls do; returns the result shown."""
         if scale is not None:
-            self.intervention_scale = float(scale)
+            self.intervention_scale = as_number(scale, "scale")
+        if isinstance(node_ids, str):
+            node_ids = [node_ids]
         self.intervention_nodes = [str(n) for n in node_ids]
         return self.intervention
 
@@ -424,10 +426,8 @@ def export_html(view: Mapping, path: str | os.PathLike, dashboards: Mapping[str,
 
 
 def _write_page(path: str | os.PathLike, page: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
-    return path
+    from ..integrity import write_text_atomic
+    return write_text_atomic(path, page)
 
 
 def embed_html(view: Mapping, dashboards: Mapping[str, Mapping] | None = None,
