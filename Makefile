@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo gpt2 demo-model benchmarks benchmark-table clean circuit-tracer
+.PHONY: setup test demo gpt2 gpt2-fixture demo-model benchmarks benchmark-table clean circuit-tracer
 
 # torch is installed first, pinned, so that installing tc_explore keeps it. Which
 # build pip picks depends on its configured indexes: from plain PyPI,
@@ -52,9 +52,21 @@ demo: $(STAMP)
 # The same three notebooks on GPT-2 small with the paper's gpt2-small transcoders.
 # The first run downloads GPT-2, the 12 transcoder files and an OpenWebText slice
 # into the Hugging Face cache (README: "GPT-2 small"); later runs read the cache.
-# Results land in artifacts/notebooks-gpt2/.
+# Results land in $(GPT2_OUT).
+GPT2_OUT ?= artifacts/notebooks-gpt2
 gpt2: $(STAMP)
-	$(BIN)/python scripts/run_notebooks.py --gpt2
+	$(BIN)/python scripts/run_notebooks.py --gpt2 --out $(GPT2_OUT)
+
+# `make gpt2` end to end without the Hub: the same command against a tiny
+# offline stand-in in GPT-2's exact formats (tc_explore.testing.build_gpt2_notebook_hub:
+# a GPT-2-architecture model served as `gpt2`, pchlenski/gpt2-transcoders files,
+# an OpenWebText-like slice), through HF_HOME. Its numbers mean nothing; it checks
+# the path. Results land in artifacts/notebooks-gpt2-fixture/.
+GPT2_FIXTURE_HF ?= artifacts/gpt2-fixture-hf
+gpt2-fixture: $(STAMP)
+	$(BIN)/python -c "from tc_explore.testing import build_gpt2_notebook_hub as b; b('$(GPT2_FIXTURE_HF)')"
+	HF_HOME=$(abspath $(GPT2_FIXTURE_HF)) HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+		$(MAKE) gpt2 GPT2_OUT=artifacts/notebooks-gpt2-fixture
 
 demo-model: $(STAMP)
 	$(BIN)/python -m tc_explore.demo build

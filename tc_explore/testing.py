@@ -211,6 +211,43 @@ def build_offline_hub(hf_home: str | Path, n_layers: int = 12, d_model: int = 32
     return OfflineHub(Path(hf_home), "gpt2", entry.repo_id, entry.revision, n_layers, d_model, d_sae)
 
 
+# The GPT-2 notebooks' corpus: the first 2000 documents of this dataset (make_notebooks.py).
+OPENWEBTEXT_SLICE = ("Skylion007/openwebtext", 2000)
+
+
+def install_hub_slice(hf_home: str | Path, path: str, n_documents: int, texts: list[str],
+                      text_column: str = "text") -> Path:
+    """Place ``texts`` where ``corpus.hub_slice(path, n_documents)`` keeps the
+    slice it downloads once, in ``hf_home``'s ``datasets`` cache: later reads
+    find it there exactly as after a real download. Returns its directory."""
+    import datasets
+
+    from .corpus import hub_slice_directory
+
+    if len(texts) != n_documents:
+        raise ValueError(f"{len(texts)} texts for a slice of {n_documents} documents")
+    relative = hub_slice_directory(path, n_documents, text_column=text_column).relative_to(
+        datasets.config.HF_DATASETS_CACHE)
+    directory = Path(hf_home) / "datasets" / relative
+    if not (directory / "dataset_info.json").is_file():
+        datasets.Dataset.from_dict({text_column: list(texts)}).save_to_disk(str(directory))
+    return directory
+
+
+def build_gpt2_notebook_hub(hf_home: str | Path, n_layers: int = 12, d_model: int = 32,
+                            d_sae: int = 64, n_ctx: int = 128, seed: int = 0) -> OfflineHub:
+    """Everything ``make gpt2`` (the notebooks with ``TC_EXPLORE_DEMO=0``) reads
+    from the Hugging Face cache, tiny and offline: ``build_offline_hub``'s
+    ``gpt2`` and ``pchlenski/gpt2-transcoders`` (context 128, the notebooks'
+    sequence length) and an OpenWebText-like slice (fixture sentences of up to
+    200 words) under ``OPENWEBTEXT_SLICE``'s id. Run the notebooks against it
+    with ``HF_HOME=<hf_home> HF_HUB_OFFLINE=1 make gpt2``."""
+    hub = build_offline_hub(hf_home, n_layers, d_model, d_sae, n_ctx, seed)
+    path, n_documents = OPENWEBTEXT_SLICE
+    install_hub_slice(hf_home, path, n_documents, fixture_texts(n_documents, seed=seed, max_words=200))
+    return hub
+
+
 # -- other architectures: a tiny model and its transcoder set in the published layout ------
 # arch -> (the model's Hub id, the registry name of its transcoder set). GPT-2 is
 # served under its canonical id, "openai-community/gpt2" (the Hub redirects "gpt2"

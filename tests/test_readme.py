@@ -4,9 +4,9 @@ Blocks on the demo model run as written. Blocks on GPT-2 (preceded in the
 README source by ``<!-- readme-test: fixture-hub ... -->``) run as written
 against the offline fixture hub of ``tc_explore.testing`` (a tiny
 GPT-2-architecture ``gpt2`` and ``gpt2-small`` transcoders in the published
-formats, read through huggingface_hub with ``HF_HUB_OFFLINE=1``), with the
-OpenWebText slice they ask for pre-filled from fixture sentences. Each block
-runs in a fresh Python process in an empty directory.
+formats, read through huggingface_hub with ``HF_HUB_OFFLINE=1``, and the
+OpenWebText slice they ask for, of fixture sentences: ``build_gpt2_notebook_hub``).
+Each block runs in a fresh Python process in an empty directory.
 """
 from __future__ import annotations
 
@@ -20,15 +20,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE_MARK = "<!-- readme-test: fixture-hub"
-
-FIXTURE_PREAMBLE = """
-import datasets
-from tc_explore.corpus import hub_slice_directory
-from tc_explore.testing import fixture_texts
-_slice = hub_slice_directory("Skylion007/openwebtext", 2000)
-if not (_slice / "dataset_info.json").is_file():
-    datasets.Dataset.from_dict({"text": fixture_texts(2000, seed=0, max_words=200)}).save_to_disk(str(_slice))
-"""
 
 
 def readme_blocks() -> list[tuple[int, str, bool]]:
@@ -51,10 +42,11 @@ def test_readme_has_python_blocks_of_both_kinds():
 
 @pytest.fixture(scope="module")
 def readme_hub(tmp_path_factory):
-    """A Hugging Face cache with the fixture gpt2 (context 128, as GPT-2 blocks use seq_len=128)."""
-    from tc_explore.testing import build_offline_hub
+    """A Hugging Face cache with the fixture gpt2 (context 128, as GPT-2 blocks use
+    seq_len=128) and the OpenWebText slice."""
+    from tc_explore.testing import build_gpt2_notebook_hub
     hf_home = tmp_path_factory.mktemp("readme_hf")
-    build_offline_hub(hf_home, n_ctx=128)
+    build_gpt2_notebook_hub(hf_home)
     return hf_home
 
 
@@ -66,7 +58,6 @@ def test_readme_python_block_runs(line, code, fixture, tmp_path, request):
     script = code
     if fixture:
         env["HF_HOME"] = str(request.getfixturevalue("readme_hub"))
-        script = FIXTURE_PREAMBLE + "\n" + code
     run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=900)
     assert run.returncode == 0, f"README.md line {line} failed:\n{run.stderr[-4000:]}"
