@@ -59,3 +59,16 @@ def all_done(done: bool) -> bool:
     flag = torch.tensor([1 if done else 0], dtype=torch.int32, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
+
+
+def raise_where_rank0_failed(error: BaseException | None, what: str) -> None:
+    """A barrier after rank 0 tried ``what`` alone (its ``error``, or None;
+    other ranks pass None): if it failed, rank 0 raises its error and every
+    other rank a ``TcExploreError`` pointing to it, instead of waiting for it
+    at a later barrier."""
+    from .errors import TcExploreError
+    if all_done(error is None):
+        return
+    if error is not None:
+        raise error
+    raise TcExploreError(f"Rank 0 could not {what}; see its error.")

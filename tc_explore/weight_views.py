@@ -39,9 +39,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .distributed import all_done
-from .errors import (IncompatibleTranscoderError, IndexLockedError, InvalidInputError, TcExploreError,
-                     as_count, as_integer, check_feature)
+from .distributed import all_done, raise_where_rank0_failed
+from .errors import (IncompatibleTranscoderError, InvalidInputError, TcExploreError, as_count, as_integer,
+                     check_feature)
 from .integrity import replace_folder, weights_digest
 from .store import ParquetFiles, atomic_write_json, atomic_write_parquet, layer_name, read_manifest
 from .model import model_weights, token_strings
@@ -395,11 +395,8 @@ class WeightViews:
             except TcExploreError as err:
                 lock.release()
                 refusal = err
-        if not all_done(refusal is None):
-            if refusal is not None:
-                raise refusal
-            raise IndexLockedError(f"Rank 0 could not start writing weight views into {out} (in use, "
-                                   "or already built); see its error.")
+        raise_where_rank0_failed(refusal, f"start writing weight views into {out} (in use, or "
+                                          "already built)")
         try:
             return cls._build_locked(model, transcoders, out, builder, k, n_heads, features_per_group,
                                      device, progress, True)

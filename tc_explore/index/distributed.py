@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ..corpus import as_corpus
 from ..errors import IndexLockedError, InvalidInputError
-from ..distributed import all_done
+from ..distributed import all_done, raise_where_rank0_failed
 from ..transcoder import TranscoderSet
 from .build import IndexSettings, _plan, _RESUME_KEYS, build_index, merge_indexes
 from .lock import FolderLock
@@ -100,11 +100,8 @@ def build_distributed(model, transcoders: TranscoderSet, corpus, n_tokens: int,
                 remove_shards(out)
             except IndexLockedError as err:
                 refusal = err
-        if not all_done(refusal is None):
-            if refusal is not None:
-                raise refusal
-            raise IndexLockedError(f"Rank 0 could not clear {out} for overwrite=True: a live process "
-                                   "holds it or one of its shards; see rank 0's error.")
+        raise_where_rank0_failed(refusal, f"clear {out} for overwrite=True (a live process holds it "
+                                          "or one of its shards)")
         s = replace(s, overwrite=False)
     if _finished(out, _plan(model, transcoders, corpus, n_tokens, s)):
         return FeatureIndex(out)
