@@ -28,11 +28,14 @@ def page_path(tmp_path_factory):
     w = circuit_graph_widget(pruned)
     path = work / "attribution.html"
     w.to_html(path)
-    return path, len(pruned), pruned.nodes.node_id[pruned.nodes.kind == "logit"].iloc[0]
+    # what the slider must show (tests/test_graph_widget.py ties these to graph.prune)
+    shown = {t: w.prune(t) for t in (0.3, 0.6, 0.9)}
+    w.prune(0.995)
+    return path, len(pruned), pruned.nodes.node_id[pruned.nodes.kind == "logit"].iloc[0], shown
 
 
 def test_attribution_graph_in_the_browser(page_path):
-    path, n_nodes, top_logit = page_path
+    path, n_nodes, top_logit, shown = page_path
     _ensure_chromium()
     sync_playwright = _ensure_playwright()
     with sync_playwright() as p:
@@ -41,6 +44,21 @@ def test_attribution_graph_in_the_browser(page_path):
         page.goto(path.as_uri())
         page.wait_for_function("document.body.dataset.ready === '1'", timeout=20_000)
         assert page.locator(".tcx-node").count() == n_nodes
+        # the prune slider is the node threshold: it opens at the file's (0.995), showing
+        # everything, and at each value shows the nodes Python's visible_elements does
+        assert page.locator(".tcx-prune-label").inner_text().startswith("node threshold")
+        assert page.locator(".tcx-prune").input_value() == "0.995"
+        assert page.locator(".tcx-node.tcx-hidden").count() == 0
+        for t, ids in shown.items():
+            page.evaluate(f"""() => {{ const s = document.querySelector('.tcx-prune');
+                s.value = '{t}'; s.dispatchEvent(new Event('input', {{bubbles: true}})); }}""")
+            seen = page.evaluate("""() => [...document.querySelectorAll('.tcx-node:not(.tcx-hidden)')]
+                .map((g) => g.dataset.nodeId)""")
+            assert set(seen) == ids, t
+        assert len(shown[0.3]) < len(shown[0.9]) < n_nodes
+        page.evaluate("""() => { const s = document.querySelector('.tcx-prune');
+            s.value = '1'; s.dispatchEvent(new Event('input', {bubbles: true})); }""")
+        assert page.locator(".tcx-node.tcx-hidden").count() == 0
         # no overlaps: every pair of node shapes at least touching-distance apart
         shapes = page.evaluate("""() => [...document.querySelectorAll('.tcx-node')].map((g) => {
             const b = g.getBoundingClientRect();

@@ -305,3 +305,58 @@ def test_intervention_controls_on_an_attribution_graph(tiny_model, tiny_transcod
                                                                            int(row.pos))])
     assert [t["token"] for t in shown["top_tokens"]] == ref.top_tokens(5).token.tolist()
     assert shown["nodes"] == [node_id]
+
+
+# -- attribution graphs: the prune slider is AttributionGraph.prune's node threshold --------------
+@pytest.fixture(scope="module")
+def attribution(tmp_path_factory):
+    import torch
+    from tc_explore import TranscoderSet, load_model
+    from tc_explore.circuits import attribute
+    from tc_explore.testing import build_tiny_gpt2, random_transcoder
+    model = load_model(str(build_tiny_gpt2(tmp_path_factory.mktemp("slider"), n_layers=3, d_model=32)),
+                       device="cpu")
+    tcs = TranscoderSet.from_transcoders([random_transcoder(32, 64, l, seed=3) for l in range(3)])
+    return attribute(model, tcs, "The war lasted from to and the cat", dtype=torch.float64, progress=False)
+
+
+def test_attribution_prune_slider_shows_what_prune_keeps(attribution):
+    graph = attribution
+    w = circuit_graph_widget(graph)
+    assert w.graph_data["prune"] == {"mode": "influence", "default": 1.0} and w.threshold == 1.0
+    previous = set()
+    for t in (0.0, 0.1, 0.3, 0.5, 0.8, 0.9, 0.95, 0.99, 1.0):
+        kept = set(graph.prune(node_threshold=t, edge_threshold=1.0).nodes.node_id)
+        assert w.prune(t) == kept, t
+        nodes, links = w.visible()
+        assert all(l["source"] in kept and l["target"] in kept for l in links)
+        assert len(links) == sum(l["source"] in kept and l["target"] in kept for l in w.graph_data["links"])
+        assert previous <= kept
+        previous = kept
+    assert len(graph.prune(node_threshold=0.5, edge_threshold=1.0)) < len(graph.prune(node_threshold=0.9))
+    # logits and embeddings show at every threshold
+    always = set(graph.nodes.node_id[graph.nodes.kind.isin(["logit", "embedding"])])
+    assert always <= w.prune(0.0)
+    # a pruned file opens at its node threshold with everything it holds, and
+    # below it shows the same nodes as pruning the full graph there
+    pruned = graph.prune(node_threshold=0.9, edge_threshold=1.0)
+    wp = circuit_graph_widget(pruned)
+    assert wp.threshold == 0.9 and wp.visible()[0] == set(pruned.nodes.node_id)
+    for t in (0.0, 0.3, 0.5, 0.8, 0.9):
+        assert wp.prune(t) == set(graph.prune(node_threshold=t, edge_threshold=1.0).nodes.node_id), t
+    # the level rides in the file (tc_prune_level) and back
+    back = type(graph).from_json(pruned.to_json())
+    assert back.nodes.prune_level.tolist() == pruned.nodes.prune_level.tolist()
+
+
+def test_prune_slider_on_a_circuit_tracer_file():
+    """circuit-tracer's files carry only the cumulative fraction (``influence``):
+    a node shows when the fraction above it is below the threshold, and, as
+    prune does, only with a link into the shown graph."""
+    from test_graph import CT_FILE
+    w = CircuitGraphWidget(CT_FILE)
+    assert w.graph_data["prune"] == {"mode": "influence", "default": 0.8}
+    levels = {n["id"]: n["prune_level"] for n in w.graph_data["nodes"]}
+    assert levels == {"0_7_2": -1.0, "0_1_2": 0.3, "E_50_1": -1.0, "3_9_2": -1.0}
+    assert w.prune(0.3) == w.prune(0.9) == {"E_50_1", "0_7_2", "3_9_2"}   # the error has no link out
+    assert w.prune(0.0) == {"E_50_1", "0_7_2", "3_9_2"}

@@ -5,7 +5,8 @@ import torch
 
 from tc_explore import InvalidInputError
 from tc_explore.circuits.influence import (coverage_threshold, cumulative_influence, graph_scores,
-                                           node_influence, normalized_adjacency, prune_masks)
+                                           node_influence, normalized_adjacency, prune_levels,
+                                           prune_levels_from_cumulative, prune_masks)
 
 # nodes: 0 feature f, 1 error e, 2 embedding x, 3 logit (weight 1)
 #   logit <- f: 3, logit <- e: -1   => normalised 0.75, 0.25
@@ -35,6 +36,34 @@ def test_hand_cumulative_and_threshold():
     assert coverage_threshold(torch.tensor([0.75, 0.25, 0.75, 0.0]), 0.9) == 0.25
     with pytest.raises(InvalidInputError):
         coverage_threshold(torch.tensor([1.0]), 1.5)
+
+
+def test_hand_prune_levels_with_ties_and_zeros():
+    # total 1: nodes more influential than each hold -, 0.5, 0.5 (a tie), 0.9; none for 0
+    infl = torch.tensor([0.5, 0.2, 0.2, 0.1, 0.0], dtype=torch.float64)
+    inf = float("inf")
+    assert prune_levels(infl).tolist() == pytest.approx([-1.0, 0.5, 0.5, 0.9, inf])
+    # levels < t is exactly the coverage rule (ties kept together), at every t
+    gen = torch.Generator().manual_seed(0)
+    for scores in (infl, torch.rand(200, generator=gen, dtype=torch.float64) ** 3,
+                   torch.tensor([0.3, 0.3, 0.3, 0.1], dtype=torch.float64)):
+        for t in torch.linspace(0, 1, 101).tolist() + [0.5, 0.9, 1.0]:
+            old = (scores >= coverage_threshold(scores, t)) & (scores > 0)
+            assert torch.equal(prune_levels(scores) < t, old), t
+    # from a file's cumulative fractions alone (circuit-tracer's): the same levels without ties
+    r = torch.rand(50, generator=gen, dtype=torch.float64)
+    r[:5] = 0
+    assert prune_levels_from_cumulative(cumulative_influence(r))[5:].tolist() == \
+        pytest.approx(prune_levels(r)[5:].tolist(), abs=1e-12)
+    # nodes without influence share the last node's fraction (1) and so its level
+    last = int(torch.argmin(torch.where(r > 0, r, torch.ones_like(r))))
+    assert prune_levels_from_cumulative(cumulative_influence(r))[:5].tolist() == \
+        pytest.approx([float(prune_levels(r)[last])] * 5, abs=1e-12)
+    nan = float("nan")
+    assert prune_levels_from_cumulative(torch.tensor([0.3, nan, 0.6, 0.6, 1.0])).tolist() == \
+        pytest.approx([-1.0, inf, 0.3, 0.3, 0.6])
+    # a threshold of 1 keeps every positive entry, however the running sum rounds
+    assert coverage_threshold(torch.tensor([1e-30, 1.0, 0.0]), 1.0) == pytest.approx(1e-30)
 
 
 def test_hand_scores():

@@ -10,7 +10,10 @@
 // feature, html}).  Everything numeric is computed in Python by library
 // functions; this module only draws, and reports clicks back:
 //   - clicking a node sets `selected_node` (synced to Python),
-//   - the prune slider sets `threshold` (fraction of the largest |value|),
+//   - the prune slider sets `threshold`: on an attribution graph
+//     (graph_data.prune.mode "influence") the node threshold of
+//     AttributionGraph.prune (each node carries its `prune_level`), on a path
+//     graph a fraction of the largest |value|,
 //   - the expand button sends {type: "expand", node_id} to Python,
 //   - the intervention controls send {type: "intervene_toggle", node_id} and
 //     {type: "intervene_clear"} and set `intervention_scale`; Python runs the
@@ -68,11 +71,12 @@ function fmt(v) {
   return String(Number(v.toPrecision(5)));
 }
 
-// Which nodes and links stay visible at a prune threshold (a fraction of the
-// largest |contribution| / |weight|). Mirrors CircuitGraphWidget.visible().
+// Which nodes and links stay visible at a prune threshold. Mirrors
+// graph_view.visible_elements (CircuitGraphWidget.visible()) rule for rule.
 export function visibility(data, threshold) {
   const nodes = data.nodes || [];
   const links = data.links || [];
+  if ((data.prune || {}).mode === "influence") return visibilityByInfluence(nodes, links, Number(threshold));
   const maxC = Math.max(0, ...nodes.filter((n) => !n.is_root).map((n) => Math.abs(n.contribution || 0)));
   const maxW = Math.max(0, ...links.map((l) => Math.abs(l.weight || 0)));
   const t = Math.max(0, Math.min(1, Number(threshold) || 0));
@@ -86,6 +90,41 @@ export function visibility(data, threshold) {
   });
   return { nodes: shown, links: shownLinks };
 }
+
+// Attribution graphs: the node threshold of AttributionGraph.prune. Logits and
+// embeddings always show; other nodes when prune_level < threshold; then
+// features and errors without a link to a shown node, and features without a
+// link from one, are hidden until nothing changes (as prune does).
+const ALWAYS_SHOWN = new Set(["logit", "embed"]);
+function visibilityByInfluence(nodes, links, t) {
+  const kind = new Map(nodes.map((n) => [n.id, n.kind]));
+  let shown = new Set(nodes.filter((n) => ALWAYS_SHOWN.has(n.kind)
+    || (n.prune_level !== null && n.prune_level !== undefined && n.prune_level < t)).map((n) => n.id));
+  for (;;) {
+    const hasOut = new Set();
+    const hasIn = new Set();
+    for (const l of links) {
+      if (l.weight !== 0 && shown.has(l.source) && shown.has(l.target)) {
+        hasOut.add(l.source);
+        hasIn.add(l.target);
+      }
+    }
+    const keep = new Set([...shown].filter((id) => ALWAYS_SHOWN.has(kind.get(id))
+      || (hasOut.has(id) && (kind.get(id) !== "feature" || hasIn.has(id)))));
+    if (keep.size === shown.size) break;
+    shown = keep;
+  }
+  const shownLinks = new Set();
+  links.forEach((l, i) => { if (shown.has(l.source) && shown.has(l.target)) shownLinks.add(i); });
+  return { nodes: shown, links: shownLinks };
+}
+
+const PRUNE_TEXT = {
+  influence: ["node threshold ", "Show the nodes that hold this fraction of the influence on the targets, "
+    + "as AttributionGraph.prune(node_threshold=...) keeps them; logits and embeddings always show"],
+  contribution: ["prune below ", "Hide nodes and edges whose |contribution| or |weight| is below this "
+    + "fraction of the largest"],
+};
 
 // Layer rows x token columns. Nodes of one (row, column) cell sit on a grid of
 // fixed slots (at most PER_LINE a line, as many lines as the fullest cell of the
@@ -327,9 +366,16 @@ function render({ model, el }) {
 
   function applyPrune() {
     const t = Number(model.get("threshold")) || 0;
+    const data = model.get("graph_data") || {};
+    const byInfluence = (data.prune || {}).mode === "influence";
+    const [text, title] = PRUNE_TEXT[byInfluence ? "influence" : "contribution"];
+    pruneLabel.firstChild.textContent = text;
+    prune.title = title;
+    // node thresholds that matter crowd towards 1 (0.9, 0.99, 0.995): a finer step
+    prune.step = byInfluence ? "0.001" : "0.01";
     prune.value = String(t);
-    pruneValue.textContent = ` ${t.toFixed(2)}`;
-    const vis = visibility(model.get("graph_data") || {}, t);
+    pruneValue.textContent = ` ${t.toFixed(byInfluence ? 3 : 2)}`;
+    const vis = visibility(data, t);
     const pinned = new Set(model.get("pinned_nodes") || []);
     const only = Boolean(model.get("pinned_only")) && pinned.size > 0;
     onlyBox.checked = Boolean(model.get("pinned_only"));

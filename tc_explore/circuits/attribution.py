@@ -54,7 +54,7 @@ from .context import INPUT_NORMALIZED, INPUT_RESID, PromptContext, prompt_contex
 from .contributions import Target
 from .graph_json import MAX_JSON_LINKS
 from .influence import (_influence_by_levels, _inverse_row_sums, cumulative_influence, graph_scores,
-                        node_influence, prune_masks)
+                        node_influence, prune_levels, prune_masks)
 from .linear import LinearisedModel
 
 __all__ = ["attribute", "AttributionGraph", "NODE_KINDS", "CONSTANT_TERMS"]
@@ -422,7 +422,10 @@ class AttributionGraph:
     row reads on the prompt: a feature's pre-activation − b_enc, a target's
     value), ``weight`` (a target's weight in influence: its probability),
     ``influence`` (node influence on the weighted targets), ``cumulative`` (its
-    cumulative fraction, what viewers prune on) and ``label``.
+    cumulative fraction, what viewers prune on), ``prune_level`` (``prune``
+    at ``node_threshold=t`` keeps the node when ``prune_level < t``: the share
+    of influence held by more influential nodes, −1 for the first, +inf
+    without influence; the widget's prune slider uses it) and ``label``.
     ``constants``: one row per target row (targets and computed features) with
     ``value``, ``edge_sum``, ``constant`` (= value − edge_sum) and its split into
     ``CONSTANT_TERMS``."""
@@ -478,8 +481,11 @@ class AttributionGraph:
     def prune(self, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> "AttributionGraph":
         """A new graph with the nodes that cover ``node_threshold`` of the
         influence and the edges that cover ``edge_threshold`` of the edge
-        influence (targets and embeddings always kept). Node ``influence`` and
-        ``cumulative`` stay those of the unpruned graph."""
+        influence (targets and embeddings always kept), then the features and
+        errors left without an edge to a kept node and the features left
+        without an input. Node ``influence``, ``cumulative`` and
+        ``prune_level`` stay those of the unpruned graph. Thresholds of 1
+        keep every node and edge with positive influence."""
         always = self._mask("logit") | self._mask("embedding")
         masks = prune_masks(self.adjacency, self.target_weights, always, self._mask("feature"),
                             node_threshold, edge_threshold, self.levels)
@@ -678,6 +684,7 @@ def attribute(model, transcoders, prompt: Prompt | PromptContext, *, targets=Non
                                           device=A.device), _levels(nodes).to(A.device))
     nodes["influence"] = infl.cpu().numpy()
     nodes["cumulative"] = cumulative_influence(infl).cpu().numpy()
+    nodes["prune_level"] = prune_levels(infl).cpu().numpy()
     meta = dict(prompt="".join(ctx.token_strs), n_active_features=N, max_feature_nodes=max_feature_nodes,
                 keep_bos=keep_bos, d_vocab=int(logits.shape[0]),
                 targets=[dict(label=s.label, index=s.index, token_str=s.token_str, weight=s.weight,

@@ -250,7 +250,7 @@ def attribution_graph_to_dict(graph, slug: str, max_links: int | None = MAX_JSON
                       is_target_logit=False, run_idx=0, reverse_ctx_idx=0,
                       clerp=r["label"], influence=_num(r.get("cumulative")), activation=None,
                       tc_kind=kind, tc_layer=l, tc_index=idx, tc_pos=p,
-                      tc_influence=_num(r.get("influence")))
+                      tc_influence=_num(r.get("influence")), tc_prune_level=_num(r.get("prune_level")))
         if kind == "feature":
             common.update(feature=cantor(l, idx), layer=str(l), jsNodeId=f"{l}_{idx}-0",
                           activation=_num(r["activation"]))
@@ -307,6 +307,8 @@ def _id_part(rec: Mapping, i: int, part: int) -> int:
 def attribution_graph_from_dict(data: dict, cls):
     import pandas as pd
     import torch
+
+    from .influence import prune_levels_from_cumulative
     meta = dict(data.get("metadata") or {})
     ours = dict(meta.get("tc_explore") or {})
     recs = data["nodes"]
@@ -342,9 +344,17 @@ def attribution_graph_from_dict(data: dict, cls):
                          influence=_num(r.get("tc_influence")) if r.get("tc_influence") is not None
                          else float("nan"),
                          cumulative=_num(r.get("influence")) if r.get("influence") is not None
-                         else float("nan")))
+                         else float("nan"),
+                         prune_level=r.get("tc_prune_level")))
+    if all("tc_prune_level" in r for r in recs):       # ours; null: no influence, never kept
+        for row in rows:
+            row["prune_level"] = math.inf if row["prune_level"] is None else float(row["prune_level"])
+    else:                                                # circuit-tracer's: from the cumulative fractions
+        levels = prune_levels_from_cumulative(torch.tensor([r["cumulative"] for r in rows], dtype=torch.float64))
+        for row, level in zip(rows, levels.tolist()):
+            row["prune_level"] = level
     nodes = pd.DataFrame(rows, columns=["node_id", "kind", "layer", "pos", "index", "activation", "weight",
-                                        "label", "influence", "cumulative"])
+                                        "label", "influence", "cumulative", "prune_level"])
     order = {"feature": 0, "error": 1, "embedding": 2, "logit": 3}
     nodes = nodes.iloc[sorted(range(len(nodes)), key=lambda k: (order[rows[k]["kind"]], k))]
     nodes = nodes.reset_index(drop=True)

@@ -13,7 +13,9 @@ probability), zero elsewhere.
   power iteration (the graph is acyclic, so the series ends), or in one pass
   over the rows when each node's level (its layer) is known.
 * **Pruning** keeps the nodes covering ``node_threshold`` of the total
-  influence (outputs and embeddings always kept), then the edges covering
+  influence (outputs and embeddings always kept: a node is kept when the nodes
+  more influential than it hold less than ``node_threshold``, its
+  :func:`prune_levels`), then the edges covering
   ``edge_threshold`` of the total edge influence among the kept nodes, then
   drops features and errors left without an outgoing edge and features left
   without an incoming one, until nothing changes.
@@ -27,6 +29,7 @@ that a large graph is never copied whole.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -34,7 +37,8 @@ import torch
 from ..errors import InvalidInputError
 
 __all__ = ["normalized_adjacency", "node_influence", "edge_influence", "coverage_threshold",
-           "cumulative_influence", "prune_masks", "PruneMasks", "graph_scores"]
+           "cumulative_influence", "prune_levels", "prune_levels_from_cumulative", "prune_masks",
+           "PruneMasks", "graph_scores"]
 
 _ROW_BLOCK = 4096
 
@@ -124,19 +128,66 @@ def edge_influence(A: torch.Tensor, target_weights: torch.Tensor, levels: torch.
     return normalized_adjacency(A).mul_(infl.to(A.dtype)[:, None])
 
 
+def _sorted_coverage(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positive scores sorted largest first, their cumulative fraction of the total)."""
+    flat = scores.reshape(-1)
+    srt = torch.sort(flat[flat > 0].double(), descending=True).values
+    return srt, torch.cumsum(srt, 0) / srt.sum()
+
+
 def coverage_threshold(scores: torch.Tensor, fraction: float) -> float:
     """The smallest score among the highest-scoring entries that together
-    reach ``fraction`` of the total; keep entries ``>=`` it."""
+    reach ``fraction`` of the total; keep entries ``>=`` it. A fraction of 1
+    keeps every positive entry (whatever the rounding of the running sum)."""
     if not 0.0 <= fraction <= 1.0:
         raise InvalidInputError(f"A threshold must be a fraction in [0, 1], got {fraction!r}.")
-    flat = scores.reshape(-1)
-    nz = flat[flat > 0]
-    if nz.numel() == 0:
+    srt, cum = _sorted_coverage(scores)
+    if srt.numel() == 0:
         return 0.0
-    srt = torch.sort(nz.double(), descending=True).values
-    cum = torch.cumsum(srt, 0) / srt.sum()
+    if fraction >= 1.0:
+        return float(srt[-1])
     i = int(torch.searchsorted(cum, torch.tensor([fraction], dtype=torch.float64, device=cum.device)))
     return float(srt[min(i, srt.numel() - 1)])
+
+
+def prune_levels(influence: torch.Tensor) -> torch.Tensor:
+    """[n] float64: the node threshold each node needs. Pruning at
+    ``node_threshold=t`` keeps node ``i`` exactly when ``levels[i] < t``:
+    ``levels[i]`` is the fraction of the total influence held by the nodes
+    strictly more influential than ``i`` (the running sum
+    :func:`coverage_threshold` uses, so the two agree to the last bit), −1 for
+    the most influential (kept at every threshold) and +inf for nodes without
+    influence (never kept). The graph widget's prune slider shows the nodes
+    with ``levels < slider`` (they are written to the graph file)."""
+    infl = influence.double()
+    out = torch.full_like(infl, math.inf)
+    positive = infl > 0
+    srt, cum = _sorted_coverage(infl)
+    if srt.numel() == 0:
+        return out
+    # first index of each node's value among the sorted scores (ties share it)
+    first = torch.searchsorted(-srt, -infl[positive], side="left")
+    before = torch.cat([torch.tensor([-1.0], dtype=torch.float64, device=cum.device), cum[:-1]])
+    out[positive] = before[first]
+    return out
+
+
+def prune_levels_from_cumulative(cumulative: torch.Tensor) -> torch.Tensor:
+    """:func:`prune_levels` of a graph file that has only each node's
+    cumulative fraction of influence (circuit-tracer's files): the largest
+    cumulative fraction below the node's own (−1 for the first; equal
+    fractions share a level); NaN entries (nodes without one) get +inf. Exact
+    for an unpruned file without ties in influence."""
+    cum = cumulative.double()
+    out = torch.full_like(cum, math.inf)
+    known = ~torch.isnan(cum)
+    if not known.any():
+        return out
+    srt = torch.sort(cum[known]).values
+    first = torch.searchsorted(srt, cum[known], side="left")
+    before = torch.cat([torch.tensor([-1.0], dtype=torch.float64, device=cum.device), srt[:-1]])
+    out[known] = before[first]
+    return out
 
 
 def cumulative_influence(influence: torch.Tensor) -> torch.Tensor:
@@ -169,8 +220,7 @@ def prune_masks(A: torch.Tensor, target_weights: torch.Tensor, always_keep: torc
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
             raise InvalidInputError(f"{name} must be a fraction in [0, 1], got {t!r}.")
     infl = node_influence(A, target_weights, levels)
-    node_mask = infl >= coverage_threshold(infl, node_threshold)
-    node_mask &= infl > 0
+    node_mask = prune_levels(infl) < node_threshold
     node_mask |= always_keep.to(node_mask.device)
     pruned = A * (node_mask[:, None] & node_mask[None, :]).to(A.dtype)
     scores = edge_influence(pruned, target_weights, levels)

@@ -13,7 +13,8 @@ import os
 from typing import Any, Callable, Mapping
 
 from ..circuits.contributions import NodeKind
-from ..circuits.graph_json import load_graph_dict
+from ..circuits.graph_json import FEATURE_TYPE, load_graph_dict
+from ..circuits.influence import prune_levels_from_cumulative
 from ..errors import InvalidInputError
 
 __all__ = ["graph_view_data", "visible_elements", "node_kind", "parse_feature_node"]
@@ -243,6 +244,7 @@ def graph_view_data(graph: Any, expanded: set[str] | frozenset = frozenset(),
         out_nodes.append(dict(id=nid, kind=kind, row=row_of(n, kind), ctx=ctx, label=label,
                               contribution=contribution, layer=layer, feature=feature,
                               is_root=is_root, expandable=bool(can), tooltip=tip))
+    prune = _prune_setting(data, out_nodes)
     rows = sorted({n["row"] for n in out_nodes})
     out_links = [dict(source=str(l["source"]), target=str(l["target"]),
                       weight=_number(l.get("weight")) or 0.0) for l in links]
@@ -250,7 +252,50 @@ def graph_view_data(graph: Any, expanded: set[str] | frozenset = frozenset(),
     if meta.get("slug"):
         title = f"{meta['slug']}: {title}" if title else str(meta["slug"])
     return dict(tokens=tokens, rows=[dict(row=r, label=row_label(r)) for r in rows],
-                nodes=out_nodes, links=out_links, title=title)
+                nodes=out_nodes, links=out_links, title=title, prune=prune)
+
+
+def _is_attribution_graph(data: Mapping) -> bool:
+    """An attribution graph's file: ours (``metadata.tc_explore.kind``), or one
+    with only the four node types circuit-tracer writes and no path-search
+    metadata of ours."""
+    ours = (data.get("metadata") or {}).get("tc_explore")
+    if isinstance(ours, Mapping):
+        return ours.get("kind") == "attribution"
+    types = set(FEATURE_TYPE.values())
+    return bool(data["nodes"]) and all(n.get("feature_type") in types for n in data["nodes"])
+
+
+def _prune_setting(data: Mapping, out_nodes: list[dict]) -> dict:
+    """How the prune slider works on this graph, and where it starts.
+
+    Attribution graphs (``mode`` "influence"): the slider is the node threshold
+    of ``AttributionGraph.prune`` — each node gets its ``prune_level`` (the
+    file's ``tc_prune_level``, else derived from the cumulative ``influence``
+    of circuit-tracer's files) and shows when ``prune_level < threshold``;
+    starts at the file's ``node_threshold`` (everything it holds), else 1.
+    Path graphs (``mode`` "contribution"): a fraction of the largest
+    |contribution| and |weight|; starts at 0 (everything)."""
+    if not _is_attribution_graph(data):
+        for n in out_nodes:
+            n["prune_level"] = None
+        return dict(mode="contribution", default=0.0)
+    raw = data["nodes"]
+    if all("tc_prune_level" in n for n in raw):
+        levels = [_number(n["tc_prune_level"]) for n in raw]
+    else:
+        import torch
+        cum = torch.tensor([_number(n.get("influence")) if _number(n.get("influence")) is not None
+                            else math.nan for n in raw], dtype=torch.float64)
+        levels = [v if math.isfinite(v) else None for v in prune_levels_from_cumulative(cum).tolist()]
+    for n, level in zip(out_nodes, levels):
+        n["prune_level"] = -1.0 if n["kind"] in _ALWAYS_SHOWN else level
+    start = _number((data.get("metadata") or {}).get("node_threshold"))
+    return dict(mode="influence", default=start if start is not None and 0.0 <= start <= 1.0 else 1.0)
+
+
+# Node kinds an attribution graph's pruning always keeps (AttributionGraph.prune).
+_ALWAYS_SHOWN = ("logit", "embed")
 
 
 def _default_label(n: Mapping, kind: str, parsed, tokens, ctx) -> str:
@@ -267,19 +312,57 @@ def _default_label(n: Mapping, kind: str, parsed, tokens, ctx) -> str:
     return f"{n.get('feature_type', kind)} {n.get('node_id')}"
 
 
-def visible_elements(view: Mapping, threshold: float) -> tuple[set[str], list[int]]:
-    """Node ids and link indices shown at prune ``threshold`` (a fraction of
-    the largest |contribution| among non-root nodes / of the largest |weight|);
-    the same rule as ``visibility`` in circuit_graph.js. Roots always show;
-    a link shows when both ends show and its |weight| reaches the threshold."""
-    t = _check_threshold(threshold)
+def visible_elements(view: Mapping, threshold: float | None = None) -> tuple[set[str], list[int]]:
+    """Node ids and link indices shown at prune ``threshold`` (None: where the
+    view starts); the same rule as ``visibility`` in circuit_graph.js.
+
+    Attribution graphs (``view["prune"]["mode"] == "influence"``): the
+    threshold is ``AttributionGraph.prune``'s ``node_threshold``: logits and
+    embeddings, and the nodes with ``prune_level < threshold``; then, as
+    ``prune`` does, features and errors without a link to a shown node and
+    features without a link from one are hidden, until nothing changes. On an
+    unpruned graph this is exactly the node set of
+    ``graph.prune(node_threshold=threshold, edge_threshold=1.0)``. Links show
+    when both ends do.
+
+    Path graphs: a fraction of the largest |contribution| among non-root nodes
+    and of the largest |weight|. Roots always show; a link shows when both
+    ends show and its |weight| reaches the threshold."""
+    t = _resolve_threshold(view, threshold)
     nodes, links = view.get("nodes", []), view.get("links", [])
+    if (view.get("prune") or {}).get("mode") == "influence":
+        return _visible_by_influence(nodes, links, t)
     max_c = max([abs(n["contribution"]) for n in nodes if not n["is_root"]], default=0.0)
     max_w = max([abs(l["weight"]) for l in links], default=0.0)
     shown = {n["id"] for n in nodes if n["is_root"] or abs(n["contribution"]) >= t * max_c}
     shown_links = [i for i, l in enumerate(links)
                    if l["source"] in shown and l["target"] in shown and abs(l["weight"]) >= t * max_w]
     return shown, shown_links
+
+
+def _visible_by_influence(nodes: list, links: list, t: float) -> tuple[set[str], list[int]]:
+    kind = {n["id"]: n["kind"] for n in nodes}
+    always = {n["id"] for n in nodes if n["kind"] in _ALWAYS_SHOWN}
+    shown = always | {n["id"] for n in nodes if n.get("prune_level") is not None and n["prune_level"] < t}
+    while True:
+        has_out, has_in = set(), set()
+        for l in links:
+            if l["weight"] != 0 and l["source"] in shown and l["target"] in shown:
+                has_out.add(l["source"])
+                has_in.add(l["target"])
+        keep = {i for i in shown
+                if i in always or (i in has_out and (kind[i] != "feature" or i in has_in))}
+        if keep == shown:
+            break
+        shown = keep
+    return shown, [i for i, l in enumerate(links) if l["source"] in shown and l["target"] in shown]
+
+
+def _resolve_threshold(view: Mapping, t) -> float:
+    """``t`` checked, or the view's starting threshold when None."""
+    if t is None:
+        return float((view.get("prune") or {}).get("default", 0.0))
+    return _check_threshold(t)
 
 
 def _check_threshold(t) -> float:
@@ -289,7 +372,8 @@ def _check_threshold(t) -> float:
         raise InvalidInputError(f"The prune threshold must be a number in [0, 1], got {t!r}.") from None
     if not 0.0 <= t <= 1.0:
         raise InvalidInputError(
-            f"The prune threshold is a fraction of the largest value, in [0, 1]; got {t}.")
+            f"The prune threshold must be in [0, 1] (for an attribution graph, the node threshold: the "
+            f"fraction of influence kept; for a path graph, a fraction of the largest value); got {t}.")
     return t
 
 

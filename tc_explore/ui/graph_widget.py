@@ -3,7 +3,9 @@
     w = CircuitGraphWidget(graph, dashboard=..., expand=...)
     w                          # in JupyterLab / VS Code: the graph and a dashboard panel
     w.selected_node            # the node clicked in the browser ("" for none)
-    w.threshold = 0.1          # prune: hide what is below 10% of the largest value
+    w.threshold = 0.5          # prune: an attribution graph's node threshold (the nodes
+                               # holding 50% of the influence, as graph.prune(node_threshold=0.5));
+                               # a path graph's: hide what is below 50% of the largest value
     w.expand_node(node_id)     # what the "expand selected" button does
     w.set_intervention([node_id], 0.0)   # what the intervention controls do (needs intervene=...)
     w.to_html("graph.html")    # standalone file: graph + pre-rendered dashboards, no Python
@@ -40,7 +42,8 @@ import traitlets
 
 from ..errors import InvalidInputError, as_number
 from ..widgets import widget_asset
-from .graph_view import _as_graph_dict, _check_threshold, _node_summary_html, graph_view_data, visible_elements
+from .graph_view import (_as_graph_dict, _check_threshold, _node_summary_html, _resolve_threshold, graph_view_data,
+                         visible_elements)
 
 __all__ = ["CircuitGraphWidget", "circuit_graph_widget", "feature_dashboard_html", "export_html",
            "graph_page_html", "embed_html"]
@@ -72,7 +75,11 @@ class CircuitGraphWidget(anywidget.AnyWidget):
     expand : ``(node_id) -> graph`` returning the graph with ``node_id`` traced one
         step further (e.g. wrapping ``tc_explore.circuits``' path search);
         without it the expand button is disabled.
-    threshold : initial prune threshold, a fraction in [0, 1].
+    threshold : initial prune threshold in [0, 1]. For an attribution graph the
+        node threshold of ``AttributionGraph.prune`` (the slider shows the
+        nodes ``prune(node_threshold=...)`` keeps; default: the file's
+        ``node_threshold``, else 1, everything); for a path graph a fraction of
+        the largest |value| (default 0, everything).
     intervene : ``(features, factor) -> summary`` scaling the given
         ``(layer, feature, position)`` triples by ``factor`` and returning the
         result (:func:`tc_explore.interventions.feature_scaling`); without it the
@@ -98,7 +105,7 @@ class CircuitGraphWidget(anywidget.AnyWidget):
     supernodes = traitlets.List(traitlets.List(traitlets.Unicode())).tag(sync=True)
 
     def __init__(self, graph: Any, dashboard: DashboardFn | None = None,
-                 expand: ExpandFn | None = None, threshold: float = 0.0,
+                 expand: ExpandFn | None = None, threshold: float | None = None,
                  expandable: Callable[[Mapping], bool] | None = None,
                  intervene: InterveneFn | None = None, **kwargs):
         if dashboard is not None and not callable(dashboard):
@@ -115,7 +122,8 @@ class CircuitGraphWidget(anywidget.AnyWidget):
         self._expanded: set[str] = set()
         self._dashboard_cache: dict[tuple[int, int], str] = {}
         self._graph = _as_graph_dict(graph)
-        super().__init__(graph_data=self._view(), threshold=_check_threshold(threshold),
+        view = self._view()
+        super().__init__(graph_data=view, threshold=_resolve_threshold(view, threshold),
                          can_expand=expand is not None, has_dashboards=dashboard is not None,
                          can_intervene=intervene is not None, **kwargs)
         self.on_msg(self._handle_message)
@@ -226,7 +234,9 @@ class CircuitGraphWidget(anywidget.AnyWidget):
         return nodes, [links[i] for i in idx]
 
     def prune(self, threshold: float) -> set[str]:
-        """Set the prune threshold; returns the node ids still shown."""
+        """Set the prune threshold (what the slider does); returns the node ids
+        still shown. On an attribution graph these are the nodes
+        ``graph.prune(node_threshold=threshold)`` keeps among those in the file."""
         self.threshold = threshold
         return self.visible()[0]
 
@@ -418,7 +428,7 @@ def _script_json(obj) -> str:
 
 
 def export_html(view: Mapping, path: str | os.PathLike, dashboards: Mapping[str, Mapping] | None = None,
-                threshold: float = 0.0, selected: str = "", title: str = "circuit graph",
+                threshold: float | None = None, selected: str = "", title: str = "circuit graph",
                 has_dashboards: bool = False) -> Path:
     """Write the standalone page of :func:`graph_page_html` to ``path`` (as
     ``tc_explore.dashboard.export_html`` does for dashboards); returns the path."""
@@ -431,7 +441,7 @@ def _write_page(path: str | os.PathLike, page: str) -> Path:
 
 
 def embed_html(view: Mapping, dashboards: Mapping[str, Mapping] | None = None,
-               threshold: float = 0.0, selected: str = "", has_dashboards: bool = False,
+               threshold: float | None = None, selected: str = "", has_dashboards: bool = False,
                element_id: str | None = None, pinned=(), supernodes=()) -> str:
     """The graph as a self-contained HTML fragment: its CSS, the browser module
     inlined, and a stand-in for the widget model that serves the given per-node
@@ -443,7 +453,7 @@ def embed_html(view: Mapping, dashboards: Mapping[str, Mapping] | None = None,
     dashboards = dict(dashboards or {})
     state = dict(graph_data=dict(view), selected_node=selected or "",
                  dashboard=dashboards.get(selected, {}) if selected else {},
-                 threshold=_check_threshold(threshold), can_expand=False, status="",
+                 threshold=_resolve_threshold(view, threshold), can_expand=False, status="",
                  has_dashboards=bool(has_dashboards),
                  intervention_nodes=[], intervention_scale=0.0, intervention={}, can_intervene=False,
                  pinned_nodes=list(pinned), pinned_only=False, supernodes=[list(g) for g in supernodes])
@@ -460,7 +470,7 @@ _EMBED_IDS = itertools.count()
 
 
 def graph_page_html(view: Mapping, dashboards: Mapping[str, Mapping] | None = None,
-                    threshold: float = 0.0, selected: str = "", title: str = "circuit graph",
+                    threshold: float | None = None, selected: str = "", title: str = "circuit graph",
                     has_dashboards: bool = False, pinned=(), supernodes=()) -> str:
     """A standalone page for ``view`` (from :func:`graph_view_data`): the
     :func:`embed_html` fragment in ``widgets/circuit_graph_page.html``."""
@@ -486,7 +496,7 @@ def feature_dashboard_html(index, model=None, transcoders=None, **options) -> Da
 
 
 def circuit_graph_widget(result, dashboard: DashboardFn | None = None, branches: int | None = None,
-                         threshold: float = 0.0, slug: str = "tc-explore-graph", metric=None,
+                         threshold: float | None = None, slug: str = "tc-explore-graph", metric=None,
                          constrained: bool = False, intervene: InterveneFn | None = None
                          ) -> CircuitGraphWidget:
     """A :class:`CircuitGraphWidget` over a path search (``find_paths``) whose
