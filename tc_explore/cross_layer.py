@@ -89,7 +89,7 @@ class CrossLayerTranscoderSet(TranscoderSet):
 
     def decoder_rows(self, source: int, features) -> torch.Tensor:
         source = self._check(source)
-        idx = torch.as_tensor(features, dtype=torch.long).reshape(-1).cpu()
+        idx = self.check_features(source, features)
         if idx.numel() == 0:
             d = self.d_in(source)
             return torch.zeros(0, self.n_layers - source, d, device=self.device, dtype=self.dtype)

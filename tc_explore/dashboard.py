@@ -279,6 +279,9 @@ def tokens_html(tokens: Sequence[str], activations: Sequence[float], vmax: float
                 focus: int | None = None, positions: Sequence[int] | None = None) -> str:
     """Tokens as ``span.tcx-token`` shaded by activation (shared by the
     dashboard's examples and the explorer's prompt view)."""
+    if len(tokens) != len(activations):
+        raise InvalidInputError(f"tokens_html got {len(tokens)} tokens but {len(activations)} activations; "
+                                "give one activation per token.")
     parts = []
     for i, (t, a) in enumerate(zip(tokens, activations)):
         cls = "tcx-token tcx-focus" if i == focus else "tcx-token"

@@ -10,6 +10,8 @@ from datetime import timedelta
 
 import torch
 
+from .errors import InvalidInputError
+
 # Ranks that finish early wait at the barrier for the slowest (after a resume,
 # ranks whose shard was already done wait for the whole remaining build).
 DEFAULT_TIMEOUT = timedelta(hours=48)
@@ -26,10 +28,20 @@ class Launch:
     def from_env(cls) -> "Launch | None":
         """The launch torchrun describes in the environment, or None when this
         process was not started by torchrun (or is alone)."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        def env_int(name: str, default: str | None = None) -> int:
+            text = os.environ.get(name, default)
+            try:
+                return int(text)
+            except (TypeError, ValueError):
+                raise InvalidInputError(f"The environment variable {name}={text!r} is not an integer; torchrun "
+                                        "sets WORLD_SIZE, RANK and LOCAL_RANK (unset them outside torchrun).") from None
+        world = env_int("WORLD_SIZE", "1")
         if world <= 1:
             return None
-        return cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+        rank, local_rank = env_int("RANK"), env_int("LOCAL_RANK", "0")
+        if not 0 <= rank < world or local_rank < 0:
+            raise InvalidInputError(f"RANK={rank} / LOCAL_RANK={local_rank} do not fit WORLD_SIZE={world}.")
+        return cls(rank, world, local_rank)
 
     def device(self, requested: str | None) -> str:
         """This rank's device: ``cuda`` (or the default, with GPUs present)

@@ -77,7 +77,8 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         _raise_storage(path, err)
-        raise
+        raise StorageError(f"Could not create the folder {path.parent} for {path.name}: "
+                           f"{err.strerror or err}. Choose another folder.") from err
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp

@@ -141,6 +141,14 @@ def mlp_ablation_hooks(model, layers: Sequence[int] | int,
                     f"Mean ablation of layer {layer} needs means[{layer}]; compute them with "
                     "mean_mlp_outputs(model, tokens, layers).")
             value = means[layer]
+            d_model = int(model.cfg.d_model)
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != (d_model,) \
+                    or not bool(torch.isfinite(value).all()):
+                raise InvalidInputError(
+                    f"means[{layer}] must be a finite [d_model={d_model}] tensor (mean_mlp_outputs gives "
+                    f"them), got {tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}"
+                    + (" with NaN or infinite values" if isinstance(value, torch.Tensor)
+                       and tuple(value.shape) == (d_model,) else "") + ".")
 
             def fn(out, hook, value=value):
                 return value.to(out.device, out.dtype).expand_as(out).clone()
@@ -185,8 +193,8 @@ def ablate_mlps(model, layers, mode: Literal["zero", "mean"] = "zero", means=Non
 
 def run_with_transcoders(model, tokens, transcoders: TranscoderSet, layers=None, **kwargs):
     """Logits of the model with the chosen MLPs replaced by transcoders."""
-    return model.run_with_hooks(tokens, fwd_hooks=transcoder_hooks(model, transcoders, layers, **kwargs))
+    return model.run_with_hooks(to_tokens(model, tokens), fwd_hooks=transcoder_hooks(model, transcoders, layers, **kwargs))
 
 
 def run_with_ablated_mlps(model, tokens, layers, mode="zero", means=None):
-    return model.run_with_hooks(tokens, fwd_hooks=mlp_ablation_hooks(model, layers, mode, means))
+    return model.run_with_hooks(to_tokens(model, tokens), fwd_hooks=mlp_ablation_hooks(model, layers, mode, means))

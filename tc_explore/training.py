@@ -244,6 +244,8 @@ def train_transcoders(model, tokens: torch.Tensor | Iterable[torch.Tensor],
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
 
+    if checkpoint_dir is not None and Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
+        raise InvalidInputError(f"checkpoint_dir {checkpoint_dir} is a file, not a folder.")
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     ckpt = _load_checkpoint(ckpt_path) if (ckpt_path is not None and resume
                                            and ckpt_path.is_file()) else None
@@ -444,9 +446,17 @@ def save_transcoder_set(result: TrainingResult | Mapping[int, Transcoder], direc
         transcoders, freqs, cfg = dict(result), dict(log10_frequencies or {}), None
     if not transcoders:
         raise InvalidInputError("No transcoders to save.")
-    if not name or "/" in name:
+    if not isinstance(name, str) or not name or "/" in name:
         raise InvalidInputError(f"name must be a plain set name, got {name!r}.")
+    if not isinstance(model_name, str) or not model_name:
+        raise InvalidInputError(f"model_name must be the model's name (e.g. 'gpt2'), got {model_name!r}.")
+    bad = [l for l, tc in transcoders.items() if not isinstance(tc, Transcoder)]
+    if bad:
+        raise InvalidInputError(f"save_transcoder_set takes Transcoder objects; layer {bad[0]} holds a "
+                                f"{type(transcoders[bad[0]]).__name__}.")
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise InvalidInputError(f"{directory} is a file, not a folder: give a folder for the set.")
     directory.mkdir(parents=True, exist_ok=True)
     layers = sorted(transcoders)
     first = transcoders[layers[0]]

@@ -287,7 +287,7 @@ class TranscoderSet(Mapping[int, Transcoder]):
         """[k, len(target_layers(source)), d_model]: the decoder rows of
         ``features`` (ids of layer ``source``), one per target layer."""
         tc = self[source]
-        idx = torch.as_tensor(features, dtype=torch.long, device=tc.device).reshape(-1)
+        idx = self.check_features(source, features).to(tc.device)
         return tc.W_dec.index_select(0, idx)[:, None]
 
     def decoder_to(self, source: int, target: int) -> torch.Tensor:
@@ -390,6 +390,27 @@ class TranscoderSet(Mapping[int, Transcoder]):
         """``feature`` as an int, if it is one of layer ``layer``'s features."""
         layer = self.check_layer(layer)
         return check_feature(feature, self.d_sae(layer), f"layer {layer} of {self.name!r}")
+
+    def check_features(self, layer: int, features) -> torch.Tensor:
+        """``features`` (a list, array or tensor of feature ids of layer ``layer``)
+        as a 1-D int64 CPU tensor, checked as ``check_feature`` does: integers in
+        range, never rounded (integer tensors and arrays checked at once)."""
+        layer = self.check_layer(layer)
+        d_sae = self.d_sae(layer)
+        if isinstance(features, torch.Tensor) and not (features.is_floating_point() or features.is_complex()
+                                                      or features.dtype == torch.bool):
+            idx = features.detach().reshape(-1).to("cpu", torch.long)
+        elif getattr(getattr(features, "dtype", None), "kind", None) in ("i", "u"):      # numpy integers
+            idx = torch.as_tensor(features.reshape(-1), dtype=torch.long)
+        else:
+            items = features.reshape(-1).tolist() if hasattr(features, "reshape") else features
+            items = [items] if not isinstance(items, Iterable) or isinstance(items, (str, bytes)) else items
+            return torch.tensor([check_feature(f, d_sae, f"layer {layer} of {self.name!r}") for f in items],
+                                dtype=torch.long)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= d_sae):
+            bad = int(idx.min()) if int(idx.min()) < 0 else int(idx.max())
+            check_feature(bad, d_sae, f"layer {layer} of {self.name!r}")
+        return idx
 
     def check_fits(self, model, layers: Iterable[int] | None = None) -> "TranscoderSet":
         """Raise a clear error if this set (or the chosen layers of it) cannot be

@@ -371,9 +371,9 @@ class WeightViews:
         world_size-th chunk of features on its own device, and rank 0 joins
         the parts (exchanged as files beside ``out_dir``, so ranks on several
         machines need a shared filesystem) into the views one process builds."""
-        for name, value in (("k", k), ("n_heads", n_heads), ("chunk_size", chunk_size),
-                            ("features_per_group", features_per_group)):
-            as_count(value, name)
+        k, n_heads, chunk_size, features_per_group = (
+            as_count(value, name) for name, value in (("k", k), ("n_heads", n_heads), ("chunk_size", chunk_size),
+                                                      ("features_per_group", features_per_group)))
         transcoders.check_fits(model)
         out = Path(out_dir)
         device = torch.device(device) if device is not None else transcoders.device

@@ -17,14 +17,15 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from tc_explore import Intervention, TranscoderSet, evaluate_transcoders, generate, intervene, load_model, \
-    load_transcoders
+from tc_explore import (Intervention, TranscoderSet, evaluate_transcoders, generate, intervene, load_model,
+                        load_transcoders, run_with_ablated_mlps, run_with_transcoders)
 from tc_explore.ablation import ablation_curve, ablation_curve_figure, ranking_from
-from tc_explore.circuits import (AttributionGraph, CircuitGraph, attribute, decompose, feature_connections,
-                                 find_paths, logit_diff_target, prompt_context, residual_target)
+from tc_explore.circuits import (AttributionGraph, CircuitGraph, PathGraphExpander, attribute, decompose,
+                                 feature_connections, find_paths, logit_diff_target, next_target, prompt_context,
+                                 residual_target)
 from tc_explore.corpus import Corpus
-from tc_explore.dashboard import dashboard_html, export_html, feature_dashboard
-from tc_explore.errors import IncompatibleTranscoderError, InvalidInputError, TcExploreError
+from tc_explore.dashboard import dashboard_html, export_html, feature_dashboard, tokens_html
+from tc_explore.errors import IncompatibleTranscoderError, InvalidInputError, StorageError, TcExploreError
 from tc_explore.formats import (read_circuit_tracer_config, read_circuit_tracer_safetensors,
                                 read_gemma_scope_npz, read_gpt2_transcoder)
 from tc_explore.formats.clt import write_clt
@@ -35,8 +36,10 @@ from tc_explore.replacement import mean_mlp_outputs, transcoder_hooks
 from tc_explore.search import search_features
 from tc_explore.demo import SyntheticSentences
 from tc_explore.testing import random_clt, random_transcoder
-from tc_explore.training import TrainingConfig, train_transcoders
+from tc_explore.tasks import greater_than as gt
+from tc_explore.training import TrainingConfig, save_transcoder_set, train_transcoders
 from tc_explore.ui.explorer import explore
+from tc_explore.ui.graph_widget import circuit_graph_widget
 from tc_explore.weight_views import WeightViews
 
 PROMPT = "The war lasted from 1735 to 17"
@@ -298,7 +301,65 @@ CASES = [
      InvalidInputError, "(2, 15)"),
     ("transcoder-no-features", lambda e: random_transcoder(8, 16, 0).__class__(
         torch.zeros(8, 0), torch.zeros(0), torch.zeros(0, 8)), IncompatibleTranscoderError, "(8, 0)"),
+    # nodes, expansion, MLP ablation, greater-than, saving, the graph widget
+    ("contribution-of-string", lambda e: decompose(e.ctx, e.target).contribution_of("L1F3"), InvalidInputError,
+     "'L1F3'"),
+    ("next-target-string", lambda e: next_target(e.ctx, e.target, "x"), InvalidInputError, "'x'"),
+    ("expander-branches-zero", lambda e: PathGraphExpander(e.paths, branches=0), InvalidInputError, "branches"),
+    ("expander-branches-float", lambda e: PathGraphExpander(e.paths, branches=1.5), InvalidInputError, "1.5"),
+    ("mean-ablation-shape", lambda e: run_with_ablated_mlps(e.model, PROMPT, [1], mode="mean",
+                                                            means={1: torch.zeros(3)}), InvalidInputError, "(3,)"),
+    ("mean-ablation-nan", lambda e: run_with_ablated_mlps(e.model, PROMPT, [1], mode="mean",
+                                                          means={1: torch.full((64,), float("nan"))}),
+     InvalidInputError, "NaN"),
+    ("replaced-run-float-tokens", lambda e: run_with_transcoders(e.model, e.model.to_tokens(PROMPT).float(), e.ts),
+     InvalidInputError, "float32"),
+    ("replaced-run-oov-tokens", lambda e: run_with_transcoders(e.model, e.model.to_tokens(PROMPT) + 1000, e.ts),
+     InvalidInputError, "vocabulary"),
+    ("greater-than-year-range", lambda e: gt.prompts_from_pairs([("war", 150)]), InvalidInputError, "150"),
+    ("greater-than-year-str", lambda e: gt.prompts_from_pairs([("war", "35")]), InvalidInputError, "'35'"),
+    ("greater-than-not-prompts", lambda e: gt.tokenize_prompts(e.model, ["a"]), InvalidInputError, "'a'"),
+    ("greater-than-neuron-layer", lambda e: gt.neuron_variance(e.model, gt.make_prompts(3), 9), InvalidInputError,
+     "9"),
+    ("save-set-into-file", lambda e: save_transcoder_set({0: random_transcoder(64, 16, 0)}, _a_file(e), "x", "tiny"),
+     InvalidInputError, "a_file.txt"),
+    ("save-set-strings", lambda e: save_transcoder_set({0: "x"}, e.tmp / "save_strings", "x", "tiny"),
+     InvalidInputError, "str"),
+    ("save-set-name-none", lambda e: save_transcoder_set({0: random_transcoder(64, 16, 0)}, e.tmp / "save_none",
+                                                         None, "tiny"), InvalidInputError, "None"),
+    ("widget-prune-str", lambda e: circuit_graph_widget(e.paths).prune("x"), InvalidInputError, "'x'"),
+    ("widget-prune-negative", lambda e: circuit_graph_widget(e.paths).prune(-1), InvalidInputError, "-1"),
+    ("widget-select-int", lambda e: circuit_graph_widget(e.paths).select(5), InvalidInputError, "int"),
+    ("widget-scale-str", lambda e: (lambda w: w.set_intervention([w.node_ids[0]], "x"))(
+        circuit_graph_widget(e.paths)), InvalidInputError, "'x'"),
+    ("widget-scale-node-str", lambda e: circuit_graph_widget(e.paths).set_intervention("nope", 0.0),
+     InvalidInputError, "nope"),
+    ("merge-one-string", lambda e: FeatureIndex.merge("abc", e.tmp / "merged"), InvalidInputError, "'abc'"),
+    ("merge-none", lambda e: FeatureIndex.merge(None, e.tmp / "merged"), InvalidInputError, "NoneType"),
+    ("tokens-html-lengths", lambda e: tokens_html(["a", "b"], [1.0], 1.0), InvalidInputError, "2 tokens"),
+    ("context-prepend-bos-str", lambda e: prompt_context(e.model, e.ts, PROMPT, prepend_bos="no"),
+     InvalidInputError, "'no'"),
+    ("decoder-rows-range", lambda e: e.ts.decoder_rows(1, [9999]), InvalidInputError, "9999"),
+    ("decoder-rows-float", lambda e: e.ts.decoder_rows(1, [2.5]), InvalidInputError, "2.5"),
+    ("decoder-rows-float-tensor", lambda e: e.ts.decoder_rows(1, torch.tensor([1.5])), InvalidInputError, "1.5"),
+    ("decoder-rows-negative-array", lambda e: e.ts.decoder_rows(1, np.array([-1])), InvalidInputError, "-1"),
+    ("launch-world-size-junk", lambda e: _launch_with({"WORLD_SIZE": "abc"}), InvalidInputError, "'abc'"),
+    ("launch-rank-outside", lambda e: _launch_with({"WORLD_SIZE": "2", "RANK": "5"}), InvalidInputError, "RANK=5"),
 ]
+
+
+def _launch_with(env):
+    import os
+    from unittest import mock
+    from tc_explore.distributed import Launch
+    with mock.patch.dict(os.environ, env):
+        return Launch.from_env()
+
+
+def _a_file(e):
+    path = e.tmp / "a_file.txt"
+    path.write_text("not a folder")
+    return path
 
 
 # -- files, indexes, dashboards, corpora, training, the explorer and the command line -------------
@@ -435,6 +496,7 @@ BUILT_CASES = [
     ("build-transcoders-none", lambda e, b: FeatureIndex.build(e.model, None, b.corpus, 128, b.tmp / "tn", **INDEX),
      InvalidInputError, "NoneType"),
     # dashboards and search
+    ("build-shard-float", lambda e, b: _build(e, b, "shard_float", shard=(0.0, 2.0)), InvalidInputError, "0.0"),
     ("dash-k-zero", lambda e, b: feature_dashboard(b.index, 1, 3, e.model, e.ts, k=0), InvalidInputError, "k"),
     ("dash-k-float", lambda e, b: feature_dashboard(b.index, 1, 3, e.model, e.ts, k=2.5), InvalidInputError, "2.5"),
     ("dash-bands-zero", lambda e, b: feature_dashboard(b.index, 1, 3, e.model, e.ts, n_bands=0),
@@ -450,6 +512,14 @@ BUILT_CASES = [
      InvalidInputError, "FeatureIndex.load"),
     ("dash-export-folder", lambda e, b: export_html(feature_dashboard(b.index, 1, 3, e.model, e.ts), b.tmp),
      InvalidInputError, "folder"),
+    ("dash-export-unwritable", lambda e, b: export_html(feature_dashboard(b.index, 1, 3, e.model, e.ts),
+                                                        "/proc/nope/x.html"), StorageError, "/proc/nope"),
+    ("views-numpy-k-built", lambda e, b: WeightViews.build(e.model, e.ts, b.tmp / "views_np", k=np.int64(2),
+                                                            n_heads=1).logit_effects(e.model, 1, 3, k=3),
+     InvalidInputError, "k=3"),
+    ("train-checkpoint-file", lambda e, b: train_transcoders(e.model, b.corpus.take(4), TrainingConfig(
+        n_steps=2, batch_size=16, buffer_batches=2, model_batch_size=2, layers=[0], d_sae=16, checkpoint_every=1),
+        checkpoint_dir=b.index.directory / "manifest.json"), InvalidInputError, "manifest.json"),
     ("dash-export-not-dashboards", lambda e, b: export_html([1, 2], b.tmp / "d.html"), InvalidInputError, "int"),
     ("dash-html-not-dashboard", lambda e, b: dashboard_html(5), InvalidInputError, "int"),
     ("search-index-path", lambda e, b: search_features(e.model, e.ts, " war", by="examples",
@@ -517,6 +587,13 @@ def test_bad_input_with_files_raises_our_error(env, built, capsys, call, error, 
     assert names in str(info.value), str(info.value)
 
 
+def test_numpy_shard_builds_like_python_ints(env, built):
+    a = _build(env, built, "shard_numpy", shard=(np.int64(0), np.int64(2)))
+    b = _build(env, built, "shard_python", shard=(0, 2))
+    assert a.manifest.shard == b.manifest.shard == [0, 2]
+    assert (a.tokens() == b.tokens()).all()
+
+
 def test_cli_info_of_a_half_written_manifest(built, capsys):
     """A manifest with only some fields (a build that died early) is described, not a traceback."""
     folder = _manifest_folder(built, "partial_manifest", json.dumps({"complete": False}))
@@ -567,6 +644,9 @@ ACCEPTED = [
      lambda df: list(df.k) == [1]),
     ("ranking-float-frame", lambda e: ranking_from(pd.DataFrame({"layer": [1.0, None], "feature": [3, 4]}).iloc[:1]),
      lambda r: r == [(1, 3)]),
+    ("decoder-rows-numpy", lambda e: e.ts.decoder_rows(1, np.array([3, 4])), lambda r: r.shape == (2, 1, 64)),
+    ("circuit-graph-reads-attribution-file", lambda e: CircuitGraph.from_json(e.graph.prune(0.5, 0.5).to_dict()),
+     lambda g: {n.node.kind for n in g.nodes.values()} >= {"feature", "embed", "logit"}),
     ("iv-positions-numpy", lambda e: _iv(e, Intervention(np.int64(1), np.array([1, 2]), np.int32(3))),
      lambda r: r.interventions[0].feature == 3 and type(r.interventions[0].feature) is int),
 ]

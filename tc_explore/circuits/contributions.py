@@ -283,6 +283,7 @@ class Decomposition:
         target's token (``node.token`` None means that token). Nodes write at
         their own token: one at another token contributes only through heads,
         and asking for it directly is an error, not a silent zero."""
+        _check_node(node)
         if node.kind == "feature":
             if node.layer not in self.features:
                 raise InvalidInputError(
@@ -349,6 +350,12 @@ def _finite(x) -> bool:
 
 # -- the decomposition --------------------------------------------------------------------
 @torch.no_grad()
+def _check_node(node) -> None:
+    if not isinstance(node, Node):
+        raise InvalidInputError(f"Expected a Node (e.g. Node('feature', layer=1, index=3, token=8)), got "
+                                f"{type(node).__name__} {node!r:.60}.")
+
+
 def check_kinds(kinds, what: str = "kinds") -> frozenset[str]:
     """A collection of node kind names (``NodeKind`` values), checked: a bare
     string or a misspelt kind would otherwise exclude nothing, silently."""
@@ -451,6 +458,7 @@ def next_target(ctx: PromptContext, target: Target, node: Node,
     """The target one step upstream through ``node``, whose value on the prompt
     equals ``node``'s contribution to ``target``; None for leaves. ``value``
     (that contribution, when the caller has it) saves recomputing it."""
+    _check_node(node)
     v = target.direction.double()
     w = ctx.weights
     if node.kind == "feature":

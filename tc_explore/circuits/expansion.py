@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, as_count
 from .graph import CircuitGraph
 from .paths import Path, PathSearchResult, find_paths
 
@@ -33,9 +33,7 @@ class PathGraphExpander:
         if sum_over_tokens:
             raise InvalidInputError("Expanding nodes needs per-token nodes; use sum_over_tokens=False.")
         self.result = result
-        self.branches = int(branches or result.branches)
-        if self.branches < 1:
-            raise InvalidInputError(f"branches must be a positive integer, got {branches!r}.")
+        self.branches = result.branches if branches is None else as_count(branches, "branches")
         self.slug = slug
         self.paths = list(result.paths)
         # paths whose head node was decomposed: by the search (every iteration but the last) ...

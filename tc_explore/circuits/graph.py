@@ -320,7 +320,8 @@ class CircuitGraph:
 def _node_from_record(rec: dict, i: int) -> tuple[Node, int | None]:
     from ..errors import InvalidInputError
     pos = rec.get("ctx_idx")
-    if "tc_kind" in rec:
+    if "tc_kind" in rec and "tc_token" in rec:     # written by CircuitGraph.to_json (an
+        # AttributionGraph's file carries tc_kind too, with tc_pos: read it as circuit-tracer's)
         return (Node(rec["tc_kind"], rec.get("tc_layer"), rec.get("tc_index"), rec.get("tc_token"),
                      rec.get("tc_source")), rec.get("tc_token_id"))
     ftype = rec.get("feature_type")

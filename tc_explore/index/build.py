@@ -193,6 +193,10 @@ def _plan(model, transcoders: TranscoderSet, corpus: Corpus, n_tokens: int,
         first_batch, stop_batch = 0, n_batches_total
     else:
         i, n = s.shard if isinstance(s.shard, (tuple, list)) and len(s.shard) == 2 else (None, None)
+        try:
+            i, n = as_integer(i, "shard index"), as_integer(n, "shard count")
+        except InvalidInputError:
+            i = n = None
         if not (isinstance(n, int) and n >= 1 and isinstance(i, int) and 0 <= i < n):
             raise InvalidInputError(f"shard must be (i, n) with 0 <= i < n, got {s.shard!r}.")
         first_batch, stop_batch = i * n_batches_total // n, (i + 1) * n_batches_total // n
@@ -217,7 +221,7 @@ def _plan(model, transcoders: TranscoderSet, corpus: Corpus, n_tokens: int,
         n_sequences=seq_stop - seq_start, n_tokens=(seq_stop - seq_start) * seq_len,
         n_tokens_counted=(seq_stop - seq_start) * (seq_len - 1),
         positions_counted="1..seq_len-1 (position 0, BOS, left out)",
-        shard=list(s.shard) if s.shard is not None else None,
+        shard=[i, n] if s.shard is not None else None,
         features_per_group=int(s.features_per_group), tokens_rows_per_group=int(batch_size),
         fingerprints=_fingerprints(model, transcoders, layers, corpus, min(batch_size, total_sequences)))
 

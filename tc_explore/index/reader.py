@@ -7,7 +7,7 @@ import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -304,6 +304,9 @@ class FeatureIndex:
         """Combine finished shards (same model, transcoders, corpus and settings;
         contiguous sequence ranges) into one index equal to a single build over
         their union."""
+        if isinstance(shard_dirs, (str, bytes, os.PathLike)) or not isinstance(shard_dirs, Iterable):
+            raise InvalidInputError(f"merge takes a list of shard folders, got {type(shard_dirs).__name__} "
+                                    f"{shard_dirs!r:.60}.")
         shards = [cls(d) for d in shard_dirs]
         return cls(merge_indexes([(s.directory, s.manifest) for s in shards], out_dir, overwrite))
 

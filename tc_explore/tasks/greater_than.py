@@ -37,9 +37,9 @@ from ..circuits.context import PromptContext, prompt_context
 from ..circuits.contributions import Target
 from ..circuits.targets import logit_direction_target
 from ..circuits.paths import Mode, PathSearchResult, find_paths
-from ..errors import InvalidInputError, as_count
+from ..errors import InvalidInputError, as_count, as_integer
 from ..ablation import ablation_curve
-from ..model import check_context, hook_mlp_post, model_device, model_weights
+from ..model import check_context, check_layer, hook_mlp_post, model_device, model_weights
 from ..prompt_features import encode_layers
 from ..replacement import transcoder_hooks
 
@@ -162,7 +162,13 @@ def _prompt(template: str, noun: str, yy: int, century: int) -> GreaterThanPromp
 def prompts_from_pairs(pairs: Iterable[tuple[str, int]], century: int = 17,
                        template: str = TEMPLATE) -> list[GreaterThanPrompt]:
     """Prompts for given ``(noun, start_year)`` pairs."""
-    return [_prompt(template, noun, int(yy), century) for noun, yy in pairs]
+    out = []
+    for noun, yy in pairs:
+        yy = as_integer(yy, "start_year")
+        if not 0 <= yy <= 99:
+            raise InvalidInputError(f"start_year is the year's last two digits (0..99), got {yy}.")
+        out.append(_prompt(template, noun, yy, century))
+    return out
 
 
 def tokenize_prompts(model, prompts: Sequence[GreaterThanPrompt]) -> TokenizedPrompts:
@@ -175,6 +181,9 @@ def tokenize_prompts(model, prompts: Sequence[GreaterThanPrompt]) -> TokenizedPr
     years = year_token_ids(model)
     tokens, positions = [], []
     for p in prompts:
+        if not isinstance(p, GreaterThanPrompt):
+            raise InvalidInputError(f"Expected GreaterThanPrompt objects (make_prompts, prompts_from_pairs), "
+                                    f"got {type(p).__name__} {p!r:.60}.")
         t = model.to_tokens(p.text, prepend_bos=True)[0].cpu()
         body = t[1:].tolist()
         if tok.decode(body) != p.text:
@@ -349,7 +358,7 @@ def neuron_variance(model, prompts, layer: int, position: int = -1) -> torch.Ten
     """[d_mlp] variance across prompts of each MLP neuron's activation
     (``blocks.L.mlp.hook_post``) at ``position``."""
     tp = _as_tokenized(model, prompts)
-    name = hook_mlp_post(layer)
+    name = hook_mlp_post(check_layer(model, layer))
     _, cache = model.run_with_cache(tp.stacked().to(model_device(model)),
                                     names_filter=lambda n: n == name)
     return cache[name][:, position].float().var(0, unbiased=False).cpu()

@@ -237,7 +237,7 @@ class CircuitGraphWidget(anywidget.AnyWidget):
         """Set the prune threshold (what the slider does); returns the node ids
         still shown. On an attribution graph these are the nodes
         ``graph.prune(node_threshold=threshold)`` keeps among those in the file."""
-        self.threshold = threshold
+        self.threshold = as_number(threshold, "The prune threshold", 0.0, 1.0)
         return self.visible()[0]
 
     # -- selection and dashboards --------------------------------------------------
@@ -258,6 +258,9 @@ class CircuitGraphWidget(anywidget.AnyWidget):
 
     def select(self, node_id: str) -> dict:
         """Select a node as a click would; returns the dashboard shown."""
+        if not isinstance(node_id, str):
+            raise InvalidInputError(f"A node id is a string such as '1_23_4', got {type(node_id).__name__} "
+                                    f"{node_id!r:.40}.")
         self.selected_node = node_id
         return self.dashboard
 
