@@ -1,23 +1,29 @@
 """Benchmark of FeatureIndex.build and dashboard opening (a script, not a test).
 
-    python benchmarks/bench_index.py [--n-tokens 4096] [--seq-len 128] [--batch-size 8]
-    python benchmarks/bench_index.py --n-tokens 8192 --no-views --no-on-the-fly     # CPU target
-    python benchmarks/bench_index.py --device cuda --n-tokens 1048576 --batch-size 32 --no-on-the-fly
-    ... --record [FILE]       # also write the figures into benchmarks/results.json (benchmarks/records.py)
+    python benchmarks/bench_index.py --tokens 8192 --no-views --no-on-the-fly     # CPU, <= 25 %
+    python benchmarks/bench_index.py --tokens 65536 --no-views --no-on-the-fly    # CPU, <= 15 %
+    python benchmarks/bench_index.py --device cuda --threads 16 --tokens 1048576 --batch-size 32 --no-on-the-fly
 
 On a GPT-2-small-shaped model (12 layers, d_model 768, 12 heads, vocab 50257,
 n_ctx 1024; random weights, saved with save_pretrained and loaded through
 tc_explore.load_model) and 12 full-width (d_sae 24576) random transcoders, it
 prints:
 
-* the bare cost of the same forward passes (run_with_cache restricted to the
-  transcoders' input hooks) plus every layer's encoding, over the same tokens,
-  timed before AND after the build (the machine's load drifts);
-* FeatureIndex.build time over those tokens, and its overhead over each bare
-  run (targets: CPU <= 25 % at >= 8,192 tokens, <= 15 % at >= 65,536; GPU
-  <= 15 % and >= 30k tokens/s at 1M tokens);
-* peak resident memory during each (sampled every 20 ms) and, on CUDA, peak
-  GPU memory against the weights (target: build <= weights + 2 GiB);
+* the bare pass: the build's own forward and encodings
+  (``tc_explore.index.forward.stream_encodings``: the forward stopped after
+  the last transcoder input, every layer encoded in its hook) with nothing
+  kept, over the same tokens: the work a build cannot avoid;
+* bare and build runs alternated (bare, build, bare, ... --repeats builds, a
+  bare run before and after each), every run's wall time, CPU time of the
+  process and the load average, then medians (the shared machine's load
+  drifts; the overhead is the median build against the median bare run, and
+  each build against the mean of the bare runs beside it);
+* FeatureIndex.build time, its overhead (targets: CPU <= 25 % at >= 8,192
+  tokens, <= 15 % at >= 65,536; GPU <= 15 % and >= 30k tokens/s at 1M tokens)
+  and tokens/s;
+* peak resident memory of each run (sampled every 20 ms) against the process
+  before any weights were loaded, and on CUDA peak GPU memory allocated,
+  against the target: a build's peak <= model + transcoders + 2 GiB;
 * dashboard open time from the saved index, per feature (target: under 100 ms on
   CPU), cold (fresh FeatureIndex.load) and warm: index sections only; with the
   weight-based sections (logit effects, de-embeddings, OV, connections)
@@ -28,6 +34,7 @@ Random transcoders are given a realistic sparsity (about --l0 features firing
 per token, as trained transcoders do) by shifting the encoder bias; the
 measured L0 is printed. Dense firing would make every accumulator (and any
 top-k over real data) slower; it is not what real transcoders do.
+Run it under ``flock /tmp/tc_bench.lock`` on a shared machine.
 """
 from __future__ import annotations
 
@@ -114,19 +121,20 @@ def build_transcoders(d_model: int, d_sae: int, n_layers: int, l0: float):
 
 
 def bare_pass(model, transcoders, batches) -> float:
-    """The same forwards and encodings the index does, with nothing kept:
-    seconds (the device synchronised at the end)."""
-    hooks = {transcoders.input_hook(layer): layer for layer in transcoders.layers}
+    """The build's forward and encodings (``stream_encodings``, the same
+    function FeatureIndex.build runs) with nothing kept: seconds (the device
+    synchronised at the end)."""
+    from tc_explore.index.forward import stream_encodings
+
+    def discard(layer, chunks):
+        for _, acts in chunks:
+            del acts
     sync = torch.cuda.synchronize if transcoders.device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
     with torch.inference_mode():
         for toks in batches:
-            _, cache = model.run_with_cache(toks, names_filter=lambda n: n in hooks)
-            for hook, layer in hooks.items():
-                acts = transcoders[layer].encode(cache[hook])
-                del acts
-            del cache
+            stream_encodings(model, transcoders, transcoders.layers, toks, discard)
     sync()
     return time.perf_counter() - t0
 
@@ -142,7 +150,9 @@ def measured_l0(model, transcoders, batch) -> float:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n-tokens", type=int, default=4096)
+    p.add_argument("--tokens", "--n-tokens", dest="n_tokens", type=int, default=4096)
+    p.add_argument("--repeats", type=int, default=2,
+                   help="builds, alternated with bare runs (one before and after each)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--d-sae", type=int, default=24576)
@@ -169,12 +179,17 @@ def main(argv=None):
 
     work = tempfile.mkdtemp(prefix="tc_bench_")
     try:
+        import gc
+        gc.collect()
+        rss_before_weights = PeakMemory.rss()
         t = time.perf_counter()
         vocab = build_model(os.path.join(work, "model"))
         model = load_model(os.path.join(work, "model"), device=args.device)
         transcoders = build_transcoders(768, args.d_sae, 12, args.l0).to(device=args.device)
         for layer in transcoders.layers:
             transcoders[layer]
+        gc.collect()
+        rss_with_weights = PeakMemory.rss()
         print(f"setup: GPT-2-small-shaped model (vocab {model.cfg.d_vocab}, tokenizer {vocab}), "
               f"12 x d_sae {args.d_sae} transcoders, {time.perf_counter() - t:.1f} s; "
               f"{args.threads} threads, device {args.device}")
@@ -190,13 +205,8 @@ def main(argv=None):
 
         bare_pass(model, transcoders, batches[:1])                    # warm-up
         print(f"measured L0: {measured_l0(model, transcoders, batches[0]):.1f} features per token per layer")
-        if str(args.device).startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        with PeakMemory() as mem_bare:
-            bare = bare_pass(model, transcoders, batches)
-        gpu_bare = torch.cuda.max_memory_allocated() if str(args.device).startswith("cuda") else 0
-
-        out = os.path.join(work, "index")
+        gpu = str(args.device).startswith("cuda")
+        n_tok = n_seq * args.seq_len
         # Diagnostic only: when the build's final Parquet writes start and end.
         import tc_explore.index.build as index_module
         write_span = []
@@ -207,56 +217,109 @@ def main(argv=None):
             real_write(*a, **kw)
             write_span.append(time.perf_counter())
         index_module.write_layer = timed_write
-        if str(args.device).startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        with PeakMemory() as mem_build:
-            t = time.perf_counter()
-            index = FeatureIndex.build(model, transcoders, corpus, n_seq * args.seq_len, out,
-                                       k=args.k, n_samples=args.n_samples, batch_size=args.batch_size,
+
+        runs = []                                   # dicts: kind, wall, cpu, load, rss, gpu
+
+        def run(kind):
+            if gpu:
+                torch.cuda.reset_peak_memory_stats()
+            load = os.getloadavg()[0]
+            cpu0 = time.process_time()
+            with PeakMemory() as mem:
+                if kind == "bare":
+                    wall = bare_pass(model, transcoders, batches)
+                else:
+                    write_span.clear()
+                    out = os.path.join(work, f"index{len(runs)}")
+                    t = time.perf_counter()
+                    FeatureIndex.build(model, transcoders, corpus, n_tok, out, k=args.k,
+                                       n_samples=args.n_samples, batch_size=args.batch_size,
                                        checkpoint_every=10 ** 9, progress=False)
-            build = time.perf_counter() - t
+                    wall = time.perf_counter() - t
+            r = dict(kind=kind, wall=wall, cpu=time.process_time() - cpu0, load=load,
+                     load_after=os.getloadavg()[0], rss=mem.peak,
+                     gpu=torch.cuda.max_memory_allocated() if gpu else 0,
+                     writing=(max(write_span) - min(write_span)) if kind == "build" else 0.0)
+            runs.append(r)
+            print(f"  run {len(runs)}: {kind:5s} {wall:8.1f} s wall, {r['cpu']:8.1f} s CPU, "
+                  f"load {load:.1f} -> {r['load_after']:.1f}, peak RSS {gib(mem.peak)}"
+                  + (f", peak GPU {gib(r['gpu'])}" if gpu else "")
+                  + (f" (writing the layer tables {r['writing']:.1f} s)" if kind == "build" else ""),
+                  flush=True)
+            return r
+
+        print(f"\nruns (bare and build alternated, {args.repeats} build(s)):")
+        run("bare")
+        for _ in range(args.repeats):
+            run("build")
+            run("bare")
         index_module.write_layer = real_write
-        writing = max(write_span) - min(write_span)
-        gpu_build = torch.cuda.max_memory_allocated() if str(args.device).startswith("cuda") else 0
-        bare2 = bare_pass(model, transcoders, batches)                 # drift check
-        base = min(bare, bare2)
+        out = os.path.join(work, f"index{len(runs) - 2}")             # the last build's index
+        bares = [r for r in runs if r["kind"] == "bare"]
+        builds = [r for r in runs if r["kind"] == "build"]
+        bare, build = (float(np.median([r["wall"] for r in rs])) for rs in (bares, builds))
+        bare_cpu, build_cpu = (float(np.median([r["cpu"] for r in rs])) for rs in (bares, builds))
+        beside = [100 * (runs[i]["wall"] / ((runs[i - 1]["wall"] + runs[i + 1]["wall"]) / 2) - 1)
+                  for i in range(1, len(runs), 2)]
         size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
+
+        def walls(rs):
+            return ", ".join(f"{r['wall']:.1f}" for r in rs)
+        target = 15 if (gpu or n_tok >= 65536) else 25
         print()
-        print(f"bare forwards + encodings: {bare:.1f} s (again after the build: {bare2:.1f} s)")
-        print(f"FeatureIndex.build:        {build:.1f} s (includes writing {size / 2 ** 20:.0f} MiB of Parquet)")
-        print(f"  of which the streaming pass {build - writing:.1f} s, writing the layer tables {writing:.1f} s")
-        gpu = str(args.device).startswith("cuda")
-        target = 15 if (gpu or n_seq * args.seq_len >= 65536) else 25
-        print(f"overhead over bare:        {100 * (build / base - 1):.1f} % against the faster bare run "
-              f"({100 * (build / bare - 1):.1f} % against the first, {100 * (build / bare2 - 1):.1f} % "
-              f"against the second)  (target <= {target} %)")
-        print(f"throughput:                {n_seq * args.seq_len / build:.0f} tokens/s "
-              f"(bare {n_seq * args.seq_len / base:.0f} tokens/s)")
-        weights = (sum(p.numel() * p.element_size() for p in model.parameters())
-                   + sum(p.numel() * p.element_size() for l in transcoders.layers
-                         for p in transcoders[l].parameters()))
-        print(f"weights (model + transcoders): {gib(weights)}")
-        print(f"peak RSS: bare {gib(mem_bare.peak)} (start {gib(mem_bare.start)}), "
-              f"build {gib(mem_build.peak)} (start {gib(mem_build.start)}); "
-              f"build above its start: {gib(mem_build.peak - mem_build.start)}")
+        print(f"bare forwards + encodings: median {bare:.1f} s of {len(bares)} "
+              f"({walls(bares)} s)")
+        print(f"FeatureIndex.build:        median {build:.1f} s of {len(builds)} "
+              f"({walls(builds)} s), "
+              f"writing {size / 2 ** 20:.0f} MiB of Parquet in {np.median([r['writing'] for r in builds]):.1f} s")
+        print(f"overhead over bare:        {100 * (build / bare - 1):+.1f} % (median build / median bare; "
+              f"each build against the bare runs beside it: "
+              f"{', '.join(f'{o:+.1f} %' for o in beside)})  (target <= {target} %)")
+        print(f"CPU time (all threads):    bare {bare_cpu:.1f} s, build {build_cpu:.1f} s: "
+              f"{100 * (build_cpu / bare_cpu - 1):+.1f} % (medians; steadier than wall time on a shared machine)")
+        print(f"throughput:                {n_tok / build:.0f} tokens/s (bare {n_tok / bare:.0f} tokens/s)")
+        print(f"load average (1 min) during the runs: {min(r['load'] for r in runs):.1f} to "
+              f"{max(max(r['load'], r['load_after']) for r in runs):.1f} on {os.cpu_count()} cores")
+        model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        tc_bytes = sum(p.numel() * p.element_size() for l in transcoders.layers
+                       for p in transcoders[l].parameters())
+        weights = model_bytes + tc_bytes
+        build_rss = max(r["rss"] for r in builds)
+        print(f"weights: model {gib(model_bytes)} + transcoders {gib(tc_bytes)} = {gib(weights)}")
+        print(f"peak RSS: bare {gib(max(r['rss'] for r in bares))}, build {gib(build_rss)}; "
+              f"the process held {gib(rss_before_weights)} before loading any weights and "
+              f"{gib(rss_with_weights)} after")
+        print(f"  build peak above the process before weights: {gib(build_rss - rss_before_weights)} "
+              f"(target <= weights + 2 GiB = {gib(weights + 2 ** 31)}); above the loaded process: "
+              f"{gib(build_rss - rss_with_weights)} (target <= 2 GiB)")
         if gpu:
+            gpu_bare, gpu_build = (max(r["gpu"] for r in rs) for rs in (bares, builds))
             print(f"peak GPU memory allocated: bare {gib(gpu_bare)}, build {gib(gpu_build)} "
-                  f"(weights {gib(weights)}; target: build <= weights + 2 GiB = {gib(weights + 2 ** 31)})")
-        n_tok = n_seq * args.seq_len
+                  f"(weights {gib(weights)}; target: build <= weights + 2 GiB = {gib(weights + 2 ** 31)}: "
+                  f"{'met' if gpu_build <= weights + 2 ** 31 else 'NOT met'})")
+
         width = "" if args.d_sae == 24576 else f", d_sae {args.d_sae}"
-        other = bare2 if base == bare else bare
+        writing = float(np.median([r["writing"] for r in builds]))
+        gpu_build = max(r["gpu"] for r in builds) if gpu else None
         recorder.add(
             "FeatureIndex.build", f"{n_tok:,} tokens, batch {args.batch_size}{width}", f"{build:.1f} s",
-            baseline=f"bare pass {base:.1f} s (other bare run {other:.1f} s)",
-            ratio=f"{100 * (build / base - 1):+.1f} %", peak_rss=gib(mem_build.peak),
-            notes=f"{n_tok / build:,.0f} tokens/s; {build - writing:.1f} s pass + {writing:.1f} s writing "
-                  f"{size / 2 ** 20:.0f} MiB" + (f"; peak GPU {gib(gpu_build)} (weights {gib(weights)})" if gpu
-                                                 else "") + f"; target ≤ {target} %",
-            tokens=n_tok, build_s=build, pass_s=build - writing, writing_s=writing, bare_s=bare,
-            bare_after_s=bare2, index_bytes=size, weights_bytes=weights, peak_rss_bare_bytes=mem_bare.peak,
-            peak_rss_build_bytes=mem_build.peak, rss_build_start_bytes=mem_build.start,
-            peak_gpu_bare_bytes=gpu_bare if gpu else None, peak_gpu_build_bytes=gpu_build if gpu else None,
-            d_sae=args.d_sae, l0=args.l0, k=args.k, n_samples=args.n_samples, seq_len=args.seq_len)
+            baseline=f"bare pass {bare:.1f} s (runs {walls(bares)} s)",
+            ratio=f"{100 * (build / bare - 1):+.1f} %", peak_rss=gib(build_rss),
+            notes=f"{n_tok / build:,.0f} tokens/s; medians of {len(builds)} builds ({walls(builds)} s) "
+                  f"alternated with bare runs; CPU time {100 * (build_cpu / bare_cpu - 1):+.1f} %; "
+                  f"{writing:.1f} s writing {size / 2 ** 20:.0f} MiB; peak above the loaded process "
+                  f"{gib(build_rss - rss_with_weights)}"
+                  + (f"; peak GPU {gib(gpu_build)} (weights {gib(weights)})" if gpu else "")
+                  + f"; target ≤ {target} %",
+            tokens=n_tok, build_s=build, bare_s=bare, builds_s=[r["wall"] for r in builds],
+            bares_s=[r["wall"] for r in bares], builds_cpu_s=[r["cpu"] for r in builds],
+            bares_cpu_s=[r["cpu"] for r in bares], overhead_beside_pct=beside, writing_s=writing,
+            load_1min=[r["load"] for r in runs], index_bytes=size, weights_bytes=weights,
+            rss_before_weights_bytes=rss_before_weights, rss_with_weights_bytes=rss_with_weights,
+            peak_rss_bare_bytes=max(r["rss"] for r in bares), peak_rss_build_bytes=build_rss,
+            peak_gpu_bare_bytes=max(r["gpu"] for r in bares) if gpu else None,
+            peak_gpu_build_bytes=gpu_build, d_sae=args.d_sae, l0=args.l0, k=args.k,
+            n_samples=args.n_samples, seq_len=args.seq_len, batch_size=args.batch_size)
 
         rng = np.random.default_rng(0)
         picks = [(int(rng.integers(12)), int(rng.integers(args.d_sae))) for _ in range(args.n_dashboards)]
