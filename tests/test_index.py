@@ -382,3 +382,28 @@ def test_an_index_of_another_format_version_is_refused(full_index, tmp_path):
         FeatureIndex.load(old)
     top = full_index.table(full_index.layers[0], "top")
     assert top["window"].iloc[0].dtype == np.float16
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 1])
+def test_stream_encodings_equal_cached_encodings(tiny_model, tiny_transcoders, chunk_bytes):
+    """The build's forward (each layer encoded in its hook, the pass stopped
+    after the last one, optionally one sequence per chunk) gives exactly the
+    activations of run_with_cache + encode, layer by layer, in forward order."""
+    from tc_explore.index.forward import CHUNK_BYTES, stream_encodings
+    tokens = torch.from_numpy(_corpus(tiny_model).take(5).numpy().astype(np.int64))
+    hooks = [tiny_transcoders.input_hook(layer) for layer in LAYERS]
+    got, order = {}, []
+
+    def consume(layer, chunks):
+        order.append(layer)
+        got[layer] = [(first, acts.clone()) for first, acts in chunks]
+    with torch.inference_mode():
+        _, cache = tiny_model.run_with_cache(tokens, names_filter=hooks)
+        stream_encodings(tiny_model, tiny_transcoders, LAYERS[::-1], tokens, consume,
+                         chunk_bytes=chunk_bytes or CHUNK_BYTES)
+    assert order == LAYERS
+    for layer, hook in zip(LAYERS, hooks):
+        want = tiny_transcoders[layer].encode(cache[hook])
+        firsts = [first for first, _ in got[layer]]
+        assert firsts == (list(range(5)) if chunk_bytes else [0])
+        assert torch.equal(torch.cat([acts for _, acts in got[layer]]), want)
