@@ -14,6 +14,12 @@ number of active features, nodes and non-zero edges. A full graph whose dense
 matrix would exceed ``--max-matrix-gib`` is refused by ``attribute`` with its
 size; the refusal is printed.
 
+``--circuit-tracer PYTHON`` also runs circuit-tracer 0.5.0's ``attribute``
+on exactly the same model, transcoders, prompts, caps and batch size (the
+model and transcoders exported to a Hugging Face cache, loaded by its own
+loaders in a subprocess of its own environment) and prints its seconds and
+its process's peak RSS beside ours, with the ratios.
+
 The reference figures the issue gives (circuit-tracer 0.5.0 on the same
 2-core CPU, 16-token prompt, 18,019 active features, batch size 256): full
 graph 460.7 s / 5.95 GB peak RSS; max_feature_nodes=2048: 62.9 s / 4.9 GB.
@@ -52,6 +58,64 @@ def calibrate_l0(model, transcoders, vocab: int, l0: float, n_tokens: int = 64) 
         tc.b_enc.sub_(threshold)
 
 
+def export_for_circuit_tracer(model_dir: str, transcoders, hf_home: str) -> str:
+    """Put the benchmark's model (under the Hub id ``gpt2``) and its calibrated
+    transcoders (circuit-tracer's layout: config.yaml + layer_{L}.safetensors,
+    read at ``ln2.hook_normalized``, written at ``hook_mlp_out``) into a Hugging
+    Face cache under ``hf_home``, for circuit-tracer to load by Hub id. The
+    model's norms have unit gains and zero biases, so circuit-tracer's
+    ``ln2.hook_normalized`` (after the gain and bias) reads what ours does.
+    Returns the transcoder set's repo id."""
+    import yaml
+    from tc_explore.formats import write_circuit_tracer_safetensors
+    from tc_explore.testing import as_published_config, install_in_hf_cache
+    from tc_explore.transcoder import Transcoder
+    as_published_config(model_dir)
+    install_in_hf_cache(hf_home, "gpt2", {n: os.path.join(model_dir, n) for n in os.listdir(model_dir)})
+    repo = "tc-explore-bench/gpt2-random-24576"
+    staging = os.path.join(hf_home, "staging")
+    os.makedirs(staging)
+    config = os.path.join(staging, "config.yaml")
+    with open(config, "w") as f:
+        yaml.safe_dump(dict(model_name="gpt2", model_kind="transcoder_set",
+                            feature_input_hook="ln2.hook_normalized", feature_output_hook="hook_mlp_out"), f)
+    files = {"config.yaml": config}
+    for layer in transcoders.layers:
+        tc = transcoders[layer]
+        # circuit-tracer's files have no input centring: fold b_dec into b_enc (the
+        # same pre-activations, so the same features fire with the same values)
+        folded = Transcoder(tc.W_enc.cpu(), (tc.b_enc - tc.b_dec @ tc.W_enc).cpu(), tc.W_dec.cpu(),
+                            None, tc.b_dec_out.cpu(), threshold=None if tc.threshold is None
+                            else tc.threshold.cpu(), layer=layer)
+        name = f"layer_{layer}.safetensors"
+        files[name] = write_circuit_tracer_safetensors(folded, os.path.join(staging, name))
+        install_in_hf_cache(hf_home, repo, {name: files.pop(name)})    # one file in memory at a time
+        os.remove(os.path.join(staging, name))
+    install_in_hf_cache(hf_home, repo, files)
+    return repo
+
+
+def run_circuit_tracer(python: str, hf_home: str, repo: str, tokens: torch.Tensor, cap: int | None,
+                       args) -> dict:
+    """circuit-tracer's ``attribute`` on ``tokens`` in a subprocess (its own
+    environment): its seconds and its process's peak RSS, as the runner reports."""
+    import json
+    import subprocess
+    runner = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts",
+                          "circuit_tracer_attribute.py")
+    env = dict(os.environ, HF_HOME=hf_home, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    out = os.path.join(hf_home, "ct_out")
+    cmd = [python, runner, "--model", "gpt2", "--transcoders", repo, "--out", out,
+           "--tokens", ",".join(map(str, tokens.tolist())), "--batch-size", str(args.batch_size),
+           "--threads", str(args.threads), "--device", args.device]
+    if cap is not None:
+        cmd += ["--max-feature-nodes", str(cap)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"circuit-tracer failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[16, 64])
@@ -64,6 +128,10 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-matrix-gib", type=float, default=8.0)
     p.add_argument("--prune", action="store_true", help="also time prune() + scores() on each graph")
+    p.add_argument("--circuit-tracer", metavar="PYTHON", default=None,
+                   help="also time circuit-tracer 0.5.0's attribute on the same model, transcoders, "
+                        "prompts and caps, with this interpreter (its environment, e.g. .ctvenv/bin/python "
+                        "from scripts/make_circuit_tracer_env.sh), in a subprocess")
     records.add_arguments(p)
     args = p.parse_args(argv)
     recorder = records.Recorder(args, argv)
@@ -80,6 +148,9 @@ def main(argv=None):
         model = load_model(os.path.join(work, "model"), device=args.device)
         transcoders = build_transcoders(768, args.d_sae, 12, args.l0).to(device=args.device)
         calibrate_l0(model, transcoders, vocab, args.l0)
+        if args.circuit_tracer:
+            ct_home = os.path.join(work, "hf")
+            ct_repo = export_for_circuit_tracer(os.path.join(work, "model"), transcoders, ct_home)
         print(f"setup: GPT-2-small-shaped model (vocab {model.cfg.d_vocab}), 12 x d_sae {args.d_sae} "
               f"transcoders, {time.perf_counter() - t:.1f} s; {args.threads} threads, device {args.device}; "
               f"batch_size {args.batch_size}")
@@ -137,6 +208,20 @@ def main(argv=None):
                                                          f"{graph.n_edges:,} edges", note) if x),
                              nodes=len(graph), edges=graph.n_edges, **figures)
                 del graph
+                if args.circuit_tracer:
+                    ct = run_circuit_tracer(args.circuit_tracer, ct_home, ct_repo, tokens, mfn, args)
+                    print(f"{n:>6} {cap:>6} {ct['n_active_features']:>7} {'-':>7} {ct['n_edges']:>11} "
+                          f"{ct['seconds']:>8.1f} {gib(ct['peak_rss_bytes']):>10} {'-':>10}  circuit-tracer "
+                          f"0.5.0 (subprocess); tc_explore {ct['seconds'] / secs:.1f}x faster, peak RSS "
+                          f"{mem.peak / ct['peak_rss_bytes']:.2f}x", flush=True)
+                    recorder.add("circuit-tracer 0.5.0 attribute (same setup)", size, f"{ct['seconds']:.1f} s",
+                                 peak_rss=gib(ct["peak_rss_bytes"]),
+                                 notes=f"{ct['n_active_features']:,} active; {ct['n_edges']:,} edges; "
+                                       f"tc_explore {ct['seconds'] / secs:.1f}x faster in the same run",
+                                 tokens=n, max_feature_nodes=mfn, seconds=ct["seconds"],
+                                 peak_rss_bytes=ct["peak_rss_bytes"], active_features=ct["n_active_features"],
+                                 edges=ct["n_edges"], batch_size=args.batch_size,
+                                 tc_explore_seconds=secs, tc_explore_peak_rss_bytes=mem.peak)
         recorder.save()
     finally:
         shutil.rmtree(work, ignore_errors=True)
