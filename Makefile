@@ -35,7 +35,7 @@ CT_VENV ?= .ctvenv
 circuit-tracer:
 	PYTHON=$(PYTHON) TORCH_INDEX_URL=$(TORCH_INDEX_URL) scripts/make_circuit_tracer_env.sh $(CT_VENV)
 
-# The unit/integration tests, the browser tests and the three notebooks
+# The unit/integration tests, the browser tests and the four notebooks
 # (executed with nbval on the offline demo model) in one pytest run. The
 # circuit-tracer comparison must run here (not skip): TC_EXPLORE_REQUIRE_CIRCUIT_TRACER.
 test: $(STAMP) circuit-tracer
@@ -44,12 +44,13 @@ test: $(STAMP) circuit-tracer
 		TC_EXPLORE_CIRCUIT_TRACER_PYTHON=$(abspath $(CT_VENV))/bin/python \
 		$(BIN)/python -m pytest -q tests notebooks --nbval-lax
 
-# The main job: the three notebooks end to end on the demo model, offline;
+# The main job: the four notebooks end to end on the demo models, offline;
 # executed notebooks and their HTML land in artifacts/notebooks/.
 demo: $(STAMP)
 	$(BIN)/python scripts/run_notebooks.py --out artifacts/notebooks
 
-# The same three notebooks on GPT-2 small with the paper's gpt2-small transcoders.
+# The three GPT-2 notebooks (not another_model, which is Gemma-2-2B) on GPT-2 small
+# with the paper's gpt2-small transcoders.
 # The first run downloads GPT-2, the 12 transcoder files and an OpenWebText slice
 # into the Hugging Face cache (README: "GPT-2 small"); later runs read the cache.
 # Results land in $(GPT2_OUT).
@@ -64,7 +65,7 @@ gpt2: $(STAMP)
 # the path. Results land in artifacts/notebooks-gpt2-fixture/.
 GPT2_FIXTURE_HF ?= artifacts/gpt2-fixture-hf
 gpt2-fixture: $(STAMP)
-	$(BIN)/python -c "from tc_explore.testing import build_gpt2_notebook_hub as b; b('$(GPT2_FIXTURE_HF)')"
+	$(BIN)/python -c "from tc_explore.testing import build_gpt2_notebook_hub as b; b('$(GPT2_FIXTURE_HF)', d_sae=6144)"
 	HF_HOME=$(abspath $(GPT2_FIXTURE_HF)) HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
 		$(MAKE) gpt2 GPT2_OUT=artifacts/notebooks-gpt2-fixture
 

@@ -137,8 +137,10 @@ def walkthrough():
                       "target = logit_direction_target(ctx, years[36:], years[:36])\n"
                       "dec = decompose(ctx, target)\n"
                       "print(f'target {target.label}: {target.value:.4f}')\n"
-                      "print(f'sum of contributions: {sum(dec.by_kind().values()):.4f}')\n"
-                      "dec.by_kind()"),
+                      "by_kind = dec.by_kind()\n"
+                      "print(f'sum of contributions: {sum(by_kind.values()):.4f}')\n"
+                      "import pandas as pd\n"
+                      "pd.Series(by_kind, name='contribution').rename_axis('kind').to_frame()"),
         new_markdown_cell("The greedy path search follows the largest contributions upstream for "
                           "two steps. In the graph, rows are layers (embeddings at the bottom, the "
                           "target at the top) and columns are token positions; node size is the "
@@ -194,7 +196,7 @@ def feature_dashboards():
                       "from tc_explore.dashboard import add_weight_views, weight_views_of\n\n"
                       "if weight_views_of(index) is None:\n"
                       "    t = time.perf_counter()\n"
-                      "    add_weight_views(index, model, transcoders, progress=True,\n"
+                      "    add_weight_views(index, model, transcoders,\n"
                       "                     device='cuda' if torch.cuda.is_available() else None)\n"
                       "    n = sum(transcoders.d_sae(l) for l in transcoders.layers)\n"
                       "    print(f'weight views of {n} features built in {time.perf_counter() - t:.1f} s')\n"
@@ -609,6 +611,10 @@ def another_model():
                       "c = graph.constants\n"
                       "print(len(graph.nodes), 'nodes; largest conservation error',\n"
                       "      float((c.value - c.edge_sum - c.constant).abs().max()))"),
+        new_markdown_cell("The attribution graph, pruned to the nodes and edges that carry 80% and 98% "
+                          "of the influence on the logits, in the same interactive view as GPT-2's."),
+        new_code_cell("from tc_explore.ui.graph_widget import circuit_graph_widget\n\n"
+                      "circuit_graph_widget(graph.prune(node_threshold=0.8, edge_threshold=0.98))"),
     ]
 
 

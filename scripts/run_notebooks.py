@@ -1,8 +1,8 @@
 """Execute the notebooks end to end and keep the results.
 
-    python scripts/run_notebooks.py                 # all three, on the demo model, offline
+    python scripts/run_notebooks.py                 # all four, on the demo models, offline
     python scripts/run_notebooks.py walkthrough     # one (name with or without .ipynb)
-    python scripts/run_notebooks.py --gpt2          # all three on GPT-2 small + gpt2-small
+    python scripts/run_notebooks.py --gpt2          # the three GPT-2 ones on GPT-2 small + gpt2-small
     python scripts/run_notebooks.py --out DIR --timeout 600
 
 For each notebook in ``notebooks/`` this writes ``<out>/<name>.ipynb`` (executed,
@@ -11,8 +11,8 @@ export), default ``artifacts/notebooks/`` (``artifacts/notebooks-gpt2/`` with
 ``--gpt2``). The HTML shows every output in a form that needs no kernel and no
 network: plotly figures and tc_explore's widgets carry self-contained HTML
 (``tc_explore.ui.figures``, the graph widget's and explorer's ``text/html``),
-which the export prefers to the live widget; other widgets (progress bars)
-show their text.
+which the export prefers to the live widget. Progress bars are switched off
+(``QUIET``): in a saved notebook a bar's widget stays at its first state.
 
 On the demo model the kernel runs with ``TC_EXPLORE_DEMO=1``,
 ``HF_HUB_OFFLINE=1`` and ``TRANSFORMERS_OFFLINE=1``. With ``--gpt2`` it runs
@@ -36,19 +36,28 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ("walkthrough", "feature_dashboards", "greater_than", "another_model")
+# The notebooks whose full run is GPT-2 small (another_model's is Gemma-2-2B).
+GPT2_NOTEBOOKS = ("walkthrough", "feature_dashboards", "greater_than")
+
+
+# No progress bars (ours, transformers', huggingface_hub's, datasets'): nobody
+# watches a kernel this script runs, and in the saved notebook and its HTML a
+# bar's widget is frozen at its first state ("0%| | 0/6").
+QUIET = {"TC_EXPLORE_PROGRESS": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+         "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
 
 
 def demo_environment() -> dict[str, str]:
     """Environment variables set for the kernel (and restored afterwards)."""
     return {"TC_EXPLORE_DEMO": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false", "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
+            "TOKENIZERS_PARALLELISM": "false", "PYDEVD_DISABLE_FILE_VALIDATION": "1", **QUIET}
 
 
 def gpt2_environment() -> dict[str, str]:
     """Environment variables set for the kernel with ``--gpt2``: the Hugging Face
     cache and network settings are left as the caller has them."""
     return {"TC_EXPLORE_DEMO": "0", "TOKENIZERS_PARALLELISM": "false",
-            "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
+            "PYDEVD_DISABLE_FILE_VALIDATION": "1", **QUIET}
 
 
 # The export shows self-contained HTML before a live widget: offline, a widget
@@ -177,8 +186,9 @@ def run_all(names=NOTEBOOKS, out_dir: Path | str = ROOT / "artifacts" / "noteboo
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("names", nargs="*", default=list(NOTEBOOKS),
-                        help=f"notebooks to run (default: {' '.join(NOTEBOOKS)})")
+    parser.add_argument("names", nargs="*", default=None,
+                        help=f"notebooks to run (default: {' '.join(NOTEBOOKS)}; with --gpt2: "
+                             f"{' '.join(GPT2_NOTEBOOKS)})")
     parser.add_argument("--gpt2", action="store_true",
                         help="run on GPT-2 small with the gpt2-small transcoders (needs the Hub once)")
     parser.add_argument("--out", default=None,
@@ -190,7 +200,7 @@ def main(argv=None) -> int:
     out = args.out or str(ROOT / "artifacts" / ("notebooks-gpt2" if args.gpt2 else "notebooks"))
     timeout = args.timeout or (3600 if args.gpt2 else 600)
     try:
-        run_all(args.names, out, timeout, gpt2=args.gpt2)
+        run_all(args.names or (GPT2_NOTEBOOKS if args.gpt2 else NOTEBOOKS), out, timeout, gpt2=args.gpt2)
     except RuntimeError as err:
         print(err, file=sys.stderr)
         return 1

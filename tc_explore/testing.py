@@ -185,7 +185,8 @@ class OfflineHub:
 
 
 def build_offline_hub(hf_home: str | Path, n_layers: int = 12, d_model: int = 32,
-                      d_sae: int = 64, n_ctx: int = 32, seed: int = 0) -> OfflineHub:
+                      d_sae: int = 64, n_ctx: int = 32, seed: int = 0,
+                      words=FIXTURE_WORDS) -> OfflineHub:
     """A tiny ``gpt2`` and ``pchlenski/gpt2-transcoders`` (at the registry's
     pinned revision, with the published file names, pickled config objects and
     log-sparsity files) in a Hugging Face cache under ``hf_home``."""
@@ -194,7 +195,7 @@ def build_offline_hub(hf_home: str | Path, n_layers: int = 12, d_model: int = 32
     entry = registry()["gpt2-small"]
     work = Path(tempfile.mkdtemp(prefix="tc_explore_fixture_"))
     try:
-        model_dir = build_tiny_gpt2(work / "model", n_layers, d_model, n_ctx=n_ctx, seed=seed)
+        model_dir = build_tiny_gpt2(work / "model", n_layers, d_model, n_ctx=n_ctx, seed=seed, words=words)
         install_in_hf_cache(hf_home, "gpt2", {p.name: p for p in model_dir.iterdir()})
         files = {}
         g = torch.Generator().manual_seed(seed)
@@ -241,8 +242,14 @@ def build_gpt2_notebook_hub(hf_home: str | Path, n_layers: int = 12, d_model: in
     ``gpt2`` and ``pchlenski/gpt2-transcoders`` (context 128, the notebooks'
     sequence length) and an OpenWebText-like slice (fixture sentences of up to
     200 words) under ``OPENWEBTEXT_SLICE``'s id. Run the notebooks against it
-    with ``HF_HOME=<hf_home> HF_HUB_OFFLINE=1 make gpt2``."""
-    hub = build_offline_hub(hf_home, n_layers, d_model, d_sae, n_ctx, seed)
+    with ``HF_HOME=<hf_home> HF_HUB_OFFLINE=1 make gpt2``. The tokenizer also
+    knows the greater-than task's words; the greater-than notebook reads the
+    paper's feature 5315, so it needs ``d_sae`` > 5315."""
+    from .tasks.greater_than import NOUNS, TEMPLATE
+
+    words = tuple(dict.fromkeys([*FIXTURE_WORDS, *NOUNS, *TEMPLATE.replace("{", " {").split()]))
+    words = tuple(w for w in words if "{" not in w)
+    hub = build_offline_hub(hf_home, n_layers, d_model, d_sae, n_ctx, seed, words=words)
     path, n_documents = OPENWEBTEXT_SLICE
     install_hub_slice(hf_home, path, n_documents, fixture_texts(n_documents, seed=seed, max_words=200))
     return hub

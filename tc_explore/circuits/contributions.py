@@ -337,7 +337,8 @@ class Decomposition:
         """Total contribution per node kind (features, heads, errors, ...)."""
         out: dict[str, float] = {}
         for n, v in self._scalars():
-            out[n.kind] = out.get(n.kind, 0.0) + v
+            kind = NodeKind(n.kind).value          # plain str keys: the dict prints as a reader expects
+            out[kind] = out.get(kind, 0.0) + v
         out["head"] = float(self.heads.double().sum())
         out["feature"] = sum(float(f.double().sum()) for f in self.features.values())
         return out
