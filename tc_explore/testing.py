@@ -243,8 +243,7 @@ def build_gpt2_notebook_hub(hf_home: str | Path, n_layers: int = 12, d_model: in
     sequence length) and an OpenWebText-like slice (fixture sentences of up to
     200 words) under ``OPENWEBTEXT_SLICE``'s id. Run the notebooks against it
     with ``HF_HOME=<hf_home> HF_HUB_OFFLINE=1 make gpt2``. The tokenizer also
-    knows the greater-than task's words; the greater-than notebook reads the
-    paper's feature 5315, so it needs ``d_sae`` > 5315."""
+    knows the greater-than task's words (its prompts tokenize as on GPT-2)."""
     from .tasks.greater_than import NOUNS, TEMPLATE
 
     words = tuple(dict.fromkeys([*FIXTURE_WORDS, *NOUNS, *TEMPLATE.replace("{", " {").split()]))
