@@ -104,6 +104,18 @@ def as_number(value, what: str, low: float | None = None, high: float | None = N
     return number
 
 
+def as_flag(value, what: str, allow_none: bool = False) -> bool | None:
+    """``value`` as a bool if it is one (Python or numpy; None where
+    ``allow_none``): a string such as ``"no"`` is truthy and would silently
+    mean True, e.g. ``overwrite="no"`` would replace a folder."""
+    if value is None and allow_none:
+        return None
+    if type(value).__name__ not in ("bool", "bool_"):
+        raise InvalidInputError(f"{what} must be True or False{' (or None)' if allow_none else ''}, "
+                                f"got {value!r:.60}.")
+    return bool(value)
+
+
 def check_feature(feature, d_sae: int, where: str) -> int:
     """The one rule for a feature index: an integer (as ``as_integer``: Python,
     numpy or 0-d tensor integers; not bools or floats) in ``0..d_sae - 1``.

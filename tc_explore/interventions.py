@@ -52,7 +52,7 @@ import torch
 from .circuits.context import PromptContext, prompt_context, stage_name
 from .circuits.contributions import Target
 from .circuits.frozen import frozen_hooks
-from .errors import InvalidInputError, as_count, as_integer, as_number, refuse_non_finite
+from .errors import InvalidInputError, as_count, as_flag, as_integer, as_number, refuse_non_finite
 from .model import (Prompt, check_layer, model_device, single_token_id, to_tokens,
                     token_strings)
 from .transcoder import TranscoderSet, as_transcoder_set
@@ -399,6 +399,7 @@ def intervene(model, transcoders: TranscoderSet, prompt: Prompt | PromptContext,
     the logits [pos, d_vocab], or a :class:`Target` (read off the residual
     stream; its frozen norm scale makes it exact in constrained mode).
     """
+    constrained, freeze_values = as_flag(constrained, "constrained"), as_flag(freeze_values, "freeze_values")
     if isinstance(prompt, PromptContext):
         ctx = prompt
         if ctx.model is not model or ctx.transcoders is not transcoders:
@@ -495,6 +496,7 @@ def generate(model, transcoders: TranscoderSet, prompt: Prompt,
     temperature = as_number(temperature, "temperature", low=0.0)
     top_k = None if top_k is None else as_count(top_k, "top_k")
     seed = as_integer(seed, "seed")
+    stop_at_eos = as_flag(stop_at_eos, "stop_at_eos")
     if seed < 0:
         raise InvalidInputError(f"seed must be a non-negative integer, got {seed}.")
     tokens = to_tokens(model, prompt, prepend_bos=prepend_bos)

@@ -21,7 +21,7 @@ from typing import Any, Sequence, Union
 import torch
 
 from .errors import (InvalidInputError, OfflineFileMissingError, TcExploreError, TokenizationWarning,
-                     as_integer)
+                     as_flag, as_integer)
 from .registry import local_model_path
 
 Prompt = Union[str, Sequence[int], torch.Tensor]
@@ -357,8 +357,7 @@ def check_layer(model_or_n_layers, layer: int, what: str = "layer") -> int:
 def to_tokens(model, prompt: Prompt, prepend_bos: bool = True) -> torch.Tensor:
     """Tokenize one prompt (or check a token sequence) into shape [1, pos],
     refusing a prompt longer than the model's context."""
-    if type(prepend_bos).__name__ not in ("bool", "bool_"):
-        raise InvalidInputError(f"prepend_bos must be True or False, got {prepend_bos!r}.")
+    as_flag(prepend_bos, "prepend_bos")
     if isinstance(prompt, str):
         # truncate=False: an over-long prompt must be refused, not silently cut
         tokens = model.to_tokens(prompt, prepend_bos=prepend_bos, truncate=False)

@@ -180,6 +180,18 @@ def _checked(t: torch.Tensor, shape: tuple[int, ...], name: str, where: str = ""
     return t.clone()
 
 
+def float_weight(t, name: str, path) -> torch.Tensor:
+    """Weight ``name`` read from file ``path`` as float32, if the file stores it
+    as floating point: integer, bool or complex weights are not a transcoder's
+    (casting them would hide a wrong or damaged file)."""
+    kind = getattr(getattr(t, "dtype", None), "kind", None)          # numpy
+    floating = t.is_floating_point() if isinstance(t, torch.Tensor) else kind == "f"
+    if not floating:
+        raise IncompatibleTranscoderError(f"{path}: weight {name} is stored as {t.dtype}, not floating point; "
+                                          "this is not a transcoder file of this format (or it is damaged).")
+    return torch.as_tensor(t).float() if isinstance(t, torch.Tensor) else torch.from_numpy(t.astype("float32"))
+
+
 @dataclass(frozen=True)
 class LayerInfo:
     """What is known of one layer's transcoder before its weights are loaded."""

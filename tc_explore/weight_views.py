@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 
 from .distributed import all_done, raise_where_rank0_failed
-from .errors import (IncompatibleTranscoderError, InvalidInputError, TcExploreError, as_count, as_integer,
+from .errors import (IncompatibleTranscoderError, InvalidInputError, TcExploreError, as_count, as_flag, as_integer,
                      check_feature)
 from .integrity import replace_folder, weights_digest
 from .store import ParquetFiles, atomic_write_json, atomic_write_parquet, layer_name, read_manifest
@@ -371,6 +371,7 @@ class WeightViews:
         world_size-th chunk of features on its own device, and rank 0 joins
         the parts (exchanged as files beside ``out_dir``, so ranks on several
         machines need a shared filesystem) into the views one process builds."""
+        overwrite, distributed = as_flag(overwrite, "overwrite"), as_flag(distributed, "distributed")
         k, n_heads, chunk_size, features_per_group = (
             as_count(value, name) for name, value in (("k", k), ("n_heads", n_heads), ("chunk_size", chunk_size),
                                                       ("features_per_group", features_per_group)))

@@ -339,6 +339,11 @@ CASES = [
     ("tokens-html-lengths", lambda e: tokens_html(["a", "b"], [1.0], 1.0), InvalidInputError, "2 tokens"),
     ("context-prepend-bos-str", lambda e: prompt_context(e.model, e.ts, PROMPT, prepend_bos="no"),
      InvalidInputError, "'no'"),
+    ("iv-constrained-str", lambda e: _iv(e, Intervention(1, None, 3), constrained="yes"), InvalidInputError,
+     "'yes'"),
+    ("iv-freeze-values-int", lambda e: _iv(e, Intervention(1, None, 3), freeze_values=2), InvalidInputError, "2"),
+    ("gen-stop-at-eos-str", lambda e: generate(e.model, e.ts, PROMPT, max_new_tokens=1, stop_at_eos="no"),
+     InvalidInputError, "'no'"),
     ("decoder-rows-range", lambda e: e.ts.decoder_rows(1, [9999]), InvalidInputError, "9999"),
     ("decoder-rows-float", lambda e: e.ts.decoder_rows(1, [2.5]), InvalidInputError, "2.5"),
     ("decoder-rows-float-tensor", lambda e: e.ts.decoder_rows(1, torch.tensor([1.5])), InvalidInputError, "1.5"),
@@ -407,6 +412,13 @@ def _clt(b, name, replace=None, cfg=None):
     return folder
 
 
+def _npz(b, name, **changes):
+    arrays = dict(W_enc=np.zeros((64, 32), np.float32), W_dec=np.zeros((32, 64), np.float32),
+                  b_enc=np.zeros(32, np.float32), b_dec=np.zeros(64, np.float32), threshold=np.zeros(32, np.float32))
+    np.savez(b.tmp / name, **{**arrays, **changes})
+    return b.tmp / name
+
+
 def _cli(*argv):
     from tc_explore.cli import main
     return main(list(argv))
@@ -469,6 +481,27 @@ BUILT_CASES = [
      InvalidInputError, "nothere.safetensors"),
     ("config-missing", lambda e, b: read_circuit_tracer_config(b.tmp / "nothere.yaml"), InvalidInputError,
      "nothere.yaml"),
+    # weights stored as integers, bools or complex numbers are not cast
+    ("safetensors-int-weights", lambda e, b: load_transcoders(_circuit_tracer_set(
+        b, "int_weights", tensors={"W_enc": torch.zeros(32, 64, dtype=torch.int32)}))[0], IncompatibleTranscoderError,
+     "torch.int32"),
+    ("safetensors-bool-bias", lambda e, b: load_transcoders(_circuit_tracer_set(
+        b, "bool_bias", tensors={"b_enc": torch.zeros(32, dtype=torch.bool)}))[0], IncompatibleTranscoderError,
+     "torch.bool"),
+    ("npz-complex-weights", lambda e, b: read_gemma_scope_npz(_npz(b, "complex.npz", W_dec=np.zeros((32, 64), np.complex64))),
+     IncompatibleTranscoderError, "complex64"),
+    ("npz-int-weights", lambda e, b: read_gemma_scope_npz(_npz(b, "int.npz", W_enc=np.zeros((64, 32), np.int64))),
+     IncompatibleTranscoderError, "int64"),
+    ("clt-encoder-int", lambda e, b: run_prompt(e.model, load_transcoders(_clt(b, "clt_int", {"W_enc_0.safetensors": {
+        "W_enc_0": torch.zeros(20, 64, dtype=torch.int32), "b_enc_0": torch.zeros(20), "b_dec_0": torch.zeros(64)}})),
+        "a b"), IncompatibleTranscoderError, "W_enc_0"),
+    # switches given as strings: "no" is truthy
+    ("build-overwrite-str", lambda e, b: _build(e, b, "overwrite_str", overwrite="no"), InvalidInputError, "'no'"),
+    ("build-progress-str", lambda e, b: _build(e, b, "progress_str", progress="off"), InvalidInputError, "'off'"),
+    ("merge-overwrite-str", lambda e, b: FeatureIndex.merge([b.index.directory], b.tmp / "merge_str", overwrite="no"),
+     InvalidInputError, "'no'"),
+    ("views-overwrite-str", lambda e, b: WeightViews.build(e.model, e.ts, b.tmp / "views", k=3, overwrite="no"),
+     InvalidInputError, "'no'"),
     # index reading
     ("index-bands-float", lambda e, b: b.index.interval_samples(1, 3, n_bands=2.5), InvalidInputError, "2.5"),
     ("index-bands-none", lambda e, b: b.index.interval_samples(1, 3, n_bands=None), InvalidInputError, "None"),
@@ -585,6 +618,17 @@ def test_bad_input_with_files_raises_our_error(env, built, capsys, call, error, 
         call(env, built)
     assert isinstance(info.value, error), f"{type(info.value).__name__}: {info.value}"
     assert names in str(info.value), str(info.value)
+
+
+def test_overwrite_given_as_a_string_deletes_nothing(env, built):
+    """``overwrite="no"`` is truthy: it must be refused, and the index it names kept whole."""
+    before = sorted(p.relative_to(built.index.directory) for p in built.index.directory.rglob("*"))
+    with pytest.raises(InvalidInputError, match="overwrite"):
+        FeatureIndex.build(env.model, env.ts, built.corpus, 16 * 16, built.index.directory,
+                           **{**INDEX, "k": 4}, overwrite="no")
+    after = sorted(p.relative_to(built.index.directory) for p in built.index.directory.rglob("*"))
+    assert before == after
+    assert FeatureIndex(built.index.directory).k == 3
 
 
 def test_numpy_shard_builds_like_python_ints(env, built):

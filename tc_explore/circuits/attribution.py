@@ -43,11 +43,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-import numpy as np
 import pandas as pd
 import torch
 
-from ..errors import InvalidInputError, as_count, as_integer, as_number
+from ..errors import InvalidInputError, as_count, as_flag, as_integer, as_number
 from ..model import Prompt, as_device, as_dtype, single_token_id
 from ..progress import progress_bar
 from .context import INPUT_NORMALIZED, INPUT_RESID, PromptContext, prompt_context, transcoder_input_kind
@@ -568,8 +567,7 @@ def attribute(model, transcoders, prompt: Prompt | PromptContext, *, targets=Non
         max_feature_nodes = as_count(max_feature_nodes, "max_feature_nodes", minimum=0)
     max_matrix_bytes = as_count(max_matrix_bytes, "max_matrix_bytes")
     dtype = as_dtype(dtype)
-    if not isinstance(keep_bos, (bool, np.bool_)):
-        raise InvalidInputError(f"keep_bos must be True or False, got {keep_bos!r}.")
+    keep_bos = as_flag(keep_bos, "keep_bos")
     if isinstance(prompt, PromptContext):
         ctx = prompt
         if (model is not None and ctx.model is not model) or (transcoders is not None

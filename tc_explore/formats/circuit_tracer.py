@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import IncompatibleTranscoderError
 from ..integrity import atomic_write, existing_file, reading
-from ..transcoder import Transcoder
+from ..transcoder import Transcoder, float_weight
 
 THRESHOLD_KEY = "activation_function.threshold"
 
@@ -37,7 +37,8 @@ def _load(path) -> dict[str, torch.Tensor]:
     # here, flipped weight bytes only by the Hub cache's content hash.
     existing_file(path, "safetensors file")
     with reading(path, "safetensors file"):
-        return {k: v.float() for k, v in load_file(str(path), device="cpu").items()}
+        tensors = load_file(str(path), device="cpu")
+    return {k: float_weight(v, k, path) for k, v in tensors.items()}
 
 
 def _need(tensors: dict, keys, path) -> None:

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from ..errors import IncompatibleTranscoderError
 from ..integrity import existing_file, reading
+from ..transcoder import float_weight
 
 
 def encoder_file(layer: int) -> str:
@@ -49,11 +50,11 @@ def read_clt_encoder(path, layer: int) -> dict[str, torch.Tensor]:
             raise IncompatibleTranscoderError(
                 f"{path}: a cross-layer transcoder encoder file of layer {layer} needs {need}; "
                 f"missing {missing}, found {sorted(keys)}.")
-        out = {"W_enc": f.get_tensor(f"W_enc_{layer}").float().T.contiguous(),
-               "b_enc": f.get_tensor(f"b_enc_{layer}").float(),
-               "b_dec": f.get_tensor(f"b_dec_{layer}").float()}
+        weight = lambda name: float_weight(f.get_tensor(name), name, path)  # noqa: E731
+        out = {"W_enc": weight(f"W_enc_{layer}").T.contiguous(), "b_enc": weight(f"b_enc_{layer}"),
+               "b_dec": weight(f"b_dec_{layer}")}
         if f"threshold_{layer}" in keys:
-            out["threshold"] = f.get_tensor(f"threshold_{layer}").float().reshape(-1)
+            out["threshold"] = weight(f"threshold_{layer}").reshape(-1)
     return out
 
 

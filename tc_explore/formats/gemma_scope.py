@@ -10,11 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..errors import IncompatibleTranscoderError
 from ..integrity import atomic_write, check_zip_crc, existing_file, reading
-from ..transcoder import Transcoder
+from ..transcoder import Transcoder, float_weight
 
 KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
 
@@ -27,7 +26,7 @@ def read_gemma_scope_npz(path: str | Path, layer: int | None = None,
         missing = [k for k in KEYS if k not in data.files]
         if missing:
             raise IncompatibleTranscoderError(f"{path}: Gemma Scope params.npz lacks {missing}.")
-        p = {k: torch.from_numpy(np.array(data[k], dtype=np.float32)) for k in KEYS}
+        p = {k: float_weight(np.asarray(data[k]), k, path) for k in KEYS}
     return Transcoder(p["W_enc"], p["b_enc"], p["W_dec"], b_dec=None, b_dec_out=p["b_dec"],
                       threshold=p["threshold"], layer=layer, input_hook=input_hook,
                       output_hook=output_hook)

@@ -26,7 +26,7 @@ import torch
 
 from ..corpus import Corpus, as_corpus
 from ..errors import (NON_FINITE_REMEDY, FingerprintMismatchError, InvalidInputError, NonFiniteError,
-                      as_integer)
+                      as_flag, as_integer)
 from ..integrity import (atomic_write, fingerprint_difference, model_fingerprint, reading,
                          replace_folder, tokenizer_digest)
 from ..model import check_context
@@ -81,7 +81,11 @@ class IndexSettings:
             raise InvalidInputError(
                 f"Unknown index setting(s) {unknown}; the settings are {sorted(names)}.")
         base = asdict(settings) if settings is not None else {}
-        return cls(**{**base, **options})
+        merged = {**base, **options}
+        as_flag(merged.get("overwrite", False), "overwrite")
+        for name in ("progress", "fuse_layers"):
+            as_flag(merged.get(name), name, allow_none=True)
+        return cls(**merged)
 
 
 def build_index(model, transcoders: TranscoderSet, corpus, n_tokens: int, out_dir: str | os.PathLike,
@@ -380,6 +384,7 @@ def merge_indexes(shards: Sequence[tuple[Path, IndexManifest]], out_dir: str | o
     """Combine finished shards ``(directory, manifest)`` (same model,
     transcoders, corpus and settings; contiguous sequence ranges) into one
     index equal to a single build over their union; returns its directory."""
+    overwrite = as_flag(overwrite, "overwrite")
     shards = sorted(shards, key=lambda s: s[1].sequence_start)
     if not shards:
         raise InvalidInputError("merge needs at least one shard directory.")
