@@ -518,6 +518,9 @@ def generate(model, transcoders: TranscoderSet, prompt: Prompt,
     with model.hooks(fwd_hooks=hooks):
         for _ in range(max_new_tokens):
             logits = model(tokens)[0, -1].double()                          # [d_vocab]
+            # argmax of NaN logits would pick a token silently (and sampling fail deep in torch)
+            refuse_non_finite(logits, f"The next-token logits after {tokens.shape[1]} tokens"
+                              f"{' with the interventions' if checked else ''}")
             if temperature == 0:
                 nxt = int(torch.argmax(logits))
             else:

@@ -217,7 +217,7 @@ def test_nan_in_a_prompt_pass_is_refused_naming_hook_and_token(poisoned_demo):
 
 
 def test_nan_in_run_prompt_and_interventions_is_refused(poisoned_demo):
-    from tc_explore import Intervention, intervene
+    from tc_explore import Intervention, generate, intervene
     from tc_explore.errors import NonFiniteError
     from tc_explore.prompt_features import run_prompt
     model, ts = poisoned_demo
@@ -225,3 +225,5 @@ def test_nan_in_run_prompt_and_interventions_is_refused(poisoned_demo):
         run_prompt(model, ts, PROMPT)
     with pytest.raises(NonFiniteError, match=r"logits of the clean run: \d+ NaN.*position \d+ \('"):
         intervene(model, ts, PROMPT, Intervention.ablate(0, 3))
+    with pytest.raises(NonFiniteError, match=r"next-token logits after \d+ tokens: \d+ NaN"):
+        generate(model, ts, PROMPT, max_new_tokens=2)
