@@ -320,7 +320,7 @@ def _views_lock(out: Path):
     (``<index>/weight_views``) are written under the index's own lock, so no
     build, merge or overwrite of that index runs meanwhile; views elsewhere
     get a lock of their own."""
-    from .index.lock import FolderLock
+    from .folder_lock import FolderLock
     if out.name == DIRECTORY and (out.parent / "manifest.json").is_file():
         return FolderLock(out.parent, "weight views build")
     return FolderLock(out, "weight views build")
