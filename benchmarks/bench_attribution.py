@@ -9,8 +9,14 @@ whose encoder biases are shifted so that about ``--l0`` features fire per token
 (as trained GPT-2 transcoders do; zero-centred random biases would fire ~40%),
 it times ``attribute`` on random-token prompts of each length, for the full
 graph and for each ``max_feature_nodes`` cap, and prints: seconds, peak
-resident memory of the process (sampled every 20 ms), peak CUDA memory, the
-number of active features, nodes and non-zero edges. A full graph whose dense
+resident memory of the process (the kernel's high-water mark, reset before
+each run; the notes give the resident memory when the run starts: model,
+transcoders and the process), peak CUDA memory, the number of active
+features, nodes and non-zero edges. After the setup, the memory that making
+the random weights freed is handed back to the system (glibc's
+``malloc_trim``: 0.7 GiB of random-number buffers otherwise stay counted as
+resident), so that the peak counts what a process that loaded the same model
+and transcoders from files holds. A full graph whose dense
 matrix would exceed ``--max-matrix-gib`` is refused by ``attribute`` with its
 size; the refusal is printed.
 
@@ -27,6 +33,8 @@ graph 460.7 s / 5.95 GB peak RSS; max_feature_nodes=2048: 62.9 s / 4.9 GB.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import os
 import shutil
 import sys
@@ -38,6 +46,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import records  # noqa: E402
 from bench_index import PeakMemory, build_model, build_transcoders, gib  # noqa: E402
+
+
+def _release_free_heap() -> None:
+    """Return the C heap's free memory to the system (glibc only; else nothing)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @torch.no_grad()
@@ -151,9 +167,11 @@ def main(argv=None):
         if args.circuit_tracer:
             ct_home = os.path.join(work, "hf")
             ct_repo = export_for_circuit_tracer(os.path.join(work, "model"), transcoders, ct_home)
+        gc.collect()
+        _release_free_heap()
         print(f"setup: GPT-2-small-shaped model (vocab {model.cfg.d_vocab}), 12 x d_sae {args.d_sae} "
               f"transcoders, {time.perf_counter() - t:.1f} s; {args.threads} threads, device {args.device}; "
-              f"batch_size {args.batch_size}")
+              f"batch_size {args.batch_size}; resident {gib(PeakMemory.rss())}")
         cuda = args.device.startswith("cuda")
         g = torch.Generator().manual_seed(0)
         print(f"{'tokens':>6} {'cap':>6} {'active':>7} {'nodes':>7} {'edges':>11} {'seconds':>8} "
@@ -170,7 +188,9 @@ def main(argv=None):
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                 note = ""
-                with PeakMemory() as mem:
+                gc.collect()
+                _release_free_heap()
+                with PeakMemory(exact=True) as mem:
                     t = time.perf_counter()
                     try:
                         graph = attribute(model, transcoders, tokens, max_feature_nodes=mfn,
@@ -193,11 +213,12 @@ def main(argv=None):
                           f"{cuda_peak:>10}  {note}")
                     recorder.add("attribute (attribution graph)", size, "-", notes=note, **figures)
                     continue
+                note = f"RSS at start {gib(mem.start)}"
                 if args.prune:
                     t = time.perf_counter()
                     pruned = graph.prune()
                     scores = graph.scores()
-                    note = (f"prune+scores {time.perf_counter() - t:.1f} s -> {len(pruned)} nodes, "
+                    note += (f"; prune+scores {time.perf_counter() - t:.1f} s -> {len(pruned)} nodes, "
                             f"{pruned.n_edges} edges; replacement {scores['replacement']:.3f}, "
                             f"completeness {scores['completeness']:.3f}")
                 print(f"{n:>6} {cap:>6} {active:>7} {len(graph):>7} {graph.n_edges:>11} {secs:>8.1f} "

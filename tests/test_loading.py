@@ -182,3 +182,17 @@ def test_model_is_named_by_its_id_or_folder_never_a_local_path(offline_hub, tiny
     page = dashboard_html(feature_dashboard(index, 0, feature))
     header = page[page.index('class="tcx-stats"'):][:200]
     assert "tiny-years on tiny-years" in header and "/" not in header.split("·")[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux /proc")
+def test_loaded_model_keeps_no_map_of_its_checkpoint(tmp_path):
+    """No weight stays backed by the checkpoint's memory map (GPT-2's unsplit
+    c_attn originals did), so the file is unmapped after loading and its pages
+    are not resident in the process."""
+    from tc_explore.testing import build_tiny_gpt2
+    path = build_tiny_gpt2(tmp_path / "model", n_layers=2, d_model=32)
+    model = load_model(str(path), device="cpu")
+    weights = [*model.parameters(), *model.buffers()]
+    assert weights and all(t.untyped_storage().resizable() for t in weights)
+    assert str(path) not in Path("/proc/self/maps").read_text()
+    assert model("The war lasted from", return_type="logits").isfinite().all()

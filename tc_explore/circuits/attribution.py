@@ -52,7 +52,7 @@ from ..progress import progress_bar
 from .context import INPUT_NORMALIZED, INPUT_RESID, PromptContext, prompt_context, transcoder_input_kind
 from .contributions import Target
 from .graph_json import MAX_JSON_LINKS
-from .influence import (_influence_by_levels, _inverse_row_sums, cumulative_influence, graph_scores,
+from .influence import (_block_rows, _influence_by_levels, _inverse_row_sums, cumulative_influence, graph_scores,
                         node_influence, prune_levels, prune_masks)
 from .linear import LinearisedModel
 
@@ -691,10 +691,11 @@ def attribute(model, transcoders, prompt: Prompt | PromptContext, *, targets=Non
                             ctx.transcoders.name, meta)
 
 
-def _row_sums64(M: torch.Tensor, cols: torch.Tensor | None = None, block: int = 1024) -> torch.Tensor:
+def _row_sums64(M: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
     """Σ_j M[i, j] (over ``cols`` if given) per row, in float64, block by
     block: never a float64 copy of the whole matrix. Returned on the CPU."""
     out = torch.empty(M.shape[0], dtype=torch.float64)
+    block = _block_rows(M.shape[1])
     for a in range(0, M.shape[0], block):
         m = M[a:a + block]
         if cols is not None:

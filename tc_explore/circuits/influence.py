@@ -24,8 +24,10 @@ probability), zero elsewhere.
   influence-weighted fraction of each node's normalised inputs not coming
   from errors.
 
-The dense functions work on any matrix; ``influence`` runs over row blocks so
-that a large graph is never copied whole.
+The dense functions work on any matrix; influence and row sums run over row
+blocks of at most ``_BLOCK_ELEMENTS`` entries (32 MiB in float32), so that a
+large graph is never copied whole and its |A| is never held but one block at a
+time (a full 16-token GPT-2 graph is 18k × 18k).
 """
 from __future__ import annotations
 
@@ -41,13 +43,21 @@ __all__ = ["normalized_adjacency", "node_influence", "edge_influence", "coverage
            "PruneMasks", "graph_scores"]
 
 _ROW_BLOCK = 4096
+_BLOCK_ELEMENTS = 2 ** 23
+
+
+def _block_rows(n_cols: int) -> int:
+    """Rows per block of a matrix with ``n_cols`` columns: at most
+    ``_BLOCK_ELEMENTS`` entries, between 16 and ``_ROW_BLOCK`` rows."""
+    return max(16, min(_ROW_BLOCK, _BLOCK_ELEMENTS // max(n_cols, 1)))
 
 
 def _row_sums(A: torch.Tensor) -> torch.Tensor:
     """Σ_j |A[i, j]| per row, in float64, over row blocks (no |A| copy)."""
     out = torch.empty(A.shape[0], dtype=torch.float64, device=A.device)
-    for a in range(0, A.shape[0], _ROW_BLOCK):
-        out[a:a + _ROW_BLOCK] = A[a:a + _ROW_BLOCK].abs().sum(1, dtype=torch.float64)
+    step = _block_rows(A.shape[1])
+    for a in range(0, A.shape[0], step):
+        out[a:a + step] = A[a:a + step].abs().sum(1, dtype=torch.float64)
     return out
 
 
@@ -80,7 +90,7 @@ def node_influence(A: torch.Tensor, target_weights: torch.Tensor, levels: torch.
     for _ in range(max_iter):
         y = x * inv
         nxt = torch.zeros(n, dtype=torch.float64, device=A.device)
-        for rows in torch.nonzero(y).flatten().split(_ROW_BLOCK):
+        for rows in torch.nonzero(y).flatten().split(_block_rows(n)):
             nxt += (y[rows].to(A.dtype) @ A[rows].abs()).double()
         if not nxt.any():
             return total
@@ -109,13 +119,22 @@ def _influence_by_levels(rows: torch.Tensor, inv: torch.Tensor, w: torch.Tensor,
     bounds = torch.nonzero(lv[1:] != lv[:-1]).flatten() + 1
     groups = torch.tensor_split(order, bounds.cpu()) if order.numel() else ()
     n_cols = rows.shape[1]
+    step = _block_rows(n_cols)
     for group in groups:
-        for r in group.split(_ROW_BLOCK):
+        # a level's rows are usually one run of consecutive rows (an attribution
+        # graph's nodes are in layer order): then blocks are views, not copies
+        run = bool(group.numel()) and int(group[-1] - group[0]) + 1 == group.numel() and \
+            bool((group[1:] > group[:-1]).all())
+        for r in group.split(step):
             y = x[row_node[r]] * inv[r]
             keep = y != 0
             if not keep.any():
                 continue
-            add = (y[keep].to(rows.dtype) @ rows[r[keep]].abs()).double()
+            if run:
+                block, coef = rows[int(r[0]):int(r[-1]) + 1], y
+            else:
+                block, coef = rows[r[keep]], y[keep]
+            add = (coef.to(rows.dtype) @ block.abs()).double()
             x[:n_cols] += add
             total[:n_cols] += add
     return total
