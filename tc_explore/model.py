@@ -186,7 +186,8 @@ def load_model(name_or_path: Any, device: str | torch.device | None = None,
         # processed: the same weight processing as HookedTransformer.from_pretrained
         # (fold LN, centre writing weights and unembedding, fold value biases).
         bridge.enable_compatibility_mode(disable_warnings=True, no_processing=not process)
-        _release_checkpoint_map(bridge)
+        if process:      # processing copied the weights; unprocessed models keep reading the map lazily
+            _release_checkpoint_map(bridge)
         bridge.eval()
         bridge.cfg.model_name = label
         return bridge
@@ -195,8 +196,9 @@ def load_model(name_or_path: Any, device: str | torch.device | None = None,
 
 
 def _release_checkpoint_map(module) -> None:
-    """Give the weights still backed by the checkpoint's memory map (on GPT-2,
-    the bridge's unsplit ``c_attn`` originals) memory of their own: while one
+    """After weight processing (which copies every weight it folds), give the
+    weights still backed by the checkpoint's memory map (on GPT-2, the
+    bridge's unsplit ``c_attn`` originals) memory of their own: while one
     tensor points into the map, every page of the file the load read stays
     mapped into the process (0.46 GiB of resident memory for GPT-2 small's
     85 MB of such weights). Such tensors are the ones whose storage cannot be
