@@ -31,7 +31,7 @@ import uuid
 import warnings
 from pathlib import Path
 
-from .errors import IndexLockedError, StaleLockWarning
+from .errors import IndexLockedError, StaleLockWarning, StorageError
 
 _TAKE_TRIES = 5
 # The holder touches its lock file this often; a lock of another host whose
@@ -91,7 +91,12 @@ class FolderLock:
         self._beat: threading.Thread | None = None
 
     def acquire(self) -> "FolderLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StorageError(f"Cannot create the folder {self.path.parent} that holds the lock on "
+                               f"{self.folder} ({error.strerror or error}): choose a folder you can write to."
+                               ) from error
         me = {"pid": os.getpid(), "host": socket.gethostname(), "process_start": _process_start(os.getpid()),
               "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "purpose": self.purpose,
               "folder": str(self.folder), "token": self._token, "heartbeat_every": self.heartbeat_every,

@@ -160,6 +160,10 @@ CASES = [
      InvalidInputError, "tc_pos"),
     ("file-tc-kind-unknown", lambda e: _graph_with(e, lambda d: d["nodes"][0].__setitem__("tc_kind", "weird")),
      InvalidInputError, "'weird'"),
+    ("file-no-nodes", lambda e: _graph_with(e, lambda d: d.update(nodes=[], links=[])), InvalidInputError,
+     "no nodes"),
+    ("circuit-file-no-nodes", lambda e: _circuit_with(e, lambda d: d.update(nodes=[], links=[])),
+     InvalidInputError, "no nodes"),
     ("file-truncated", lambda e: AttributionGraph.from_json(json.dumps(e.graph_dict)[:5000]), InvalidInputError,
      "not valid JSON"),
     ("file-duplicate-node", lambda e: _graph_with(e, lambda d: d["nodes"].append(dict(d["nodes"][0]))),
@@ -454,6 +458,14 @@ BUILT_CASES = [
     ("load-layers-str", lambda e, b: load_transcoders("tiny-years", layers="1"), InvalidInputError, "'1'"),
     ("config-hook-int", lambda e, b: load_transcoders(_circuit_tracer_set(b, "hook_int", {"feature_input_hook": 5})),
      IncompatibleTranscoderError, "feature_input_hook"),
+    ("safetensors-bare-threshold", lambda e, b: run_prompt(e.model, load_transcoders(_circuit_tracer_set(
+        b, "bare_threshold", tensors={"threshold": torch.ones(32)})), "a b"), IncompatibleTranscoderError,
+     "activation_function.threshold"),
+    ("safetensors-unknown-key", lambda e, b: run_prompt(e.model, load_transcoders(_circuit_tracer_set(
+        b, "unknown_key", tensors={"W_gate": torch.ones(32, 64)})), "a b"), IncompatibleTranscoderError,
+     "W_gate"),
+    ("views-lock-folder-unmakeable", lambda e, b: WeightViews.build(e.model, e.ts, "/proc/no_such/views", k=3),
+     StorageError, "/proc/no_such"),
     ("config-hook-unknown", lambda e, b: run_prompt(e.model, load_transcoders(_circuit_tracer_set(
         b, "hook_unknown", {"feature_input_hook": "hook_nonsense"})), "a b"), IncompatibleTranscoderError,
      "blocks.0.hook_nonsense"),
@@ -629,6 +641,15 @@ def test_overwrite_given_as_a_string_deletes_nothing(env, built):
     after = sorted(p.relative_to(built.index.directory) for p in built.index.directory.rglob("*"))
     assert before == after
     assert FeatureIndex(built.index.directory).k == 3
+
+
+def test_token_budget_of_part_sequences_is_rounded_down_with_a_warning(env, built):
+    """An index holds whole sequences: a budget that isn't a multiple of the
+    sequence length says what it indexes instead of rounding down silently."""
+    with pytest.warns(UserWarning, match=r"n_tokens=131 is not a whole number of 16-token sequences: "
+                                         r"indexing 128 tokens"):
+        index = _build(env, built, "rounded", n_tokens=16 * 8 + 3)
+    assert index.manifest.n_tokens == 128
 
 
 def test_numpy_shard_builds_like_python_ints(env, built):

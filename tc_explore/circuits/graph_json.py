@@ -129,6 +129,9 @@ def validate_graph_dict(data: Any) -> dict:
                                 + ("" if "nodes" in data else " (the field is missing)") + ".")
     if not isinstance(links, list):
         raise InvalidInputError("The graph's 'links' must be a list of {source, target, weight} objects.")
+    if not nodes:
+        raise InvalidInputError("The graph has no nodes: there is nothing to show. Was it written from an "
+                                "empty or failed attribution?")
     meta = data.get("metadata", {})
     if meta is not None and not isinstance(meta, Mapping):
         raise InvalidInputError("The graph's 'metadata' must be an object.")

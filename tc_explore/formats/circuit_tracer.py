@@ -51,6 +51,16 @@ def _need(tensors: dict, keys, path) -> None:
 def read_circuit_tracer_safetensors(path, layer=None, input_hook=None, output_hook=None) -> Transcoder:
     t = _load(path)
     _need(t, ("W_enc", "W_dec", "b_enc", "b_dec"), path)
+    # circuit-tracer loads these files strictly, so an unknown key is a file of
+    # another layout, never something to skip (a bare "threshold" would
+    # otherwise load a JumpReLU set as ReLU).
+    unknown = sorted(set(t) - {"W_enc", "W_dec", "b_enc", "b_dec", THRESHOLD_KEY, "W_skip"})
+    if unknown:
+        hint = (f" (a JumpReLU threshold is stored as {THRESHOLD_KEY!r} in this layout)"
+                if "threshold" in unknown else "")
+        raise IncompatibleTranscoderError(
+            f"{path}: unexpected tensors {unknown} in a circuit-tracer transcoder file{hint}; it holds only "
+            f"W_enc, W_dec, b_enc, b_dec and optionally {THRESHOLD_KEY} and W_skip. Is this the right format?")
     skip = t.get("W_skip")
     return Transcoder(t["W_enc"].T, t["b_enc"], t["W_dec"], b_dec=None, b_dec_out=t["b_dec"],
                       threshold=t.get(THRESHOLD_KEY), W_skip=None if skip is None else skip.T,

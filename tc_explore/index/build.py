@@ -17,6 +17,7 @@ import hashlib
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -182,6 +183,11 @@ def _plan(model, transcoders: TranscoderSet, corpus: Corpus, n_tokens: int,
     if total_sequences < 1:
         raise InvalidInputError(
             f"n_tokens={n_tokens} is less than one sequence of {seq_len} tokens.")
+    if total_sequences * seq_len != n_tokens:
+        # An index holds whole sequences; say so rather than index fewer tokens silently.
+        warnings.warn(f"n_tokens={n_tokens} is not a whole number of {seq_len}-token sequences: "
+                      f"indexing {total_sequences * seq_len} tokens ({total_sequences} sequences). "
+                      f"Pass a multiple of {seq_len} to silence this.", stacklevel=3)
     for name in ("k", "n_samples"):
         if int(getattr(s, name)) > total_sequences * (seq_len - 1):
             raise InvalidInputError(
