@@ -32,6 +32,20 @@ def fixture_texts(n: int, seed: int = 0, max_words: int = 20) -> list[str]:
     return [" ".join(rng.choice(FIXTURE_WORDS, rng.integers(2, max_words))) for _ in range(n)]
 
 
+def assert_our_error(call, error: type, names: str) -> Exception:
+    """Run ``call()`` and check that it raises one of our errors, of type
+    ``error``, whose message contains ``names`` (the bad input it names): the
+    one rule of every bad-input test. Returns the error."""
+    from .errors import TcExploreError
+    try:
+        call()
+    except TcExploreError as raised:
+        assert isinstance(raised, error), f"{type(raised).__name__}: {raised}"
+        assert names in str(raised), str(raised)
+        return raised
+    raise AssertionError(f"no error raised; expected {error.__name__} naming {names!r}")
+
+
 def build_tiny_gpt2(directory: str | Path, n_layers: int = 2, d_model: int = 32,
                     n_heads: int = 4, n_ctx: int = 32, seed: int = 0,
                     words=FIXTURE_WORDS, random_biases: bool = False) -> Path:

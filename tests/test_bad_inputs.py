@@ -19,7 +19,7 @@ from tc_explore.circuits import (Node, Target, decompose, feature_target, logit_
 from tc_explore.corpus import Corpus, as_corpus
 from tc_explore.search import search_features
 from tc_explore.errors import (CorruptFileError, IncompatibleTranscoderError, InvalidInputError,
-                               OfflineFileMissingError, StorageError, TcExploreError,
+                               OfflineFileMissingError, StorageError,
                                UnknownTranscoderSetError, UnsafeFileError)
 from tc_explore.demo import SyntheticSentences
 from tc_explore.index import FeatureIndex
@@ -29,7 +29,7 @@ from tc_explore.formats import (read_circuit_tracer_config, read_circuit_tracer_
                                 write_gpt2_transcoder)
 from tc_explore.model import check_layer, to_tokens
 from tc_explore.prompt_features import feature_activations, run_prompt
-from tc_explore.testing import build_tiny_gpt2, random_transcoder
+from tc_explore.testing import assert_our_error, build_tiny_gpt2, random_transcoder
 
 PROMPT = "The war lasted from 1735 to 17"
 GPT2_NAME = "final_sparse_autoencoder_gpt2-small_blocks.0.ln2.hook_normalized_24576.pt"
@@ -404,10 +404,7 @@ def _other_weights(env):
 
 @pytest.mark.parametrize("call,error,names", [pytest.param(c, err, n, id=i) for i, c, err, n in CASES])
 def test_bad_input_raises_our_error(env, call, error, names):
-    with pytest.raises(TcExploreError) as info:
-        call(env)
-    assert isinstance(info.value, error), f"{type(info.value).__name__}: {info.value}"
-    assert names in str(info.value), str(info.value)
+    assert_our_error(lambda: call(env), error, names)
 
 
 def test_there_are_at_least_sixty_cases():

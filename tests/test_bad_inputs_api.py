@@ -35,7 +35,7 @@ from tc_explore.prompt_features import run_prompt, top_features_per_token
 from tc_explore.replacement import mean_mlp_outputs, transcoder_hooks
 from tc_explore.search import search_features
 from tc_explore.demo import SyntheticSentences
-from tc_explore.testing import random_clt, random_transcoder
+from tc_explore.testing import assert_our_error, random_clt, random_transcoder
 from tc_explore.tasks import greater_than as gt
 from tc_explore.training import TrainingConfig, save_transcoder_set, train_transcoders
 from tc_explore.ui.explorer import explore
@@ -626,10 +626,7 @@ BUILT_CASES = [
 @pytest.mark.parametrize("call,error,names", [pytest.param(c, err, n, id=i) for i, c, err, n in BUILT_CASES])
 def test_bad_input_with_files_raises_our_error(env, built, capsys, call, error, names):
     built.capsys = capsys
-    with pytest.raises(TcExploreError) as info:
-        call(env, built)
-    assert isinstance(info.value, error), f"{type(info.value).__name__}: {info.value}"
-    assert names in str(info.value), str(info.value)
+    assert_our_error(lambda: call(env, built), error, names)
 
 
 def test_overwrite_given_as_a_string_deletes_nothing(env, built):
@@ -676,10 +673,7 @@ def test_cli_huge_token_count_is_refused(capsys):
 
 @pytest.mark.parametrize("call,error,names", [pytest.param(c, err, n, id=i) for i, c, err, n in CASES])
 def test_bad_input_raises_our_error(env, call, error, names):
-    with pytest.raises(TcExploreError) as info:
-        call(env)
-    assert isinstance(info.value, error), f"{type(info.value).__name__}: {info.value}"
-    assert names in str(info.value), str(info.value)
+    assert_our_error(lambda: call(env), error, names)
 
 
 # (id, call, check of the result): inputs that are fine and must keep working
