@@ -187,7 +187,7 @@ def _plan(model, transcoders: TranscoderSet, corpus: Corpus, n_tokens: int,
         # An index holds whole sequences; say so rather than index fewer tokens silently.
         warnings.warn(f"n_tokens={n_tokens} is not a whole number of {seq_len}-token sequences: "
                       f"indexing {total_sequences * seq_len} tokens ({total_sequences} sequences). "
-                      f"Pass a multiple of {seq_len} to silence this.", stacklevel=3)
+                      f"Pass a multiple of {seq_len} to silence this.", stacklevel=4)
     for name in ("k", "n_samples"):
         if int(getattr(s, name)) > total_sequences * (seq_len - 1):
             raise InvalidInputError(
