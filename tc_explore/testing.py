@@ -198,6 +198,23 @@ class OfflineHub:
     d_sae: int
 
 
+def _gpt2_small_files(entry, work: Path, n_layers: int, d_model: int, d_sae: int,
+                      seed: int) -> tuple[dict[str, Path], dict[int, Transcoder]]:
+    """Random transcoders written under ``work`` in the ``pchlenski/gpt2-transcoders``
+    layout of registry ``entry`` (a pickle and a log-sparsity file per layer):
+    the files by their Hub names, and the transcoders by layer."""
+    files: dict[str, Path] = {}
+    transcoders: dict[int, Transcoder] = {}
+    g = torch.Generator().manual_seed(seed)
+    for layer in range(n_layers):
+        tc = transcoders[layer] = random_transcoder(d_model, d_sae, layer, seed)
+        name = entry.file_pattern.replace("{L}", str(layer))
+        files[name] = write_gpt2_transcoder(tc, work / name, layer, model_name="gpt2-small")
+        fname = entry.frequency_pattern.replace("{L}", str(layer))
+        files[fname] = write_log_feature_sparsity(-1 - 3 * torch.rand(d_sae, generator=g), work / fname)
+    return files, transcoders
+
+
 def build_offline_hub(hf_home: str | Path, n_layers: int = 12, d_model: int = 32,
                       d_sae: int = 64, n_ctx: int = 32, seed: int = 0,
                       words=FIXTURE_WORDS) -> OfflineHub:
@@ -211,15 +228,7 @@ def build_offline_hub(hf_home: str | Path, n_layers: int = 12, d_model: int = 32
     try:
         model_dir = build_tiny_gpt2(work / "model", n_layers, d_model, n_ctx=n_ctx, seed=seed, words=words)
         install_in_hf_cache(hf_home, "gpt2", {p.name: p for p in model_dir.iterdir()})
-        files = {}
-        g = torch.Generator().manual_seed(seed)
-        for layer in range(n_layers):
-            tc = random_transcoder(d_model, d_sae, layer, seed)
-            name = entry.file_pattern.replace("{L}", str(layer))
-            files[name] = write_gpt2_transcoder(tc, work / name, layer, model_name="gpt2-small")
-            fname = entry.frequency_pattern.replace("{L}", str(layer))
-            log_freq = -1 - 3 * torch.rand(d_sae, generator=g)
-            files[fname] = write_log_feature_sparsity(log_freq, work / fname)
+        files, _ = _gpt2_small_files(entry, work, n_layers, d_model, d_sae, seed)
         install_in_hf_cache(hf_home, entry.repo_id, files, revision=entry.revision)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -335,14 +344,9 @@ def build_architecture_hub(hf_home: str | Path, arch: str, n_layers: int = 3, d_
         install_in_hf_cache(hf_home, model_repo, {p.name: p for p in model_dir.iterdir()})
         if arch == "gpt2":
             revision = hashlib.sha1(f"tc_explore tiny gpt2 d{d_model} L{n_layers}".encode()).hexdigest()
-            files, g = {}, torch.Generator().manual_seed(seed)
-            for layer in range(n_layers):
-                tc = random_transcoder(d_model, d_sae, layer, seed)
-                name = entry.file_pattern.replace("{L}", str(layer))
-                files[name] = write_gpt2_transcoder(tc, work / name, layer, model_name="gpt2-small")
-                fname = entry.frequency_pattern.replace("{L}", str(layer))
-                files[fname] = write_log_feature_sparsity(-1 - 3 * torch.rand(d_sae, generator=g), work / fname)
-                written[layer], where[layer] = tc, f"{entry.repo_id}:{name}"
+            files, written = _gpt2_small_files(entry, work, n_layers, d_model, d_sae, seed)
+            where = {layer: f"{entry.repo_id}:{entry.file_pattern.replace('{L}', str(layer))}"
+                     for layer in written}
             install_in_hf_cache(hf_home, entry.repo_id, files, revision=revision, ref="tiny-architectures")
         else:
             # the hooks as each published config.yaml names them
