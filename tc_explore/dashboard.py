@@ -29,8 +29,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 
-from .errors import InvalidInputError, as_count
+from .errors import InvalidInputError, as_count, refuse_non_finite
 from .integrity import write_text_atomic
 from .index import FeatureIndex, TopExample
 from .model import token_strings
@@ -282,6 +283,9 @@ def tokens_html(tokens: Sequence[str], activations: Sequence[float], vmax: float
     if len(tokens) != len(activations):
         raise InvalidInputError(f"tokens_html got {len(tokens)} tokens but {len(activations)} activations; "
                                 "give one activation per token.")
+    # NaN would show as an unshaded token whose activation reads "nan", as if it were a value
+    refuse_non_finite(torch.as_tensor(np.asarray(activations, dtype=np.float64)), "tokens_html's activations",
+                      ("token",), {"token": list(tokens)})
     parts = []
     for i, (t, a) in enumerate(zip(tokens, activations)):
         cls = "tcx-token tcx-focus" if i == focus else "tcx-token"

@@ -5,13 +5,17 @@ terminal a text bar.
 Every long-running function takes ``progress: bool | None = None``. ``None``
 means on, except where the environment variable ``CI`` is set (to anything but
 ``""``, ``0`` or ``false``), as CI services do; ``TC_EXPLORE_PROGRESS=0`` or
-``=1`` overrides both.
+``=1`` overrides both (it takes 1/true/yes/on and 0/false/no/off or empty;
+any other value is refused, since a typo must not silently mean on).
 """
 from __future__ import annotations
 
 import os
 
+from .errors import InvalidInputError
+
 _FALSE = ("", "0", "false", "no", "off")
+_TRUE = ("1", "true", "yes", "on")
 
 
 def progress_enabled(progress: bool | None = None) -> bool:
@@ -21,7 +25,13 @@ def progress_enabled(progress: bool | None = None) -> bool:
         return bool(progress)
     forced = os.environ.get("TC_EXPLORE_PROGRESS")
     if forced is not None:
-        return forced.strip().lower() not in _FALSE
+        value = forced.strip().lower()
+        if value not in _TRUE + _FALSE:
+            raise InvalidInputError(
+                f"The environment variable TC_EXPLORE_PROGRESS={forced!r} is neither on "
+                f"({', '.join(_TRUE)}) nor off ({', '.join(repr(v) if not v else v for v in _FALSE)}); "
+                "set it to 1 or 0, or unset it.")
+        return value in _TRUE
     return os.environ.get("CI", "").strip().lower() in _FALSE
 
 

@@ -25,7 +25,8 @@ from tc_explore.circuits import (AttributionGraph, CircuitGraph, PathGraphExpand
                                  residual_target)
 from tc_explore.corpus import Corpus
 from tc_explore.dashboard import dashboard_html, export_html, feature_dashboard, tokens_html
-from tc_explore.errors import IncompatibleTranscoderError, InvalidInputError, StorageError, TcExploreError
+from tc_explore.errors import (IncompatibleTranscoderError, InvalidInputError, NonFiniteError, StorageError,
+                               TcExploreError)
 from tc_explore.formats import (read_circuit_tracer_config, read_circuit_tracer_safetensors,
                                 read_gemma_scope_npz, read_gpt2_transcoder)
 from tc_explore.formats.clt import write_clt
@@ -341,6 +342,8 @@ CASES = [
     ("merge-one-string", lambda e: FeatureIndex.merge("abc", e.tmp / "merged"), InvalidInputError, "'abc'"),
     ("merge-none", lambda e: FeatureIndex.merge(None, e.tmp / "merged"), InvalidInputError, "NoneType"),
     ("tokens-html-lengths", lambda e: tokens_html(["a", "b"], [1.0], 1.0), InvalidInputError, "2 tokens"),
+    ("tokens-html-nan", lambda e: tokens_html(["a", "b", "c"], [1.0, float("nan"), float("inf")], 1.0),
+     NonFiniteError, "1 NaN and 1 infinite values, the first at token 1 ('b')"),
     ("context-prepend-bos-str", lambda e: prompt_context(e.model, e.ts, PROMPT, prepend_bos="no"),
      InvalidInputError, "'no'"),
     ("iv-constrained-str", lambda e: _iv(e, Intervention(1, None, 3), constrained="yes"), InvalidInputError,

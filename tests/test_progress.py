@@ -28,3 +28,15 @@ def test_bar_draws_when_on_and_is_silent_when_off(monkeypatch):
     bar.set_postfix(loss=1.0)
     bar.close()
     assert list(progress_bar(range(2), progress=False)) == [0, 1]
+
+
+def test_a_junk_environment_value_is_refused_not_taken_for_on(monkeypatch):
+    from tc_explore.errors import InvalidInputError
+    from tc_explore.testing import assert_our_error
+    monkeypatch.setenv("TC_EXPLORE_PROGRESS", "maybe")
+    error = assert_our_error(progress_enabled, InvalidInputError, "TC_EXPLORE_PROGRESS='maybe'")
+    assert "1" in str(error) and "off" in str(error)
+    assert progress_enabled(False) is False  # an explicit argument does not read the variable
+    for value, on in (("OFF", False), (" yes ", True), ("0", False), ("", False)):
+        monkeypatch.setenv("TC_EXPLORE_PROGRESS", value)
+        assert progress_enabled() is on
