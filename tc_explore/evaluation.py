@@ -31,8 +31,8 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import InvalidInputError, as_count
-from .model import to_tokens
+from .errors import InvalidInputError, as_count, refuse_non_finite
+from .model import to_tokens, token_strings
 from .progress import progress_bar
 from .replacement import mlp_ablation_hooks, transcoder_hooks
 from .transcoder import TranscoderSet, as_transcoder_set
@@ -93,6 +93,18 @@ def _clean_reconstruction(transcoders: TranscoderSet, cache, layer: int, encoded
     return transcoders[layer].decode(encoded[layer], x), encoded[layer]
 
 
+def _refuse_non_finite_batch(model, values: torch.Tensor, what: str, batch: torch.Tensor,
+                             first_sequence: int) -> None:
+    """NaN or infinity in ``values`` [batch, pos, ...] would average into every
+    metric as NaN: refused, naming the sequence (its index in the caller's
+    tokens) and the token of the first."""
+    if bool(torch.isfinite(values).all()):
+        return
+    for i in range(values.shape[0]):
+        refuse_non_finite(values[i], f"{what} on sequence {first_sequence + i} of these tokens", ("position",),
+                          {"position": token_strings(model, batch[i])})
+
+
 def _batches(model, tokens, batch_size: int) -> Iterable[torch.Tensor]:
     if isinstance(tokens, torch.Tensor):
         tokens = tokens if tokens.ndim == 2 else tokens[None]
@@ -128,15 +140,21 @@ def evaluate_transcoders(model, transcoders: TranscoderSet, tokens,
         n_batches = -(-(tokens.shape[0] if tokens.ndim == 2 else 1) // batch_size)
     else:
         n_batches = len(tokens) if hasattr(tokens, "__len__") else None
+    first_sequence = 0                            # index in tokens of this batch's first sequence
     for batch in progress_bar(_batches(model, tokens, batch_size), total=n_batches,
                               desc="evaluating", unit="batch", progress=progress):
         clean_logits, cache = model.run_with_cache(batch, names_filter=lambda n: n in io_names)
+        for name in [n for n in cache.keys() if n in io_names]:      # in the order the forward pass ran
+            _refuse_non_finite_batch(model, cache[name], f"The activations at {name}", batch, first_sequence)
         n_pred = batch.shape[0] * (batch.shape[1] - 1)
         ce_clean = float(_ce(clean_logits, batch))
         encoded: dict[int, torch.Tensor] = {}
         for layer in layers:
             y = cache[transcoders.output_hook(layer)]
             y_hat, acts = _clean_reconstruction(transcoders, cache, layer, encoded)
+            for what, values in (("feature activations", acts), ("output", y_hat)):
+                _refuse_non_finite_batch(model, values, f"The layer-{layer} transcoder's {what}", batch,
+                                         first_sequence)
             s = per_layer[layer]
             s.add_reconstruction(layer, y, y_hat, acts)
             fired[layer] |= (acts > 0).reshape(-1, acts.shape[-1]).any(0).cpu()
@@ -176,6 +194,7 @@ def evaluate_transcoders(model, transcoders: TranscoderSet, tokens,
             together.kl += float(_kl(clean_logits, logits))
             together.ce_clean += ce_clean
             together.n_pred += n_pred
+        first_sequence += batch.shape[0]
 
     if together.n_pred == 0 and not any(s.n_pred for s in per_layer.values()):
         raise InvalidInputError("tokens hold no next-token predictions to evaluate: give at least one "

@@ -227,3 +227,32 @@ def test_nan_in_run_prompt_and_interventions_is_refused(poisoned_demo):
         intervene(model, ts, PROMPT, Intervention.ablate(0, 3))
     with pytest.raises(NonFiniteError, match=r"next-token logits after \d+ tokens: \d+ NaN"):
         generate(model, ts, PROMPT, max_new_tokens=2)
+
+
+def test_nan_in_an_evaluation_is_refused_naming_hook_sequence_and_token(poisoned_demo):
+    from tc_explore import evaluate_transcoders
+    from tc_explore.errors import NonFiniteError
+    model, ts = poisoned_demo
+    tokens = torch.cat([model.to_tokens(PROMPT)] * 3)
+    with pytest.raises(NonFiniteError, match=r"activations at blocks\.1\.ln2\.hook_normalized on sequence 0 of "
+                                             r"these tokens: \d+ NaN and 0 infinite values, the first at "
+                                             r"position 0 \('.*'\)\. .*float32"):
+        # (position 0 too: layer 1's attention multiplies position 3's NaN values by zero weights)
+        evaluate_transcoders(model, ts, tokens, batch_size=2, progress=False)
+    with pytest.raises(NonFiniteError, match=r"at blocks\.1\.ln2\.hook_normalized on sequence 0 of these"):
+        evaluate_transcoders(model, ts, [PROMPT], layers=[1], progress=False)        # texts, one a batch
+
+
+def test_a_transcoder_turning_finite_inputs_into_nan_is_refused_by_evaluation(demo_model):
+    from tc_explore import evaluate_transcoders
+    from tc_explore.errors import NonFiniteError
+    ts = load_transcoders("tiny-years", device="cpu")          # a copy of its own, poisoned below
+    with torch.no_grad():
+        ts[1].b_dec_out.fill_(float("inf"))                  # the features are finite, the output is not
+    with pytest.raises(NonFiniteError, match=r"The layer-1 transcoder's output on sequence 0 of these tokens: "
+                                             r"0 NaN and \d+ infinite values, the first at position 0"):
+        evaluate_transcoders(demo_model, ts, [PROMPT], progress=False)
+    with torch.no_grad():
+        ts[1].b_enc.fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match=r"The layer-1 transcoder's feature activations on sequence 0"):
+        evaluate_transcoders(demo_model, ts, [PROMPT], progress=False)
