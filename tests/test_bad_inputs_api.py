@@ -510,6 +510,9 @@ BUILT_CASES = [
     ("clt-encoder-int", lambda e, b: run_prompt(e.model, load_transcoders(_clt(b, "clt_int", {"W_enc_0.safetensors": {
         "W_enc_0": torch.zeros(20, 64, dtype=torch.int32), "b_enc_0": torch.zeros(20), "b_dec_0": torch.zeros(64)}})),
         "a b"), IncompatibleTranscoderError, "W_enc_0"),
+    ("clt-decoder-int", lambda e, b: run_prompt(e.model, load_transcoders(_clt(b, "clt_dec_int", {
+        "W_dec_1.safetensors": {"W_dec_1": torch.zeros(20, 2, 64, dtype=torch.int64)}})), "a b"),
+     IncompatibleTranscoderError, "W_dec_1.safetensors: weight W_dec_1 is stored as torch.int64"),
     # switches given as strings: "no" is truthy
     ("build-overwrite-str", lambda e, b: _build(e, b, "overwrite_str", overwrite="no"), InvalidInputError, "'no'"),
     ("build-progress-str", lambda e, b: _build(e, b, "progress_str", progress="off"), InvalidInputError, "'off'"),

@@ -59,14 +59,17 @@ def read_clt_encoder(path, layer: int) -> dict[str, torch.Tensor]:
 
 
 def clt_decoder_shape(path, layer: int) -> tuple[int, int, int]:
-    """[d_sae, n_targets, d_model] of ``W_dec_{layer}`` without reading it."""
+    """[d_sae, n_targets, d_model] of ``W_dec_{layer}`` without reading it,
+    after checking that it is stored as floating point (the readers below cast)."""
     with safe_open(str(path), framework="pt", device="cpu") as f:
         if f"W_dec_{layer}" not in set(f.keys()):
             raise IncompatibleTranscoderError(f"{path}: no tensor W_dec_{layer}.")
-        shape = tuple(f.get_slice(f"W_dec_{layer}").get_shape())
-    if len(shape) != 3:
-        raise IncompatibleTranscoderError(
-            f"{path}: W_dec_{layer} has shape {shape}, expected [d_sae, n_targets, d_model].")
+        decoder = f.get_slice(f"W_dec_{layer}")
+        shape = tuple(decoder.get_shape())
+        if len(shape) != 3:
+            raise IncompatibleTranscoderError(
+                f"{path}: W_dec_{layer} has shape {shape}, expected [d_sae, n_targets, d_model].")
+        float_weight(decoder[:0], f"W_dec_{layer}", path)       # the dtype rule of every reader; reads no row
     return shape  # type: ignore[return-value]
 
 
