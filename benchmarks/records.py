@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import re
+import runpy
 import shlex
 import sys
 from pathlib import Path
@@ -128,12 +129,7 @@ class Recorder:
         write(self.path, results)
         print(f"\nrecorded {len(self.records)} figures under machine '{key}' in {self.path}")
         if self.path.resolve() == RESULTS:
-            sys.path.insert(0, str(ROOT / "scripts"))
-            try:
-                import benchmark_table
-            finally:
-                sys.path.pop(0)
-            benchmark_table.main([])
+            runpy.run_path(str(ROOT / "scripts" / "benchmark_table.py"))["main"]([])    # scripts/ is no package
         else:
             print(f"bring them into the README with: python scripts/benchmark_table.py --merge {self.path}")
         return self.path

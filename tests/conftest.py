@@ -1,8 +1,11 @@
 """Shared fixtures. Every test runs offline against a Hugging Face cache that
 the session builds (tiny GPT-2-architecture ``gpt2`` and transcoders in the exact
 ``pchlenski/gpt2-transcoders`` layout), through the real loading code."""
+import importlib
 import os
+import sys
 import tempfile
+from pathlib import Path
 
 # Must happen before huggingface_hub / transformers are imported anywhere.
 _HF_HOME = tempfile.mkdtemp(prefix="tc_explore_hf_")
@@ -15,6 +18,25 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _import_repo_module(name: str, folder: str = "scripts"):
+    folder_path = str(ROOT / folder)
+    sys.path.insert(0, folder_path)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(folder_path)
+
+
+@pytest.fixture(scope="session")
+def repo_module():
+    """``repo_module("run_notebooks")``: module ``run_notebooks`` of this
+    repository's scripts/ folder (or of ``folder``, e.g. "benchmarks"), plain
+    folders rather than packages, imported by name."""
+    return _import_repo_module
 
 
 @pytest.fixture(scope="session")

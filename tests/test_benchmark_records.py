@@ -2,7 +2,6 @@
 results file that scripts/benchmark_table.py renders and merges."""
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,14 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def modules():
-    sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "scripts")]
-    try:
-        import benchmark_table
-        import records
-    finally:
-        del sys.path[:2]
-    return records, benchmark_table
+def modules(repo_module):
+    return repo_module("records", "benchmarks"), repo_module("benchmark_table")
 
 
 def recorder(records, argv):

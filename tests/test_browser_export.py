@@ -10,11 +10,9 @@ module-scoped JupyterLab fixture, and Playwright's sync API allows one at a time
 """
 from __future__ import annotations
 
-import sys
-
 import pytest
 
-from test_browser import CHROME_ARGS, CHROMIUM, PROMPT, ROOT, SHOTS, _demo_available, _ensure_chromium, \
+from test_browser import CHROME_ARGS, CHROMIUM, PROMPT, SHOTS, _demo_available, _ensure_chromium, \
     _ensure_playwright
 
 pytestmark = pytest.mark.browser
@@ -48,7 +46,7 @@ circuit_graph_widget(paths, dashboard=feature_dashboard_html(index, model, trans
 ]
 
 
-def test_exported_notebook_shows_graph_dashboard_and_figures_offline(tmp_path):
+def test_exported_notebook_shows_graph_dashboard_and_figures_offline(tmp_path, repo_module):
     """The runner's HTML export, opened in Chromium with the network switched
     off: it requests nothing but itself (so no request fails), the graph's SVG,
     a dashboard (the graph panel's and the explorer's) and both plotly figures
@@ -62,11 +60,7 @@ def test_exported_notebook_shows_graph_dashboard_and_figures_offline(tmp_path):
     import nbformat
     from nbformat.v4 import new_code_cell, new_notebook
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from run_notebooks import execute_notebook
-    finally:
-        sys.path.pop(0)
+    execute_notebook = repo_module("run_notebooks").execute_notebook
     nb = new_notebook(cells=[new_code_cell(src.format(prompt=PROMPT)) for src in EXPORT_NOTEBOOK])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     src = tmp_path / "export_test.ipynb"

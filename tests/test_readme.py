@@ -63,11 +63,7 @@ def test_readme_python_block_runs(line, code, fixture, tmp_path, request):
     assert run.returncode == 0, f"README.md line {line} failed:\n{run.stderr[-4000:]}"
 
 
-def test_benchmark_tables_are_generated_from_the_results_file():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import benchmark_table
-    finally:
-        sys.path.pop(0)
+def test_benchmark_tables_are_generated_from_the_results_file(repo_module):
+    benchmark_table = repo_module("benchmark_table")
     assert benchmark_table.main(["--check"]) == 0, \
         "README.md's benchmark tables differ from benchmarks/results.json: run scripts/benchmark_table.py"

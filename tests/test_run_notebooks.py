@@ -44,12 +44,8 @@ def test_nbval_kernels_use_ipc(tmp_path):
     assert run_nbval(plain).returncode != 0
 
 
-def test_runner_kernels_use_ipc(tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from run_notebooks import ipc_kernel_manager
-    finally:
-        sys.path.pop(0)
+def test_runner_kernels_use_ipc(tmp_path, repo_module):
+    ipc_kernel_manager = repo_module("run_notebooks").ipc_kernel_manager
     km = ipc_kernel_manager(tmp_path)(kernel_name="python3")
     assert km.transport == "ipc" and km.ip == str(tmp_path / "kernel-ipc")
 
@@ -59,15 +55,11 @@ FETCHED = re.compile(r"""(?:\bsrc|\bhref)\s*=\s*["']?(https?:)?//|url\(\s*["']?(
                      r"""import\(\s*["'](?:https?:)?//""", re.I)
 
 
-def test_export_names_no_network_resource():
+def test_export_names_no_network_resource(repo_module):
     """A notebook with markdown, a table, an image and widget-like HTML output
     exports to a page with no CDN script (require.js, MathJax, mermaid) or other
     fetched URL; a plain link in the text is allowed (the reader clicks it)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from run_notebooks import export_html
-    finally:
-        sys.path.pop(0)
+    export_html = repo_module("run_notebooks").export_html
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_markdown_cell("# Title\nSome *text*."),
                 nbformat.v4.new_code_cell("1", outputs=[nbformat.v4.new_output(
