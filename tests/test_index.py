@@ -7,7 +7,7 @@ import torch
 
 from tc_explore.corpus import Corpus
 from tc_explore.errors import InvalidInputError
-from tc_explore.index import FeatureIndex, IndexIncompleteError, _feature_hash, _token_hash
+from tc_explore.index import FeatureIndex, IndexIncompleteError, _feature_hash, _token_hash, histogram_edges
 from tc_explore.testing import fixture_texts
 
 LAYERS = [0, 5, 11]
@@ -359,6 +359,58 @@ def test_fused_layers_equal_separate_accumulators(tiny_model, tiny_transcoders, 
     out = tmp_path / "mixed"
     assert _build(tiny_model, tiny_transcoders, out, max_batches=3, fuse_layers=False) is None
     _assert_same(_build(tiny_model, tiny_transcoders, out, fuse_layers=True), full_index)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_feature_blocks_on_any_number_of_threads_equal_one_accumulator(
+        tiny_model, tiny_transcoders, tmp_path, full_index, threads):
+    # On a CPU a layer's features are updated in as many blocks as torch has
+    # threads: any number gives the same index (and a checkpoint made with one
+    # number resumes with another); the build leaves torch's setting as it was.
+    outer = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out = tmp_path / "blocks"
+        assert _build(tiny_model, tiny_transcoders, out, max_batches=3) is None
+        assert torch.get_num_threads() == threads
+        torch.set_num_threads(4 - threads)
+        index = _build(tiny_model, tiny_transcoders, out)
+        assert torch.get_num_threads() == 4 - threads
+    finally:
+        torch.set_num_threads(outer)
+    _assert_same(index, full_index)
+
+
+def test_feature_blocks_hold_what_one_accumulator_holds():
+    # Dense activations and Entries alike; a state loads into another number of blocks.
+    from concurrent.futures import ThreadPoolExecutor
+    from tc_explore.index.accumulator import Entries, _FeatureBlocks, _LayerAccumulator
+    g = torch.Generator().manual_seed(0)
+    args = (3, 37, 4, 5, histogram_edges(), (2, 1), 0, "cpu")
+    one = _LayerAccumulator(*args)
+    with ThreadPoolExecutor(3) as pool:
+        blocks = _FeatureBlocks(*args, 3, pool)
+        for b in range(4):
+            acts = torch.relu(torch.randn(2, 6, 37, generator=g) - 1.0)
+            key = torch.rand(2, 6, generator=g, dtype=torch.float64)
+            one.update(acts, key, b * 12)
+            blocks.update(acts if b % 2 else [Entries.of(acts)], key, b * 12)
+        assert len(blocks.blocks) == 3
+        _assert_states_equal(blocks.state(), one.state())
+        again = _FeatureBlocks(*args, 2, pool)
+        again.load(blocks.state())
+        _assert_states_equal(again.state(), one.state())
+        with pytest.raises(ValueError, match="1 layer"):
+            blocks.update([acts, acts], key, 48)
+
+
+def _assert_states_equal(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], dict):
+            _assert_states_equal(a[key], b[key])
+        else:
+            assert torch.equal(a[key], b[key]), key
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -53,8 +53,10 @@ def _token_hash(global_tokens: np.ndarray, seed: int) -> np.ndarray:
     return _unit_hash(global_tokens, 2 * seed + 1)
 
 
-def _feature_hash(layer: int, d_sae: int, seed: int) -> np.ndarray:
-    return _unit_hash(np.arange(d_sae, dtype=np.uint64) + (np.uint64(layer) << np.uint64(32)), 2 * seed + 2)
+def _feature_hash(layer: int, d_sae: int, seed: int, start: int = 0) -> np.ndarray:
+    """Hashes of features ``start .. start + d_sae - 1`` of ``layer``."""
+    features = np.arange(start, start + d_sae, dtype=np.uint64)
+    return _unit_hash(features + (np.uint64(layer) << np.uint64(32)), 2 * seed + 2)
 
 
 # -- accumulators -----------------------------------------------------------------------
@@ -120,14 +122,22 @@ class Entries:
     value: torch.Tensor           # [nnz]
 
     @classmethod
-    def of(cls, acts: torch.Tensor, first_row: int = 0) -> "Entries":
+    def of(cls, acts: torch.Tensor, first_row: int = 0, features: slice | None = None) -> "Entries":
         """The nonzeros of ``acts [n_seq, seq_len, d_sae]`` (contiguous), whose
-        first token is row ``first_row`` of the batch."""
+        first token is row ``first_row`` of the batch; with ``features``, only
+        those of that block of features, numbered from its start."""
         d_sae = acts.shape[-1]
         flat = acts.reshape(-1, d_sae)
-        row, f = _nonzero_2d(flat)
-        value = flat.reshape(-1).index_select(0, row * d_sae + f)
+        lo = 0 if features is None else features.start
+        row, f = _nonzero_2d(flat if features is None else flat[:, features])
+        value = flat.reshape(-1).index_select(0, row * d_sae + (f + lo if lo else f))
         return cls(row + first_row if first_row else row, f, value)
+
+    def block(self, features: slice) -> "Entries":
+        """The entries of one block of features, numbered from its start (token-major still)."""
+        keep = ((self.feature >= features.start) & (self.feature < features.stop)).nonzero().squeeze(1)
+        return Entries(self.row.index_select(0, keep), self.feature.index_select(0, keep) - features.start,
+                       self.value.index_select(0, keep))
 
     @classmethod
     def cat(cls, parts: Sequence["Entries"]) -> "Entries":
@@ -340,7 +350,10 @@ class _LayerAccumulator:
     instead of one per layer removes most of the index's overhead."""
 
     def __init__(self, layer: int | Sequence[int], d_sae: int | Sequence[int], k: int, n_samples: int,
-                 edges: np.ndarray, window: tuple[int, int], seed: int, device):
+                 edges: np.ndarray, window: tuple[int, int], seed: int, device, first_feature: int = 0):
+        """``first_feature``: the accumulator holds features ``first_feature ..
+        first_feature + d_sae - 1`` of its one layer (a block of ``_FeatureBlocks``);
+        its activations come numbered from there."""
         layers = [layer] if isinstance(layer, (int, np.integer)) else list(layer)
         sizes = [d_sae] if isinstance(d_sae, (int, np.integer)) else list(d_sae)
         starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
@@ -356,7 +369,7 @@ class _LayerAccumulator:
         self.act_sum = torch.zeros(d_sae, dtype=torch.float64, device=device)
         self.hist = torch.zeros(d_sae * self.n_bins, dtype=torch.int64, device=device)
         self.feature_key = torch.as_tensor(np.concatenate(
-            [_feature_hash(l, n, seed) for l, n in zip(layers, sizes)]), device=device)
+            [_feature_hash(l, n, seed, first_feature) for l, n in zip(layers, sizes)]), device=device)
 
     def update(self, acts: torch.Tensor | Sequence, token_key: torch.Tensor, first_token: int) -> None:
         """Fold in the activations of consecutive sequences whose first token has
@@ -445,3 +458,68 @@ class _LayerAccumulator:
         self.n_firing[r] = state["n_firing"]
         self.act_sum[r] = state["act_sum"]
         self.hist[r.start * self.n_bins:r.stop * self.n_bins] = state["hist"]
+
+
+class _FeatureBlocks:
+    """One layer's accumulator as accumulators of contiguous blocks of its
+    features, updated side by side on the threads of ``pool`` (each running
+    torch on one thread), from the layer's dense activations or ``Entries``.
+
+    Every statistic is per feature, so the blocks hold exactly what one
+    accumulator would (and ``state`` joins them into it). The update is mostly
+    single-threaded numpy and torch work; split this way it uses every core,
+    and the build runs it between the layers' encodes on a CPU: run beside a
+    multi-threaded matmul instead, a worker thread slows that matmul by about
+    its own duration (the matmul's threads wait for the one it displaces)."""
+
+    def __init__(self, layer: int, d_sae: int, k: int, n_samples: int, edges: np.ndarray,
+                 window: tuple[int, int], seed: int, device, n_blocks: int, pool):
+        bounds = [d_sae * i // n_blocks for i in range(n_blocks + 1)]
+        self.blocks = [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+        self.parts = [_LayerAccumulator(layer, b.stop - b.start, k, n_samples, edges, window, seed, device,
+                                        first_feature=b.start) for b in self.blocks]
+        self.rows = {layer: slice(0, d_sae)}
+        self.n_bins = self.parts[0].n_bins
+        self._pool = pool
+
+    @property
+    def act_sum(self) -> torch.Tensor:
+        return torch.cat([p.act_sum for p in self.parts])
+
+    def update(self, acts: torch.Tensor | Entries | Sequence, token_key: torch.Tensor, first_token: int) -> None:
+        """As ``_LayerAccumulator.update`` (the one layer's activations, or a list of them)."""
+        if not isinstance(acts, (torch.Tensor, Entries)):
+            if len(acts) != 1:
+                raise ValueError(f"expected activations of 1 layer, got {len(acts)}")
+            acts = acts[0]
+
+        def update_block(part: _LayerAccumulator, block: slice) -> None:
+            with torch.inference_mode():                        # grad mode is per thread
+                entries = acts.block(block) if isinstance(acts, Entries) else Entries.of(acts, features=block)
+                part.update(entries, token_key, first_token)
+        from concurrent.futures import wait
+        futures = [self._pool.submit(update_block, p, b) for p, b in zip(self.parts, self.blocks)]
+        wait(futures)                                           # all blocks done before any error is raised
+        for f in futures:
+            f.result()
+
+    def state(self, layer: int | None = None) -> dict:
+        states = [p.state() for p in self.parts]
+
+        def join(parts: list):
+            if isinstance(parts[0], dict):
+                return {key: join([p[key] for p in parts]) for key in parts[0]}
+            return torch.cat(parts)
+        return join(states)
+
+    def load(self, state: dict, layer: int | None = None) -> None:
+        n_bins = self.n_bins
+
+        def rows(value, b: slice):
+            if isinstance(value, dict):
+                return {key: rows(v, b) for key, v in value.items()}
+            return value[b]
+        for part, b in zip(self.parts, self.blocks):
+            block = {key: rows(v, b) for key, v in state.items() if key != "hist"}
+            block["hist"] = state["hist"][b.start * n_bins:b.stop * n_bins]
+            part.load(block)

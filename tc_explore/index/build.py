@@ -18,6 +18,7 @@ import os
 import shutil
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -33,7 +34,7 @@ from ..integrity import (atomic_write, fingerprint_difference, model_fingerprint
 from ..model import check_context
 from ..progress import progress_bar
 from ..transcoder import TranscoderSet, as_transcoder_set
-from .accumulator import Entries, _Best, _LayerAccumulator, _token_hash, histogram_edges
+from .accumulator import Entries, _Best, _FeatureBlocks, _LayerAccumulator, _token_hash, histogram_edges
 from .forward import stream_encodings
 from .lock import FolderLock
 from .storage import (FORMAT_VERSION, IndexManifest, _flat_windows, atomic_write_json,
@@ -124,19 +125,28 @@ def build_index(model, transcoders: TranscoderSet, corpus, n_tokens: int, out_di
 def _build_locked(model, transcoders: TranscoderSet, out: Path, manifest: IndexManifest,
                   s: IndexSettings, lock: FolderLock) -> Path | None:
     layers = manifest.layers
-    fuse = transcoders.device.type == "cuda" if s.fuse_layers is None else s.fuse_layers
+    cuda = transcoders.device.type == "cuda"
+    fuse = cuda if s.fuse_layers is None else s.fuse_layers
     groups = [layers] if fuse else [[layer] for layer in layers]
-    accs = {}                                                   # layer -> its (shared) accumulator
-    for group in groups:
-        acc = _LayerAccumulator(group, [transcoders.d_sae(l) for l in group], manifest.k,
-                                manifest.n_samples, np.asarray(manifest.histogram_edges),
-                                manifest.window, manifest.seed, transcoders.device)
-        accs.update(dict.fromkeys(group, acc))
-    done = 0
-    ckpt = out / "checkpoint.pt"
-    if ckpt.is_file():
-        done = _load_checkpoint(ckpt, accs, layers, manifest.n_batches, transcoders.device)
-    reached = _run_batches(model, transcoders, out, manifest, groups, accs, done, s)
+    # On a CPU a layer's update runs between the encodes, its features split in
+    # blocks over as many threads as torch's matmuls use (_FeatureBlocks); on a
+    # GPU it runs on a worker thread beside the forward (_Background).
+    n_blocks = 1 if cuda or fuse else torch.get_num_threads()
+    with _block_threads(n_blocks) as pool:
+        accs = {}                                               # layer -> its (shared) accumulator
+        for group in groups:
+            sizes = [transcoders.d_sae(l) for l in group]
+            common = (manifest.k, manifest.n_samples, np.asarray(manifest.histogram_edges), manifest.window,
+                      manifest.seed, transcoders.device)
+            acc = (_FeatureBlocks(group[0], sizes[0], *common, n_blocks, pool) if pool is not None
+                   else _LayerAccumulator(group, sizes, *common))
+            accs.update(dict.fromkeys(group, acc))
+        done = 0
+        ckpt = out / "checkpoint.pt"
+        if ckpt.is_file():
+            done = _load_checkpoint(ckpt, accs, layers, manifest.n_batches, transcoders.device)
+        updates = _Background() if cuda else _Inline()
+        reached = _run_batches(model, transcoders, out, manifest, groups, accs, done, s, updates)
     if reached < manifest.n_batches:
         return None
     lock.check_held()                   # never finish into a folder another process took over
@@ -274,7 +284,7 @@ def fingerprint_mismatch(recorded: dict | None, current: dict | None) -> str | N
 
 
 def _run_batches(model, transcoders: TranscoderSet, out: Path, manifest: IndexManifest,
-                 groups: list, accs: dict, done: int, s: IndexSettings) -> int:
+                 groups: list, accs: dict, done: int, s: IndexSettings, updates) -> int:
     """Fold batches ``done..`` into the accumulators, checkpointing; returns
     the number of batches done when it stops (all, or after ``max_batches``)."""
     import pyarrow.parquet as pq
@@ -283,7 +293,6 @@ def _run_batches(model, transcoders: TranscoderSet, out: Path, manifest: IndexMa
     group_of = {layer: group for group in groups for layer in group}
     tokens_file = pq.ParquetFile(out / "tokens.parquet")
     bar = _progress(n_batches, done, s.progress)
-    updates = _Background()
     nonfinite: dict = {}                                        # layer -> NaN/inf inputs (device counts)
     new_batches = 0
     last_saved = done
@@ -343,6 +352,41 @@ def _activations(chunks, seq_len: int, dense_ok: bool):
         parts.append(Entries.of(acts, first_row=first_seq * seq_len))
         del acts
     return dense if dense is not None else Entries.cat(parts)
+
+
+class _Inline:
+    """Accumulator updates run as they are submitted (``_Background``'s interface)."""
+
+    @staticmethod
+    def submit(fn, *args) -> None:
+        fn(*args)
+
+    def wait(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@contextmanager
+def _block_threads(n: int):
+    """A pool of ``n`` threads for ``_FeatureBlocks`` updates, each running torch
+    on one thread (its blocks run side by side; threads of their own each would
+    oversubscribe the cores), or None for ``n <= 1``."""
+    if n <= 1:
+        yield None
+        return
+    from concurrent.futures import ThreadPoolExecutor
+    outer = torch.get_num_threads()
+    pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="tc-index-block",
+                              initializer=torch.set_num_threads, initargs=(1,))
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True)
+        # A worker's set_num_threads(1) is also the default of threads started
+        # later: give the process back its setting.
+        torch.set_num_threads(outer)
 
 
 class _Background:
