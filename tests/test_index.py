@@ -1,4 +1,6 @@
 import json
+import os
+import sys
 
 import numpy as np
 import pandas as pd
@@ -379,6 +381,24 @@ def test_feature_blocks_on_any_number_of_threads_equal_one_accumulator(
     finally:
         torch.set_num_threads(outer)
     _assert_same(index, full_index)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_release_free_heap_gives_freed_memory_back():
+    # Memory freed in pieces below glibc's mmap threshold stays resident (here
+    # under a live allocation above it, as loading weights leaves it) until trimmed.
+    from tc_explore.index.build import release_free_heap
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    pieces = [bytearray(b"x" * 20_000) for _ in range(15_000)]          # ~300 MB
+    pin = bytearray(b"x" * 20_000)
+    del pieces
+    before = rss()
+    release_free_heap()
+    assert before - rss() > 100 * 2 ** 20
+    del pin
 
 
 def test_feature_blocks_hold_what_one_accumulator_holds():
