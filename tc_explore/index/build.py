@@ -139,9 +139,9 @@ def release_free_heap(collect_garbage: bool = True) -> None:
     enough for glibc to keep in its heaps, where they count in the process's
     resident memory until reused: a build frees them before allocating its
     accumulators. Its updates' scratch, spread over one heap per thread, is
-    freed after every batch on a CPU (a fraction of a millisecond to ~60 ms
-    a batch of several seconds; measured on GPT-2 small, 0.3 GiB less at
-    the peak)."""
+    freed after every batch on a CPU (0.2 ms when there is nothing to give
+    back, ~60 ms for what loading GPT-2 small and its transcoders leaves;
+    measured there, a build's peak resident memory 0.3 GiB lower)."""
     import ctypes
     import gc
     import sys
@@ -375,8 +375,8 @@ def _run_batches(model, transcoders: TranscoderSet, out: Path, manifest: IndexMa
 def _activations(chunks, seq_len: int, dense_ok: bool):
     """One layer's activations from ``stream_encodings``' chunks: the dense
     ``[n_seq, seq_len, d_sae]`` tensor if it came in one chunk and ``dense_ok``
-    (a layer updated alone: its nonzeros are then found on the update's worker
-    thread), else its ``Entries``, chunk by chunk (fused, all layers' dense
+    (a layer updated alone: its nonzeros are then found by the update, block
+    by block on a CPU), else its ``Entries``, chunk by chunk (fused, all layers' dense
     activations would be gigabytes at GPU batch sizes)."""
     parts, dense = [], None
     for first_seq, acts in chunks:
@@ -430,10 +430,11 @@ def _block_threads(n: int):
 class _Background:
     """Accumulator updates on a worker thread, one at a time, so that a layer's
     update overlaps the next layer's (or batch's) forward and encoding: on a
-    CPU the update is mostly single-threaded numpy and torch work that leaves
-    the other cores idle; on a GPU its launches and host syncs overlap the
-    next kernels being queued. Updates still run in order, and ``wait``
-    returns once the last has finished (and re-raises its error)."""
+    GPU its launches and host syncs overlap the next kernels being queued (on
+    a CPU the build uses ``_Inline``: beside a multi-threaded matmul a worker
+    costs about as much as running the update in turn). Updates still run in
+    order, and ``wait`` returns once the last has finished (and re-raises its
+    error)."""
 
     def __init__(self):
         from concurrent.futures import ThreadPoolExecutor
