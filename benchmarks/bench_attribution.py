@@ -33,8 +33,6 @@ graph 460.7 s / 5.95 GB peak RSS; max_feature_nodes=2048: 62.9 s / 4.9 GB.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import os
 import shutil
 import sys
@@ -47,13 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import records  # noqa: E402
 from bench_index import PeakMemory, build_model, build_transcoders, gib  # noqa: E402
 
-
-def _release_free_heap() -> None:
-    """Return the C heap's free memory to the system (glibc only; else nothing)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+from tc_explore.memory import release_free_heap  # noqa: E402
 
 
 @torch.no_grad()
@@ -167,8 +159,7 @@ def main(argv=None):
         if args.circuit_tracer:
             ct_home = os.path.join(work, "hf")
             ct_repo = export_for_circuit_tracer(os.path.join(work, "model"), transcoders, ct_home)
-        gc.collect()
-        _release_free_heap()
+        release_free_heap()
         print(f"setup: GPT-2-small-shaped model (vocab {model.cfg.d_vocab}), 12 x d_sae {args.d_sae} "
               f"transcoders, {time.perf_counter() - t:.1f} s; {args.threads} threads, device {args.device}; "
               f"batch_size {args.batch_size}; resident {gib(PeakMemory.rss())}")
@@ -188,8 +179,7 @@ def main(argv=None):
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                 note = ""
-                gc.collect()
-                _release_free_heap()
+                release_free_heap()
                 with PeakMemory(exact=True) as mem:
                     t = time.perf_counter()
                     try:

@@ -46,7 +46,6 @@ import sys
 import tempfile
 import threading
 import time
-from statistics import NormalDist
 
 import numpy as np
 import torch
@@ -112,7 +111,9 @@ def gib(n: int) -> str:
     return f"{n / 2 ** 30:.2f} GiB"
 
 
-def build_model(directory: str):
+def build_model(directory: str) -> int:
+    """The GPT-2-small-shaped model and its tokenizer saved to ``directory``;
+    returns the vocabulary size."""
     from transformers import GPT2Config, GPT2LMHeadModel
     from tc_explore.tokenization import word_tokenizer, vocabulary
 
@@ -124,31 +125,31 @@ def build_model(directory: str):
     torch.manual_seed(0)
     GPT2LMHeadModel(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    return len(tokenizer)
 
 
-def build_transcoders(directory: str, d_model: int, d_sae: int, n_layers: int, l0: float) -> None:
-    """Random transcoders written to ``directory`` in the gpt2-small layout
-    (``pchlenski/gpt2-transcoders``' file names and pickles), which the
-    benchmark loads through ``load_transcoders``, as a user loads the real set."""
-    from tc_explore.formats.gpt2_pickle import write_gpt2_transcoder
-    from tc_explore.registry import registry
+def build_transcoders(d_model: int, d_sae: int, n_layers: int, l0: float):
+    """Random transcoders firing about ``l0`` features a token, in memory."""
     from tc_explore.testing import random_transcoder
+    from tc_explore.transcoder import TranscoderSet
 
-    pattern = registry()["gpt2-small"].file_pattern
-    os.makedirs(directory, exist_ok=True)
-    # Pre-activations are about N(b_enc, 1) on unit-RMS inputs: shift the bias so
-    # that a fraction l0 / d_sae of features fire.
-    shift = NormalDist().inv_cdf(1 - l0 / d_sae)
-    for layer in range(n_layers):
-        tc = random_transcoder(d_model, d_sae, layer, seed=1)
-        with torch.no_grad():
-            tc.b_enc.sub_(tc.b_enc.mean() + shift)
-        write_gpt2_transcoder(tc, os.path.join(directory, pattern.replace("{L}", str(layer))), layer)
+    tcs = {layer: random_transcoder(d_model, d_sae, layer, seed=1, l0=l0) for layer in range(n_layers)}
+    return TranscoderSet.from_transcoders(tcs, name=f"bench-random-{d_sae}")
 
 
 def write_weights(work: str, d_sae: int, l0: float) -> None:
+    """The model, and the same random transcoders as ``build_transcoders`` in
+    the gpt2-small files' layout (``pchlenski/gpt2-transcoders``' names and
+    pickles), which the benchmark loads through ``load_transcoders``, as a
+    user loads the real set."""
+    from pathlib import Path
+    from tc_explore.registry import registry
+    from tc_explore.testing import write_gpt2_small_transcoders
+
     build_model(os.path.join(work, "model"))
-    build_transcoders(os.path.join(work, "transcoders"), 768, d_sae, 12, l0)
+    directory = Path(work, "transcoders")
+    directory.mkdir(parents=True, exist_ok=True)
+    write_gpt2_small_transcoders(registry()["gpt2-small"], directory, 12, 768, d_sae, seed=1, l0=l0)
 
 
 def write_weights_elsewhere(work: str, d_sae: int, l0: float) -> None:

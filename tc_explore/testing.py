@@ -142,12 +142,20 @@ def mlp_io(model, tokens: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch
 
 
 def random_transcoder(d_model: int, d_sae: int, layer: int, seed: int = 0,
-                      jumprelu: bool = False, skip: bool = False, centred: bool = True) -> Transcoder:
-    """Random weights scaled so that a fraction of features fire on unit-RMS inputs."""
+                      jumprelu: bool = False, skip: bool = False, centred: bool = True,
+                      l0: float | None = None) -> Transcoder:
+    """Random weights scaled so that a fraction of features fire on unit-RMS
+    inputs; with ``l0``, about ``l0`` features per token (the realistic sparsity
+    the benchmarks need: trained transcoders fire ~20-150 features a token)."""
     g = torch.Generator().manual_seed(seed * 1000 + layer)
     W_enc = torch.randn(d_model, d_sae, generator=g) / d_model ** 0.5
     W_dec = torch.randn(d_sae, d_model, generator=g) / d_sae ** 0.5
     b_enc = 0.3 * torch.randn(d_sae, generator=g) - 0.2
+    if l0 is not None:
+        # Pre-activations are about N(b_enc, 1) on unit-RMS inputs: shift the
+        # bias so that a fraction l0 / d_sae of features fire.
+        from statistics import NormalDist
+        b_enc.sub_(b_enc.mean() + NormalDist().inv_cdf(1 - l0 / d_sae))
     b_dec = 0.1 * torch.randn(d_model, generator=g) if centred else None
     b_dec_out = 0.1 * torch.randn(d_model, generator=g)
     threshold = 0.2 * torch.rand(d_sae, generator=g) if jumprelu else None
@@ -198,16 +206,17 @@ class OfflineHub:
     d_sae: int
 
 
-def _gpt2_small_files(entry, work: Path, n_layers: int, d_model: int, d_sae: int,
-                      seed: int) -> tuple[dict[str, Path], dict[int, Transcoder]]:
-    """Random transcoders written under ``work`` in the ``pchlenski/gpt2-transcoders``
-    layout of registry ``entry`` (a pickle and a log-sparsity file per layer):
-    the files by their Hub names, and the transcoders by layer."""
+def write_gpt2_small_transcoders(entry, work: Path, n_layers: int, d_model: int, d_sae: int, seed: int,
+                                 l0: float | None = None) -> tuple[dict[str, Path], dict[int, Transcoder]]:
+    """Random transcoders (``random_transcoder``, ``l0`` as there) written under
+    ``work`` in the ``pchlenski/gpt2-transcoders`` layout of registry ``entry``
+    (a pickle and a log-sparsity file per layer): the files by their Hub names,
+    and the transcoders by layer."""
     files: dict[str, Path] = {}
     transcoders: dict[int, Transcoder] = {}
     g = torch.Generator().manual_seed(seed)
     for layer in range(n_layers):
-        tc = transcoders[layer] = random_transcoder(d_model, d_sae, layer, seed)
+        tc = transcoders[layer] = random_transcoder(d_model, d_sae, layer, seed, l0=l0)
         name = entry.file_pattern.replace("{L}", str(layer))
         files[name] = write_gpt2_transcoder(tc, work / name, layer, model_name="gpt2-small")
         fname = entry.frequency_pattern.replace("{L}", str(layer))
@@ -228,7 +237,7 @@ def build_offline_hub(hf_home: str | Path, n_layers: int = 12, d_model: int = 32
     try:
         model_dir = build_tiny_gpt2(work / "model", n_layers, d_model, n_ctx=n_ctx, seed=seed, words=words)
         install_in_hf_cache(hf_home, "gpt2", {p.name: p for p in model_dir.iterdir()})
-        files, _ = _gpt2_small_files(entry, work, n_layers, d_model, d_sae, seed)
+        files, _ = write_gpt2_small_transcoders(entry, work, n_layers, d_model, d_sae, seed)
         install_in_hf_cache(hf_home, entry.repo_id, files, revision=entry.revision)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -344,7 +353,7 @@ def build_architecture_hub(hf_home: str | Path, arch: str, n_layers: int = 3, d_
         install_in_hf_cache(hf_home, model_repo, {p.name: p for p in model_dir.iterdir()})
         if arch == "gpt2":
             revision = hashlib.sha1(f"tc_explore tiny gpt2 d{d_model} L{n_layers}".encode()).hexdigest()
-            files, written = _gpt2_small_files(entry, work, n_layers, d_model, d_sae, seed)
+            files, written = write_gpt2_small_transcoders(entry, work, n_layers, d_model, d_sae, seed)
             where = {layer: f"{entry.repo_id}:{entry.file_pattern.replace('{L}', str(layer))}"
                      for layer in written}
             install_in_hf_cache(hf_home, entry.repo_id, files, revision=revision, ref="tiny-architectures")

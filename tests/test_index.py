@@ -387,7 +387,7 @@ def test_feature_blocks_on_any_number_of_threads_equal_one_accumulator(
 def test_release_free_heap_gives_freed_memory_back():
     # Memory freed in pieces below glibc's mmap threshold stays resident (here
     # under a live allocation above it, as loading weights leaves it) until trimmed.
-    from tc_explore.index.build import release_free_heap
+    from tc_explore.memory import release_free_heap
 
     def rss() -> int:
         with open("/proc/self/statm") as f:

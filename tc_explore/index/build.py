@@ -31,6 +31,7 @@ from ..errors import (NON_FINITE_REMEDY, FingerprintMismatchError, InvalidInputE
                       as_flag, as_integer)
 from ..integrity import (atomic_write, fingerprint_difference, model_fingerprint, reading,
                          replace_folder, tokenizer_digest)
+from ..memory import release_free_heap
 from ..model import check_context
 from ..progress import progress_bar
 from ..transcoder import TranscoderSet, as_transcoder_set
@@ -128,31 +129,6 @@ def _build_locked(model, transcoders: TranscoderSet, out: Path, manifest: IndexM
         return _build_accumulating(model, transcoders, out, manifest, s, lock)
     finally:
         release_free_heap()             # the update threads' freed scratch, for what the user runs next
-
-
-def release_free_heap(collect_garbage: bool = True) -> None:
-    """Give the C heap's free pages back to the operating system (glibc's
-    ``malloc_trim``; elsewhere nothing), after a garbage collection unless
-    ``collect_garbage`` is False (it takes ~0.2 s with a model loaded).
-
-    Loading a model and transcoders frees hundreds of MiB in pieces small
-    enough for glibc to keep in its heaps, where they count in the process's
-    resident memory until reused: a build frees them before allocating its
-    accumulators. Its updates' scratch, spread over one heap per thread, is
-    freed after every batch on a CPU (0.2 ms when there is nothing to give
-    back, ~60 ms for what loading GPT-2 small and its transcoders leaves;
-    measured there, a build's peak resident memory 0.3 GiB lower)."""
-    import ctypes
-    import gc
-    import sys
-    if not sys.platform.startswith("linux"):
-        return
-    if collect_garbage:
-        gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):       # not glibc (e.g. musl)
-        pass
 
 
 def _build_accumulating(model, transcoders: TranscoderSet, out: Path, manifest: IndexManifest,
