@@ -12,8 +12,11 @@ tc_explore.load_transcoders; both written by another process), it prints:
 
 * the bare pass: the build's own forward and encodings
   (``tc_explore.index.forward.stream_encodings``: the forward stopped after
-  the last transcoder input, every layer encoded in its hook) with nothing
-  kept, over the same tokens: the work a build cannot avoid;
+  the last transcoder input, every layer encoded in its hook, on a CPU into
+  one reused buffer as the build does) with nothing kept, over the same
+  tokens: the work a build cannot avoid; and on a CPU, for reference, one
+  plain pass encoding every layer into fresh memory (``Transcoder.encode``
+  alone, as a user's own loop would);
 * bare and build runs alternated (bare, build, bare, ... --repeats builds, a
   bare run before and after each), every run's wall time, CPU time of the
   process and the load average, then medians (the shared machine's load
@@ -163,21 +166,25 @@ def write_weights_elsewhere(work: str, d_sae: int, l0: float) -> None:
         raise SystemExit(f"writing the model and transcoder files failed (exit code {p.exitcode})")
 
 
-def bare_pass(model, transcoders, batches) -> float:
+def bare_pass(model, transcoders, batches, reuse: bool = True) -> float:
     """The build's forward and encodings (``stream_encodings``, the same
-    function FeatureIndex.build runs) with nothing kept: seconds (the device
-    synchronised at the end)."""
+    function FeatureIndex.build runs; on a CPU into one reused output buffer,
+    as the build encodes) with nothing kept: seconds (the device synchronised
+    at the end). ``reuse=False``: every layer encoded into fresh memory, as
+    ``Transcoder.encode`` alone does (the plain pass a user would write)."""
     from tc_explore.index.forward import stream_encodings
 
     def discard(layer, chunks):
         for _, acts in chunks:
             del acts
-    sync = torch.cuda.synchronize if transcoders.device.type == "cuda" else (lambda: None)
+    gpu = transcoders.device.type == "cuda"
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    buffers = {} if reuse and not gpu else None
     sync()
     t0 = time.perf_counter()
     with torch.inference_mode():
         for toks in batches:
-            stream_encodings(model, transcoders, transcoders.layers, toks, discard)
+            stream_encodings(model, transcoders, transcoders.layers, toks, discard, buffers=buffers)
     sync()
     return time.perf_counter() - t0
 
@@ -210,6 +217,8 @@ def main(argv=None):
     p.add_argument("--no-on-the-fly", dest="on_the_fly", action="store_false",
                    help="skip timing dashboards whose weight sections are computed per feature")
     p.add_argument("--views-chunk", type=int, default=1024)
+    p.add_argument("--no-plain", dest="plain", action="store_false",
+                   help="skip the reference pass encoding into fresh memory (CPU)")
     records.add_arguments(p)
     args = p.parse_args(argv)
     recorder = records.Recorder(args, argv)
@@ -272,8 +281,8 @@ def main(argv=None):
             load = os.getloadavg()[0]
             cpu0 = time.process_time()
             with PeakMemory() as mem:
-                if kind == "bare":
-                    wall = bare_pass(model, transcoders, batches)
+                if kind in ("bare", "plain"):
+                    wall = bare_pass(model, transcoders, batches, reuse=kind == "bare")
                 else:
                     write_span.clear()
                     out = os.path.join(work, f"index{len(runs)}")
@@ -282,7 +291,7 @@ def main(argv=None):
                                        n_samples=args.n_samples, batch_size=args.batch_size,
                                        checkpoint_every=10 ** 9, progress=False)
                     wall = time.perf_counter() - t
-            r = dict(kind=kind, wall=wall, cpu=time.process_time() - cpu0, load=load,
+            r = dict(kind=kind, out=out if kind == "build" else None, wall=wall, cpu=time.process_time() - cpu0, load=load,
                      load_after=os.getloadavg()[0], rss=mem.peak,
                      gpu=torch.cuda.max_memory_allocated() if gpu else 0,
                      writing=(max(write_span) - min(write_span)) if kind == "build" else 0.0)
@@ -299,14 +308,17 @@ def main(argv=None):
         for _ in range(args.repeats):
             run("build")
             run("bare")
+        if args.plain and not gpu:
+            run("plain")                            # for reference: not the overhead's baseline
         index_module.write_layer = real_write
-        out = os.path.join(work, f"index{len(runs) - 2}")             # the last build's index
+        out = [r["out"] for r in runs if r["kind"] == "build"][-1]    # the last build's index
         bares = [r for r in runs if r["kind"] == "bare"]
         builds = [r for r in runs if r["kind"] == "build"]
         bare, build = (float(np.median([r["wall"] for r in rs])) for rs in (bares, builds))
         bare_cpu, build_cpu = (float(np.median([r["cpu"] for r in rs])) for rs in (bares, builds))
+        plains = [r for r in runs if r["kind"] == "plain"]
         beside = [100 * (runs[i]["wall"] / ((runs[i - 1]["wall"] + runs[i + 1]["wall"]) / 2) - 1)
-                  for i in range(1, len(runs), 2)]
+                  for i in range(1, len(runs) - len(plains), 2)]
         size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
 
         def walls(rs):
@@ -321,6 +333,11 @@ def main(argv=None):
         print(f"overhead over bare:        {100 * (build / bare - 1):+.1f} % (median build / median bare; "
               f"each build against the bare runs beside it: "
               f"{', '.join(f'{o:+.1f} %' for o in beside)})  (target <= {target} %)")
+        if plains:
+            plain = float(np.median([r["wall"] for r in plains]))
+            print(f"plain forwards + encodings (each layer encoded into fresh memory, as "
+                  f"Transcoder.encode alone does): {walls(plains)} s; the build against it: "
+                  f"{100 * (build / plain - 1):+.1f} % (for reference; the target is against the bare pass)")
         print(f"CPU time (all threads):    bare {bare_cpu:.1f} s, build {build_cpu:.1f} s: "
               f"{100 * (build_cpu / bare_cpu - 1):+.1f} % (medians; steadier than wall time on a shared machine)")
         print(f"throughput:                {n_tok / build:.0f} tokens/s (bare {n_tok / bare:.0f} tokens/s)")
@@ -356,9 +373,12 @@ def main(argv=None):
                   f"{writing:.1f} s writing {size / 2 ** 20:.0f} MiB; peak above the loaded process "
                   f"{gib(build_rss - rss_with_weights)}"
                   + (f"; peak GPU {gib(gpu_build)} (weights {gib(weights)})" if gpu else "")
+                  + (f"; plain forward + encode (fresh memory each layer) {walls(plains)} s, build "
+                     f"{100 * (build / float(np.median([r['wall'] for r in plains])) - 1):+.1f} % against it"
+                     if plains else "")
                   + f"; target ≤ {target} %",
             tokens=n_tok, build_s=build, bare_s=bare, builds_s=[r["wall"] for r in builds],
-            bares_s=[r["wall"] for r in bares], builds_cpu_s=[r["cpu"] for r in builds],
+            bares_s=[r["wall"] for r in bares], plain_bares_s=[r["wall"] for r in plains], builds_cpu_s=[r["cpu"] for r in builds],
             bares_cpu_s=[r["cpu"] for r in bares], overhead_beside_pct=beside, writing_s=writing,
             load_1min=[r["load"] for r in runs], index_bytes=size, weights_bytes=weights,
             rss_before_weights_bytes=rss_before_weights, rss_with_weights_bytes=rss_with_weights,

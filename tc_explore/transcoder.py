@@ -93,12 +93,15 @@ class Transcoder(nn.Module):
         return self.W_enc.device
 
     # -- computation -------------------------------------------------------------------
-    def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
-        """[..., d_in] -> [..., d_sae], before the nonlinearity."""
+    def pre_activation(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[..., d_in] -> [..., d_sae], before the nonlinearity; written into
+        ``out`` if given (``[..., d_sae]`` of the weights' dtype; same values)."""
         self._check_input(x)
+        xc = x.to(self.dtype) - self.b_dec
+        pre = xc @ self.W_enc if out is None else torch.matmul(xc, self.W_enc, out=out)
         # The bias is added in place (the same sums): [..., d_sae] is the
         # largest tensor here, and a second one would double an encoding's memory.
-        return ((x.to(self.dtype) - self.b_dec) @ self.W_enc).add_(self.b_enc)
+        return pre.add_(self.b_enc)
 
     def activate(self, pre: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """The nonlinearity; ``inplace`` overwrites ``pre`` (same values)."""
@@ -106,11 +109,16 @@ class Transcoder(nn.Module):
             return torch.relu_(pre) if inplace else torch.relu(pre)
         return pre.mul_(pre > self.threshold) if inplace else pre * (pre > self.threshold)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Feature activations, [..., d_in] -> [..., d_sae]."""
-        pre = self.pre_activation(x)
+    def encode(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Feature activations, [..., d_in] -> [..., d_sae]; written into
+        ``out`` if given (a tensor of that shape and the weights' dtype,
+        without autograd), the same values: a caller encoding batch after
+        batch reuses one buffer instead of fresh memory each time (at 1024
+        tokens x 24,576 features, 100 MB whose first touch cost ~12 % of the
+        encoding on a CPU)."""
+        pre = self.pre_activation(x, out)
         # Without autograd the pre-activations are not kept: overwrite them.
-        return self.activate(pre, inplace=not (torch.is_grad_enabled() and pre.requires_grad))
+        return self.activate(pre, inplace=out is not None or not (torch.is_grad_enabled() and pre.requires_grad))
 
     def decode(self, acts: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """[..., d_sae] -> [..., d_out]; the skip term needs the input ``x``."""

@@ -167,19 +167,19 @@ def test_resume_after_crash_skips_finished_batches(tiny_model, tiny_transcoders,
     real_encode = tc.encode
     calls = {"n": 0}
 
-    def crashing(x, crash_at=None):
+    def crashing(x, crash_at=None, out=None):
         calls["n"] += 1
         if crash_at is not None and calls["n"] == crash_at:
             raise KeyboardInterrupt
-        return real_encode(x)
+        return real_encode(x, out=out)
 
-    monkeypatch.setattr(tc, "encode", lambda x: crashing(x, crash_at=5))  # inside batch 5
+    monkeypatch.setattr(tc, "encode", lambda x, out=None: crashing(x, crash_at=5, out=out))  # inside batch 5
     with pytest.raises(KeyboardInterrupt):
         _build(tiny_model, tiny_transcoders, out)
     saved = torch.load(out / "checkpoint.pt", weights_only=True)
     assert saved["batches_done"] == 4          # the last checkpoint before the crash
     calls["n"] = 0
-    monkeypatch.setattr(tc, "encode", lambda x: crashing(x))
+    monkeypatch.setattr(tc, "encode", lambda x, out=None: crashing(x, out=out))
     index = _build(tiny_model, tiny_transcoders, out)
     assert calls["n"] == 2                     # only batches 5 and 6 were recomputed
     _assert_same(index, full_index)
@@ -456,26 +456,49 @@ def test_an_index_of_another_format_version_is_refused(full_index, tmp_path):
     assert top["window"].iloc[0].dtype == np.float16
 
 
+@pytest.mark.parametrize("reuse", [False, True])
 @pytest.mark.parametrize("chunk_bytes", [None, 1])
-def test_stream_encodings_equal_cached_encodings(tiny_model, tiny_transcoders, chunk_bytes):
+def test_stream_encodings_equal_cached_encodings(tiny_model, tiny_transcoders, chunk_bytes, reuse):
     """The build's forward (each layer encoded in its hook, the pass stopped
-    after the last one, optionally one sequence per chunk) gives exactly the
-    activations of run_with_cache + encode, layer by layer, in forward order."""
+    after the last one, optionally one sequence per chunk, optionally into
+    reused buffers) gives exactly the activations of run_with_cache + encode,
+    layer by layer, in forward order."""
     from tc_explore.index.forward import CHUNK_BYTES, stream_encodings
     tokens = torch.from_numpy(_corpus(tiny_model).take(5).numpy().astype(np.int64))
     hooks = [tiny_transcoders.input_hook(layer) for layer in LAYERS]
-    got, order = {}, []
+    buffers = {} if reuse else None
+    for attempt in range(2 if reuse else 1):                    # the second pass reuses the buffers
+        got, order, storage = {}, [], set()
 
-    def consume(layer, chunks):
-        order.append(layer)
-        got[layer] = [(first, acts.clone()) for first, acts in chunks]
+        def consume(layer, chunks):
+            order.append(layer)
+            got[layer] = []
+            for first, acts in chunks:
+                storage.add(acts.data_ptr())
+                got[layer].append((first, acts.clone()))
+        with torch.inference_mode():
+            _, cache = tiny_model.run_with_cache(tokens, names_filter=hooks)
+            stream_encodings(tiny_model, tiny_transcoders, LAYERS[::-1], tokens, consume,
+                             chunk_bytes=chunk_bytes or CHUNK_BYTES, buffers=buffers)
+        assert order == LAYERS
+        for layer, hook in zip(LAYERS, hooks):
+            want = tiny_transcoders[layer].encode(cache[hook])
+            firsts = [first for first, _ in got[layer]]
+            assert firsts == (list(range(5)) if chunk_bytes else [0])
+            assert torch.equal(torch.cat([acts for _, acts in got[layer]]), want)
+        if reuse:                                               # one buffer per chunk shape, kept
+            assert storage == {b.data_ptr() for b in buffers.values()} and len(buffers) == 1
+
+
+@pytest.mark.parametrize("jumprelu", [False, True])
+def test_encode_into_a_buffer_gives_the_same_activations(jumprelu):
+    # What the CPU build does every layer: the same values, written over the buffer it passes.
+    from tc_explore.testing import random_transcoder
+    tc = random_transcoder(16, 40, 0, jumprelu=jumprelu)
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(1))
+    buffer = torch.full((3, 5, 40), float("nan"))
     with torch.inference_mode():
-        _, cache = tiny_model.run_with_cache(tokens, names_filter=hooks)
-        stream_encodings(tiny_model, tiny_transcoders, LAYERS[::-1], tokens, consume,
-                         chunk_bytes=chunk_bytes or CHUNK_BYTES)
-    assert order == LAYERS
-    for layer, hook in zip(LAYERS, hooks):
-        want = tiny_transcoders[layer].encode(cache[hook])
-        firsts = [first for first, _ in got[layer]]
-        assert firsts == (list(range(5)) if chunk_bytes else [0])
-        assert torch.equal(torch.cat([acts for _, acts in got[layer]]), want)
+        want = tc.encode(x)
+        got = tc.encode(x, out=buffer)
+    assert got.data_ptr() == buffer.data_ptr()
+    assert torch.equal(got, want) and bool((want == 0).any()) and bool((want > 0).any())
