@@ -384,15 +384,16 @@ class _Inline:
 
 @contextmanager
 def _block_threads(n: int):
-    """A pool of ``n`` threads for ``_FeatureBlocks`` updates, each running torch
-    on one thread (its blocks run side by side; threads of their own each would
-    oversubscribe the cores), or None for ``n <= 1``."""
+    """A pool of ``n - 1`` threads for ``_FeatureBlocks`` updates of ``n``
+    blocks (the calling thread takes one), each running torch on one thread
+    (threads of their own each would oversubscribe the cores), or None for
+    ``n <= 1``."""
     if n <= 1:
         yield None
         return
     from concurrent.futures import ThreadPoolExecutor
     outer = torch.get_num_threads()
-    pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="tc-index-block",
+    pool = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="tc-index-block",
                               initializer=torch.set_num_threads, initargs=(1,))
     try:
         yield pool
