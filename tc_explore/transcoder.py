@@ -113,9 +113,8 @@ class Transcoder(nn.Module):
         """Feature activations, [..., d_in] -> [..., d_sae]; written into
         ``out`` if given (a tensor of that shape and the weights' dtype,
         without autograd), the same values: a caller encoding batch after
-        batch reuses one buffer instead of fresh memory each time (at 1024
-        tokens x 24,576 features, 100 MB whose first touch cost ~12 % of the
-        encoding on a CPU)."""
+        batch can reuse one buffer instead of fresh memory each time (at 1024
+        tokens x 24,576 features, 100 MB)."""
         pre = self.pre_activation(x, out)
         # Without autograd the pre-activations are not kept: overwrite them.
         return self.activate(pre, inplace=out is not None or not (torch.is_grad_enabled() and pre.requires_grad))
