@@ -291,8 +291,8 @@ def main(argv=None):
                                        n_samples=args.n_samples, batch_size=args.batch_size,
                                        checkpoint_every=10 ** 9, progress=False)
                     wall = time.perf_counter() - t
-            r = dict(kind=kind, out=out if kind == "build" else None, wall=wall, cpu=time.process_time() - cpu0, load=load,
-                     load_after=os.getloadavg()[0], rss=mem.peak,
+            r = dict(kind=kind, out=out if kind == "build" else None, wall=wall,
+                     cpu=time.process_time() - cpu0, load=load, load_after=os.getloadavg()[0], rss=mem.peak,
                      gpu=torch.cuda.max_memory_allocated() if gpu else 0,
                      writing=(max(write_span) - min(write_span)) if kind == "build" else 0.0)
             runs.append(r)
@@ -378,8 +378,8 @@ def main(argv=None):
                      if plains else "")
                   + f"; target ≤ {target} %",
             tokens=n_tok, build_s=build, bare_s=bare, builds_s=[r["wall"] for r in builds],
-            bares_s=[r["wall"] for r in bares], plain_bares_s=[r["wall"] for r in plains], builds_cpu_s=[r["cpu"] for r in builds],
-            bares_cpu_s=[r["cpu"] for r in bares], overhead_beside_pct=beside, writing_s=writing,
+            bares_s=[r["wall"] for r in bares], plain_bares_s=[r["wall"] for r in plains],
+            builds_cpu_s=[r["cpu"] for r in builds], bares_cpu_s=[r["cpu"] for r in bares], overhead_beside_pct=beside, writing_s=writing,
             load_1min=[r["load"] for r in runs], index_bytes=size, weights_bytes=weights,
             rss_before_weights_bytes=rss_before_weights, rss_with_weights_bytes=rss_with_weights,
             peak_rss_bare_bytes=max(r["rss"] for r in bares), peak_rss_build_bytes=build_rss,

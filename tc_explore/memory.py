@@ -15,9 +15,10 @@ def release_free_heap(collect_garbage: bool = True) -> None:
     enough for glibc to keep in its heaps (one per thread), where they count
     in the process's resident memory until reused. ``FeatureIndex.build``
     calls this (without collecting garbage) before allocating its
-    accumulators and after every CPU batch (0.2 ms when there is nothing to give back, ~60 ms for what loading GPT-2
-    small and its transcoders leaves; measured there, a build's peak resident
-    memory 0.3 GiB lower); the benchmarks call it before measuring a peak."""
+    accumulators and after every CPU batch (0.2 ms when there is nothing to
+    give back, ~60 ms for what loading GPT-2 small and its transcoders leaves;
+    measured there, a build's peak resident memory 0.3 GiB lower); the
+    benchmarks call it before measuring a peak."""
     if not sys.platform.startswith("linux"):
         return
     if collect_garbage:

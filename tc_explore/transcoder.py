@@ -97,6 +97,8 @@ class Transcoder(nn.Module):
         """[..., d_in] -> [..., d_sae], before the nonlinearity; written into
         ``out`` if given (``[..., d_sae]`` of the weights' dtype; same values)."""
         self._check_input(x)
+        if out is not None:
+            self._check_out(x, out)
         xc = x.to(self.dtype) - self.b_dec
         pre = xc @ self.W_enc if out is None else torch.matmul(xc, self.W_enc, out=out)
         # The bias is added in place (the same sums): [..., d_sae] is the
@@ -159,6 +161,19 @@ class Transcoder(nn.Module):
                 f"The transcoder{'' if self.layer is None else f' of layer {self.layer}'} "
                 f"reads vectors of size d_in={self.d_in}, got size {x.shape[-1]}. "
                 "Is it the transcoder set of this model?")
+
+    def _check_out(self, x: torch.Tensor, out) -> None:
+        shape = (*x.shape[:-1], self.d_sae)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape or out.dtype != self.dtype \
+                or out.device != self.device:
+            got = (f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor)
+                   else type(out).__name__)
+            raise InvalidInputError(
+                f"out must be a tensor {shape} {self.dtype} on {self.device} (the activations of "
+                f"this input), got {got}.")
+        if torch.is_grad_enabled() and self.W_enc.requires_grad:
+            raise InvalidInputError("out= encodes without autograd: call it under torch.no_grad() "
+                                    "or torch.inference_mode(), or leave out out.")
 
     def extra_repr(self) -> str:
         return (f"layer={self.layer}, d_in={self.d_in}, d_sae={self.d_sae}, d_out={self.d_out}, "

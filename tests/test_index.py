@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -502,3 +503,17 @@ def test_encode_into_a_buffer_gives_the_same_activations(jumprelu):
         got = tc.encode(x, out=buffer)
     assert got.data_ptr() == buffer.data_ptr()
     assert torch.equal(got, want) and bool((want == 0).any()) and bool((want > 0).any())
+
+
+def test_encode_refuses_a_buffer_that_does_not_fit():
+    from tc_explore.errors import InvalidInputError
+    from tc_explore.testing import random_transcoder
+    tc = random_transcoder(16, 40, 0)
+    x = torch.randn(3, 5, 16)
+    with torch.inference_mode():
+        for bad, named in ((torch.empty(3, 5, 39), "(3, 5, 39)"), (torch.empty(3, 5, 40, dtype=torch.float64),
+                                                                  "float64"), ([0.0], "list")):
+            with pytest.raises(InvalidInputError, match=re.escape(named)):
+                tc.encode(x, out=bad)
+    with pytest.raises(InvalidInputError, match="without autograd"):     # grad mode on, weights need grad
+        tc.encode(x, out=torch.empty(3, 5, 40))
