@@ -333,8 +333,8 @@ def main(argv=None):
         print(f"overhead over bare:        {100 * (build / bare - 1):+.1f} % (median build / median bare; "
               f"each build against the bare runs beside it: "
               f"{', '.join(f'{o:+.1f} %' for o in beside)})  (target <= {target} %)")
+        plain = float(np.median([r["wall"] for r in plains])) if plains else None
         if plains:
-            plain = float(np.median([r["wall"] for r in plains]))
             print(f"plain forwards + encodings (each layer encoded into fresh memory, as "
                   f"Transcoder.encode alone does): {walls(plains)} s; the build against it: "
                   f"{100 * (build / plain - 1):+.1f} % (for reference; the target is against the bare pass)")
@@ -374,7 +374,7 @@ def main(argv=None):
                   f"{gib(build_rss - rss_with_weights)}"
                   + (f"; peak GPU {gib(gpu_build)} (weights {gib(weights)})" if gpu else "")
                   + (f"; plain forward + encode (fresh memory each layer) {walls(plains)} s, build "
-                     f"{100 * (build / float(np.median([r['wall'] for r in plains])) - 1):+.1f} % against it"
+                     f"{100 * (build / plain - 1):+.1f} % against it"
                      if plains else "")
                   + f"; target ≤ {target} %",
             tokens=n_tok, build_s=build, bare_s=bare, builds_s=[r["wall"] for r in builds],

@@ -36,7 +36,7 @@ from ..model import check_context
 from ..progress import progress_bar
 from ..transcoder import TranscoderSet, as_transcoder_set
 from .accumulator import Entries, _Best, _FeatureBlocks, _LayerAccumulator, _token_hash, histogram_edges
-from .forward import sequence_chunks, stream_encodings
+from .forward import stream_encodings
 from .lock import FolderLock
 from .storage import (FORMAT_VERSION, IndexManifest, _flat_windows, atomic_write_json,
                       atomic_write_parquet, data_file_names, file_checksums, index_files,
@@ -328,9 +328,7 @@ def _run_batches(model, transcoders: TranscoderSet, out: Path, manifest: IndexMa
         def consume(layer, chunks, token_key=token_key, first_token=first_token):
             group = group_of[layer]
             got = gathered[id(group)]
-            tc = transcoders[layer]
-            whole = len(sequence_chunks(len(toks), seq_len, tc.d_sae, tc.W_enc.element_size())) == 1
-            got[layer] = _activations(chunks, seq_len, dense=whole and len(group) == 1)
+            got[layer] = _activations(chunks, seq_len, len(toks), dense_ok=len(group) == 1)
             if len(got) == len(group):                          # the group's last layer
                 updates.submit(accs[group[0]].update, [got.pop(l) for l in group], token_key,
                                first_token)
@@ -355,17 +353,20 @@ def _run_batches(model, transcoders: TranscoderSet, out: Path, manifest: IndexMa
     return reached
 
 
-def _activations(chunks, seq_len: int, dense: bool):
-    """One layer's activations from ``stream_encodings``' chunks: with
-    ``dense`` (the layer comes in one chunk and is updated alone: its nonzeros
-    are then found by the update) the ``[n_seq, seq_len, d_sae]`` tensor,
-    else its ``Entries``, taken chunk by chunk (fused, all layers' dense
-    activations would be gigabytes at GPU batch sizes; and a reused buffer
-    holds each chunk only until the next one is encoded)."""
-    if dense:
-        (_, acts), = chunks
-        return acts
-    return Entries.cat([Entries.of(acts, first_row=first_seq * seq_len) for first_seq, acts in chunks])
+def _activations(chunks, seq_len: int, n_seq: int, dense_ok: bool):
+    """One layer's activations from ``stream_encodings``' chunks: the dense
+    ``[n_seq, seq_len, d_sae]`` tensor if its first chunk holds all ``n_seq``
+    sequences and ``dense_ok`` (a layer updated alone: its nonzeros are then
+    found by the update), else its ``Entries``, taken from each chunk before
+    the next is asked for (fused, all layers' dense activations would be
+    gigabytes at GPU batch sizes; and a reused buffer holds a chunk only until
+    the next one is encoded)."""
+    parts = []
+    for first_seq, acts in chunks:
+        if dense_ok and first_seq == 0 and len(acts) == n_seq:
+            return acts                                         # the one chunk
+        parts.append(Entries.of(acts, first_row=first_seq * seq_len))
+    return Entries.cat(parts)
 
 
 class _Inline:
