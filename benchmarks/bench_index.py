@@ -12,11 +12,12 @@ tc_explore.load_transcoders; both written by another process), it prints:
 
 * the bare pass: the build's own forward and encodings
   (``tc_explore.index.forward.stream_encodings``: the forward stopped after
-  the last transcoder input, every layer encoded in its hook, on a CPU into
-  one reused buffer as the build does) with nothing kept, over the same
-  tokens: the work a build cannot avoid; and on a CPU, for reference, one
-  plain pass encoding every layer into fresh memory (``Transcoder.encode``
-  alone, as a user's own loop would);
+  the last transcoder input, every layer encoded into one reused buffer as
+  the build does, on a GPU on the build's own thread and CUDA stream,
+  ``EncodeWorker``) with nothing kept, over the same tokens: the work a
+  build cannot avoid; and for reference, one plain pass encoding every layer
+  in the model's thread into fresh memory (``Transcoder.encode`` alone, as a
+  user's own loop would);
 * bare and build runs alternated (bare, build, bare, ... --repeats builds, a
   bare run before and after each), every run's wall time, CPU time of the
   process and the load average, then medians (the shared machine's load
@@ -166,25 +167,33 @@ def write_weights_elsewhere(work: str, d_sae: int, l0: float) -> None:
         raise SystemExit(f"writing the model and transcoder files failed (exit code {p.exitcode})")
 
 
-def bare_pass(model, transcoders, batches, reuse: bool = True) -> float:
+def bare_pass(model, transcoders, batches, build_like: bool = True) -> float:
     """The build's forward and encodings (``stream_encodings``, the same
-    function FeatureIndex.build runs; on a CPU into one reused output buffer,
-    as the build encodes) with nothing kept: seconds (the device synchronised
-    at the end). ``reuse=False``: every layer encoded into fresh memory, as
-    ``Transcoder.encode`` alone does (the plain pass a user would write)."""
-    from tc_explore.index.forward import stream_encodings
+    function FeatureIndex.build runs, as the build runs it: into one reused
+    output buffer, and on a GPU on the build's ``EncodeWorker``, its own
+    thread and CUDA stream) with nothing kept: seconds (the device
+    synchronised at the end). ``build_like=False``: in the model's thread,
+    every layer encoded into fresh memory, as ``Transcoder.encode`` alone
+    does (the plain pass a user would write)."""
+    from tc_explore.index.forward import EncodeWorker, stream_encodings
 
     def discard(layer, chunks):
         for _, acts in chunks:
             del acts
     gpu = transcoders.device.type == "cuda"
     sync = torch.cuda.synchronize if gpu else (lambda: None)
-    buffers = {} if reuse and not gpu else None
+    buffers = {} if build_like else None
     sync()
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        for toks in batches:
-            stream_encodings(model, transcoders, transcoders.layers, toks, discard, buffers=buffers)
+    worker = EncodeWorker(transcoders.device, len(transcoders.layers)) if gpu and build_like else None
+    try:
+        with torch.inference_mode():
+            for toks in batches:
+                stream_encodings(model, transcoders, transcoders.layers, toks, discard, buffers=buffers,
+                                 worker=worker)
+    finally:
+        if worker is not None:
+            worker.close()
     sync()
     return time.perf_counter() - t0
 
@@ -218,7 +227,13 @@ def main(argv=None):
                    help="skip timing dashboards whose weight sections are computed per feature")
     p.add_argument("--views-chunk", type=int, default=1024)
     p.add_argument("--no-plain", dest="plain", action="store_false",
-                   help="skip the reference pass encoding into fresh memory (CPU)")
+                   help="skip the reference pass encoding into fresh memory, in the model's thread")
+    p.add_argument("--fuse-layers", type=int, default=None,
+                   help="layers per accumulator update (FeatureIndex.build's fuse_layers; default: the device's)")
+    p.add_argument("--pipeline", default=None, action=argparse.BooleanOptionalAction,
+                   help="FeatureIndex.build's pipeline (default: the device's)")
+    p.add_argument("--weights-dir", default=None,
+                   help="write the model and transcoder files here once and reuse them in later runs")
     records.add_arguments(p)
     args = p.parse_args(argv)
     recorder = records.Recorder(args, argv)
@@ -233,13 +248,18 @@ def main(argv=None):
     try:
         import gc
         t = time.perf_counter()
-        write_weights_elsewhere(work, args.d_sae, args.l0)
+        weights_dir = args.weights_dir or work
+        if not os.path.isfile(os.path.join(weights_dir, "written")):
+            write_weights_elsewhere(weights_dir, args.d_sae, args.l0)
+            open(os.path.join(weights_dir, "written"), "w").write(f"d_sae {args.d_sae}, l0 {args.l0}\n")
+        elif open(os.path.join(weights_dir, "written")).read() != f"d_sae {args.d_sae}, l0 {args.l0}\n":
+            raise SystemExit(f"{weights_dir} holds weights of other settings: give another --weights-dir")
         written = time.perf_counter() - t
         gc.collect()
         rss_before_weights = PeakMemory.rss()
         t = time.perf_counter()
-        model = load_model(os.path.join(work, "model"), device=args.device)
-        transcoders = load_transcoders(os.path.join(work, "transcoders"), device=args.device)
+        model = load_model(os.path.join(weights_dir, "model"), device=args.device)
+        transcoders = load_transcoders(os.path.join(weights_dir, "transcoders"), device=args.device)
         for layer in transcoders.layers:
             transcoders[layer]                                  # read now, not during the first run
         gc.collect()
@@ -274,6 +294,8 @@ def main(argv=None):
         index_module.write_layer = timed_write
 
         runs = []                                   # dicts: kind, wall, cpu, load, rss, gpu
+        build_options = {name: getattr(args, name) for name in ("fuse_layers", "pipeline")
+                         if getattr(args, name) is not None}
 
         def run(kind):
             if gpu:
@@ -282,14 +304,14 @@ def main(argv=None):
             cpu0 = time.process_time()
             with PeakMemory() as mem:
                 if kind in ("bare", "plain"):
-                    wall = bare_pass(model, transcoders, batches, reuse=kind == "bare")
+                    wall = bare_pass(model, transcoders, batches, build_like=kind == "bare")
                 else:
                     write_span.clear()
                     out = os.path.join(work, f"index{len(runs)}")
                     t = time.perf_counter()
                     FeatureIndex.build(model, transcoders, corpus, n_tok, out, k=args.k,
                                        n_samples=args.n_samples, batch_size=args.batch_size,
-                                       checkpoint_every=10 ** 9, progress=False)
+                                       checkpoint_every=10 ** 9, progress=False, **build_options)
                     wall = time.perf_counter() - t
             r = dict(kind=kind, out=out if kind == "build" else None, wall=wall,
                      cpu=time.process_time() - cpu0, load=load, load_after=os.getloadavg()[0], rss=mem.peak,
@@ -308,7 +330,7 @@ def main(argv=None):
         for _ in range(args.repeats):
             run("build")
             run("bare")
-        if args.plain and not gpu:
+        if args.plain:
             run("plain")                            # for reference: not the overhead's baseline
         index_module.write_layer = real_write
         out = [r["out"] for r in runs if r["kind"] == "build"][-1]    # the last build's index
@@ -335,8 +357,8 @@ def main(argv=None):
               f"{', '.join(f'{o:+.1f} %' for o in beside)})  (target <= {target} %)")
         plain = float(np.median([r["wall"] for r in plains])) if plains else None
         if plains:
-            print(f"plain forwards + encodings (each layer encoded into fresh memory, as "
-                  f"Transcoder.encode alone does): {walls(plains)} s; the build against it: "
+            print(f"plain forwards + encodings (each layer encoded in the model's thread into fresh memory, "
+                  f"as Transcoder.encode alone does): {walls(plains)} s; the build against it: "
                   f"{100 * (build / plain - 1):+.1f} % (for reference; the target is against the bare pass)")
         print(f"CPU time (all threads):    bare {bare_cpu:.1f} s, build {build_cpu:.1f} s: "
               f"{100 * (build_cpu / bare_cpu - 1):+.1f} % (medians; steadier than wall time on a shared machine)")
@@ -373,7 +395,7 @@ def main(argv=None):
                   f"{writing:.1f} s writing {size / 2 ** 20:.0f} MiB; peak above the loaded process "
                   f"{gib(build_rss - rss_with_weights)}"
                   + (f"; peak GPU {gib(gpu_build)} (weights {gib(weights)})" if gpu else "")
-                  + (f"; plain forward + encode (fresh memory each layer) {walls(plains)} s, build "
+                  + (f"; plain forward + encode (model's thread, fresh memory each layer) {walls(plains)} s, build "
                      f"{100 * (build / plain - 1):+.1f} % against it"
                      if plains else "")
                   + f"; target ≤ {target} %",

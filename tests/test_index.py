@@ -2,6 +2,8 @@ import json
 import os
 import re
 import sys
+import threading
+import time
 
 import numpy as np
 import pandas as pd
@@ -364,6 +366,68 @@ def test_fused_layers_equal_separate_accumulators(tiny_model, tiny_transcoders, 
     _assert_same(_build(tiny_model, tiny_transcoders, out, fuse_layers=True), full_index)
 
 
+@pytest.mark.parametrize("fuse", [False, 2, True])
+def test_pipelined_builds_equal_the_inline_build(tiny_model, tiny_transcoders, tmp_path, full_index, fuse):
+    # Encodes and updates on the worker thread (the CUDA default), with layers
+    # updated alone, in pairs or all together: the same index; a pipelined
+    # build's checkpoint (taken once the worker is done) resumes inline.
+    _assert_same(_build(tiny_model, tiny_transcoders, tmp_path / "all", pipeline=True, fuse_layers=fuse),
+                 full_index)
+    out = tmp_path / "resumed"
+    assert _build(tiny_model, tiny_transcoders, out, max_batches=3, pipeline=True, fuse_layers=fuse) is None
+    _assert_same(_build(tiny_model, tiny_transcoders, out, pipeline=False), full_index)
+    assert not [t for t in threading.enumerate() if t.name == "tc-index-encode"]
+
+
+def test_an_error_on_the_pipeline_worker_reaches_the_caller(tiny_model, tiny_transcoders, tmp_path,
+                                                           monkeypatch, full_index):
+    from tc_explore.index import accumulator
+    real, calls = accumulator._LayerAccumulator.update, []
+
+    def failing(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("update 4 failed")
+        return real(self, *a, **kw)
+    monkeypatch.setattr(accumulator._LayerAccumulator, "update", failing)
+    with pytest.raises(RuntimeError, match="update 4 failed"):
+        _build(tiny_model, tiny_transcoders, tmp_path / "failed", pipeline=True, fuse_layers=True)
+    assert len(calls) == 4                              # the tasks after the error are skipped
+    assert not [t for t in threading.enumerate() if t.name == "tc-index-encode"]
+    # The checkpoint it left (before the failed batch) resumes to the full index.
+    monkeypatch.setattr(accumulator._LayerAccumulator, "update", real)
+    assert (tmp_path / "failed" / "checkpoint.pt").is_file()
+    _assert_same(_build(tiny_model, tiny_transcoders, tmp_path / "failed", pipeline=True), full_index)
+
+
+def test_encode_worker_runs_tasks_in_order_and_bounds_what_waits():
+    from tc_explore.index.forward import EncodeWorker
+    gate, seen = threading.Event(), []
+    worker = EncodeWorker("cpu", max_pending=2)
+
+    def task(x):
+        gate.wait()
+        seen.append(int(x))
+    worker.submit(task, torch.tensor(0))                # taken by the thread, blocked on the gate
+    time.sleep(0.2)
+    worker.submit(task, torch.tensor(1))
+    worker.submit(task, torch.tensor(2))                # two wait: the queue is full
+    blocked = threading.Thread(target=worker.submit, args=(task, torch.tensor(3)))
+    blocked.start()
+    blocked.join(0.3)
+    assert blocked.is_alive()                           # a third would hold one input too many
+    gate.set()
+    blocked.join(5)
+    worker.close()
+    assert seen == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, "all"])
+def test_a_bad_fuse_layers_is_refused(tiny_model, tiny_transcoders, tmp_path, bad):
+    with pytest.raises(InvalidInputError, match="fuse_layers must be"):
+        _build(tiny_model, tiny_transcoders, tmp_path / "bad", fuse_layers=bad)
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_feature_blocks_on_any_number_of_threads_equal_one_accumulator(
         tiny_model, tiny_transcoders, tmp_path, full_index, threads):
@@ -442,6 +506,23 @@ def test_fused_build_on_cuda_equals_per_layer_build_on_cuda(tiny_model, offline_
     assert fused.manifest["complete"]
     separate = _build(tiny_model, on_gpu, tmp_path / "separate", fuse_layers=False)
     _assert_same(fused, separate, exact_sums=False)                 # CUDA float64 bincount order
+    # The pipeline (the CUDA default: a thread and stream of its own) against
+    # updates in the model's thread, and a model on the GPU too.
+    inline = _build(tiny_model, on_gpu, tmp_path / "inline", pipeline=False, fuse_layers=2)
+    _assert_same(fused, inline, exact_sums=False)
+    out = tmp_path / "resumed"
+    assert _build(tiny_model, on_gpu, out, max_batches=3, fuse_layers=2) is None
+    _assert_same(_build(tiny_model, on_gpu, out), fused, exact_sums=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pipelined_build_with_the_model_on_cuda(offline_hub, tmp_path):
+    # The layer inputs now come from the model's CUDA stream to the worker's.
+    from tc_explore import load_model, load_transcoders
+    model = load_model("gpt2", device="cuda")
+    on_gpu = load_transcoders("gpt2-small", device="cuda")
+    _assert_same(_build(model, on_gpu, tmp_path / "pipelined"),
+                 _build(model, on_gpu, tmp_path / "inline", pipeline=False), exact_sums=False)
 
 
 def test_an_index_of_another_format_version_is_refused(full_index, tmp_path):

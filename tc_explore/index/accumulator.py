@@ -162,38 +162,49 @@ def _nonzero_2d(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x != 0).nonzero(as_tuple=True)
 
 
-def _context_windows(seg: torch.Tensor, pos: torch.Tensor, vals: torch.Tensor, before: int,
-                     after: int, dtype: torch.dtype) -> torch.Tensor:
-    """``[nnz, before + 1 + after]`` windows of nonzero activations: the
-    feature's activations at positions -before..+after around each, zero
-    elsewhere and outside its sequence. Entries are sorted by ``seg`` (feature
-    and sequence), then by ``pos`` (distinct within a segment).
+def _context_windows(at: torch.Tensor, seg: torch.Tensor, pos: torch.Tensor, vals: torch.Tensor,
+                     before: int, after: int, dtype: torch.dtype, chunk_bytes: int = 64 * 2 ** 20) -> torch.Tensor:
+    """``[len(at), before + 1 + after]`` windows of the nonzero activations
+    ``at`` (ids into ``seg``/``pos``/``vals``): the feature's activations at
+    positions -before..+after around each, zero elsewhere and outside its
+    sequence. Entries are sorted by ``seg`` (feature and sequence), then by
+    ``pos`` (distinct within a segment).
 
     Built from the nonzeros alone rather than gathered from the dense batch,
-    where each window element is a cache miss (d_sae * 4 bytes from the last):
-    the entries within D = max(before, after) positions after entry i in its
-    segment are among entries i+1..i+D."""
-    nnz, width, reach = seg.numel(), before + 1 + after, max(before, after)
-    win = torch.zeros(nnz + 1, width, dtype=dtype, device=seg.device)   # + a spare row, see below
-    win[:nnz, before] = vals.to(dtype)
-    if reach == 0 or nnz < 2:
-        return win[:nnz]
-    # Entry i has a neighbour within reach only if entry i+1 is one (positions
-    # ascend within a segment), which few are: test i+1..i+D for those only.
-    near = ((seg[1:] == seg[:-1]) & (pos[1:] - pos[:-1] <= reach)).nonzero().squeeze(1)   # [N]
-    j = near[:, None] + torch.arange(1, reach + 1, device=seg.device)   # [N, D] candidate partners
-    valid = j < nnz
-    j = j.clamp(max=nnz - 1)
-    gap = pos[j] - pos[near, None]                              # [N, D] positions apart
-    n, d = (valid & (seg[j] == seg[near, None]) & (gap <= reach)).nonzero(as_tuple=True)
-    i, j, gap = near.index_select(0, n), j[n, d], gap[n, d]    # [P] pairs i < j within reach
-    # j goes into i's window if gap <= after, i into j's if gap <= before. Pairs
-    # that do not are written to the spare row instead of being masked out
-    # (boolean masks cost a host sync each on CUDA).
-    flat, spare = win.view(-1), nnz * width
-    flat[torch.where(gap <= after, i * width + before + gap, spare)] = vals.index_select(0, j).to(dtype)
-    flat[torch.where(gap <= before, j * width + before - gap, spare)] = vals.index_select(0, i).to(dtype)
-    return win[:nnz]
+    where each window element is a cache miss (d_sae * 4 bytes from the last),
+    and only for the entries asked for: once the rows of the statistics are
+    full, few of a batch's entries are kept, and windows of all of them were
+    most of an update's work and memory. The entries within D positions
+    after entry i in its segment are among entries i+1..i+D (and before it,
+    i-D..i-1); those are tested in chunks of ``at`` small enough that the
+    [chunk, D] temporaries stay near ``chunk_bytes``."""
+    n, m, width = seg.numel(), at.numel(), before + 1 + after
+    win = torch.zeros(m + 1, width, dtype=dtype, device=seg.device)    # + a spare row, see below
+    flat, spare = win.view(-1), m * width
+    flat[torch.arange(m, device=at.device) * width + before] = vals.index_select(0, at).to(dtype)
+    if n < 2:
+        return win[:m]
+    per = max(1, chunk_bytes // (64 * max(1, before, after)))
+    for step, reach in ((1, after), (-1, before)):
+        if reach == 0:
+            continue
+        # An entry has a neighbour within reach on this side only if the entry
+        # next to it is one (positions ascend within a segment), which few
+        # are: only those are tested against all ``reach`` candidates.
+        nb = (at + step).clamp(0, n - 1)
+        has = (((at + step) >= 0) & ((at + step) < n) & (seg[nb] == seg[at])
+               & ((pos[nb] - pos[at]) * step <= reach)).nonzero().squeeze(1)   # [H] rows of win
+        for lo in range(0, has.numel(), per):
+            r = has[lo:lo + per]                                # [R] rows
+            a = at.index_select(0, r)                           # [R] their entry ids
+            j = a[:, None] + step * torch.arange(1, reach + 1, device=a.device)   # [R, reach] candidates
+            jc = j.clamp(0, n - 1)
+            gap = (pos[jc] - pos.index_select(0, a)[:, None]) * step            # [R, reach] positions apart
+            near = (j >= 0) & (j < n) & (seg[jc] == seg.index_select(0, a)[:, None]) & (gap <= reach)
+            # Candidates out of reach are written to the spare row instead of
+            # being masked out (boolean masks cost a host sync each on CUDA).
+            flat[torch.where(near, (r * width + before)[:, None] + step * gap, spare)] = vals[jc].to(dtype)
+    return win[:m]
 
 
 class _Best:
@@ -399,15 +410,21 @@ class _LayerAccumulator:
             # Entries are token-major: a stable radix sort by feature alone does it.
             order = _argsort_small(f, d_sae)
         else:
-            order = _argsort(fr)
+            # Keys are distinct: in 32 bits (GPT-2's 12 fused layers x 4,096
+            # tokens fit) a radix sort makes half the passes of 64.
+            order = _argsort(fr.to(torch.int32) if d_sae * n_tok < 2 ** 31 else fr)
         fr, row, f, vals = (t.index_select(0, order) for t in (fr, row, f, vals))
         # Position in the sequence by table look-up (integer division is slow on CPU).
         pos = (torch.arange(n_tok, device=row.device) % seq_len).index_select(0, row)
-        # Context windows of all of them, built once for top-k and samples alike
-        # (from every nonzero: position 0 and non-positive values show in windows);
+        # Context windows come from every nonzero (position 0 and non-positive
+        # values show in windows), made only for the entries kept;
         # fr - pos = feature * n_tok + first row of the sequence names the segment.
-        windows = _context_windows(fr - pos, pos, vals, self.before, self.after,
-                                   self.top.window.dtype)           # [nnz, w]
+        seg, all_pos, all_vals = fr - pos, pos, vals
+        del fr
+
+        def windows_of(entry_ids: torch.Tensor) -> torch.Tensor:
+            return _context_windows(entry_ids, seg, all_pos, all_vals, self.before, self.after,
+                                    self.top.window.dtype)
         # The firing entries that count: activation > 0, position 0 (BOS) left out.
         e = ((vals > 0) & (pos != 0)).nonzero().squeeze(1)          # [n] entry ids
         row, f, vals = row.index_select(0, e), f.index_select(0, e), vals.index_select(0, e)
@@ -426,7 +443,7 @@ class _LayerAccumulator:
             c_e = e.index_select(0, cand)                           # candidates' entry ids
             best.offer(f.index_select(0, cand), score.index_select(0, cand),
                        token.index_select(0, cand), vals.index_select(0, cand),
-                       lambda i: windows.index_select(0, c_e.index_select(0, i)),
+                       lambda i: windows_of(c_e.index_select(0, i)),
                        tokens_ascending=True)
 
         offer(self.top, vals)

@@ -36,7 +36,7 @@ from ..model import check_context
 from ..progress import progress_bar
 from ..transcoder import TranscoderSet, as_transcoder_set
 from .accumulator import Entries, _Best, _FeatureBlocks, _LayerAccumulator, _token_hash, histogram_edges
-from .forward import stream_encodings
+from .forward import EncodeWorker, stream_encodings
 from .lock import FolderLock
 from .storage import (FORMAT_VERSION, IndexManifest, _flat_windows, atomic_write_json,
                       atomic_write_parquet, data_file_names, file_checksums, index_files,
@@ -57,9 +57,14 @@ class IndexSettings:
     ``max_batches`` stops (with a checkpoint) after that many new batches, for
     builds in time slices. ``features_per_group`` features per Parquet row
     group. ``overwrite`` replaces what ``out_dir`` holds. ``fuse_layers``
-    folds all layers into one accumulator update per batch (same results; the
-    default on CUDA, where an update costs kernel launches, not arithmetic; on
-    CPU it would only hold all layers' activations at once)."""
+    folds all layers (True) or groups of that many layers (an int) into one
+    accumulator update per batch (same results; the default on CUDA, where an
+    update costs kernel launches, not arithmetic; on CPU it would only hold
+    all layers' activations at once). ``pipeline`` encodes the layers and
+    updates the accumulators on a thread (and CUDA stream) of their own,
+    beside the model's forward (same results; the default on CUDA, where it
+    keeps the GPU busy; on a CPU the forward and the update would share the
+    cores)."""
     layers: Sequence[int] | None = None
     k: int = 20
     n_samples: int = 40
@@ -73,7 +78,8 @@ class IndexSettings:
     features_per_group: int = 256
     overwrite: bool = False
     progress: bool | None = None         # None: on, off in CI (tc_explore.progress)
-    fuse_layers: bool | None = None
+    fuse_layers: bool | int | None = None
+    pipeline: bool | None = None
 
     @classmethod
     def of(cls, settings: "IndexSettings | None", options: dict) -> "IndexSettings":
@@ -86,9 +92,19 @@ class IndexSettings:
         base = asdict(settings) if settings is not None else {}
         merged = {**base, **options}
         as_flag(merged.get("overwrite", False), "overwrite")
-        for name in ("progress", "fuse_layers"):
+        for name in ("progress", "pipeline"):
             as_flag(merged.get(name), name, allow_none=True)
+        fuse = merged.get("fuse_layers")
+        if not (fuse is None or isinstance(fuse, bool) or (isinstance(fuse, (int, np.integer)) and fuse >= 1)):
+            raise InvalidInputError(f"fuse_layers must be True, False, None (the device's default) or a "
+                                    f"number of layers >= 1 per update, got {fuse!r}.")
         return cls(**merged)
+
+
+def _layer_groups(layers: Sequence[int], fuse: bool | int) -> list[list[int]]:
+    """The layers updated together: all (True), one by one (False), or runs of ``fuse``."""
+    size = len(layers) if fuse is True else 1 if fuse is False else int(fuse)
+    return [list(layers[i:i + size]) for i in range(0, len(layers), size)]
 
 
 def build_index(model, transcoders: TranscoderSet, corpus, n_tokens: int, out_dir: str | os.PathLike,
@@ -138,12 +154,13 @@ def _build_accumulating(model, transcoders: TranscoderSet, out: Path, manifest: 
     release_free_heap(collect_garbage=False)    # what loading freed, before the accumulators
     layers = manifest.layers
     cuda = transcoders.device.type == "cuda"
-    fuse = cuda if s.fuse_layers is None else s.fuse_layers
-    groups = [layers] if fuse else [[layer] for layer in layers]
+    pipeline = cuda if s.pipeline is None else s.pipeline
+    groups = _layer_groups(layers, cuda if s.fuse_layers is None else s.fuse_layers)
     # On a CPU a layer's update runs between the encodes, its features split in
     # blocks over as many threads as torch's matmuls use (_FeatureBlocks); on a
-    # GPU it runs on a worker thread beside the forward (_Background).
-    n_blocks = 1 if cuda or fuse else torch.get_num_threads()
+    # GPU the encodes and updates run on a thread and stream of their own
+    # beside the model's forward (forward.EncodeWorker).
+    n_blocks = 1 if pipeline or any(len(g) > 1 for g in groups) else torch.get_num_threads()
     with _block_threads(n_blocks) as pool:
         accs = {}                                               # layer -> its (shared) accumulator
         for group in groups:
@@ -157,8 +174,13 @@ def _build_accumulating(model, transcoders: TranscoderSet, out: Path, manifest: 
         ckpt = out / "checkpoint.pt"
         if ckpt.is_file():
             done = _load_checkpoint(ckpt, accs, layers, manifest.n_batches, transcoders.device)
-        updates = _Background() if cuda else _Inline()
-        reached = _run_batches(model, transcoders, out, manifest, groups, accs, done, s, updates)
+        # One batch of layer inputs may wait for the worker ([tokens, d_model] each).
+        worker = EncodeWorker(transcoders.device, max_pending=len(layers)) if pipeline else None
+        try:
+            reached = _run_batches(model, transcoders, out, manifest, groups, accs, done, s, worker)
+        finally:
+            if worker is not None:
+                worker.close()
     if reached < manifest.n_batches:
         return None
     lock.check_held()                   # never finish into a folder another process took over
@@ -298,7 +320,7 @@ def fingerprint_mismatch(recorded: dict | None, current: dict | None) -> str | N
 
 
 def _run_batches(model, transcoders: TranscoderSet, out: Path, manifest: IndexManifest,
-                 groups: list, accs: dict, done: int, s: IndexSettings, updates) -> int:
+                 groups: list, accs: dict, done: int, s: IndexSettings, worker: EncodeWorker | None) -> int:
     """Fold batches ``done..`` into the accumulators, checkpointing; returns
     the number of batches done when it stops (all, or after ``max_batches``)."""
     import pyarrow.parquet as pq
@@ -308,9 +330,9 @@ def _run_batches(model, transcoders: TranscoderSet, out: Path, manifest: IndexMa
     tokens_file = pq.ParquetFile(out / "tokens.parquet")
     bar = _progress(n_batches, done, s.progress)
     nonfinite: dict = {}                                        # layer -> NaN/inf inputs (device counts)
-    # On a CPU every layer is encoded into one reused buffer (each update runs
-    # before the next layer is encoded); a GPU's updates run behind the forward.
-    buffers = None if transcoders.device.type == "cuda" else {}
+    # Every layer is encoded into one reused buffer: each update runs before
+    # the next layer is encoded, in the model's thread or in order on the worker.
+    buffers: dict = {}
     new_batches = 0
     last_saved = done
     for b in range(done, n_batches):
@@ -321,30 +343,34 @@ def _run_batches(model, transcoders: TranscoderSet, out: Path, manifest: IndexMa
         first_seq = manifest.sequence_start + b * manifest.batch_size
         first_token = first_seq * seq_len
         gtok = first_token + np.arange(toks.numel(), dtype=np.int64)
-        token_key = torch.as_tensor(_token_hash(gtok, manifest.seed).reshape(toks.shape),
-                                    device=transcoders.device)
+        token_key = _token_hash(gtok, manifest.seed).reshape(toks.shape)
         gathered = {id(group): {} for group in groups}         # group -> {layer: activations}
 
-        def consume(layer, chunks, token_key=token_key, first_token=first_token):
+        def consume(layer, chunks, token_key=token_key, first_token=first_token, gathered=gathered):
+            # In the model's thread, or the worker's (then on its stream: the
+            # token keys are copied there, not on the model's stream).
             group = group_of[layer]
             got = gathered[id(group)]
-            got[layer] = _activations(chunks, seq_len, len(toks), dense_ok=len(group) == 1)
+            got[layer] = _activations(chunks, seq_len, len(token_key), dense_ok=len(group) == 1)
             if len(got) == len(group):                          # the group's last layer
-                updates.submit(accs[group[0]].update, [got.pop(l) for l in group], token_key,
-                               first_token)
+                accs[group[0]].update([got.pop(l) for l in group],
+                                      torch.as_tensor(token_key, device=transcoders.device), first_token)
 
         with torch.inference_mode():
-            stream_encodings(model, transcoders, layers, toks, consume, nonfinite=nonfinite, buffers=buffers)
-        del gathered
+            stream_encodings(model, transcoders, layers, toks, consume, nonfinite=nonfinite, buffers=buffers,
+                             worker=worker)
+        del gathered, consume
         if transcoders.device.type == "cpu":
             release_free_heap(collect_garbage=False)
         new_batches += 1
         bar.update(1)
         if (b + 1) % s.checkpoint_every == 0 and b + 1 < n_batches:
-            updates.wait()
+            if worker is not None:
+                worker.wait()
             _save_checkpoint(out, b + 1, accs, nonfinite)
             last_saved = b + 1
-    updates.close()
+    if worker is not None:
+        worker.wait()
     bar.close()
     reached = done + new_batches
     _refuse_non_finite(out, accs, nonfinite, reached)
@@ -369,20 +395,6 @@ def _activations(chunks, seq_len: int, n_seq: int, dense_ok: bool):
     return Entries.cat(parts)
 
 
-class _Inline:
-    """Accumulator updates run as they are submitted (``_Background``'s interface)."""
-
-    @staticmethod
-    def submit(fn, *args) -> None:
-        fn(*args)
-
-    def wait(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 @contextmanager
 def _block_threads(n: int):
     """A pool of ``n - 1`` threads for ``_FeatureBlocks`` updates of ``n``
@@ -403,41 +415,6 @@ def _block_threads(n: int):
         # A worker's set_num_threads(1) is also the default of threads started
         # later: give the process back its setting.
         torch.set_num_threads(outer)
-
-
-class _Background:
-    """Accumulator updates on a worker thread, one at a time, so that a layer's
-    update overlaps the next layer's (or batch's) forward and encoding: on a
-    GPU its launches and host syncs overlap the next kernels being queued (on
-    a CPU the build uses ``_Inline``: beside a multi-threaded matmul a worker
-    costs about as much as running the update in turn). Updates still run in
-    order, and ``wait`` returns once the last has finished (and re-raises its
-    error)."""
-
-    def __init__(self):
-        from concurrent.futures import ThreadPoolExecutor
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tc-index-update")
-        self._pending = None
-
-    @staticmethod
-    def _run(fn, args):
-        with torch.inference_mode():                            # grad mode is per thread
-            fn(*args)
-
-    def submit(self, fn, *args) -> None:
-        self.wait()
-        self._pending = self._pool.submit(self._run, fn, args)
-
-    def wait(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
-
-    def close(self) -> None:
-        try:
-            self.wait()
-        finally:
-            self._pool.shutdown(wait=True)
 
 
 # -- merging -----------------------------------------------------------------------------

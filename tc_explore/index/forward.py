@@ -16,9 +16,19 @@ On a CPU the build encodes into buffers it reuses batch after batch
 by page). In a loop of encodings alone that took 282 ms an encoding against
 317-341 ms; within the model's forward the two measured alike (8,192 tokens:
 38.9 s and 38.8 s, ``benchmarks/bench_index.py``'s bare and plain passes).
+
+On a GPU the layers are encoded, and the build's bookkeeping done, by an
+``EncodeWorker``: a thread of its own issuing work on a CUDA stream of its
+own. Finding a layer's nonzero activations waits for the GPU (``nonzero``
+must know its result's size); done in the model's thread, that wait stopped
+it from queuing the next block's kernels while the GPU encoded, 12 times a
+batch. With the worker, the model's thread never waits: it hands each
+layer's input over (a [tokens, d_model] tensor) and goes on.
 """
 from __future__ import annotations
 
+import queue
+import threading
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -31,6 +41,89 @@ from ..transcoder import TranscoderSet
 # 24576 features: 3.2 GB). Batches under it (the CPU default, 8 x 128 tokens:
 # 96 MiB) are encoded whole.
 CHUNK_BYTES = 256 * 2 ** 20
+
+
+class EncodeWorker:
+    """Runs tasks on a layer's input, in the order submitted, on a thread of
+    its own and, for CUDA, a CUDA stream of its own, so the model's thread
+    (which submits them from its hooks) never waits for their results.
+
+    Each task's stream first waits for all work queued on the device's
+    current stream when it was submitted (the input, and anything set up
+    before it), and every CUDA input is recorded on the worker's stream, so
+    its memory is not reused while the worker's kernels read it. At most
+    ``max_pending`` tasks wait (each holds its input alive); ``submit``
+    blocks beyond that. A task's error is raised by the next ``submit`` or
+    ``wait``; the tasks after it are skipped. ``wait`` returns once every
+    task and its kernels are done, so the tasks' results can be read on any
+    stream after it."""
+
+    def __init__(self, device, max_pending: int):
+        device = torch.device(device)
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._tasks: queue.Queue = queue.Queue(maxsize=max(1, max_pending))
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="tc-index-encode", daemon=True)
+        self._thread.start()
+
+    def submit(self, task: Callable[[torch.Tensor], None], x: torch.Tensor) -> None:
+        self._raise()
+        ready = None
+        if self.stream is not None:
+            if x.is_cuda and x.device != self.device:
+                x = x.to(self.device)
+            if x.is_cuda:
+                x.record_stream(self.stream)
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+        self._tasks.put((task, x, ready))
+
+    def _loop(self) -> None:
+        while True:
+            item = self._tasks.get()
+            try:
+                if item is None:
+                    return
+                task, x, ready = item
+                del item
+                if self._error is None:
+                    try:
+                        self._run(task, x, ready)
+                    except BaseException as error:          # raised in the submitting thread
+                        self._error = error
+                del task, x, ready
+            finally:
+                self._tasks.task_done()
+
+    def _run(self, task, x, ready) -> None:
+        with torch.inference_mode():                            # grad mode is per thread
+            if self.stream is None:
+                task(x)
+                return
+            with torch.cuda.stream(self.stream):
+                self.stream.wait_event(ready)
+                task(x)
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def wait(self) -> None:
+        """Block until every submitted task and its GPU work is done; raise a task's error."""
+        self._tasks.join()
+        if self.stream is not None:
+            self.stream.synchronize()
+        self._raise()
+
+    def close(self) -> None:
+        """``wait``, then end the thread (also when ``wait`` raises)."""
+        try:
+            self.wait()
+        finally:
+            self._tasks.put(None)
+            self._thread.join()
 
 
 class _Reached(Exception):
@@ -51,7 +144,7 @@ def sequence_chunks(n_seq: int, seq_len: int, d_sae: int, element_size: int,
 def stream_encodings(model, transcoders: TranscoderSet, layers: Sequence[int], tokens: torch.Tensor,
                      consume: Callable[[int, Iterator[tuple[int, torch.Tensor]]], None],
                      chunk_bytes: int = CHUNK_BYTES, nonfinite: dict | None = None,
-                     buffers: dict | None = None) -> None:
+                     buffers: dict | None = None, worker: EncodeWorker | None = None) -> None:
     """One forward pass over ``tokens [n_seq, seq_len]``; as it reaches layer
     ``l``'s transcoder input, calls ``consume(l, chunks)`` where ``chunks``
     yields ``(first_sequence, acts [n, seq_len, d_sae])`` on the
@@ -66,7 +159,11 @@ def stream_encodings(model, transcoders: TranscoderSet, layers: Sequence[int], t
     ``buffers``, if given (a dict, empty at first), holds one output buffer per
     chunk shape and dtype, made on first use and kept there for later passes:
     every chunk is encoded into it, so its activations are valid only until
-    the next chunk is asked for or ``consume`` returns."""
+    the next chunk is asked for or ``consume`` returns.
+
+    ``worker``, if given, runs each ``consume`` (and so the encoding) in its
+    thread and stream; this returns when the forward has handed the last
+    layer over, maybe before it is consumed (``worker.wait()`` for that)."""
     n_seq, seq_len = tokens.shape
     by_hook: dict[str, list[int]] = {}
     for layer in layers:
@@ -94,7 +191,10 @@ def stream_encodings(model, transcoders: TranscoderSet, layers: Sequence[int], t
                 for layer in by_hook[name]:
                     nonfinite[layer] = nonfinite[layer] + bad if layer in nonfinite else bad
             for layer in by_hook[name]:
-                consume(layer, chunks(transcoders[layer], x))
+                if worker is None:
+                    consume(layer, chunks(transcoders[layer], x))
+                else:
+                    worker.submit(lambda x, layer=layer: consume(layer, chunks(transcoders[layer], x)), x)
             if not pending:
                 raise _Reached
             return None
