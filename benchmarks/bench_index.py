@@ -264,6 +264,8 @@ def main(argv=None):
             transcoders[layer]                                  # read now, not during the first run
         gc.collect()
         rss_with_weights = PeakMemory.rss()
+        # GPU memory held once loaded: the parameters and whatever else the model keeps.
+        gpu_loaded = torch.cuda.memory_allocated() if str(args.device).startswith("cuda") else 0
         vocab = len(model.tokenizer)
         print(f"setup: GPT-2-small-shaped model (vocab {model.cfg.d_vocab}, tokenizer {vocab}) and "
               f"12 x d_sae {args.d_sae} transcoders written in {written:.1f} s (another process), "
@@ -381,7 +383,9 @@ def main(argv=None):
             gpu_bare, gpu_build = (max(r["gpu"] for r in rs) for rs in (bares, builds))
             print(f"peak GPU memory allocated: bare {gib(gpu_bare)}, build {gib(gpu_build)} "
                   f"(weights {gib(weights)}; target: build <= weights + 2 GiB = {gib(weights + 2 ** 31)}: "
-                  f"{'met' if gpu_build <= weights + 2 ** 31 else 'NOT met'})")
+                  f"{'met' if gpu_build <= weights + 2 ** 31 else 'NOT met'}); allocated once loaded "
+                  f"{gib(gpu_loaded)}, the build's peak {gib(gpu_build - gpu_loaded)} above it, the bare "
+                  f"pass's {gib(gpu_bare - gpu_loaded)}")
 
         width = "" if args.d_sae == 24576 else f", d_sae {args.d_sae}"
         writing = float(np.median([r["writing"] for r in builds]))
@@ -406,7 +410,7 @@ def main(argv=None):
             rss_before_weights_bytes=rss_before_weights, rss_with_weights_bytes=rss_with_weights,
             peak_rss_bare_bytes=max(r["rss"] for r in bares), peak_rss_build_bytes=build_rss,
             peak_gpu_bare_bytes=max(r["gpu"] for r in bares) if gpu else None,
-            peak_gpu_build_bytes=gpu_build, d_sae=args.d_sae, l0=args.l0, k=args.k,
+            peak_gpu_build_bytes=gpu_build, gpu_loaded_bytes=gpu_loaded if gpu else None, d_sae=args.d_sae, l0=args.l0, k=args.k,
             n_samples=args.n_samples, seq_len=args.seq_len, batch_size=args.batch_size)
 
         rng = np.random.default_rng(0)

@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--window", type=parse_window, default=(12, 4),
                    help="context activations stored around each example, BEFORE,AFTER (12,4)")
     b.add_argument("--seed", type=int, default=0, help="corpus shuffle and sampling seed (0)")
-    b.add_argument("--checkpoint-every", type=_positive, default=25, help="batches between checkpoints (25)")
+    b.add_argument("--checkpoint-every", type=_positive, default=None,
+                   help="batches between checkpoints (default: one every 10 minutes)")
     b.add_argument("--max-batches", type=_positive, default=None,
                    help="stop (checkpointed) after this many new batches; run again to continue")
     b.add_argument("--shard", type=parse_shard, help="build only shard I/N (merge them with `index merge`)")

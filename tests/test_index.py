@@ -163,6 +163,19 @@ def test_resume_after_max_batches_equals_uninterrupted(tiny_model, tiny_transcod
     _assert_same(index, full_index)
 
 
+@pytest.mark.parametrize("seconds, saved", [(0.0, [1, 2, 3, 4, 5]), (3600.0, [])])
+def test_by_default_a_build_checkpoints_by_time(tiny_model, tiny_transcoders, tmp_path, monkeypatch,
+                                                seconds, saved):
+    from tc_explore.index import build as build_module
+    calls = []
+    real = build_module._save_checkpoint
+    monkeypatch.setattr(build_module, "CHECKPOINT_SECONDS", seconds)
+    monkeypatch.setattr(build_module, "_save_checkpoint",
+                        lambda out, done, *a: (calls.append(done), real(out, done, *a)))
+    _build(tiny_model, tiny_transcoders, tmp_path / "timed", checkpoint_every=None)
+    assert calls == saved                               # never after the last batch (6)
+
+
 def test_resume_after_crash_skips_finished_batches(tiny_model, tiny_transcoders, tmp_path,
                                                    full_index, monkeypatch):
     out = tmp_path / "crashed"

@@ -387,7 +387,9 @@ class _LayerAccumulator:
         global index ``first_token``: ``acts [n_seq, seq_len, d_sae]``, or for a
         fused accumulator one such tensor (or its ``Entries``) per layer, in
         layer order; ``token_key [n_seq, seq_len]`` is the hash of each
-        token's global index."""
+        token's global index. A list of them is emptied once read, so its
+        tensors are freed before the update's own (fused, they are hundreds
+        of MB at GPU batch sizes)."""
         parts = [acts] if isinstance(acts, (torch.Tensor, Entries)) else list(acts)
         if len(parts) != len(self.rows):
             raise ValueError(f"expected activations of {len(self.rows)} layer(s), got {len(parts)}")
@@ -402,6 +404,8 @@ class _LayerAccumulator:
             f = torch.cat([e.feature + o for e, o in zip(entries, offsets)])
             vals = torch.cat([e.value for e in entries])
         del entries, parts
+        if isinstance(acts, list):
+            acts.clear()
         d_sae = self.n_firing.shape[0]                              # rows of all layers
         # Every nonzero activation once, feature-major (a feature's entries
         # contiguous and in token order): the order of a batch's candidates.

@@ -43,6 +43,10 @@ from .storage import (FORMAT_VERSION, IndexManifest, _flat_windows, atomic_write
                       read_layer_state, read_manifest, tokens_schema, write_layer)
 
 
+# Seconds between a build's checkpoints unless IndexSettings.checkpoint_every says batches.
+CHECKPOINT_SECONDS = 600.0
+
+
 @dataclass(frozen=True)
 class IndexSettings:
     """How ``FeatureIndex.build`` indexes a corpus.
@@ -52,7 +56,10 @@ class IndexSettings:
     histogram edges (default ``histogram_edges()``); ``window`` = (before,
     after) tokens of context stored with each example; ``seed`` of the sample.
     ``batch_size`` sequences per model pass; a checkpoint every
-    ``checkpoint_every`` batches. ``shard=(i, n)`` indexes only the i-th of n
+    ``checkpoint_every`` batches, or by default once ``CHECKPOINT_SECONDS``
+    (10 minutes) have passed since the last (a checkpoint writes every
+    accumulator, ~1 GiB for GPT-2 small: a fixed number of batches is
+    minutes apart on a CPU and seconds apart on a GPU). ``shard=(i, n)`` indexes only the i-th of n
     contiguous runs of batches (join them with ``FeatureIndex.merge``).
     ``max_batches`` stops (with a checkpoint) after that many new batches, for
     builds in time slices. ``features_per_group`` features per Parquet row
@@ -72,7 +79,7 @@ class IndexSettings:
     bins: np.ndarray | None = None
     window: tuple = (12, 4)
     seed: int = 0
-    checkpoint_every: int = 25
+    checkpoint_every: int | None = None
     shard: tuple | None = None
     max_batches: int | None = None
     features_per_group: int = 256
@@ -218,6 +225,8 @@ def _plan(model, transcoders: TranscoderSet, corpus: Corpus, n_tokens: int,
     transcoders.check_fits(model)
     check_context(model, corpus.seq_len)
     for name in ("k", "n_samples", "batch_size", "checkpoint_every", "features_per_group"):
+        if name == "checkpoint_every" and s.checkpoint_every is None:
+            continue
         value = as_integer(getattr(s, name), name)
         if value < 1:
             raise InvalidInputError(f"{name} must be at least 1, got {value}.")
@@ -334,7 +343,7 @@ def _run_batches(model, transcoders: TranscoderSet, out: Path, manifest: IndexMa
     # the next layer is encoded, in the model's thread or in order on the worker.
     buffers: dict = {}
     new_batches = 0
-    last_saved = done
+    last_saved, saved_at = done, time.monotonic()
     for b in range(done, n_batches):
         if s.max_batches is not None and new_batches >= s.max_batches:
             break
@@ -364,11 +373,13 @@ def _run_batches(model, transcoders: TranscoderSet, out: Path, manifest: IndexMa
             release_free_heap(collect_garbage=False)
         new_batches += 1
         bar.update(1)
-        if (b + 1) % s.checkpoint_every == 0 and b + 1 < n_batches:
+        due = ((b + 1) % s.checkpoint_every == 0 if s.checkpoint_every is not None
+               else time.monotonic() - saved_at >= CHECKPOINT_SECONDS)
+        if due and b + 1 < n_batches:
             if worker is not None:
                 worker.wait()
             _save_checkpoint(out, b + 1, accs, nonfinite)
-            last_saved = b + 1
+            last_saved, saved_at = b + 1, time.monotonic()
     if worker is not None:
         worker.wait()
     bar.close()

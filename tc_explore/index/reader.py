@@ -286,7 +286,8 @@ class FeatureIndex:
         of ``IndexSettings`` fields (``layers``, ``k``, ``n_samples``,
         ``batch_size``, ``bins``, ``window``, ``seed``, ``checkpoint_every``,
         ``shard``, ``max_batches``, ``features_per_group``, ``overwrite``,
-        ``progress``, ``fuse_layers``).
+        ``progress``, ``fuse_layers``, ``pipeline``). Without ``checkpoint_every``
+        (batches) a build checkpoints every 10 minutes.
 
         Resumes an unfinished build found in ``out_dir`` (same arguments),
         skipping its checkpointed batches. ``shard=(i, n)`` indexes only the
