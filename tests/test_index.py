@@ -357,18 +357,6 @@ def test_accumulator_is_independent_of_batch_order_and_resume(device):
         torch.testing.assert_close(straight["act_sum"], other["act_sum"], rtol=1e-12, atol=0)
 
 
-def test_ranks_by_search_equal_ranks_by_running_max():
-    # The GPU's rank within runs of equal keys (binary search) against the CPU's (cummax).
-    from tc_explore.index.accumulator import _ranks_by_search, _ranks_in_segments
-    g = torch.Generator().manual_seed(3)
-    for n, high in ((1, 5), (2, 1), (1000, 7), (5000, 4000)):
-        keys = torch.randint(0, high, (n,), generator=g).sort().values
-        want = _ranks_in_segments(keys)
-        assert torch.equal(_ranks_by_search(keys, torch.arange(n)), want)
-        assert int(want.max()) == int(torch.unique(keys, return_counts=True)[1].max()) - 1
-    assert _ranks_by_search(torch.zeros(0, dtype=torch.int64), torch.arange(0)).numel() == 0
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_nonzero_2d_matches_torch(dtype, device):

@@ -96,22 +96,10 @@ def _segment_starts(sorted_keys: torch.Tensor) -> torch.Tensor:
 
 def _ranks_in_segments(sorted_keys: torch.Tensor) -> torch.Tensor:
     """Rank of each element within its run of equal keys (keys sorted): its
-    index minus the running max of run-start indices (linear, no search) on
-    a CPU; on a GPU minus its run's first index found by binary search
-    (``_ranks_by_search``)."""
+    index minus the running max of run-start indices (linear, no search)."""
     i = torch.arange(sorted_keys.numel(), device=sorted_keys.device)
-    if sorted_keys.device.type != "cpu":
-        return _ranks_by_search(sorted_keys, i)
     first = torch.where(_segment_starts(sorted_keys), i, 0).cummax(0).values
     return i - first
-
-
-def _ranks_by_search(sorted_keys: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-    """``_ranks_in_segments`` by a binary search per element for the first
-    equal key: torch's cummax on CUDA is a scan that took 3.4 ms on a batch's
-    candidates on an H200, most of an early update's GPU time (profiled with
-    torch.profiler, 12 batches of 32 x 128 tokens, GPT-2-small shape)."""
-    return i - torch.searchsorted(sorted_keys, sorted_keys)
 
 
 def _argsort_small(key: torch.Tensor, bound: int) -> torch.Tensor:
