@@ -405,13 +405,14 @@ def main(argv=None):
                   + f"; target ≤ {target} %",
             tokens=n_tok, build_s=build, bare_s=bare, builds_s=[r["wall"] for r in builds],
             bares_s=[r["wall"] for r in bares], plain_bares_s=[r["wall"] for r in plains],
-            builds_cpu_s=[r["cpu"] for r in builds], bares_cpu_s=[r["cpu"] for r in bares], overhead_beside_pct=beside, writing_s=writing,
+            builds_cpu_s=[r["cpu"] for r in builds], bares_cpu_s=[r["cpu"] for r in bares],
+            overhead_beside_pct=beside, writing_s=writing,
             load_1min=[r["load"] for r in runs], index_bytes=size, weights_bytes=weights,
             rss_before_weights_bytes=rss_before_weights, rss_with_weights_bytes=rss_with_weights,
             peak_rss_bare_bytes=max(r["rss"] for r in bares), peak_rss_build_bytes=build_rss,
             peak_gpu_bare_bytes=max(r["gpu"] for r in bares) if gpu else None,
-            peak_gpu_build_bytes=gpu_build, gpu_loaded_bytes=gpu_loaded if gpu else None, d_sae=args.d_sae, l0=args.l0, k=args.k,
-            n_samples=args.n_samples, seq_len=args.seq_len, batch_size=args.batch_size)
+            peak_gpu_build_bytes=gpu_build, gpu_loaded_bytes=gpu_loaded if gpu else None, d_sae=args.d_sae,
+            l0=args.l0, k=args.k, n_samples=args.n_samples, seq_len=args.seq_len, batch_size=args.batch_size)
 
         rng = np.random.default_rng(0)
         picks = [(int(rng.integers(12)), int(rng.integers(args.d_sae))) for _ in range(args.n_dashboards)]

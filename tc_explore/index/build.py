@@ -59,8 +59,9 @@ class IndexSettings:
     ``checkpoint_every`` batches, or by default once ``CHECKPOINT_SECONDS``
     (10 minutes) have passed since the last (a checkpoint writes every
     accumulator, ~1 GiB for GPT-2 small: a fixed number of batches is
-    minutes apart on a CPU and seconds apart on a GPU). ``shard=(i, n)`` indexes only the i-th of n
-    contiguous runs of batches (join them with ``FeatureIndex.merge``).
+    minutes apart on a CPU and seconds apart on a GPU). ``shard=(i, n)``
+    indexes only the i-th of n contiguous runs of batches (join them with
+    ``FeatureIndex.merge``).
     ``max_batches`` stops (with a checkpoint) after that many new batches, for
     builds in time slices. ``features_per_group`` features per Parquet row
     group. ``overwrite`` replaces what ``out_dir`` holds. ``fuse_layers``
@@ -69,9 +70,10 @@ class IndexSettings:
     update costs kernel launches, not arithmetic; on CPU it would only hold
     all layers' activations at once). ``pipeline`` encodes the layers and
     updates the accumulators on a thread (and CUDA stream) of their own,
-    beside the model's forward (same results; the default on CUDA, where it
-    keeps the GPU busy; on a CPU the forward and the update would share the
-    cores)."""
+    beside the model's forward (same results; the default on CUDA, where the
+    model's thread would otherwise wait for the GPU at every layer, as
+    finding the nonzero activations needs their count on the host; on a CPU
+    the forward and the update would share the cores)."""
     layers: Sequence[int] | None = None
     k: int = 20
     n_samples: int = 40
