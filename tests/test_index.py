@@ -435,6 +435,27 @@ def test_encode_worker_runs_tasks_in_order_and_bounds_what_waits():
     assert seen == [0, 1, 2, 3]
 
 
+def test_encode_worker_skips_every_task_after_an_error():
+    from tc_explore.index.forward import EncodeWorker
+    gate, seen = threading.Event(), []
+    worker = EncodeWorker("cpu", max_pending=4)
+
+    def task(x):
+        gate.wait()
+        if int(x) == 1:
+            raise ValueError("task 1 failed")
+        seen.append(int(x))
+    for i in range(4):
+        worker.submit(task, torch.tensor(i))
+    gate.set()
+    with pytest.raises(ValueError, match="task 1 failed"):
+        worker.wait()
+    worker.submit(task, torch.tensor(4))                # after the error was raised: still skipped
+    worker.close()                                      # nothing more to raise
+    assert seen == [0]
+    assert not worker._thread.is_alive()
+
+
 @pytest.mark.parametrize("bad", [0, -2, 1.5, "all"])
 def test_a_bad_fuse_layers_is_refused(tiny_model, tiny_transcoders, tmp_path, bad):
     with pytest.raises(InvalidInputError, match="fuse_layers must be"):

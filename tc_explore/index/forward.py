@@ -53,8 +53,10 @@ class EncodeWorker:
     before it), and every CUDA input is recorded on the worker's stream, so
     its memory is not reused while the worker's kernels read it. At most
     ``max_pending`` tasks wait (each holds its input alive); ``submit``
-    blocks beyond that. A task's error is raised by the next ``submit`` or
-    ``wait``; the tasks after it are skipped. ``wait`` returns once every
+    blocks beyond that. A task's error is raised (once) by the next
+    ``submit`` or ``wait``; every task after it is skipped, also those
+    already waiting when it is raised (they would run without the failed
+    one's work). ``wait`` returns once every
     task and its kernels are done, so the tasks' results can be read on any
     stream after it."""
 
@@ -63,7 +65,8 @@ class EncodeWorker:
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._tasks: queue.Queue = queue.Queue(maxsize=max(1, max_pending))
-        self._error: BaseException | None = None
+        self._error: BaseException | None = None          # to raise in the submitting thread
+        self._failed = False                                # skip every task after an error
         self._thread = threading.Thread(target=self._loop, name="tc-index-encode", daemon=True)
         self._thread.start()
 
@@ -87,11 +90,11 @@ class EncodeWorker:
                     return
                 task, x, ready = item
                 del item
-                if self._error is None:
+                if not self._failed:
                     try:
                         self._run(task, x, ready)
                     except BaseException as error:          # raised in the submitting thread
-                        self._error = error
+                        self._error, self._failed = error, True
                 del task, x, ready
             finally:
                 self._tasks.task_done()
