@@ -185,22 +185,23 @@ def _context_windows(at: torch.Tensor, seg: torch.Tensor, pos: torch.Tensor, val
     if n < 2:
         return win[:m]
     per = max(1, chunk_bytes // (64 * max(1, before, after)))
+    seg_at, pos_at = seg.index_select(0, at), pos.index_select(0, at)     # [m]
     for step, reach in ((1, after), (-1, before)):
         if reach == 0:
             continue
         # An entry has a neighbour within reach on this side only if the entry
         # next to it is one (positions ascend within a segment), which few
         # are: only those are tested against all ``reach`` candidates.
-        nb = (at + step).clamp(0, n - 1)
-        has = (((at + step) >= 0) & ((at + step) < n) & (seg[nb] == seg[at])
-               & ((pos[nb] - pos[at]) * step <= reach)).nonzero().squeeze(1)   # [H] rows of win
+        next_to = at + step
+        nb = next_to.clamp(0, n - 1)
+        has = ((next_to >= 0) & (next_to < n) & (seg[nb] == seg_at)
+               & ((pos[nb] - pos_at) * step <= reach)).nonzero().squeeze(1)   # [H] rows of win
         for lo in range(0, has.numel(), per):
             r = has[lo:lo + per]                                # [R] rows
-            a = at.index_select(0, r)                           # [R] their entry ids
-            j = a[:, None] + step * torch.arange(1, reach + 1, device=a.device)   # [R, reach] candidates
-            jc = j.clamp(0, n - 1)
-            gap = (pos[jc] - pos.index_select(0, a)[:, None]) * step            # [R, reach] positions apart
-            near = (j >= 0) & (j < n) & (seg[jc] == seg.index_select(0, a)[:, None]) & (gap <= reach)
+            j = at.index_select(0, r)[:, None] + step * torch.arange(1, reach + 1, device=at.device)
+            jc = j.clamp(0, n - 1)                              # [R, reach] candidates
+            gap = (pos[jc] - pos_at.index_select(0, r)[:, None]) * step        # [R, reach] positions apart
+            near = (j >= 0) & (j < n) & (seg[jc] == seg_at.index_select(0, r)[:, None]) & (gap <= reach)
             # Candidates out of reach are written to the spare row instead of
             # being masked out (boolean masks cost a host sync each on CUDA).
             flat[torch.where(near, (r * width + before)[:, None] + step * gap, spare)] = vals[jc].to(dtype)
@@ -423,11 +424,11 @@ class _LayerAccumulator:
         # Context windows come from every nonzero (position 0 and non-positive
         # values show in windows), made only for the entries kept;
         # fr - pos = feature * n_tok + first row of the sequence names the segment.
-        seg, all_pos, all_vals = fr - pos, pos, vals
+        seg, all_vals = fr - pos, vals
         del fr
 
         def windows_of(entry_ids: torch.Tensor) -> torch.Tensor:
-            return _context_windows(entry_ids, seg, all_pos, all_vals, self.before, self.after,
+            return _context_windows(entry_ids, seg, pos, all_vals, self.before, self.after,
                                     self.top.window.dtype)
         # The firing entries that count: activation > 0, position 0 (BOS) left out.
         e = ((vals > 0) & (pos != 0)).nonzero().squeeze(1)          # [n] entry ids

@@ -56,9 +56,8 @@ class EncodeWorker:
     blocks beyond that. A task's error is raised (once) by the next
     ``submit`` or ``wait``; every task after it is skipped, also those
     already waiting when it is raised (they would run without the failed
-    one's work). ``wait`` returns once every
-    task and its kernels are done, so the tasks' results can be read on any
-    stream after it."""
+    one's work). ``wait`` returns once every task and its kernels are done,
+    so the tasks' results can be read on any stream after it."""
 
     def __init__(self, device, max_pending: int):
         device = torch.device(device)
