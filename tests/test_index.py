@@ -500,6 +500,51 @@ def test_release_free_heap_gives_freed_memory_back():
     del pin
 
 
+_STEADY_HEAP_PROBE = """
+import ctypes, importlib.util, os, sys
+spec = importlib.util.spec_from_file_location("memory", sys.argv[1])
+memory = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(memory)
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+
+def kept_after_free(n=24 * 2 ** 20):
+    before = rss()
+    block = libc.malloc(n)
+    ctypes.memset(block, 1, n)
+    libc.free(block)
+    return rss() - before
+plain = kept_after_free()
+with memory.steady_heap():
+    steady = kept_after_free()
+    again = kept_after_free()              # the kept pages are reused, not added to
+held = rss()
+memory.release_free_heap(collect_garbage=False)
+print(plain, steady, again, held - rss())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap")
+def test_steady_heap_keeps_freed_pages_until_released():
+    # In a fresh process (glibc's default thresholds), a freed 24 MiB block
+    # goes back to the system at once; inside steady_heap it stays resident
+    # for reuse, and release_free_heap gives it back.
+    import subprocess
+    import tc_explore.memory
+    n = 24 * 2 ** 20
+    out = subprocess.run([sys.executable, "-c", _STEADY_HEAP_PROBE, tc_explore.memory.__file__],
+                         capture_output=True, text=True, check=True).stdout
+    plain, steady, again, given_back = (int(v) for v in out.split())
+    assert plain < 0.1 * n, out
+    assert steady > 0.9 * n and again < 0.1 * n, out
+    assert given_back > 0.9 * n, out
+
+
 def test_feature_blocks_hold_what_one_accumulator_holds():
     # Dense activations and Entries alike; a state loads into another number of blocks.
     from concurrent.futures import ThreadPoolExecutor

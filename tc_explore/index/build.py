@@ -31,7 +31,7 @@ from ..errors import (NON_FINITE_REMEDY, FingerprintMismatchError, InvalidInputE
                       as_flag, as_integer)
 from ..integrity import (atomic_write, fingerprint_difference, model_fingerprint, reading,
                          replace_folder, tokenizer_digest)
-from ..memory import release_free_heap
+from ..memory import release_free_heap, steady_heap
 from ..model import check_context
 from ..progress import progress_bar
 from ..transcoder import TranscoderSet, as_transcoder_set
@@ -151,7 +151,10 @@ def build_index(model, transcoders: TranscoderSet, corpus, n_tokens: int, out_di
 def _build_locked(model, transcoders: TranscoderSet, out: Path, manifest: IndexManifest,
                   s: IndexSettings, lock: FolderLock) -> Path | None:
     try:
-        return _build_accumulating(model, transcoders, out, manifest, s, lock)
+        if transcoders.device.type != "cpu":
+            return _build_accumulating(model, transcoders, out, manifest, s, lock)
+        with steady_heap():
+            return _build_accumulating(model, transcoders, out, manifest, s, lock)
     finally:
         # The update threads' freed scratch, for what the user runs next (no
         # garbage collection: ~0.3 s with a model loaded, and the build makes no cycles).
@@ -193,6 +196,9 @@ def _build_accumulating(model, transcoders: TranscoderSet, out: Path, manifest: 
     if reached < manifest.n_batches:
         return None
     lock.check_held()                   # never finish into a folder another process took over
+    # The heap pages the loop kept (steady_heap) go back before the sorted
+    # copies of the statistics and the Parquet writers take theirs.
+    release_free_heap(collect_garbage=False)
 
     # Arrow encodes and compresses without the GIL: the layers' tables are
     # written side by side. Each layer's sorted state is taken in its own task,
@@ -371,8 +377,6 @@ def _run_batches(model, transcoders: TranscoderSet, out: Path, manifest: IndexMa
             stream_encodings(model, transcoders, layers, toks, consume, nonfinite=nonfinite, buffers=buffers,
                              worker=worker)
         del gathered, consume
-        if transcoders.device.type == "cpu":
-            release_free_heap(collect_garbage=False)
         new_batches += 1
         bar.update(1)
         due = ((b + 1) % s.checkpoint_every == 0 if s.checkpoint_every is not None
