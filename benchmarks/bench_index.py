@@ -249,11 +249,15 @@ def main(argv=None):
         import gc
         t = time.perf_counter()
         weights_dir = args.weights_dir or work
-        if not os.path.isfile(os.path.join(weights_dir, "written")):
+        marker, settings = os.path.join(weights_dir, "written"), f"d_sae {args.d_sae}, l0 {args.l0}\n"
+        if not os.path.isfile(marker):
             write_weights_elsewhere(weights_dir, args.d_sae, args.l0)
-            open(os.path.join(weights_dir, "written"), "w").write(f"d_sae {args.d_sae}, l0 {args.l0}\n")
-        elif open(os.path.join(weights_dir, "written")).read() != f"d_sae {args.d_sae}, l0 {args.l0}\n":
-            raise SystemExit(f"{weights_dir} holds weights of other settings: give another --weights-dir")
+            with open(marker, "w") as f:
+                f.write(settings)
+        else:
+            with open(marker) as f:
+                if f.read() != settings:
+                    raise SystemExit(f"{weights_dir} holds weights of other settings: give another --weights-dir")
         written = time.perf_counter() - t
         gc.collect()
         rss_before_weights = PeakMemory.rss()

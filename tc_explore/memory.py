@@ -23,10 +23,21 @@ def release_free_heap(collect_garbage: bool = True) -> None:
         return
     if collect_garbage:
         gc.collect()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _glibc():
+    """The C library if it is glibc on Linux (with ``malloc_trim`` and
+    ``mallopt``), else None (other systems, musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):       # not glibc (e.g. musl)
-        pass
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
 
 
 # glibc's mallopt parameters (malloc.h).
@@ -38,12 +49,8 @@ _TRIM_THRESHOLD_AT_MAX = 2 * _MMAP_THRESHOLD_MAX
 
 
 def _mallopt(param: int, value: int) -> bool:
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(param, value))
-    except (OSError, AttributeError):       # not glibc
-        return False
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(param, value))
 
 
 @contextmanager

@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -151,9 +151,7 @@ def build_index(model, transcoders: TranscoderSet, corpus, n_tokens: int, out_di
 def _build_locked(model, transcoders: TranscoderSet, out: Path, manifest: IndexManifest,
                   s: IndexSettings, lock: FolderLock) -> Path | None:
     try:
-        if transcoders.device.type != "cpu":
-            return _build_accumulating(model, transcoders, out, manifest, s, lock)
-        with steady_heap():
+        with steady_heap() if transcoders.device.type == "cpu" else nullcontext():
             return _build_accumulating(model, transcoders, out, manifest, s, lock)
     finally:
         # The update threads' freed scratch, for what the user runs next (no
