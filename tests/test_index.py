@@ -311,8 +311,19 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
                                                               reason="no CUDA device"))]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_accumulator_equals_brute_force_on_synthetic_batches(device):
+@pytest.fixture(params=["cpu", "cpu-cuda-paths", *DEVICES[1:]])
+def acc_device(request, monkeypatch):
+    """The accumulator's device; "cpu-cuda-paths": the CPU without its numpy
+    shortcuts, running the code CUDA runs (tested here when no GPU is)."""
+    if request.param == "cpu-cuda-paths":
+        from tc_explore.index import accumulator
+        monkeypatch.setattr(accumulator, "CPU_SHORTCUTS", False)
+        return "cpu"
+    return request.param
+
+
+def test_accumulator_equals_brute_force_on_synthetic_batches(acc_device):
+    device = acc_device
     batches = _synthetic_batches()
     k, n_samples, (before, after), layer = 3, 4, (2, 3), 1
     state = _fold(batches, range(len(batches)), device=device)
@@ -343,18 +354,48 @@ def test_accumulator_equals_brute_force_on_synthetic_batches(device):
     assert (state["top"]["window"] < 0).any()
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_accumulator_is_independent_of_batch_order_and_resume(device):
+def _assert_same_state(a: dict, b: dict, what) -> None:
+    for kind in ("top", "samples"):
+        for name, t in a[kind].items():
+            assert torch.equal(t, b[kind][name]), (kind, name, what)
+    assert torch.equal(a["n_firing"], b["n_firing"])
+    assert torch.equal(a["hist"], b["hist"])
+    torch.testing.assert_close(a["act_sum"], b["act_sum"], rtol=1e-12, atol=0)
+
+
+def test_accumulator_is_independent_of_batch_order_and_resume(acc_device):
     batches = _synthetic_batches(n_batches=6, seed=3)
     straight = _fold(batches, range(6))
     for order, resume_after in (([5, 2, 0, 4, 1, 3], None), (range(6), 2), ([3, 4, 5, 0, 1, 2], 3)):
-        other = _fold(batches, order, resume_after=resume_after, device=device)
-        for kind in ("top", "samples"):
-            for name, t in straight[kind].items():
-                assert torch.equal(t, other[kind][name]), (kind, name, order)
-        assert torch.equal(straight["n_firing"], other["n_firing"])
-        assert torch.equal(straight["hist"], other["hist"])
-        torch.testing.assert_close(straight["act_sum"], other["act_sum"], rtol=1e-12, atol=0)
+        other = _fold(batches, order, resume_after=resume_after, device=acc_device)
+        _assert_same_state(straight, other, order)
+
+
+def test_offers_in_passes_equal_one_pass(acc_device, monkeypatch):
+    """A GPU batch's first offers are merged in passes of OFFER_BYTES (the
+    candidates outnumber a pass while rows fill): passes of 1-2 candidates
+    give what one pass gives."""
+    from tc_explore.index import accumulator
+    batches = _synthetic_batches(n_batches=4, seed=5)
+    one_pass = _fold(batches, range(4), device=acc_device)
+    monkeypatch.setattr(accumulator, "OFFER_BYTES", 8 * (12 + 3) * 2)
+    passes = []
+    offer = accumulator._Best.offer
+    monkeypatch.setattr(accumulator._Best, "offer", lambda self, f, *a, **kw: (
+        passes.append((self.per_pass, f.numel())), offer(self, f, *a, **kw))[1])
+    in_passes = _fold(batches, range(4), device=acc_device)
+    assert {per for per, _ in passes} == {2, 1}                    # k = 3 and n_samples = 4
+    assert max(n for _, n in passes) <= 2 and len(passes) > 100
+    _assert_same_state(one_pass, in_passes, "passes")
+    # Offered whole, larger offers are split by _Best.offer itself (as a merge's are).
+    best = accumulator._Best(2, 3, 1, acc_device)
+    f = torch.tensor([0, 0, 0, 0, 1, 1], device=acc_device)
+    score = torch.tensor([1.0, 3.0, 2.0, 4.0, 5.0, 0.5], device=acc_device)
+    token = torch.arange(6, device=acc_device)
+    best.offer(f, score, token, score, lambda idx: score.index_select(0, idx)[:, None].half())
+    state = best.state()
+    assert state["token"].tolist() == [[3, 1, 2], [4, 5, -1]]
+    assert state["window"][..., 0].tolist() == [[4.0, 3.0, 2.0], [5.0, 0.5, 0.0]]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -60,12 +60,31 @@ def _feature_hash(layer: int, d_sae: int, seed: int, start: int = 0) -> np.ndarr
 
 
 # -- accumulators -----------------------------------------------------------------------
+# Bytes of temporaries one pass of ``_Best.offer`` may take, at about
+# (12 + k) * 8 bytes a candidate (the [C, k] row keys of those it compares
+# with their row). While rows fill, every nonzero of a batch is a candidate:
+# 7 million at a GPU batch of 32 x 128 tokens over GPT-2's 12 fused layers,
+# whose temporaries took 1.5-2 GiB in one pass. Larger offers are merged in
+# slices, which is exact (the k best of a union are the k best of the k best
+# so far and the next slice), and costs a few extra passes in the first
+# batches only: once rows are full few entries are candidates.
+OFFER_BYTES = 128 * 2 ** 20
+
 # Hot path: every batch of every layer. On CPU, 1-D gathers use index_select
 # (several times cheaper than advanced indexing) and 1-D sorts use numpy's
 # (several times cheaper than torch's); see benchmarks/bench_accumulator.py.
+# Tests turn CPU_SHORTCUTS off to run the code paths of CUDA on a CPU.
+CPU_SHORTCUTS = True
+
+
+def _on_cpu(t: torch.Tensor) -> bool:
+    """Whether ``t``'s work takes the CPU's shortcuts (numpy, radix sorts by feature)."""
+    return CPU_SHORTCUTS and t.device.type == "cpu"
+
+
 def _argsort(key: torch.Tensor, stable: bool = False) -> torch.Tensor:
     """Indices that sort a 1-D tensor ascending (ties in input order if ``stable``)."""
-    if key.device.type == "cpu":
+    if _on_cpu(key):
         return torch.from_numpy(np.argsort(key.numpy(), kind="stable" if stable else None))
     return torch.sort(key, stable=stable).indices
 
@@ -106,7 +125,7 @@ def _argsort_small(key: torch.Tensor, bound: int) -> torch.Tensor:
     """Stable ascending argsort of a 1-D integer tensor with values in
     [0, bound): on CPU, below 2**16, numpy's radix sort on uint16 (O(n),
     several times faster than a comparison sort)."""
-    if key.device.type == "cpu" and bound <= 2 ** 16:
+    if _on_cpu(key) and bound <= 2 ** 16:
         return torch.from_numpy(np.argsort(key.numpy().astype(np.uint16), kind="stable"))
     return _argsort(key, stable=True)
 
@@ -155,7 +174,7 @@ def _nonzero_2d(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     torch's comparison and ``nonzero`` (and its division by a scalar, through
     libdivide); this one dense pass over the batch would otherwise cost more
     than the rest of the update."""
-    if x.device.type == "cpu" and x.dtype in (torch.float16, torch.float32, torch.float64):
+    if _on_cpu(x) and x.dtype in (torch.float16, torch.float32, torch.float64):
         idx = np.flatnonzero(x.detach().numpy() != 0)
         row = idx // x.shape[1]
         return torch.from_numpy(row), torch.from_numpy(idx - row * x.shape[1])
@@ -219,25 +238,30 @@ class _Best:
     an empty slot always loses); the row minimum is the k-th best score, a
     per-feature threshold that filters a batch's candidates before sorting.
 
-    Internal caches: ``_key`` is ``_goodness`` of every slot (one int64
-    comparison per slot instead of three), ``_filled`` the number of non-empty
-    slots per row. Empty slots are filled in order and never reappear, so a
+    Each slot is held as its ``_goodness``, one int64 from which its score
+    and token are read back exactly (one comparison per slot instead of
+    three, and 12 bytes a slot less than holding all three: 212 MiB for
+    GPT-2 small's 294,912 features at the default 20 + 40 slots).
+    ``_filled`` is the number of non-empty slots per row. Empty slots are filled in order and never reappear, so a
     row's filled slots are always a prefix (also after ``load``: ``state()``
     puts empty slots last).
     """
 
     def __init__(self, d_sae: int, k: int, window: int, device):
         self.k = k
-        self.score = torch.zeros(d_sae, k, dtype=torch.float32, device=device)
-        self.token = torch.full((d_sae, k), -1, dtype=torch.int64, device=device)
+        self._key = torch.zeros(d_sae, k, dtype=torch.int64, device=device)     # all slots empty
         self.act = torch.zeros(d_sae, k, dtype=torch.float32, device=device)
         self.window = torch.zeros(d_sae, k, window, dtype=torch.float16, device=device)
         self._threshold = torch.zeros(d_sae, dtype=torch.float32, device=device)
-        self._key = self._goodness(self.score, self.token)
         self._filled = torch.zeros(d_sae, dtype=torch.int64, device=device)
 
     def threshold(self) -> torch.Tensor:
         return self._threshold
+
+    @property
+    def per_pass(self) -> int:
+        """Candidates one pass of ``offer`` takes (see OFFER_BYTES)."""
+        return max(1, OFFER_BYTES // (8 * (12 + self.k)))
 
     @staticmethod
     def _goodness(score: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
@@ -250,11 +274,20 @@ class _Best:
         return (bits << 32) | (0xFFFFFFFF - (token & 0xFFFFFFFF))
 
     @staticmethod
-    def _best_first(score: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    def _score_of(key: torch.Tensor) -> torch.Tensor:
+        """The float32 scores of ``_goodness`` keys (0 for an empty slot)."""
+        return (key >> 32).to(torch.int32).view(torch.float32)
+
+    @staticmethod
+    def _token_of(key: torch.Tensor) -> torch.Tensor:
+        """The tokens of ``_goodness`` keys (-1 for an empty slot)."""
+        return torch.where(key == 0, -1, 0xFFFFFFFF - (key & 0xFFFFFFFF))
+
+    @staticmethod
+    def _best_first(key: torch.Tensor) -> torch.Tensor:
         """[rows, k] slot order from best to worst: score desc, then token asc
         (keys are unique within a row but for empty slots, which are alike)."""
-        key = _Best._goodness(score, token)
-        if key.device.type == "cpu":                            # numpy's row sorts: several times faster
+        if _on_cpu(key):                                        # numpy's row sorts: several times faster
             return torch.from_numpy(np.argsort(np.negative(key.numpy()), axis=1))
         return torch.argsort(key, dim=1, descending=True)
 
@@ -270,7 +303,13 @@ class _Best:
         only those slots are written."""
         if f.numel() == 0:
             return
-        k = self.k
+        k, per = self.k, self.per_pass
+        if f.numel() > per:
+            for lo in range(0, f.numel(), per):
+                part = slice(lo, lo + per)
+                self.offer(f[part], score[part], token[part], act[part],
+                           lambda idx, lo=lo: window_of(idx + lo), tokens_ascending)
+            return
         order = _lex_order(f, score, token, tokens_ascending)       # [C] by feature, best first
         f = f.index_select(0, order)
         key = self._goodness(score.index_select(0, order), token.index_select(0, order))  # [C]
@@ -315,21 +354,20 @@ class _Best:
             slot[evict] = ev_slot
         at = f * k + slot                                           # [C'] flat slot each one takes
         self._key.view(-1).index_copy_(0, at, key)
-        self.score.view(-1).index_copy_(0, at, score.index_select(0, src).to(self.score.dtype))
-        self.token.view(-1).index_copy_(0, at, token.index_select(0, src))
         self.act.view(-1).index_copy_(0, at, act.index_select(0, src).to(self.act.dtype))
         self.window.view(-1, self.window.shape[-1]).index_copy_(
             0, at, window_of(src).to(self.window.dtype))
         self._filled.index_add_(0, f, torch.ones_like(f)).clamp_(max=k)
         # Row minima of all rows: one pass over [d_sae, k], about as cheap on CPU
-        # as finding the rows that changed, and free of host syncs on CUDA.
-        torch.amin(self.score, dim=1, out=self._threshold)
+        # as finding the rows that changed, and free of host syncs on CUDA
+        # (the lowest key holds the lowest score).
+        self._threshold.copy_(self._score_of(torch.amin(self._key, dim=1)))
 
     def state(self, rows: slice = slice(None)) -> dict:
         """Rows (all, or a slice) sorted best first (score desc, token asc), as
         written to disk."""
-        score, token = self.score[rows], self.token[rows]
-        order = self._best_first(score, token).to(score.device)  # [rows, k]
+        key = self._key[rows]
+        order = self._best_first(key).to(key.device)            # [rows, k]
         # Flat 1-D gathers (a gather of the [rows, k, width] windows along dim 1
         # cost several times the sort on CPU).
         n, k = order.shape
@@ -338,16 +376,19 @@ class _Best:
 
         def take(t):
             return t.reshape(n * k, -1).index_select(0, flat).view(n, k, -1)
-        return {"score": take(score).view(n, k), "token": take(token).view(n, k),
+        key = take(key).view(n, k)
+        return {"score": self._score_of(key), "token": self._token_of(key),
                 "act": take(self.act[rows]).view(n, k), "window": take(self.window[rows]).view(n, k, width)}
 
     def load(self, state: dict, rows: slice = slice(None)) -> None:
         """Load a ``state()`` into all rows or a slice (rows best first, so empty slots last)."""
-        for name, t in state.items():
-            getattr(self, name)[rows] = t
-        self._threshold[rows] = self.score[rows].min(dim=1).values
-        self._key[rows] = self._goodness(self.score[rows], self.token[rows])
-        self._filled[rows] = (self.token[rows] >= 0).sum(dim=1)
+        device = self._key.device
+        score, token = state["score"].to(device), state["token"].to(device)
+        self._key[rows] = self._goodness(score, token)
+        self.act[rows] = state["act"]
+        self.window[rows] = state["window"]
+        self._threshold[rows] = score.float().min(dim=1).values
+        self._filled[rows] = (token >= 0).sum(dim=1)
 
 
 class _LayerAccumulator:
@@ -397,67 +438,92 @@ class _LayerAccumulator:
         n_seq, seq_len = token_key.shape
         n_tok = n_seq * seq_len
         entries = [p if isinstance(p, Entries) else Entries.of(p) for p in parts]
-        offsets = [r.start for r in self.rows.values()]
-        if len(entries) == 1:
-            row, f, vals = entries[0].row, entries[0].feature, entries[0].value
-        else:
-            row = torch.cat([e.row for e in entries])
-            f = torch.cat([e.feature + o for e, o in zip(entries, offsets)])
-            vals = torch.cat([e.value for e in entries])
-        del entries, parts
+        del parts
         if isinstance(acts, list):
             acts.clear()
+        # One field joined, and its parts let go, before the next.
+        rows, feats, values = ([getattr(e, name) for e in entries] for name in ("row", "feature", "value"))
+        del entries
+        sizes = [t.numel() for t in feats]
+
+        def join(parts: list) -> torch.Tensor:
+            joined = parts[0] if len(parts) == 1 else torch.cat(parts)
+            parts.clear()
+            return joined
+        row, f, vals = join(rows), join(feats), join(values)
+        lo = 0
+        for size, layer_rows in zip(sizes, self.rows.values()):
+            if layer_rows.start:                                    # features numbered from the layer's rows
+                f[lo:lo + size] += layer_rows.start
+            lo += size
         d_sae = self.n_firing.shape[0]                              # rows of all layers
         # Every nonzero activation once, feature-major (a feature's entries
         # contiguous and in token order): the order of a batch's candidates.
-        fr = f * n_tok + row                                        # [nnz] distinct
-        if f.device.type == "cpu" and d_sae <= 2 ** 16:
+        # Memory is what bounds a GPU update (7 million entries at 32 x 128
+        # tokens over 12 fused layers, each int64 array 54 MiB): arrays are
+        # made one at a time and freed as soon as they are spent.
+        if _on_cpu(f) and d_sae <= 2 ** 16:
             # Entries are token-major: a stable radix sort by feature alone does it.
             order = _argsort_small(f, d_sae)
         else:
             # Keys are distinct: in 32 bits (GPT-2's 12 fused layers x 4,096
             # tokens fit) a radix sort makes half the passes of 64.
-            order = _argsort(fr.to(torch.int32) if d_sae * n_tok < 2 ** 31 else fr)
-        fr, row, f, vals = (t.index_select(0, order) for t in (fr, row, f, vals))
+            key = f * n_tok + row
+            order = _argsort(key.to(torch.int32) if d_sae * n_tok < 2 ** 31 else key)
+            del key
+        row = row.index_select(0, order)
+        f = f.index_select(0, order)
+        vals = vals.index_select(0, order)
+        del order
         # Position in the sequence by table look-up (integer division is slow on CPU).
-        pos = (torch.arange(n_tok, device=row.device) % seq_len).index_select(0, row)
+        pos = (torch.arange(n_tok, dtype=torch.int32, device=row.device) % seq_len).index_select(0, row)
         # Context windows come from every nonzero (position 0 and non-positive
-        # values show in windows), made only for the entries kept;
-        # fr - pos = feature * n_tok + first row of the sequence names the segment.
-        seg, all_vals = fr - pos, vals
-        del fr
+        # values show in windows), made only for the entries kept; a segment
+        # (feature * n_tok + first row of the sequence) is one feature in one sequence.
+        seg = f * n_tok
+        seg += row
+        seg -= pos
+        all_vals = vals
 
         def windows_of(entry_ids: torch.Tensor) -> torch.Tensor:
             return _context_windows(entry_ids, seg, pos, all_vals, self.before, self.after,
                                     self.top.window.dtype)
         # The firing entries that count: activation > 0, position 0 (BOS) left out.
         e = ((vals > 0) & (pos != 0)).nonzero().squeeze(1)          # [n] entry ids
-        row, f, vals = row.index_select(0, e), f.index_select(0, e), vals.index_select(0, e)
-        token = first_token + row                                   # [n] global token index
+        row = row.index_select(0, e)
+        f = f.index_select(0, e)
+        vals = vals.index_select(0, e)
 
         ones = torch.ones_like(f)
         self.n_firing.index_add_(0, f, ones)
+        cell = torch.bucketize(vals, self.edges, right=True).add_(f, alpha=self.n_bins)  # [n] histogram cell
+        self.hist.index_add_(0, cell, ones)                         # no [d_sae * n_bins] temporary
+        del ones, cell
         self.act_sum += torch.bincount(f, weights=vals.double(), minlength=d_sae)   # batch sums first
-        bins = torch.bucketize(vals, self.edges, right=True)
-        self.hist.index_add_(0, f * self.n_bins + bins, ones)      # no [d_sae * n_bins] temporary
 
         def offer(best: _Best, score: torch.Tensor) -> None:
             # >=: a token tied with the row minimum can still win the tie on
             # token order if batches come out of order (build feeds them in order).
             cand = (score >= best.threshold().index_select(0, f)).nonzero().squeeze(1)
-            c_e = e.index_select(0, cand)                           # candidates' entry ids
-            best.offer(f.index_select(0, cand), score.index_select(0, cand),
-                       token.index_select(0, cand), vals.index_select(0, cand),
-                       lambda i: windows_of(c_e.index_select(0, i)),
-                       tokens_ascending=True)
+            # Offered in passes of best.per_pass, so the candidates' own copies
+            # are as bounded as the offer's temporaries (see OFFER_BYTES).
+            for lo in range(0, cand.numel(), best.per_pass):
+                c = cand[lo:lo + best.per_pass]
+                c_e = e.index_select(0, c)                          # candidates' entry ids
+                best.offer(f.index_select(0, c), score.index_select(0, c),
+                           first_token + row.index_select(0, c), vals.index_select(0, c),
+                           lambda i, c_e=c_e: windows_of(c_e.index_select(0, i)),
+                           tokens_ascending=True)
 
         offer(self.top, vals)
         # Sample priority 1 - frac(a_token + b_feature): for one feature the order
         # over tokens is a uniform random permutation, so the n_samples highest
         # priorities are a uniform sample of its firing tokens, reproducibly.
-        key = (token_key.reshape(-1).index_select(0, row)
-               + self.feature_key.index_select(0, f)).remainder_(1.0)
-        offer(self.samples, (1.0 - key).float())
+        key = token_key.reshape(-1).index_select(0, row)
+        key += self.feature_key.index_select(0, f)
+        score = key.remainder_(1.0).neg_().add_(1.0).float()      # 1 - key, exactly
+        del key
+        offer(self.samples, score)
 
     def _layer_rows(self, layer) -> slice:
         if layer is None:

@@ -226,11 +226,12 @@ def _best_from_table(table, d_sae: int, k: int, width: int, seq_len: int, kind: 
     act = table.column("activation").to_numpy()
     score = table.column("priority").to_numpy() if kind == "samples" else act
     window = _window_values(table.column("window"), width)
+    dense = {"score": torch.zeros(d_sae, k), "token": torch.full((d_sae, k), -1, dtype=torch.int64),
+             "act": torch.zeros(d_sae, k), "window": torch.zeros(d_sae, k, width, dtype=torch.float16)}
+    for name, values in (("score", score), ("token", token), ("act", act), ("window", window)):
+        dense[name][feat, rank] = torch.from_numpy(values).to(dense[name].dtype)
     best = _Best(d_sae, k, width, "cpu")
-    best.score[feat, rank] = torch.from_numpy(score.astype(np.float32))
-    best.token[feat, rank] = torch.from_numpy(token.astype(np.int64))
-    best.act[feat, rank] = torch.from_numpy(act.astype(np.float32))
-    best.window[feat, rank] = torch.from_numpy(window.astype(np.float16))
+    best.load(dense)
     return best.state()
 
 
