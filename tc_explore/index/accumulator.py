@@ -242,9 +242,9 @@ class _Best:
     and token are read back exactly (one comparison per slot instead of
     three, and 12 bytes a slot less than holding all three: 212 MiB for
     GPT-2 small's 294,912 features at the default 20 + 40 slots).
-    ``_filled`` is the number of non-empty slots per row. Empty slots are filled in order and never reappear, so a
-    row's filled slots are always a prefix (also after ``load``: ``state()``
-    puts empty slots last).
+    ``_filled`` is the number of non-empty slots per row. Empty slots are
+    filled in order and never reappear, so a row's filled slots are always a
+    prefix (also after ``load``: ``state()`` puts empty slots last).
     """
 
     def __init__(self, d_sae: int, k: int, window: int, device):

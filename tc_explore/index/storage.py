@@ -228,8 +228,9 @@ def _best_from_table(table, d_sae: int, k: int, width: int, seq_len: int, kind: 
     window = _window_values(table.column("window"), width)
     dense = {"score": torch.zeros(d_sae, k), "token": torch.full((d_sae, k), -1, dtype=torch.int64),
              "act": torch.zeros(d_sae, k), "window": torch.zeros(d_sae, k, width, dtype=torch.float16)}
-    for name, values in (("score", score), ("token", token), ("act", act), ("window", window)):
-        dense[name][feat, rank] = torch.from_numpy(values).to(dense[name].dtype)
+    for name, values, dtype in (("score", score, np.float32), ("token", token, np.int64),
+                                ("act", act, np.float32), ("window", window, np.float16)):
+        dense[name][feat, rank] = torch.from_numpy(values.astype(dtype))
     best = _Best(d_sae, k, width, "cpu")
     best.load(dense)
     return best.state()
