@@ -1,14 +1,17 @@
 """Shared fixtures. Every test runs offline against a Hugging Face cache that
 the session builds (tiny GPT-2-architecture ``gpt2`` and transcoders in the exact
 ``pchlenski/gpt2-transcoders`` layout), through the real loading code."""
+import atexit
 import importlib
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 # Must happen before huggingface_hub / transformers are imported anywhere.
 _HF_HOME = tempfile.mkdtemp(prefix="tc_explore_hf_")
+atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)     # not left behind in /tmp
 os.environ["HF_HOME"] = _HF_HOME
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
