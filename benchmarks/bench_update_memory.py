@@ -32,7 +32,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import records  # noqa: E402
 from tc_explore.index import accumulator  # noqa: E402
 
 MiB = 2 ** 20
@@ -55,7 +57,7 @@ def tensor_bytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--d-sae", type=int, default=24576)
@@ -68,7 +70,9 @@ def main() -> None:
     ap.add_argument("--n-samples", type=int, default=40)
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--profile", type=int, nargs="+", default=[0, 1, 3], help="batches to profile")
-    args = ap.parse_args()
+    records.add_arguments(ap)
+    args = ap.parse_args(argv)
+    recorder = records.Recorder(args, argv)
     from torch.profiler import ProfilerActivity, profile
 
     accumulator.CPU_SHORTCUTS = False                   # CUDA's code paths
@@ -105,6 +109,7 @@ def main() -> None:
             acc.update(layers, token_key, first)            # empties the list, as the build's does
         return nnz
 
+    peaks, nnzs = {}, []
     for b in range(args.batches):
         t0 = time.perf_counter()
         if b not in args.profile:
@@ -115,6 +120,8 @@ def main() -> None:
                      with_stack=True) as prof:
             nnz = one_batch(b)
         peak, first = live_bytes_peak(prof)
+        peaks[b] = peak - first
+        nnzs.append(nnz)
         print(f"batch {b}: {nnz:,} nonzero activations; peak {(peak - first) / MiB:.0f} MiB above the "
               f"accumulators and buffer (the batch's activations and the update); {time.perf_counter() - t0:.1f} s")
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
@@ -123,6 +130,20 @@ def main() -> None:
     peak, first = live_bytes_peak(prof)
     print(f"one layer's sorted state: peak {(peak - first) / MiB:.0f} MiB above the accumulators")
     del state
+    if peaks:
+        worst = max(peaks.values())
+        recorder.add(
+            "index update memory, CUDA's code paths on a CPU",
+            f"{L} × {D:,} features fused, batch {S} × {T} tokens",
+            "", peak_rss="",
+            notes=(f"{held / MiB:.0f} MiB accumulators; peak live tensors above them and the "
+                   f"{tensor_bytes(chunk) / MiB:.0f} MiB encode buffer: "
+                   + ", ".join(f"{v / MiB:.0f} MiB (batch {b})" for b, v in peaks.items())
+                   + f"; {np.mean(nnzs) / 1e6:.2f} M nonzeros a batch (L0 {args.l0:g})"),
+            accumulator_bytes=held, buffer_bytes=tensor_bytes(chunk), update_peak_bytes=worst,
+            peaks_by_batch={str(b): v for b, v in peaks.items()}, nonzeros=float(np.mean(nnzs)),
+            d_sae=D, layers=L, n_seq=S, seq_len=T, l0=args.l0, k=args.k, n_samples=args.n_samples)
+        recorder.save()
 
 
 if __name__ == "__main__":
