@@ -109,6 +109,11 @@ def main(argv=None) -> None:
             acc.update(layers, token_key, first)            # empties the list, as the build's does
         return nnz
 
+    def profiled():
+        # The memory timeline needs shapes and stacks to tell tensors apart.
+        return profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                       with_stack=True)
+
     peaks, nnzs = {}, []
     for b in range(args.batches):
         t0 = time.perf_counter()
@@ -116,31 +121,27 @@ def main(argv=None) -> None:
             one_batch(b)
             print(f"batch {b}: {time.perf_counter() - t0:.1f} s")
             continue
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                     with_stack=True) as prof:
+        with profiled() as prof:
             nnz = one_batch(b)
         peak, first = live_bytes_peak(prof)
         peaks[b] = peak - first
         nnzs.append(nnz)
         print(f"batch {b}: {nnz:,} nonzero activations; peak {(peak - first) / MiB:.0f} MiB above the "
               f"accumulators and buffer (the batch's activations and the update); {time.perf_counter() - t0:.1f} s")
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                 with_stack=True) as prof:
+    with profiled() as prof:
         state = acc.state(0)
     peak, first = live_bytes_peak(prof)
     print(f"one layer's sorted state: peak {(peak - first) / MiB:.0f} MiB above the accumulators")
     del state
     if peaks:
-        worst = max(peaks.values())
         recorder.add(
             "index update memory, CUDA's code paths on a CPU",
-            f"{L} × {D:,} features fused, batch {S} × {T} tokens",
-            "", peak_rss="",
+            f"{L} × {D:,} features fused, batch {S} × {T} tokens", "",
             notes=(f"{held / MiB:.0f} MiB accumulators; peak live tensors above them and the "
                    f"{tensor_bytes(chunk) / MiB:.0f} MiB encode buffer: "
                    + ", ".join(f"{v / MiB:.0f} MiB (batch {b})" for b, v in peaks.items())
                    + f"; {np.mean(nnzs) / 1e6:.2f} M nonzeros a batch (L0 {args.l0:g})"),
-            accumulator_bytes=held, buffer_bytes=tensor_bytes(chunk), update_peak_bytes=worst,
+            accumulator_bytes=held, buffer_bytes=tensor_bytes(chunk), update_peak_bytes=max(peaks.values()),
             peaks_by_batch={str(b): v for b, v in peaks.items()}, nonzeros=float(np.mean(nnzs)),
             d_sae=D, layers=L, n_seq=S, seq_len=T, l0=args.l0, k=args.k, n_samples=args.n_samples)
         recorder.save()
