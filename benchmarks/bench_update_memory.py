@@ -14,8 +14,19 @@ Activations are synthetic with GPT-2 transcoders' sparsity: each feature fires
 with a log-normally spread probability, scaled to ``--l0`` features per token
 (GPT-2 small's fire about 20-150).
 
+It also counts what a GPU build's update costs beside its arithmetic: the
+operators it dispatches (non-view aten calls, about one kernel launch each) and
+those that wait for the GPU (host syncs: ``nonzero``, ``item``, CUDA's
+``bincount``, boolean-mask indexing), per batch. Those counts do not depend on
+the width, so a narrower shape with the same firing rate per feature
+(``--d-sae 2048 --l0 12``) reaches the steady state, rows full, in seconds a
+batch. With ``--baseline FILE`` (an older ``tc_explore/index/accumulator.py``)
+both fold the same batches, and their final states are compared.
+
     python benchmarks/bench_update_memory.py                     # GPT-2 small's shape, batch 32 x 128
     python benchmarks/bench_update_memory.py --batches 6 --profile 0 1 5
+    python benchmarks/bench_update_memory.py --d-sae 2048 --l0 12 --batches 40 --profile \
+        --baseline /tmp/accumulator_old.py                       # launches and syncs, steady state
 """
 from __future__ import annotations
 
@@ -35,9 +46,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import records  # noqa: E402
-from tc_explore.index import accumulator  # noqa: E402
+from bench_accumulator import compare_states, load_index_module  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 MiB = 2 ** 20
+# Operators that wait for the device to learn a size or a value.
+SYNCING = {"nonzero", "_local_scalar_dense", "item", "bincount", "masked_select", "unique", "_unique2"}
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the non-view operators dispatched, and those that sync with the device."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in ("detach", "alias"):
+            self.ops += 1
+            # Indexing with a boolean mask finds its nonzeros first.
+            masked = name in ("index", "index_put_", "index_put") and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ()) if i is not None)
+            self.syncs += name in SYNCING or masked
+        return func(*args, **(kwargs or {}))
 
 
 def live_bytes_peak(prof) -> tuple[int, int]:
@@ -57,7 +89,7 @@ def tensor_bytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--d-sae", type=int, default=24576)
@@ -69,20 +101,28 @@ def main(argv=None) -> None:
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--n-samples", type=int, default=40)
     ap.add_argument("--batches", type=int, default=4)
-    ap.add_argument("--profile", type=int, nargs="+", default=[0, 1, 3], help="batches to profile")
+    ap.add_argument("--profile", type=int, nargs="*", default=[0, 1, 3],
+                    help="batches whose memory to profile (none: count operators only)")
+    ap.add_argument("--baseline", default=None,
+                    help="an older accumulator.py: its operators and syncs are counted on the same batches")
     records.add_arguments(ap)
     args = ap.parse_args(argv)
     recorder = records.Recorder(args, argv)
     from torch.profiler import ProfilerActivity, profile
 
-    accumulator.CPU_SHORTCUTS = False                   # CUDA's code paths
+    impls = {"current": load_index_module(None)}
+    if args.baseline:
+        impls["baseline"] = load_index_module(args.baseline)
+    for module in impls.values():
+        module.CPU_SHORTCUTS = False                    # CUDA's code paths
     L, D, S, T = args.layers, args.d_sae, args.n_seq, args.seq_len
     g = torch.Generator().manual_seed(0)
     p_fire = torch.exp(torch.randn(L, D, generator=g) * 1.5)
     p_fire = (p_fire / p_fire.sum(1, keepdim=True) * args.l0).clamp(max=0.5)
     chunk = torch.empty(args.chunk_seq, T, D)             # the build's reused encode buffer
-    acc = accumulator._LayerAccumulator(list(range(L)), [D] * L, args.k, args.n_samples,
-                                        accumulator.histogram_edges(), (12, 4), 0, "cpu")
+    accs = {name: m._LayerAccumulator(list(range(L)), [D] * L, args.k, args.n_samples, m.histogram_edges(),
+                                      (12, 4), 0, "cpu") for name, m in impls.items()}
+    acc = accs["current"]
     held = tensor_bytes(*(t for best in (acc.top, acc.samples)
                           for t in (best._key, best.act, best.window, best._threshold, best._filled)),
                         acc.n_firing, acc.act_sum, acc.hist, acc.feature_key)
@@ -90,53 +130,59 @@ def main(argv=None) -> None:
           f"k {args.k}, n_samples {args.n_samples}")
     print(f"accumulators: {held / MiB:.0f} MiB; encode buffer {tensor_bytes(chunk) / MiB:.0f} MiB")
 
-    def one_batch(b: int) -> int:
+    def one_batch(b: int, name: str) -> tuple[int, CountOps]:
+        """Batch b's activations (the same for every implementation) folded into accs[name]."""
+        module, gen = impls[name], torch.Generator().manual_seed(1 + b)
         first = b * S * T
-        token_key = torch.as_tensor(accumulator._token_hash(first + np.arange(S * T), 0).reshape(S, T))
+        token_key = torch.as_tensor(module._token_hash(first + np.arange(S * T), 0).reshape(S, T))
         layers = []
         for layer in range(L):
             parts = []
             for s0 in range(0, S, args.chunk_seq):
-                torch.rand(chunk.shape, generator=g, out=chunk)
+                torch.rand(chunk.shape, generator=gen, out=chunk)
                 fire = chunk < p_fire[layer]
-                torch.rand(chunk.shape, generator=g, out=chunk)
+                torch.rand(chunk.shape, generator=gen, out=chunk)
                 chunk.exp_().mul_(fire)
                 del fire
-                parts.append(accumulator.Entries.of(chunk, first_row=s0 * T))
-            layers.append(accumulator.Entries.cat(parts))
+                parts.append(module.Entries.of(chunk, first_row=s0 * T))
+            layers.append(module.Entries.cat(parts))
         nnz = sum(e.row.numel() for e in layers)
-        with torch.inference_mode():
-            acc.update(layers, token_key, first)            # empties the list, as the build's does
-        return nnz
+        with torch.inference_mode(), CountOps() as counted:
+            accs[name].update(layers, token_key, first)     # empties the list, as the build's does
+        return nnz, counted
 
     def profiled():
         # The memory timeline needs shapes and stacks to tell tensors apart.
         return profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
                        with_stack=True)
 
-    peaks, nnzs = {}, []
+    peaks, nnzs, counts = {}, [], {name: [] for name in impls}
     for b in range(args.batches):
         t0 = time.perf_counter()
-        if b not in args.profile:
-            one_batch(b)
-            print(f"batch {b}: {time.perf_counter() - t0:.1f} s")
-            continue
-        with profiled() as prof:
-            nnz = one_batch(b)
-        peak, first = live_bytes_peak(prof)
-        peaks[b] = peak - first
+        for name in impls:
+            if name == "current" and b in args.profile:
+                with profiled() as prof:
+                    nnz, counted = one_batch(b, name)
+                peak, first = live_bytes_peak(prof)
+                peaks[b] = peak - first
+            else:
+                nnz, counted = one_batch(b, name)
+            counts[name].append((counted.ops, counted.syncs))
         nnzs.append(nnz)
-        print(f"batch {b}: {nnz:,} nonzero activations; peak {(peak - first) / MiB:.0f} MiB above the "
-              f"accumulators and buffer (the batch's activations and the update); {time.perf_counter() - t0:.1f} s")
+        print(f"batch {b}: {nnz:,} nonzero activations; "
+              + "; ".join(f"{name}: {c[-1][0]} operators, {c[-1][1]} syncs" for name, c in counts.items())
+              + (f"; peak {peaks[b] / MiB:.0f} MiB above the accumulators and buffer (the batch's "
+                 f"activations and the update)" if b in peaks else "")
+              + f"; {time.perf_counter() - t0:.1f} s", flush=True)
     with profiled() as prof:
         state = acc.state(0)
     peak, first = live_bytes_peak(prof)
     print(f"one layer's sorted state: peak {(peak - first) / MiB:.0f} MiB above the accumulators")
     del state
+    shape = f"{L} × {D:,} features fused, batch {S} × {T} tokens"
     if peaks:
         recorder.add(
-            "index update memory, CUDA's code paths on a CPU",
-            f"{L} × {D:,} features fused, batch {S} × {T} tokens", "",
+            "index update memory, CUDA's code paths on a CPU", shape, "",
             notes=(f"{held / MiB:.0f} MiB accumulators; peak live tensors above them and the "
                    f"{tensor_bytes(chunk) / MiB:.0f} MiB encode buffer: "
                    + ", ".join(f"{v / MiB:.0f} MiB (batch {b})" for b, v in peaks.items())
@@ -144,8 +190,35 @@ def main(argv=None) -> None:
             accumulator_bytes=held, buffer_bytes=tensor_bytes(chunk), update_peak_bytes=max(peaks.values()),
             peaks_by_batch={str(b): v for b, v in peaks.items()}, nonzeros=float(np.mean(nnzs)),
             d_sae=D, layers=L, n_seq=S, seq_len=T, l0=args.l0, k=args.k, n_samples=args.n_samples)
-        recorder.save()
+    ops, syncs = counts["current"][-1]
+    first_ops, first_syncs = counts["current"][0]
+    print(f"\noperators per update (CUDA's code paths): batch 0 {first_ops} ({first_syncs} syncs), "
+          f"batch {args.batches - 1} {ops} ({syncs} syncs); in all {sum(c[0] for c in counts['current'])} "
+          f"({sum(c[1] for c in counts['current'])} syncs)")
+    versus = ""
+    if "baseline" in counts:
+        old_ops, old_syncs = counts["baseline"][-1]
+        versus = f"; the --baseline accumulator: {old_ops} operators, {old_syncs} syncs"
+        print(f"  --baseline: batch 0 {counts['baseline'][0][0]} ({counts['baseline'][0][1]} syncs), "
+              f"batch {args.batches - 1} {old_ops} ({old_syncs} syncs); in all "
+              f"{sum(c[0] for c in counts['baseline'])} ({sum(c[1] for c in counts['baseline'])} syncs)")
+        bad = compare_states(*(a.state(layer) for a in accs.values() for layer in (0,)))
+        bad += compare_states(*(a.state(L - 1) for a in accs.values()))
+        print("final states: " + ("identical" if not bad else f"DIFFER in {bad}"))
+        if bad:
+            return 1
+    recorder.add(
+        "index update operators, CUDA's code paths on a CPU", shape,
+        f"{ops} operators, {syncs} host syncs (batch {args.batches - 1})",
+        notes=f"batch 0: {first_ops} operators, {first_syncs} syncs; L0 {args.l0:g}{versus}",
+        operators=ops, syncs=syncs, first_operators=first_ops, first_syncs=first_syncs,
+        baseline_operators=counts["baseline"][-1][0] if "baseline" in counts else None,
+        baseline_syncs=counts["baseline"][-1][1] if "baseline" in counts else None,
+        batches=args.batches, d_sae=D, layers=L, n_seq=S, seq_len=T, l0=args.l0, k=args.k,
+        n_samples=args.n_samples)
+    recorder.save()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

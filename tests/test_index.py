@@ -398,6 +398,43 @@ def test_offers_in_passes_equal_one_pass(acc_device, monkeypatch):
     assert state["window"][..., 0].tolist() == [[4.0, 3.0, 2.0], [5.0, 0.5, 0.0]]
 
 
+@pytest.mark.parametrize("offer_bytes, row_bytes", [(None, None), (8 * (12 + 8) * 6, 24 * 8 * 5), (1, 1)])
+def test_best_keeps_the_k_best_whatever_its_passes(acc_device, monkeypatch, offer_bytes, row_bytes):
+    """Offers of many candidates a feature (the k = 8 best kept of 40, with
+    tied scores), in rounds that fill rows, evict several slots of a row at
+    once and leave one row short: the k best by score, then token, in passes
+    of OFFER_BYTES and chunks of ROW_BYTES (6 candidates a pass and 5 rows a
+    chunk; 1 and 1) as in one."""
+    from tc_explore.index import accumulator
+    if offer_bytes is not None:
+        monkeypatch.setattr(accumulator, "OFFER_BYTES", offer_bytes)
+        monkeypatch.setattr(accumulator, "ROW_BYTES", row_bytes)
+    rng = np.random.default_rng(7)
+    d_sae, k = 3, 8
+    best = accumulator._Best(d_sae, k, 1, acc_device)
+    feats, scores, tokens = [], [], []
+    for r in range(5):
+        n = 12 if r < 4 else 3
+        f = np.sort(rng.integers(0, d_sae - 1, n))                  # feature 2 gets only the last round's
+        if r == 4:
+            f[:] = 2
+        score = rng.choice([0.5, 1.0, 1.5, 2.0, 2.5], n).astype(np.float32)
+        token = r * 100 + np.arange(n)
+        best.offer(*(torch.as_tensor(x, device=acc_device) for x in (f, score, token, score)),
+                   lambda idx, s=torch.as_tensor(score, device=acc_device): s.index_select(0, idx)[:, None].half(),
+                   tokens_ascending=True)
+        feats.append(f), scores.append(score), tokens.append(token)
+    f, score, token = (np.concatenate(x) for x in (feats, scores, tokens))
+    state = {name: t.cpu() for name, t in best.state().items()}
+    for feature in range(d_sae):
+        mine = np.flatnonzero(f == feature)
+        top = mine[np.lexsort((token[mine], -score[mine]))][:k]
+        assert state["token"][feature, :len(top)].tolist() == token[top].tolist(), feature
+        assert (state["token"][feature, len(top):] == -1).all()
+        np.testing.assert_array_equal(state["score"][feature, :len(top)].numpy(), score[top])
+        np.testing.assert_array_equal(state["window"][feature, :len(top), 0].numpy(), score[top].astype(np.float16))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_nonzero_2d_matches_torch(dtype, device):

@@ -69,6 +69,10 @@ def _feature_hash(layer: int, d_sae: int, seed: int, start: int = 0) -> np.ndarr
 # so far and the next slice), and costs a few extra passes in the first
 # batches only: once rows are full few entries are candidates.
 OFFER_BYTES = 128 * 2 ** 20
+# Bytes of the [R, k] temporaries of the candidates' rows that an offer off
+# the CPU compares and sorts at a time (``_Best._row_chunks``): while rows
+# fill, a pass's rows in one go would add a third to a GPU update's peak.
+ROW_BYTES = 32 * 2 ** 20
 
 # Hot path: every batch of every layer. On CPU, 1-D gathers use index_select
 # (several times cheaper than advanced indexing) and 1-D sorts use numpy's
@@ -115,9 +119,14 @@ def _segment_starts(sorted_keys: torch.Tensor) -> torch.Tensor:
 
 def _ranks_in_segments(sorted_keys: torch.Tensor) -> torch.Tensor:
     """Rank of each element within its run of equal keys (keys sorted): its
-    index minus the running max of run-start indices (linear, no search)."""
+    index minus the index where its run starts. On CPU that start is the
+    running max of run-start indices (linear); elsewhere a binary search for
+    the key (one kernel, where CUDA's cummax is a slow scan)."""
     i = torch.arange(sorted_keys.numel(), device=sorted_keys.device)
-    first = torch.where(_segment_starts(sorted_keys), i, 0).cummax(0).values
+    if _on_cpu(sorted_keys):
+        first = torch.where(_segment_starts(sorted_keys), i, 0).cummax(0).values
+    else:
+        first = torch.searchsorted(sorted_keys, sorted_keys)
     return i - first
 
 
@@ -208,13 +217,18 @@ def _context_windows(at: torch.Tensor, seg: torch.Tensor, pos: torch.Tensor, val
     for step, reach in ((1, after), (-1, before)):
         if reach == 0:
             continue
-        # An entry has a neighbour within reach on this side only if the entry
-        # next to it is one (positions ascend within a segment), which few
-        # are: only those are tested against all ``reach`` candidates.
-        next_to = at + step
-        nb = next_to.clamp(0, n - 1)
-        has = ((next_to >= 0) & (next_to < n) & (seg[nb] == seg_at)
-               & ((pos[nb] - pos_at) * step <= reach)).nonzero().squeeze(1)   # [H] rows of win
+        if m <= per and not _on_cpu(seg):
+            # One chunk of rows: all tested, with no host sync to find the few
+            # that need it (which on CUDA costs more than testing the rest).
+            has = torch.arange(m, device=at.device)
+        else:
+            # An entry has a neighbour within reach on this side only if the
+            # entry next to it is one (positions ascend within a segment),
+            # which few are: only those are tested against all ``reach`` candidates.
+            next_to = at + step
+            nb = next_to.clamp(0, n - 1)
+            has = ((next_to >= 0) & (next_to < n) & (seg[nb] == seg_at)
+                   & ((pos[nb] - pos_at) * step <= reach)).nonzero().squeeze(1)   # [H] rows of win
         for lo in range(0, has.numel(), per):
             r = has[lo:lo + per]                                # [R] rows
             j = at.index_select(0, r)[:, None] + step * torch.arange(1, reach + 1, device=at.device)
@@ -242,9 +256,10 @@ class _Best:
     and token are read back exactly (one comparison per slot instead of
     three, and 12 bytes a slot less than holding all three: 212 MiB for
     GPT-2 small's 294,912 features at the default 20 + 40 slots).
-    ``_filled`` is the number of non-empty slots per row. Empty slots are
-    filled in order and never reappear, so a row's filled slots are always a
-    prefix (also after ``load``: ``state()`` puts empty slots last).
+    ``_filled`` is the number of non-empty slots per row (kept up to date
+    on CPU, whose offers read it). Empty slots are filled in order and never
+    reappear, so a row's filled slots are always a prefix (also after
+    ``load``: ``state()`` puts empty slots last).
     """
 
     def __init__(self, d_sae: int, k: int, window: int, device):
@@ -314,32 +329,66 @@ class _Best:
         f = f.index_select(0, order)
         key = self._goodness(score.index_select(0, order), token.index_select(0, order))  # [C]
         rank = _ranks_in_segments(f)                                # [C] among the feature's candidates
-        # At most the row's filled slots can beat a candidate: one with
-        # rank + filled < k is kept without looking at the row (in the first
-        # batches, while rows fill, nearly all are), one with rank >= k is not.
-        # Only the rest are compared with all k slots of their row.
+        filling_first = _on_cpu(f)
+        if filling_first:
+            keep = self._keep_filling_first(f, key, rank)
+        else:
+            # Every candidate compared with all k slots of its row: more work
+            # than settling first those that rows still filling take (see
+            # _keep_filling_first), but no host sync in between; on CUDA a sync
+            # costs more than these few small kernels.
+            keep = torch.empty_like(rank, dtype=torch.bool)         # [C]
+            for part in self._row_chunks(f.numel()):
+                rows = self._key.index_select(0, f[part])           # [R, k]
+                keep[part] = rank[part] + (rows > key[part, None]).sum(1, dtype=torch.int32) < k
+        kept = keep.nonzero().squeeze(1)                            # [C']
+        if kept.numel() == 0:
+            return
+        # Kept candidates of a feature are its best ones (one kept beats every
+        # one dropped), so each one's rank among them is its rank among all.
+        f, key, src, j = (t.index_select(0, kept) for t in (f, key, order, rank))    # [C']
+        slot = self._worst_slots(f, j) if filling_first else self._worst_slots_sorted(f, j)     # [C']
+        at = f * k + slot                                           # [C'] flat slot each one takes
+        self._key.view(-1).index_copy_(0, at, key)
+        self.act.view(-1).index_copy_(0, at, act.index_select(0, src).to(self.act.dtype))
+        self.window.view(-1, self.window.shape[-1]).index_copy_(
+            0, at, window_of(src).to(self.window.dtype))
+        if filling_first:                                           # the only reader of _filled
+            self._filled.index_add_(0, f, torch.ones_like(f)).clamp_(max=k)
+        # Row minima of all rows: one pass over [d_sae, k], about as cheap on CPU
+        # as finding the rows that changed, and free of host syncs on CUDA
+        # (the lowest key holds the lowest score; on CPU an int64 amin takes
+        # 3-4 times as long as min, which is vectorised).
+        self._threshold.copy_(self._score_of(self._key.min(dim=1).values))
+
+    def _keep_filling_first(self, f: torch.Tensor, key: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+        """[C] whether each candidate (sorted by feature, best first; ``rank``
+        among its feature's) is kept: fewer than k entries beat it.
+
+        At most the row's filled slots can beat a candidate: one with rank +
+        filled < k is kept without looking at the row (in the first batches,
+        while rows fill, nearly all are), one with rank >= k is not. Only the
+        rest are compared with all k slots of their row."""
+        k = self.k
         keep = rank + self._filled.index_select(0, f) < k           # [C]
         doubt = ((rank < k) & ~keep).nonzero().squeeze(1)          # [D]
         if doubt.numel():
             row_key = self._key.index_select(0, f.index_select(0, doubt))        # [D, k]
             beaten = (row_key > key.index_select(0, doubt)[:, None]).sum(1, dtype=torch.int32)  # [D]
             keep[doubt] = rank.index_select(0, doubt) + beaten < k
-        kept = keep.nonzero().squeeze(1)                            # [C']
-        if kept.numel() == 0:
-            return
-        f, key, src = f.index_select(0, kept), key.index_select(0, kept), order.index_select(0, kept)
-        # Kept candidates of a feature are its best ones, so they stay contiguous
-        # and in rank order after the mask: j-th kept candidate -> j-th worst slot,
-        # which is the j-th empty slot while there is one (empties, the worst,
-        # follow the filled prefix).
-        j = _ranks_in_segments(f)                                   # [C']
+        return keep
+
+    def _worst_slots(self, f: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """[C'] the slot the j-th best kept candidate of feature f takes: the
+        j-th worst of the row, which is its j-th empty slot while there is one
+        (empties, the worst, follow the filled prefix)."""
+        k = self.k
         slot = self._filled.index_select(0, f) + j                  # [C']
         evict = (slot >= k).nonzero().squeeze(1)                    # [E] displace a real entry
         if evict.numel():
-            # The j-th worst slot of the row (its empties first; keys are unique
-            # within a row except identical empty slots, so this is exact). Once
-            # rows are full nearly every evicting candidate has j == 0: the row's
-            # argmin, a fraction of the cost of a topk.
+            # Keys are unique within a row except identical empty slots, so this
+            # is exact. Once rows are full nearly every evicting candidate has
+            # j == 0: the row's argmin, a fraction of the cost of a topk.
             ev_f, ev_j = f.index_select(0, evict), j.index_select(0, evict)
             ev_slot = self._key.index_select(0, ev_f).argmin(dim=1)            # [E], right for j == 0
             more = (ev_j > 0).nonzero().squeeze(1)                  # [M]
@@ -352,17 +401,24 @@ class _Best:
                                    largest=False, sorted=True).indices         # [R, m_max]
                 ev_slot[more] = worst[row_of, m_j]
             slot[evict] = ev_slot
-        at = f * k + slot                                           # [C'] flat slot each one takes
-        self._key.view(-1).index_copy_(0, at, key)
-        self.act.view(-1).index_copy_(0, at, act.index_select(0, src).to(self.act.dtype))
-        self.window.view(-1, self.window.shape[-1]).index_copy_(
-            0, at, window_of(src).to(self.window.dtype))
-        self._filled.index_add_(0, f, torch.ones_like(f)).clamp_(max=k)
-        # Row minima of all rows: one pass over [d_sae, k], about as cheap on CPU
-        # as finding the rows that changed, and free of host syncs on CUDA
-        # (the lowest key holds the lowest score; on CPU an int64 amin takes
-        # 3-4 times as long as min, which is vectorised).
-        self._threshold.copy_(self._score_of(self._key.min(dim=1).values))
+        return slot
+
+    def _worst_slots_sorted(self, f: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """As ``_worst_slots``, with no host sync: each candidate's row sorted
+        ascending, stably, so that its empty slots (key 0) come first and in
+        order, and fill in order."""
+        slots = []
+        for part in self._row_chunks(f.numel()):
+            rows = self._key.index_select(0, f[part])               # [R, k] as before this offer
+            worst_first = torch.sort(rows, dim=1, stable=True).indices
+            slots.append(worst_first.gather(1, j[part, None]).squeeze(1))
+        return slots[0] if len(slots) == 1 else torch.cat(slots)
+
+    def _row_chunks(self, n: int) -> list[slice]:
+        """Slices of ``n`` candidates whose rows' temporaries (keys, and a
+        sort's values and indices: 24 bytes a slot) take at most ROW_BYTES."""
+        per = max(1, ROW_BYTES // (24 * self.k))
+        return [slice(lo, lo + per) for lo in range(0, n, per)]
 
     def state(self, rows: slice = slice(None)) -> dict:
         """Rows (all, or a slice) sorted best first (score desc, token asc), as
@@ -400,8 +456,9 @@ class _LayerAccumulator:
     of one set of tensors, and ``update`` takes one activation tensor (or its
     ``Entries``) per layer. Every statistic is per feature, so the result is the
     same as separate accumulators'; on CUDA, where an update is bound by its
-    ~400 kernel launches rather than by arithmetic, one update for all layers
-    instead of one per layer removes most of the index's overhead."""
+    kernel launches and host syncs rather than by arithmetic (about 280 and 5
+    once rows are full, benchmarks/bench_update_memory.py), one update for all
+    layers instead of one per layer removes most of the index's overhead."""
 
     def __init__(self, layer: int | Sequence[int], d_sae: int | Sequence[int], k: int, n_samples: int,
                  edges: np.ndarray, window: tuple[int, int], seed: int, device, first_feature: int = 0):
@@ -500,7 +557,10 @@ class _LayerAccumulator:
         cell = torch.bucketize(vals, self.edges, right=True).add_(f, alpha=self.n_bins)  # [n] histogram cell
         self.hist.index_add_(0, cell, ones)                         # no [d_sae * n_bins] temporary
         del ones, cell
-        self.act_sum += torch.bincount(f, weights=vals.double(), minlength=d_sae)   # batch sums first
+        # Batch sums first. CUDA's bincount waits for the GPU (it sizes its
+        # output by the largest feature), and adds in no fixed order anyway.
+        self.act_sum += (torch.bincount(f, weights=vals.double(), minlength=d_sae) if _on_cpu(f) else
+                         torch.zeros_like(self.act_sum).index_add_(0, f, vals.double()))
 
         def offer(best: _Best, score: torch.Tensor) -> None:
             # >=: a token tied with the row minimum can still win the tie on

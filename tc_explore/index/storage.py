@@ -284,8 +284,12 @@ def read_layer_state(directory: Path, manifest: IndexManifest, layer: int) -> di
 # -- checksums -----------------------------------------------------------------------------
 def data_file_names(manifest: IndexManifest) -> list[str]:
     """Every data file of an index, relative to its folder."""
-    return ["tokens.parquet"] + [f"{layer_name(layer)}/{table}.parquet"
-                                 for layer in manifest.layers for table in TABLES]
+    return ["tokens.parquet"] + [name for layer in manifest.layers for name in layer_file_names(layer)]
+
+
+def layer_file_names(layer: int) -> list[str]:
+    """One layer's data files, relative to the index's folder."""
+    return [f"{layer_name(layer)}/{table}.parquet" for table in TABLES]
 
 
 def file_checksums(directory: Path, names: list[str]) -> dict:
