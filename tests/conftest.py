@@ -9,9 +9,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+# One temporary folder for the session, removed at exit: what the tests, the
+# notebooks they run (their indexes) and the kernels, servers and browsers they
+# start put in temporary folders is not left behind in /tmp.
+_TMP = tempfile.mkdtemp(prefix="tc_explore_tests_")
+atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
+os.environ["TMPDIR"] = tempfile.tempdir = _TMP
 # Must happen before huggingface_hub / transformers are imported anywhere.
 _HF_HOME = tempfile.mkdtemp(prefix="tc_explore_hf_")
-atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)     # not left behind in /tmp
 os.environ["HF_HOME"] = _HF_HOME
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
