@@ -366,19 +366,19 @@ def _run_batches(model, transcoders: TranscoderSet, out: Path, manifest: IndexMa
         first_seq = manifest.sequence_start + b * manifest.batch_size
         first_token = first_seq * seq_len
         gtok = first_token + np.arange(toks.numel(), dtype=np.int64)
-        token_key = _to_device(torch.from_numpy(_token_hash(gtok, manifest.seed).reshape(toks.shape)),
-                               transcoders.device)
+        token_key = torch.from_numpy(_token_hash(gtok, manifest.seed).reshape(toks.shape))
         toks = _to_device(toks, model_device(model))
         gathered = {id(group): {} for group in groups}         # group -> {layer: activations}
 
         def consume(layer, chunks, token_key=token_key, first_token=first_token, gathered=gathered):
             # In the model's thread, or the worker's (then on its stream: the
-            # token keys are copied there, not on the model's stream).
+            # token keys are copied there, where they are used and freed).
             group = group_of[layer]
             got = gathered[id(group)]
             got[layer] = _activations(chunks, seq_len, len(token_key), dense_ok=len(group) == 1)
             if len(got) == len(group):                          # the group's last layer
-                accs[group[0]].update([got.pop(l) for l in group], token_key, first_token)
+                accs[group[0]].update([got.pop(l) for l in group], _to_device(token_key, transcoders.device),
+                                      first_token)
 
         with torch.inference_mode():
             stream_encodings(model, transcoders, layers, toks, consume, nonfinite=nonfinite, buffers=buffers,
@@ -404,9 +404,9 @@ def _run_batches(model, transcoders: TranscoderSet, out: Path, manifest: IndexMa
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device``; to a GPU from pinned memory, without
-    waiting: a copy from pageable memory waits for all work queued on the
-    stream, once a batch the model's forward (and the worker's)."""
+    """A host tensor on ``device`` (on the current stream); to a GPU from
+    pinned memory, without waiting: a copy from pageable memory waits for all
+    work queued on the stream (once a batch the model's forward, and the worker's)."""
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
