@@ -17,10 +17,10 @@ with a log-normally spread probability, scaled to ``--l0`` features per token
 It also counts what a GPU build's update costs beside its arithmetic: the
 operators it dispatches (non-view aten calls, about one kernel launch each) and
 those that wait for the GPU (host syncs: ``nonzero``, ``item``, CUDA's
-``bincount``, boolean-mask indexing), per batch. Those counts do not depend on
-the width, so a narrower shape with the same firing rate per feature
-(``--d-sae 2048 --l0 12``) reaches the steady state, rows full, in seconds a
-batch. With ``--baseline FILE`` (an older ``tc_explore/index/accumulator.py``)
+``bincount``, boolean-mask indexing), per batch. Once rows are full, those
+counts hardly depend on the width (only offers larger than a pass are split),
+so a narrower shape with the same firing rate per feature (``--d-sae 2048
+--l0 12``) shows the steady state in seconds a batch. With ``--baseline FILE`` (an older ``tc_explore/index/accumulator.py``)
 both fold the same batches, and their final states are compared.
 
     python benchmarks/bench_update_memory.py                     # GPT-2 small's shape, batch 32 x 128
