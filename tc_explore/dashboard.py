@@ -368,7 +368,8 @@ def dashboard_html(d: FeatureDashboard, plotly_figures: bool = False) -> str:
     weights = ""
     if d.logits_boosted is not None and plotly_figures:
         weights += _plotly_div(logit_figure(d))
-    weights += (f'<div class="tcx-row"><div><h4>boosted logits</h4>{_table(d.logits_boosted, "tcx-logits-boosted")}</div>'
+    weights += (f'<div class="tcx-row">'
+                f'<div><h4>boosted logits</h4>{_table(d.logits_boosted, "tcx-logits-boosted")}</div>'
                 f'<div><h4>suppressed logits</h4>{_table(d.logits_suppressed, "tcx-logits-suppressed")}</div>'
                 f'<div><h4>de-embeddings</h4>{_table(d.de_embeddings, "tcx-de-embeddings")}</div></div>'
                 f'<h4>de-embeddings through top OV heads</h4>{_table(d.ov_de_embeddings, "tcx-ov-de-embeddings")}')

@@ -193,7 +193,8 @@ def ablate_mlps(model, layers, mode: Literal["zero", "mean"] = "zero", means=Non
 
 def run_with_transcoders(model, tokens, transcoders: TranscoderSet, layers=None, **kwargs):
     """Logits of the model with the chosen MLPs replaced by transcoders."""
-    return model.run_with_hooks(to_tokens(model, tokens), fwd_hooks=transcoder_hooks(model, transcoders, layers, **kwargs))
+    return model.run_with_hooks(to_tokens(model, tokens),
+                                fwd_hooks=transcoder_hooks(model, transcoders, layers, **kwargs))
 
 
 def run_with_ablated_mlps(model, tokens, layers, mode="zero", means=None):
