@@ -190,30 +190,30 @@ def main(argv=None) -> int:
             accumulator_bytes=held, buffer_bytes=tensor_bytes(chunk), update_peak_bytes=max(peaks.values()),
             peaks_by_batch={str(b): v for b, v in peaks.items()}, nonzeros=float(np.mean(nnzs)),
             d_sae=D, layers=L, n_seq=S, seq_len=T, l0=args.l0, k=args.k, n_samples=args.n_samples)
-    ops, syncs = counts["current"][-1]
-    first_ops, first_syncs = counts["current"][0]
-    print(f"\noperators per update (CUDA's code paths): batch 0 {first_ops} ({first_syncs} syncs), "
-          f"batch {args.batches - 1} {ops} ({syncs} syncs); in all {sum(c[0] for c in counts['current'])} "
-          f"({sum(c[1] for c in counts['current'])} syncs)")
+    last = args.batches - 1
+
+    def summary(name: str) -> str:
+        c = counts[name]
+        return (f"batch 0 {c[0][0]} ({c[0][1]} syncs), batch {last} {c[-1][0]} ({c[-1][1]} syncs); "
+                f"in all {sum(n for n, _ in c)} ({sum(n for _, n in c)} syncs)")
+    print(f"\noperators per update (CUDA's code paths): {summary('current')}")
+    (first_ops, first_syncs), (ops, syncs) = counts["current"][0], counts["current"][-1]
+    old_ops, old_syncs = counts["baseline"][-1] if "baseline" in counts else (None, None)
     versus = ""
     if "baseline" in counts:
-        old_ops, old_syncs = counts["baseline"][-1]
         versus = f"; the --baseline accumulator: {old_ops} operators, {old_syncs} syncs"
-        print(f"  --baseline: batch 0 {counts['baseline'][0][0]} ({counts['baseline'][0][1]} syncs), "
-              f"batch {args.batches - 1} {old_ops} ({old_syncs} syncs); in all "
-              f"{sum(c[0] for c in counts['baseline'])} ({sum(c[1] for c in counts['baseline'])} syncs)")
-        bad = compare_states(*(a.state(layer) for a in accs.values() for layer in (0,)))
-        bad += compare_states(*(a.state(L - 1) for a in accs.values()))
+        print(f"  --baseline: {summary('baseline')}")
+        bad = [f"layer {layer} {name}" for layer in range(L)
+               for name in compare_states(*(a.state(layer) for a in accs.values()))]
         print("final states: " + ("identical" if not bad else f"DIFFER in {bad}"))
         if bad:
             return 1
     recorder.add(
         "index update operators, CUDA's code paths on a CPU", shape,
-        f"{ops} operators, {syncs} host syncs (batch {args.batches - 1})",
+        f"{ops} operators, {syncs} host syncs (batch {last})",
         notes=f"batch 0: {first_ops} operators, {first_syncs} syncs; L0 {args.l0:g}{versus}",
         operators=ops, syncs=syncs, first_operators=first_ops, first_syncs=first_syncs,
-        baseline_operators=counts["baseline"][-1][0] if "baseline" in counts else None,
-        baseline_syncs=counts["baseline"][-1][1] if "baseline" in counts else None,
+        baseline_operators=old_ops, baseline_syncs=old_syncs,
         batches=args.batches, d_sae=D, layers=L, n_seq=S, seq_len=T, l0=args.l0, k=args.k,
         n_samples=args.n_samples)
     recorder.save()
