@@ -12,9 +12,9 @@ tc_explore.load_transcoders; both written by another process), it prints:
 
 * the bare pass: the build's own forward and encodings
   (``tc_explore.index.forward.stream_encodings``: the forward stopped after
-  the last transcoder input, every layer encoded into one reused buffer as
-  the build does, on a GPU on the build's own thread and CUDA stream,
-  ``EncodeWorker``) with nothing kept, over the same tokens: the work a
+  the last transcoder input, every layer encoded as the build does: on a CPU
+  into one reused buffer, on a GPU into fresh memory on the build's own
+  thread and CUDA stream, ``EncodeWorker``) with nothing kept, over the same tokens: the work a
   build cannot avoid; and for reference, one plain pass encoding every layer
   in the model's thread into fresh memory (``Transcoder.encode`` alone, as a
   user's own loop would);
@@ -169,20 +169,20 @@ def write_weights_elsewhere(work: str, d_sae: int, l0: float) -> None:
 
 def bare_pass(model, transcoders, batches, build_like: bool = True) -> float:
     """The build's forward and encodings (``stream_encodings``, the same
-    function FeatureIndex.build runs, as the build runs it: into one reused
-    output buffer, and on a GPU on the build's ``EncodeWorker``, its own
-    thread and CUDA stream) with nothing kept: seconds (the device
+    function FeatureIndex.build runs, as the build runs it: on a CPU into one
+    reused output buffer, on a GPU into fresh memory on the build's
+    ``EncodeWorker``, its own thread and CUDA stream) with nothing kept: seconds (the device
     synchronised at the end). ``build_like=False``: in the model's thread,
     every layer encoded into fresh memory, as ``Transcoder.encode`` alone
     does (the plain pass a user would write)."""
-    from tc_explore.index.forward import EncodeWorker, stream_encodings
+    from tc_explore.index.forward import EncodeWorker, reuses_buffers, stream_encodings
 
     def discard(layer, chunks):
         for _, acts in chunks:
             del acts
     gpu = transcoders.device.type == "cuda"
     sync = torch.cuda.synchronize if gpu else (lambda: None)
-    buffers = {} if build_like else None
+    buffers = {} if build_like and reuses_buffers(transcoders.device) else None
     sync()
     t0 = time.perf_counter()
     worker = EncodeWorker(transcoders.device, len(transcoders.layers)) if gpu and build_like else None

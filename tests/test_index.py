@@ -470,6 +470,49 @@ def test_pipelined_builds_equal_the_inline_build(tiny_model, tiny_transcoders, t
     assert not [t for t in threading.enumerate() if t.name == "tc-index-encode"]
 
 
+def test_a_build_on_the_gpus_code_paths_equals_the_cpu_build(tiny_model, tiny_transcoders, tmp_path,
+                                                             full_index, monkeypatch):
+    # A GPU build's ways on a CPU (no numpy shortcuts, every chunk encoded into
+    # fresh memory rather than a buffer kept from batch to batch, all layers
+    # fused in one update on the pipeline's worker): the same index.
+    from tc_explore.index import accumulator, build
+    real, passed = build.stream_encodings, []
+
+    def spy(*args, buffers=None, **kwargs):
+        passed.append(buffers)
+        return real(*args, buffers=buffers, **kwargs)
+    monkeypatch.setattr(build, "stream_encodings", spy)
+    _build(tiny_model, tiny_transcoders, tmp_path / "cpu", max_batches=1)
+    assert len(passed) == 1 and len(passed[0]) == 1        # the CPU's: one buffer, kept
+    monkeypatch.setattr(accumulator, "CPU_SHORTCUTS", False)
+    passed.clear()
+    _assert_same(_build(tiny_model, tiny_transcoders, tmp_path / "gpu-ways", fuse_layers=True, pipeline=True),
+                 full_index)
+    assert passed and all(buffers is None for buffers in passed)
+
+
+def test_a_layers_chunks_are_let_go_one_by_one():
+    # Each chunk of a layer's activations (in fresh memory on a GPU) is freed
+    # once its nonzeros are taken, before the next is encoded: at GPT-2 small's
+    # GPU batch, two chunks alive at once would add 192 MiB.
+    import weakref
+
+    from tc_explore.index.build import _activations
+    made = []
+
+    def chunks():
+        for i in range(3):
+            assert all(ref() is None for ref in made), "an earlier chunk is still alive"
+            acts = torch.zeros(1, 4, 6)
+            acts[0, i, i] = 1.0 + i
+            made.append(weakref.ref(acts))
+            yield i, acts
+            del acts
+    entries = _activations(chunks(), seq_len=4, n_seq=3, dense_ok=False)
+    assert entries.row.tolist() == [0, 5, 10] and entries.feature.tolist() == [0, 1, 2]
+    assert entries.value.tolist() == [1.0, 2.0, 3.0]
+
+
 def test_an_error_on_the_pipeline_worker_reaches_the_caller(tiny_model, tiny_transcoders, tmp_path,
                                                            monkeypatch, full_index):
     from tc_explore.index import accumulator

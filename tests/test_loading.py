@@ -196,3 +196,43 @@ def test_loaded_model_keeps_no_map_of_its_checkpoint(tmp_path):
     assert weights and all(t.untyped_storage().resizable() for t in weights)
     assert str(path) not in Path("/proc/self/maps").read_text()
     assert model("The war lasted from", return_type="logits").isfinite().all()
+
+
+def _activations_left_on(model) -> list:
+    """(module, attribute) of the tensors of three or more dimensions a
+    forward pass left as module attributes (weights are parameters or buffers)."""
+    return [(name, attr) for name, module in model.named_modules() for attr, value in vars(module).items()
+            if isinstance(value, torch.Tensor) and value.dim() >= 3]
+
+
+def test_a_forward_leaves_no_attention_pattern_on_the_model(tiny_model, tmp_path):
+    """TransformerLens 4's attention bridge keeps each forward's pattern
+    ([batch, heads, pos, pos]) as a module attribute that nothing reads; a
+    model from load_model, or passed through it, lets it go as the module
+    returns, while hook_pattern (and so run_with_cache) still sees the pattern."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from tc_explore.model import _forget_pattern, hook_attn_pattern
+    from tc_explore.testing import build_tiny_gpt2
+    tokens = torch.randint(1, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        logits, cache = tiny_model.run_with_cache(tokens, names_filter=hook_attn_pattern(0))
+    assert _activations_left_on(tiny_model) == []
+    pattern = cache[hook_attn_pattern(0)]
+    assert pattern.shape == (2, tiny_model.cfg.n_heads, 9, 9)
+    assert torch.allclose(pattern.sum(-1), torch.ones(()))
+
+    # Booted without tc_explore, a bridge keeps one pattern per layer...
+    bridge = TransformerBridge.boot_transformers(str(build_tiny_gpt2(tmp_path / "m", n_layers=2, d_model=32)),
+                                                 device="cpu")
+    bridge.enable_compatibility_mode(disable_warnings=True)
+    with torch.inference_mode():
+        before = bridge(tokens, return_type="logits")
+    assert len(_activations_left_on(bridge)) == 2
+    # ... until passed through load_model (twice: one hook each still).
+    assert load_model(load_model(bridge)) is bridge
+    hooked = [m for m in bridge.modules() if _forget_pattern in m._forward_hooks.values()]
+    assert len(hooked) == 2 and all(list(m._forward_hooks.values()).count(_forget_pattern) == 1 for m in hooked)
+    with torch.inference_mode():
+        after = bridge(tokens, return_type="logits")
+    assert _activations_left_on(bridge) == [] and torch.equal(after, before)

@@ -36,7 +36,7 @@ from ..model import check_context, model_device
 from ..progress import progress_bar
 from ..transcoder import TranscoderSet, as_transcoder_set
 from .accumulator import Entries, _Best, _FeatureBlocks, _LayerAccumulator, _token_hash, histogram_edges
-from .forward import EncodeWorker, stream_encodings
+from .forward import EncodeWorker, reuses_buffers, stream_encodings
 from .lock import FolderLock
 from .storage import (FORMAT_VERSION, IndexManifest, _flat_windows, atomic_write_json,
                       atomic_write_parquet, data_file_names, file_checksums, index_files,
@@ -353,9 +353,9 @@ def _run_batches(model, transcoders: TranscoderSet, out: Path, manifest: IndexMa
     tokens_file = pq.ParquetFile(out / "tokens.parquet")
     bar = _progress(n_batches, done, s.progress)
     nonfinite: dict = {}                                        # layer -> NaN/inf inputs (device counts)
-    # Every layer is encoded into one reused buffer: each update runs before
-    # the next layer is encoded, in the model's thread or in order on the worker.
-    buffers: dict = {}
+    # On a CPU every layer is encoded into one reused buffer: each update runs
+    # before the next layer is encoded, in the model's thread or in order on the worker.
+    buffers = {} if reuses_buffers(transcoders.device) else None
     new_batches = 0
     last_saved, saved_at = done, time.monotonic()
     for b in range(done, n_batches):
@@ -425,6 +425,7 @@ def _activations(chunks, seq_len: int, n_seq: int, dense_ok: bool):
         if dense_ok and first_seq == 0 and len(acts) == n_seq:
             return acts                                         # the one chunk
         parts.append(Entries.of(acts, first_row=first_seq * seq_len))
+        del acts                        # in fresh memory (a GPU's), freed before the next chunk is encoded
     return Entries.cat(parts)
 
 

@@ -35,12 +35,24 @@ import torch
 
 from ..model import model_device
 from ..transcoder import TranscoderSet
+from . import accumulator
 
 # Dense activations of one chunk at most this large (bytes): at GPU batch
 # sizes a layer's [tokens, d_sae] floats are gigabytes (32 x 1024 tokens x
 # 24576 features: 3.2 GB). Batches under it (the CPU default, 8 x 128 tokens:
 # 96 MiB) are encoded whole.
 CHUNK_BYTES = 256 * 2 ** 20
+
+
+def reuses_buffers(device) -> bool:
+    """Whether a build encodes into buffers kept from batch to batch
+    (``stream_encodings``' ``buffers``): on a CPU, where fresh memory is
+    mapped and zeroed page by page; not on a GPU, whose caching allocator
+    hands a freed block back at no cost, and where a kept buffer would sit
+    idle through each accumulator update (192 MiB at a batch of 32 x 128
+    tokens of GPT-2 small). The CPU's way is one of its shortcuts
+    (``accumulator.CPU_SHORTCUTS``): with them off, a CPU takes the GPU's."""
+    return accumulator.CPU_SHORTCUTS and torch.device(device).type == "cpu"
 
 
 class EncodeWorker:
@@ -161,7 +173,8 @@ def stream_encodings(model, transcoders: TranscoderSet, layers: Sequence[int], t
     ``buffers``, if given (a dict, empty at first), holds one output buffer per
     chunk shape and dtype, made on first use and kept there for later passes:
     every chunk is encoded into it, so its activations are valid only until
-    the next chunk is asked for or ``consume`` returns.
+    the next chunk is asked for or ``consume`` returns (the build passes
+    them where ``reuses_buffers``).
 
     ``worker``, if given, runs each ``consume`` (and so the encoding) in its
     thread and stream; this returns when the forward has handed the last
