@@ -167,6 +167,21 @@ def write_weights_elsewhere(work: str, d_sae: int, l0: float) -> None:
         raise SystemExit(f"writing the model and transcoder files failed (exit code {p.exitcode})")
 
 
+def written_weights(weights_dir: str, d_sae: int, l0: float) -> str:
+    """``weights_dir``, holding the model and transcoder files (written there
+    by ``write_weights_elsewhere`` unless an earlier run did, with the same settings)."""
+    marker, settings = os.path.join(weights_dir, "written"), f"d_sae {d_sae}, l0 {l0}\n"
+    if not os.path.isfile(marker):
+        write_weights_elsewhere(weights_dir, d_sae, l0)
+        with open(marker, "w") as f:
+            f.write(settings)
+    else:
+        with open(marker) as f:
+            if f.read() != settings:
+                raise SystemExit(f"{weights_dir} holds weights of other settings: give another --weights-dir")
+    return weights_dir
+
+
 def bare_pass(model, transcoders, batches, build_like: bool = True) -> float:
     """The build's forward and encodings (``stream_encodings``, the same
     function FeatureIndex.build runs, as the build runs it: on a CPU into one
@@ -248,16 +263,7 @@ def main(argv=None):
     try:
         import gc
         t = time.perf_counter()
-        weights_dir = args.weights_dir or work
-        marker, settings = os.path.join(weights_dir, "written"), f"d_sae {args.d_sae}, l0 {args.l0}\n"
-        if not os.path.isfile(marker):
-            write_weights_elsewhere(weights_dir, args.d_sae, args.l0)
-            with open(marker, "w") as f:
-                f.write(settings)
-        else:
-            with open(marker) as f:
-                if f.read() != settings:
-                    raise SystemExit(f"{weights_dir} holds weights of other settings: give another --weights-dir")
+        weights_dir = written_weights(args.weights_dir or work, args.d_sae, args.l0)
         written = time.perf_counter() - t
         gc.collect()
         rss_before_weights = PeakMemory.rss()
