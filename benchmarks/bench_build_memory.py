@@ -188,12 +188,12 @@ def main(argv=None) -> int:
         for nbytes, shape, dtype in live:
             print(f"  {nbytes / MiB:8.1f} MiB  {dtype:8s} {list(shape)}")
     recorder.add("index build memory, CUDA's code paths on a CPU",
-                 f"12 x {args.d_sae:,} features fused, batch {args.batch_size} x {args.seq_len} tokens",
+                 f"12 × {args.d_sae:,} features fused, batch {args.batch_size} × {args.seq_len} tokens",
                  f"{above / MiB:,.0f} MiB above the weights", baseline, ratio,
                  notes=f"peak malloc'd above the loaded process (the model and transcoders: "
                        f"{weights / 2 ** 30:.2f} GiB), "
                        f"{args.batches} batches, in {tracker.where[-2] if len(tracker.where) > 1 else '?'}; "
-                       f"target <= 2 GiB",
+                       f"target ≤ 2 GiB",
                  peak_above_bytes=above, weights_bytes=weights, batches=args.batches, d_sae=args.d_sae,
                  l0=args.l0, batch_size=args.batch_size, seq_len=args.seq_len, code=str(args.code or ""))
     recorder.save()
