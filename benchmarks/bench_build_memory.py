@@ -30,6 +30,7 @@ import ctypes
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -136,68 +137,71 @@ def main(argv=None) -> int:
     assert package_root.startswith(str(code)), f"tc_explore came from {package_root}, not {code}"
 
     work = tempfile.mkdtemp(prefix="tc_bench_mem_")
-    weights_dir = written_weights(args.weights_dir or work, args.d_sae, args.l0)
-    in_use = malloc_in_use()
-    gc.collect()
-    before_weights = in_use()
-    model = load_model(os.path.join(weights_dir, "model"), device="cpu")
-    transcoders = load_transcoders(os.path.join(weights_dir, "transcoders"), device="cpu")
-    for layer in transcoders.layers:
-        transcoders[layer]
-    accumulator.CPU_SHORTCUTS = False                               # CUDA's code paths
-    n_seq = args.batch_size * args.batches
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(1, len(model.tokenizer), (n_seq, args.seq_len), generator=g)
-    tokens[:, 0] = model.tokenizer.bos_token_id
-    corpus = Corpus.from_token_ids(tokens, model, name="random-ids")
-    gc.collect()
-    base = in_use()
-    weights = base - before_weights                                 # as loaded, with all else loading keeps
-    before_build = frozenset(live_tensors())                        # the weights, left out of --live
-
-    def build(dump_at=None):
+    try:                                                            # the indexes built go with it
+        weights_dir = written_weights(args.weights_dir or work, args.d_sae, args.l0)
+        in_use = malloc_in_use()
         gc.collect()
-        tracker = make_tracker(in_use, package_root, dump_at, int(args.live_min_mib * MiB), before_build)()
-        out = tempfile.mkdtemp(dir=work)
-        t = time.perf_counter()
-        with tracker:
-            FeatureIndex.build(model, transcoders, corpus, n_seq * args.seq_len, out, batch_size=args.batch_size,
-                               fuse_layers=True, pipeline=False, checkpoint_every=10 ** 9, progress=False)
-        return tracker, time.perf_counter() - t
+        before_weights = in_use()
+        model = load_model(os.path.join(weights_dir, "model"), device="cpu")
+        transcoders = load_transcoders(os.path.join(weights_dir, "transcoders"), device="cpu")
+        for layer in transcoders.layers:
+            transcoders[layer]
+        accumulator.CPU_SHORTCUTS = False                               # CUDA's code paths
+        n_seq = args.batch_size * args.batches
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(1, len(model.tokenizer), (n_seq, args.seq_len), generator=g)
+        tokens[:, 0] = model.tokenizer.bos_token_id
+        corpus = Corpus.from_token_ids(tokens, model, name="random-ids")
+        gc.collect()
+        base = in_use()
+        weights = base - before_weights                                 # as loaded, with all else loading keeps
+        before_build = frozenset(live_tensors())                        # the weights, left out of --live
 
-    tracker, wall = build()
-    above = tracker.peak - base
-    baseline = ratio = ""
-    if args.baseline_code:
-        old, label = baseline_peak(args, weights_dir), checkout_label(args.baseline_code)
-        baseline, ratio = f"{label}: {old / MiB:,.0f} MiB", f"{(above - old) / old:+.1%}".replace("%", " %")
-    print(f"code: {code}")
-    print(f"shape: 12 layers x {args.d_sae} features, batch {args.batch_size} x {args.seq_len} tokens, "
-          f"{args.batches} batches, CUDA's code paths; the model and transcoders loaded: "
-          f"{weights / 2 ** 30:.2f} GiB")
-    print(f"peak above the loaded process: {above / MiB:.0f} MiB ({above / 2 ** 30:.2f} GiB; target 2 GiB), "
-          f"after operator {tracker.at} of {tracker.n}; {wall:.0f} s")
-    print("  reached in: " + " <- ".join(reversed(tracker.where)))
-    if baseline:
-        print(f"baseline, {baseline} ({ratio} now)")
-    if args.live:
-        again, _ = build(dump_at=tracker.at)
-        live = again.live or []
-        print(f"tensors of >= {args.live_min_mib:g} MiB made by the build and alive then, "
-              f"{sum(b for b, _, _ in live) / MiB:.0f} MiB:")
-        for nbytes, shape, dtype in live:
-            print(f"  {nbytes / MiB:8.1f} MiB  {dtype:8s} {list(shape)}")
-    recorder.add("index build memory, CUDA's code paths on a CPU",
-                 f"12 × {args.d_sae:,} features fused, batch {args.batch_size} × {args.seq_len} tokens",
-                 f"{above / MiB:,.0f} MiB above the weights", baseline, ratio,
-                 notes=f"peak malloc'd above the loaded process (the model and transcoders: "
-                       f"{weights / 2 ** 30:.2f} GiB), "
-                       f"{args.batches} batches, in {tracker.where[-2] if len(tracker.where) > 1 else '?'}; "
-                       f"target ≤ 2 GiB",
-                 peak_above_bytes=above, weights_bytes=weights, batches=args.batches, d_sae=args.d_sae,
-                 l0=args.l0, batch_size=args.batch_size, seq_len=args.seq_len, code=str(args.code or ""))
-    recorder.save()
-    return 0
+        def build(dump_at=None):
+            gc.collect()
+            tracker = make_tracker(in_use, package_root, dump_at, int(args.live_min_mib * MiB), before_build)()
+            out = tempfile.mkdtemp(dir=work)
+            t = time.perf_counter()
+            with tracker:
+                FeatureIndex.build(model, transcoders, corpus, n_seq * args.seq_len, out, batch_size=args.batch_size,
+                                   fuse_layers=True, pipeline=False, checkpoint_every=10 ** 9, progress=False)
+            return tracker, time.perf_counter() - t
+
+        tracker, wall = build()
+        above = tracker.peak - base
+        baseline = ratio = ""
+        if args.baseline_code:
+            old, label = baseline_peak(args, weights_dir), checkout_label(args.baseline_code)
+            baseline, ratio = f"{label}: {old / MiB:,.0f} MiB", f"{(above - old) / old:+.1%}".replace("%", " %")
+        print(f"code: {code}")
+        print(f"shape: 12 layers x {args.d_sae} features, batch {args.batch_size} x {args.seq_len} tokens, "
+              f"{args.batches} batches, CUDA's code paths; the model and transcoders loaded: "
+              f"{weights / 2 ** 30:.2f} GiB")
+        print(f"peak above the loaded process: {above / MiB:.0f} MiB ({above / 2 ** 30:.2f} GiB; target 2 GiB), "
+              f"after operator {tracker.at} of {tracker.n}; {wall:.0f} s")
+        print("  reached in: " + " <- ".join(reversed(tracker.where)))
+        if baseline:
+            print(f"baseline, {baseline} ({ratio} now)")
+        if args.live:
+            again, _ = build(dump_at=tracker.at)
+            live = again.live or []
+            print(f"tensors of >= {args.live_min_mib:g} MiB made by the build and alive then, "
+                  f"{sum(b for b, _, _ in live) / MiB:.0f} MiB:")
+            for nbytes, shape, dtype in live:
+                print(f"  {nbytes / MiB:8.1f} MiB  {dtype:8s} {list(shape)}")
+        recorder.add("index build memory, CUDA's code paths on a CPU",
+                     f"12 × {args.d_sae:,} features fused, batch {args.batch_size} × {args.seq_len} tokens",
+                     f"{above / MiB:,.0f} MiB above the weights", baseline, ratio,
+                     notes=f"peak malloc'd above the loaded process (the model and transcoders: "
+                           f"{weights / 2 ** 30:.2f} GiB), "
+                           f"{args.batches} batches, in {tracker.where[-2] if len(tracker.where) > 1 else '?'}; "
+                           f"target ≤ 2 GiB",
+                     peak_above_bytes=above, weights_bytes=weights, batches=args.batches, d_sae=args.d_sae,
+                     l0=args.l0, batch_size=args.batch_size, seq_len=args.seq_len, code=str(args.code or ""))
+        recorder.save()
+        return 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def baseline_peak(args, weights_dir: str) -> int:
