@@ -16,8 +16,9 @@ The update runs in the model's thread here (``pipeline=False``; a dispatch
 mode sees its own thread only); a GPU's worker runs the same operators in
 the same order on a thread of its own. Not counted, as on the GPU they would
 be: scratch space inside an operator (a CUDA sort's buffers), the caching
-allocator's rounding, and the model's forward of the next batch, which on a
-GPU runs beside the update.
+allocator's rounding, and the model's forward of the next batch with the
+layer inputs it hands the worker (up to 12 of 12 MiB), which on a GPU run
+beside the update.
 
     python benchmarks/bench_build_memory.py --weights-dir /tmp/w      # the peak and where
     python benchmarks/bench_build_memory.py --weights-dir /tmp/w --live   # and the tensors alive then

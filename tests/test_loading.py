@@ -216,7 +216,7 @@ def test_a_forward_leaves_no_attention_pattern_on_the_model(tiny_model, tmp_path
     from tc_explore.testing import build_tiny_gpt2
     tokens = torch.randint(1, 100, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        logits, cache = tiny_model.run_with_cache(tokens, names_filter=hook_attn_pattern(0))
+        _, cache = tiny_model.run_with_cache(tokens, names_filter=hook_attn_pattern(0))
     assert _activations_left_on(tiny_model) == []
     pattern = cache[hook_attn_pattern(0)]
     assert pattern.shape == (2, tiny_model.cfg.n_heads, 9, 9)
