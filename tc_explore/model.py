@@ -208,9 +208,8 @@ def _forget_attention_patterns(model) -> None:
     as the module returns; ``hook_pattern`` and ``run_with_cache`` still see
     it. Idempotent: a model passed in again gets no second hook."""
     for module in model.modules():
-        if hasattr(module, "_pattern") and not getattr(module, "_tc_forgets_pattern", False):
+        if hasattr(module, "_pattern") and _forget_pattern not in module._forward_hooks.values():
             module.register_forward_hook(_forget_pattern)
-            module._tc_forgets_pattern = True
 
 
 def _forget_pattern(module, args, output) -> None:

@@ -81,9 +81,15 @@ ROW_BYTES = 32 * 2 ** 20
 CPU_SHORTCUTS = True
 
 
+def takes_cpu_shortcuts(device) -> bool:
+    """Whether work on ``device`` takes the CPU's shortcuts (numpy, radix
+    sorts by feature, the build's reused encode buffers)."""
+    return CPU_SHORTCUTS and torch.device(device).type == "cpu"
+
+
 def _on_cpu(t: torch.Tensor) -> bool:
-    """Whether ``t``'s work takes the CPU's shortcuts (numpy, radix sorts by feature)."""
-    return CPU_SHORTCUTS and t.device.type == "cpu"
+    """Whether ``t``'s work takes the CPU's shortcuts."""
+    return takes_cpu_shortcuts(t.device)
 
 
 def _argsort(key: torch.Tensor, stable: bool = False) -> torch.Tensor:

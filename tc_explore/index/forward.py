@@ -52,7 +52,7 @@ def reuses_buffers(device) -> bool:
     idle through each accumulator update (192 MiB at a batch of 32 x 128
     tokens of GPT-2 small). The CPU's way is one of its shortcuts
     (``accumulator.CPU_SHORTCUTS``): with them off, a CPU takes the GPU's."""
-    return accumulator.CPU_SHORTCUTS and torch.device(device).type == "cpu"
+    return accumulator.takes_cpu_shortcuts(device)
 
 
 class EncodeWorker:
