@@ -128,10 +128,9 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(code))
     torch.set_num_threads(args.threads)
 
-    from bench_index import written_weights
+    from bench_index import load_weights, random_tokens, written_weights
 
     import tc_explore
-    from tc_explore import load_model, load_transcoders
     from tc_explore.corpus import Corpus
     from tc_explore.index import FeatureIndex, accumulator
     package_root = str(Path(tc_explore.__file__).parent)
@@ -143,16 +142,10 @@ def main(argv=None) -> int:
         in_use = malloc_in_use()
         gc.collect()
         before_weights = in_use()
-        model = load_model(os.path.join(weights_dir, "model"), device="cpu")
-        transcoders = load_transcoders(os.path.join(weights_dir, "transcoders"), device="cpu")
-        for layer in transcoders.layers:
-            transcoders[layer]
+        model, transcoders = load_weights(weights_dir, "cpu")
         accumulator.CPU_SHORTCUTS = False                               # CUDA's code paths
         n_seq = args.batch_size * args.batches
-        g = torch.Generator().manual_seed(0)
-        tokens = torch.randint(1, len(model.tokenizer), (n_seq, args.seq_len), generator=g)
-        tokens[:, 0] = model.tokenizer.bos_token_id
-        corpus = Corpus.from_token_ids(tokens, model, name="random-ids")
+        corpus = Corpus.from_token_ids(random_tokens(model, n_seq, args.seq_len), model, name="random-ids")
         gc.collect()
         base = in_use()
         weights = base - before_weights                                 # as loaded, with all else loading keeps

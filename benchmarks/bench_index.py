@@ -14,10 +14,10 @@ tc_explore.load_transcoders; both written by another process), it prints:
   (``tc_explore.index.forward.stream_encodings``: the forward stopped after
   the last transcoder input, every layer encoded as the build does: on a CPU
   into one reused buffer, on a GPU into fresh memory on the build's own
-  thread and CUDA stream, ``EncodeWorker``) with nothing kept, over the same tokens: the work a
-  build cannot avoid; and for reference, one plain pass encoding every layer
-  in the model's thread into fresh memory (``Transcoder.encode`` alone, as a
-  user's own loop would);
+  thread and CUDA stream, ``EncodeWorker``) with nothing kept, over the same
+  tokens: the work a build cannot avoid; and for reference, one plain pass
+  encoding every layer in the model's thread into fresh memory
+  (``Transcoder.encode`` alone, as a user's own loop would);
 * bare and build runs alternated (bare, build, bare, ... --repeats builds, a
   bare run before and after each), every run's wall time, CPU time of the
   process and the load average, then medians (the shared machine's load
@@ -182,12 +182,33 @@ def written_weights(weights_dir: str, d_sae: int, l0: float) -> str:
     return weights_dir
 
 
+def load_weights(weights_dir: str, device):
+    """The model and transcoders of ``weights_dir``, loaded as a user loads
+    them (``load_model``, ``load_transcoders``), every layer read now rather
+    than during the first run."""
+    from tc_explore import load_model, load_transcoders
+    model = load_model(os.path.join(weights_dir, "model"), device=device)
+    transcoders = load_transcoders(os.path.join(weights_dir, "transcoders"), device=device)
+    for layer in transcoders.layers:
+        transcoders[layer]
+    return model, transcoders
+
+
+def random_tokens(model, n_seq: int, seq_len: int) -> torch.Tensor:
+    """``[n_seq, seq_len]`` random token ids of the model's vocabulary (seed
+    0), each sequence starting with BOS."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, len(model.tokenizer), (n_seq, seq_len), generator=g)
+    tokens[:, 0] = model.tokenizer.bos_token_id
+    return tokens
+
+
 def bare_pass(model, transcoders, batches, build_like: bool = True) -> float:
     """The build's forward and encodings (``stream_encodings``, the same
     function FeatureIndex.build runs, as the build runs it: on a CPU into one
     reused output buffer, on a GPU into fresh memory on the build's
-    ``EncodeWorker``, its own thread and CUDA stream) with nothing kept: seconds (the device
-    synchronised at the end). ``build_like=False``: in the model's thread,
+    ``EncodeWorker``, its own thread and CUDA stream) with nothing kept:
+    seconds (the device synchronised at the end). ``build_like=False``: in the model's thread,
     every layer encoded into fresh memory, as ``Transcoder.encode`` alone
     does (the plain pass a user would write)."""
     from tc_explore.index.forward import EncodeWorker, reuses_buffers, stream_encodings
@@ -254,7 +275,6 @@ def main(argv=None):
     recorder = records.Recorder(args, argv)
     torch.set_num_threads(args.threads)
 
-    from tc_explore import load_model, load_transcoders
     from tc_explore.corpus import Corpus
     from tc_explore.dashboard import add_weight_views, feature_dashboard
     from tc_explore.index import FeatureIndex
@@ -268,10 +288,7 @@ def main(argv=None):
         gc.collect()
         rss_before_weights = PeakMemory.rss()
         t = time.perf_counter()
-        model = load_model(os.path.join(weights_dir, "model"), device=args.device)
-        transcoders = load_transcoders(os.path.join(weights_dir, "transcoders"), device=args.device)
-        for layer in transcoders.layers:
-            transcoders[layer]                                  # read now, not during the first run
+        model, transcoders = load_weights(weights_dir, args.device)
         gc.collect()
         rss_with_weights = PeakMemory.rss()
         # GPU memory held once loaded: the parameters and whatever else the model keeps.
@@ -282,9 +299,7 @@ def main(argv=None):
               f"loaded in {time.perf_counter() - t:.1f} s; {args.threads} threads, device {args.device}")
 
         n_seq = args.n_tokens // args.seq_len
-        g = torch.Generator().manual_seed(0)
-        tokens = torch.randint(1, vocab, (n_seq, args.seq_len), generator=g)
-        tokens[:, 0] = model.tokenizer.bos_token_id
+        tokens = random_tokens(model, n_seq, args.seq_len)
         corpus = Corpus.from_token_ids(tokens, model, name="random-ids")
         batches = [tokens[i:i + args.batch_size].to(args.device) for i in range(0, n_seq, args.batch_size)]
         print(f"tokens: {n_seq} sequences x {args.seq_len} = {n_seq * args.seq_len}, "
